@@ -1,0 +1,1 @@
+"""lmm_align: hallucination alignment for LLaVA-style models in JAX/Flax."""

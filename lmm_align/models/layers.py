@@ -1,0 +1,207 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Shape letters: B batch, T query length, S key length (cache slots), D model width,
+N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F mlp width.
+Every parameter carries logical axis names; `lmm_align.sharding` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmm_align.models.config import RopeScaling
+
+Array = jax.Array
+
+# Additive mask value: finite so that a query row with no visible key (a left-pad slot)
+# gives a uniform softmax instead of NaN, as transformers does.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def partitioned(init: nn.initializers.Initializer, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+  """LLaMA RMSNorm: normalise in float32, cast back, then scale (the order HF uses)."""
+
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def layer_norm(eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=eps,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=partitioned(nn.initializers.ones, ("norm",)),
+      bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+      name=name,
+  )
+
+
+def dense_general(
+    features: int | tuple[int, ...],
+    axis: int | tuple[int, ...],
+    names: tuple[str | None, ...],
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    use_bias: bool,
+    name: str,
+) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel (and bias) carry logical axis names."""
+  n_out = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(
+      features=features,
+      axis=axis,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=partitioned(nn.initializers.normal(0.02), names),
+      bias_init=partitioned(nn.initializers.zeros, names[-n_out:]),
+      name=name,
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings (rotate-half layout, as transformers' LLaMA).
+# --------------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Array:
+  """float32[H/2] inverse frequencies, with Llama-3 frequency-dependent scaling if asked."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None or scaling.rope_type != "llama3":
+    return inv_freq
+  old_context = scaling.original_max_position_embeddings
+  low_freq_wavelen = old_context / scaling.low_freq_factor
+  high_freq_wavelen = old_context / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor
+  )
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array, scaling: RopeScaling | None) -> Array:
+  """Rotates x [B, T, heads, H] by positions [B, T]; cos/sin in float32, as HF computes them."""
+  pos = positions.astype(jnp.float32)
+  if scaling is not None and scaling.rope_type == "linear":
+    pos = pos / scaling.factor
+  freqs = pos[..., None] * inv_freq  # [B, T, H/2]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Attention.
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, for decoding one chunk at a time inside jit.
+
+  key, value: [L, B, S, K, H] (layers stacked so that `nn.scan` slices them).
+  valid: bool[B, S], slots that hold a real (non-pad) token.
+  index: int32 scalar, the next free slot; all rows write the same slots, which is what
+    left-padded batches need.
+  """
+
+  key: Array
+  value: Array
+  valid: Array
+  index: Array
+
+  @classmethod
+  def create(cls, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+    shape = (num_layers, batch, max_length, num_kv_heads, head_dim)
+    return cls(
+        key=jnp.zeros(shape, dtype),
+        value=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, max_length), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def max_length(self) -> int:
+    return self.key.shape[2]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, key_valid: Array, query_slots: Array, scale: float) -> Array:
+  """Causal grouped-query attention with a key padding mask.
+
+  q: [B, T, N, H]; k, v: [B, S, K, H]; key_valid: bool[B, S];
+  query_slots: int32[T], the key slot of each query (a query sees keys at slots <= its own).
+  Returns [B, T, N, H]. Logits and softmax in float32.
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  causal = jnp.arange(k.shape[1])[None, :] <= query_slots[:, None]  # [T, S]
+  visible = causal[None, None, None] & key_valid[:, None, None, None, :]
+  logits = jnp.where(visible, logits, _MASK_VALUE)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
+  return out.reshape(b, t, n, h)
+
+
+def bidirectional_attention(q: Array, k: Array, v: Array, scale: float) -> Array:
+  """Full attention without masks (the ViT). q, k, v: [B, P, N, H] -> [B, P, N, H]."""
+  logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnqk,bknh->bqnh", weights, v)
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy for a config's remat_policy name ("none" means no remat)."""
+  policies = {
+      "full": jax.checkpoint_policies.nothing_saveable,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  }
+  return policies[name]
+
+
+def stack_layers(block: type[nn.Module], *, scan: bool, remat: str, num_layers: int, in_axes: tuple, static_argnums: tuple):
+  """Wraps a layer class for a repeated stack: remat per the policy, then nn.scan if asked.
+
+  The layer's call is (carry, scanned, *broadcast) -> (carry, out); with scan the params get a
+  leading "layers" axis and `scanned` is sliced along axis 0.
+  """
+  if remat != "none":
+    block = nn.remat(block, policy=remat_policy(remat), prevent_cse=not scan, static_argnums=static_argnums)
+  if not scan:
+    return block
+  return nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=in_axes,
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )

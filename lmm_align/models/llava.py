@@ -1,0 +1,161 @@
+"""LLaVA: CLIP vision tower -> projector -> LLaMA decoder, with image features spliced into the
+token embeddings at the image placeholder tokens (the llava-hf convention: the processor has
+already expanded each `<image>` into `num_image_tokens` placeholders).
+
+The same module is a text-only LLaMA when `config.vision` is None.
+"""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmm_align.models.clip_vit import ClipVisionTower
+from lmm_align.models.config import ModelConfig
+from lmm_align.models.layers import KVCache, dense_general, dtype_of
+from lmm_align.models.llama import LlamaDecoder
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """logits float32[B, T, V] (None when not asked for), hidden_states [B, T, D] after the final
+  norm (what reward and value heads read), and the updated KVCache when one was passed."""
+
+  logits: Array | None
+  hidden_states: Array
+  cache: KVCache | None = None
+
+
+class Projector(nn.Module):
+  """Vision features [N, P, Dv] -> decoder embeddings [N, P, D]: `mlp2x_gelu` or `linear`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, features: Array) -> Array:
+    c = self.config
+    dtype, param_dtype = dtype_of(c.runtime.dtype), dtype_of(c.runtime.param_dtype)
+    dense = lambda name: dense_general(
+        c.text.hidden_size, -1, ("embed", "embed"), dtype, param_dtype, c.projector_bias, name
+    )
+    x = dense("linear_1")(features)
+    if c.projector_type == "mlp2x_gelu":
+      x = dense("linear_2")(nn.gelu(x, approximate=False))
+    return x
+
+
+def count_image_tokens(input_ids: np.ndarray | Array, image_token_id: int) -> int:
+  return int(np.sum(np.asarray(input_ids) == image_token_id))
+
+
+def check_image_tokens(config: ModelConfig, input_ids, num_images: int) -> None:
+  """Host-side check that the placeholders in input_ids match the images, with a clear error.
+
+  Inside jit the count is data and cannot raise, so every entry point that builds batches on
+  the host (data pipeline, sampler, evaluators) calls this first.
+  """
+  found = count_image_tokens(input_ids, config.image_token_id)
+  expected = num_images * config.num_image_tokens
+  if found != expected:
+    raise ValueError(
+        f"input_ids hold {found} image placeholder tokens (id {config.image_token_id}) but "
+        f"{num_images} image(s) x {config.num_image_tokens} features per image = {expected} are needed"
+    )
+
+
+class Llava(nn.Module):
+  """The full model. Params live outside: `model.apply({"params": params}, input_ids, ...)`."""
+
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    if c.vision is not None:
+      self.vision_tower = ClipVisionTower(c.vision, c.runtime)
+      self.multi_modal_projector = Projector(c)
+    self.language_model = LlamaDecoder(c.text, c.runtime)
+
+  def image_features(self, pixel_values: Array) -> Array:
+    """float32[N, H, W, 3] -> projected features [N, P, D] (P = config.num_image_tokens)."""
+    c = self.config
+    hidden_states = self.vision_tower(pixel_values)
+    selected = [hidden_states[layer] for layer in c.vision_feature_layers]
+    if c.vision_feature_select_strategy == "default":
+      selected = [h[:, 1:] for h in selected]
+    return self.multi_modal_projector(jnp.concatenate(selected, axis=-1))
+
+  def __call__(
+      self,
+      input_ids: Array,
+      pixel_values: Array | None = None,
+      attention_mask: Array | None = None,
+      positions: Array | None = None,
+      cache: KVCache | None = None,
+      with_logits: bool = True,
+  ) -> ModelOutput:
+    """Forward over one chunk of tokens.
+
+    input_ids: int[B, T]. pixel_values: float32[N, H, W, 3], the batch's images in the order
+    their placeholders appear (row-major over [B, T]); rows without an image are allowed.
+    attention_mask: [B, T], 1 for real tokens (left or right padding). positions: int[B, T];
+    by default each row counts its real tokens (in the cache first, then this chunk) from 0.
+    cache: a KVCache to write this chunk into and attend over (prefill, then decode steps).
+    """
+    c = self.config
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    mask = attention_mask.astype(jnp.int32)
+    if positions is None:
+      before = 0 if cache is None else jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)[:, None]
+      positions = jnp.maximum(before + jnp.cumsum(mask, axis=-1) - 1, 0)
+
+    embeds = self.language_model.embed(input_ids)
+    if pixel_values is not None:
+      if c.vision is None:
+        raise ValueError("pixel_values given to a text-only model")
+      if not isinstance(input_ids, jax.core.Tracer):
+        check_image_tokens(c, input_ids, pixel_values.shape[0])
+      features = self.image_features(pixel_values).astype(embeds.dtype)
+      features = features.reshape(-1, features.shape[-1])
+      is_image = input_ids == c.image_token_id
+      order = jnp.cumsum(is_image.reshape(-1)).reshape(b, t) - 1
+      spliced = features[jnp.clip(order, 0, features.shape[0] - 1)]
+      embeds = jnp.where(is_image[..., None], spliced, embeds)
+    elif c.vision is not None and not isinstance(input_ids, jax.core.Tracer) and cache is None:
+      check_image_tokens(c, input_ids, 0)
+
+    if cache is None:
+      key_valid = mask.astype(bool)
+    else:
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, mask.astype(bool), (0, cache.index))
+    logits, hidden, cache = self.language_model(embeds, positions, key_valid, cache, with_logits)
+    return ModelOutput(logits=logits, hidden_states=hidden, cache=cache)
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
+  """An empty KVCache with `max_length` slots per row, in the compute dtype."""
+  t = config.text
+  return KVCache.create(t.num_layers, batch, max_length, t.num_kv_heads, t.head_dim, dtype_of(config.runtime.dtype))
+
+
+def init_params(config: ModelConfig, rng: Array) -> dict:
+  """Random params (unboxed) for a config, from dummy inputs of the right shapes."""
+  model = Llava(config)
+  return nn.unbox(jax.jit(model.init)(rng, *dummy_inputs(config))["params"])
+
+
+def dummy_inputs(config: ModelConfig, batch: int = 1) -> tuple[Array, Array | None]:
+  """(input_ids, pixel_values) that exercise every parameter: one image, its placeholders."""
+  if config.vision is None:
+    return jnp.zeros((batch, 8), jnp.int32), None
+  v = config.vision
+  ids = jnp.full((batch, config.num_image_tokens + 4), config.image_token_id, jnp.int32)
+  ids = ids.at[:, -4:].set(0)
+  pixels = jnp.zeros((batch, v.image_size, v.image_size, v.num_channels), jnp.float32)
+  return ids, pixels
