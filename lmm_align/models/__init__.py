@@ -1,15 +1,15 @@
 """Pure-functional Flax models: CLIP ViT + projector + LLaMA (LLaVA), and their configs."""
 
 from lmm_align.models.config import (
-    VARIANTS,
-    ModelConfig,
-    RopeScaling,
-    RuntimeConfig,
-    TextConfig,
-    VisionConfig,
-    from_hf_config,
-    get_variant,
-    to_hf_config,
+  VARIANTS,
+  ModelConfig,
+  RopeScaling,
+  RuntimeConfig,
+  TextConfig,
+  VisionConfig,
+  from_hf_config,
+  get_variant,
+  to_hf_config,
 )
 from lmm_align.models.layers import KVCache
 from lmm_align.models.llava import Llava, ModelOutput, check_image_tokens, init_cache, init_params

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 
 from lmm_align.models.config import RuntimeConfig, VisionConfig
 from lmm_align.models.layers import (
-    bidirectional_attention,
-    dense_general,
-    dtype_of,
-    layer_norm,
-    partitioned,
-    stack_layers,
+  bidirectional_attention,
+  dense_general,
+  dtype_of,
+  layer_norm,
+  partitioned,
+  stack_layers,
 )
 
 Array = jax.Array
@@ -29,9 +29,9 @@ def quick_gelu(x: Array) -> Array:
 
 
 _ACTIVATIONS = {
-    "quick_gelu": quick_gelu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+  "quick_gelu": quick_gelu,
+  "gelu": lambda x: nn.gelu(x, approximate=False),
+  "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
 }
 
 
@@ -47,14 +47,20 @@ class EncoderLayer(nn.Module):
     dtype, param_dtype = dtype_of(self.runtime.dtype), dtype_of(self.runtime.param_dtype)
     head_dim = c.hidden_size // c.num_heads
     x = layer_norm(c.layer_norm_eps, dtype, param_dtype, "layer_norm1")(hidden)
-    proj = lambda name: dense_general((c.num_heads, head_dim), -1, ("embed", "heads", "kv"), dtype, param_dtype, True, name)(x)
+    proj = lambda name: dense_general(
+      (c.num_heads, head_dim), -1, ("embed", "heads", "kv"), dtype, param_dtype, True, name
+    )(x)
     attn = bidirectional_attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), head_dim**-0.5)
-    attn = dense_general(c.hidden_size, (-2, -1), ("heads", "kv", "embed"), dtype, param_dtype, True, "out_proj")(attn)
+    attn = dense_general(
+      c.hidden_size, (-2, -1), ("heads", "kv", "embed"), dtype, param_dtype, True, "out_proj"
+    )(attn)
     hidden = hidden + attn
     x = layer_norm(c.layer_norm_eps, dtype, param_dtype, "layer_norm2")(hidden)
     x = dense_general(c.intermediate_size, -1, ("embed", "mlp"), dtype, param_dtype, True, "fc1")(x)
     x = _ACTIVATIONS[c.hidden_act](x)
-    hidden = hidden + dense_general(c.hidden_size, -1, ("mlp", "embed"), dtype, param_dtype, True, "fc2")(x)
+    hidden = hidden + dense_general(
+      c.hidden_size, -1, ("mlp", "embed"), dtype, param_dtype, True, "fc2"
+    )(x)
     return hidden, hidden
 
 
@@ -69,31 +75,34 @@ class ClipVisionTower(nn.Module):
     dtype, param_dtype = dtype_of(r.dtype), dtype_of(r.param_dtype)
     if pixel_values.shape[1:] != (c.image_size, c.image_size, c.num_channels):
       raise ValueError(
-          f"pixel_values has shape {pixel_values.shape}; the vision tower expects "
-          f"[B, {c.image_size}, {c.image_size}, {c.num_channels}] (NHWC)"
+        f"pixel_values has shape {pixel_values.shape}; the vision tower expects "
+        f"[B, {c.image_size}, {c.image_size}, {c.num_channels}] (NHWC)"
       )
     patches = nn.Conv(
-        c.hidden_size,
-        kernel_size=(c.patch_size, c.patch_size),
-        strides=(c.patch_size, c.patch_size),
-        padding="VALID",
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=partitioned(nn.initializers.normal(0.02), (None, None, None, "embed")),
-        name="patch_embedding",
+      c.hidden_size,
+      kernel_size=(c.patch_size, c.patch_size),
+      strides=(c.patch_size, c.patch_size),
+      padding="VALID",
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=partitioned(nn.initializers.normal(0.02), (None, None, None, "embed")),
+      name="patch_embedding",
     )(pixel_values.astype(dtype))
     b = patches.shape[0]
     patches = patches.reshape(b, -1, c.hidden_size)  # row-major over the patch grid, as HF
     class_embedding = self.param(
-        "class_embedding", partitioned(nn.initializers.normal(0.02), ("embed",)), (c.hidden_size,), param_dtype
+      "class_embedding",
+      partitioned(nn.initializers.normal(0.02), ("embed",)),
+      (c.hidden_size,),
+      param_dtype,
     )
     cls = jnp.broadcast_to(class_embedding.astype(dtype), (b, 1, c.hidden_size))
     position_embedding = self.param(
-        "position_embedding",
-        partitioned(nn.initializers.normal(0.02), (None, "embed")),
-        (c.num_patches + 1, c.hidden_size),
-        param_dtype,
+      "position_embedding",
+      partitioned(nn.initializers.normal(0.02), (None, "embed")),
+      (c.num_patches + 1, c.hidden_size),
+      param_dtype,
     )
     hidden = jnp.concatenate([cls, patches], axis=1) + position_embedding.astype(dtype)[None]
     embeddings = layer_norm(c.layer_norm_eps, dtype, param_dtype, "pre_layrnorm")(hidden)

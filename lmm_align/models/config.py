@@ -69,7 +69,9 @@ class TextConfig:
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+      raise ValueError(
+        f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +113,9 @@ class ModelConfig:
     if self.projector_type not in ("mlp2x_gelu", "linear"):
       raise ValueError(f"projector_type {self.projector_type!r}: use 'mlp2x_gelu' or 'linear'")
     if self.vision_feature_select_strategy not in ("default", "full"):
-      raise ValueError(f"vision_feature_select_strategy {self.vision_feature_select_strategy!r}: use 'default' or 'full'")
+      raise ValueError(
+        f"vision_feature_select_strategy {self.vision_feature_select_strategy!r}: use 'default' or 'full'"
+      )
 
   @property
   def has_vision(self) -> bool:
@@ -142,7 +146,12 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------
 
 _CLIP_L14_336 = VisionConfig(
-    image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16
+  image_size=336,
+  patch_size=14,
+  hidden_size=1024,
+  intermediate_size=4096,
+  num_layers=24,
+  num_heads=16,
 )
 
 
@@ -155,26 +164,46 @@ def _vicuna(hidden: int, mlp: int, layers: int, heads: int) -> TextConfig:
 
 
 VARIANTS: dict[str, ModelConfig] = {
-    # A few hundred thousand params: unit tests and CPU runs.
-    "tiny": ModelConfig(
-        text=TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                        num_heads=4, num_kv_heads=2, head_dim=16),
-        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                            num_layers=2, num_heads=4),
-        image_token_id=4,
-    ),  # fmt: skip
-    # A few million params: CPU benchmarks and the shapes world.
-    "small": ModelConfig(
-        text=TextConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4,
-                        num_heads=8, num_kv_heads=4, head_dim=32),
-        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
-                            num_layers=4, num_heads=4),
-        image_token_id=4,
-    ),  # fmt: skip
-    # llava-hf/llava-1.5-7b-hf and -13b-hf (vocab 32064 includes <image>=32000 and padding rows).
-    "llava-1.5-7b": ModelConfig(text=_vicuna(4096, 11008, 32, 32), vision=_CLIP_L14_336, image_token_id=32000),
-    "llava-1.5-13b": ModelConfig(text=_vicuna(5120, 13824, 40, 40), vision=_CLIP_L14_336, image_token_id=32000),
-    "vicuna-7b": ModelConfig(text=_vicuna(4096, 11008, 32, 32)),
+  # A few hundred thousand params: unit tests and CPU runs.
+  "tiny": ModelConfig(
+    text=TextConfig(
+      vocab_size=512,
+      hidden_size=64,
+      intermediate_size=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+    ),
+    vision=VisionConfig(
+      image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
+    ),
+    image_token_id=4,
+  ),  # fmt: skip
+  # A few million params: CPU benchmarks and the shapes world.
+  "small": ModelConfig(
+    text=TextConfig(
+      vocab_size=2048,
+      hidden_size=256,
+      intermediate_size=688,
+      num_layers=4,
+      num_heads=8,
+      num_kv_heads=4,
+      head_dim=32,
+    ),
+    vision=VisionConfig(
+      image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4
+    ),
+    image_token_id=4,
+  ),  # fmt: skip
+  # llava-hf/llava-1.5-7b-hf and -13b-hf (vocab 32064 includes <image>=32000 and padding rows).
+  "llava-1.5-7b": ModelConfig(
+    text=_vicuna(4096, 11008, 32, 32), vision=_CLIP_L14_336, image_token_id=32000
+  ),
+  "llava-1.5-13b": ModelConfig(
+    text=_vicuna(5120, 13824, 40, 40), vision=_CLIP_L14_336, image_token_id=32000
+  ),
+  "vicuna-7b": ModelConfig(text=_vicuna(4096, 11008, 32, 32)),
 }
 
 
@@ -195,7 +224,9 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
   heads = d["num_attention_heads"]
   rope = d.get("rope_parameters") or {}
   rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-  scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+  scaling = d.get("rope_scaling") or (
+    rope if rope.get("rope_type", "default") != "default" else None
+  )
   rope_scaling = None
   if scaling:
     rope_type = scaling.get("rope_type", scaling.get("type"))
@@ -209,25 +240,29 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
     elif rope_type == "linear":
       rope_scaling = RopeScaling(rope_type="linear", factor=float(scaling["factor"]))
     elif rope_type not in (None, "default"):
-      raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+      raise ValueError(
+        f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)"
+      )
   if d.get("attention_bias") or d.get("mlp_bias"):
     raise ValueError("LLaMA checkpoints with attention_bias or mlp_bias are not supported")
   return TextConfig(
-      vocab_size=d["vocab_size"],
-      hidden_size=d["hidden_size"],
-      intermediate_size=d["intermediate_size"],
-      num_layers=d["num_hidden_layers"],
-      num_heads=heads,
-      num_kv_heads=d.get("num_key_value_heads") or heads,
-      head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-      rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-      rope_theta=float(rope_theta),
-      rope_scaling=rope_scaling,
-      max_position_embeddings=d.get("max_position_embeddings", 4096),
-      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-      pad_token_id=d.get("pad_token_id"),
-      bos_token_id=d.get("bos_token_id"),
-      eos_token_id=d.get("eos_token_id") if not isinstance(d.get("eos_token_id"), list) else d["eos_token_id"][0],
+    vocab_size=d["vocab_size"],
+    hidden_size=d["hidden_size"],
+    intermediate_size=d["intermediate_size"],
+    num_layers=d["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=d.get("num_key_value_heads") or heads,
+    head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+    rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+    rope_theta=float(rope_theta),
+    rope_scaling=rope_scaling,
+    max_position_embeddings=d.get("max_position_embeddings", 4096),
+    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+    pad_token_id=d.get("pad_token_id"),
+    bos_token_id=d.get("bos_token_id"),
+    eos_token_id=d.get("eos_token_id")
+    if not isinstance(d.get("eos_token_id"), list)
+    else d["eos_token_id"][0],
   )
 
 
@@ -235,15 +270,15 @@ def _vision_from_hf(d: dict[str, Any]) -> VisionConfig:
   if d.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
     raise ValueError(f"vision tower {d.get('model_type')!r} is not supported (CLIP only)")
   return VisionConfig(
-      image_size=d["image_size"],
-      patch_size=d["patch_size"],
-      hidden_size=d["hidden_size"],
-      intermediate_size=d["intermediate_size"],
-      num_layers=d["num_hidden_layers"],
-      num_heads=d["num_attention_heads"],
-      layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-      hidden_act=d.get("hidden_act", "quick_gelu"),
-      num_channels=d.get("num_channels", 3),
+    image_size=d["image_size"],
+    patch_size=d["patch_size"],
+    hidden_size=d["hidden_size"],
+    intermediate_size=d["intermediate_size"],
+    num_layers=d["num_hidden_layers"],
+    num_heads=d["num_attention_heads"],
+    layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+    hidden_act=d.get("hidden_act", "quick_gelu"),
+    num_channels=d.get("num_channels", 3),
   )
 
 
@@ -259,14 +294,14 @@ def from_hf_config(d: dict[str, Any], runtime: RuntimeConfig | None = None) -> M
     if act != "gelu":
       raise ValueError(f"projector_hidden_act {act!r} is not supported (gelu)")
     return ModelConfig(
-        text=text,
-        vision=_vision_from_hf(d["vision_config"]),
-        projector_type="mlp2x_gelu",
-        projector_bias=bool(d.get("multimodal_projector_bias", True)),
-        vision_feature_layer=d.get("vision_feature_layer", -2),
-        vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
-        image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
-        runtime=runtime,
+      text=text,
+      vision=_vision_from_hf(d["vision_config"]),
+      projector_type="mlp2x_gelu",
+      projector_bias=bool(d.get("multimodal_projector_bias", True)),
+      vision_feature_layer=d.get("vision_feature_layer", -2),
+      vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+      image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+      runtime=runtime,
     )
   if model_type == "llama":
     return ModelConfig(text=_text_from_hf(d), runtime=runtime)
@@ -280,30 +315,30 @@ def _text_to_hf(t: TextConfig, dtype: str) -> dict[str, Any]:
     rope["factor"] = t.rope_scaling.factor
     if t.rope_scaling.rope_type == "llama3":
       rope.update(
-          low_freq_factor=t.rope_scaling.low_freq_factor,
-          high_freq_factor=t.rope_scaling.high_freq_factor,
-          original_max_position_embeddings=t.rope_scaling.original_max_position_embeddings,
+        low_freq_factor=t.rope_scaling.low_freq_factor,
+        high_freq_factor=t.rope_scaling.high_freq_factor,
+        original_max_position_embeddings=t.rope_scaling.original_max_position_embeddings,
       )
   return {
-      "model_type": "llama",
-      "vocab_size": t.vocab_size,
-      "hidden_size": t.hidden_size,
-      "intermediate_size": t.intermediate_size,
-      "num_hidden_layers": t.num_layers,
-      "num_attention_heads": t.num_heads,
-      "num_key_value_heads": t.num_kv_heads,
-      "head_dim": t.head_dim,
-      "hidden_act": "silu",
-      "rms_norm_eps": t.rms_norm_eps,
-      "rope_parameters": rope,
-      "max_position_embeddings": t.max_position_embeddings,
-      "tie_word_embeddings": t.tie_word_embeddings,
-      "attention_bias": False,
-      "mlp_bias": False,
-      "pad_token_id": t.pad_token_id,
-      "bos_token_id": t.bos_token_id,
-      "eos_token_id": t.eos_token_id,
-      "dtype": dtype,
+    "model_type": "llama",
+    "vocab_size": t.vocab_size,
+    "hidden_size": t.hidden_size,
+    "intermediate_size": t.intermediate_size,
+    "num_hidden_layers": t.num_layers,
+    "num_attention_heads": t.num_heads,
+    "num_key_value_heads": t.num_kv_heads,
+    "head_dim": t.head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": t.rms_norm_eps,
+    "rope_parameters": rope,
+    "max_position_embeddings": t.max_position_embeddings,
+    "tie_word_embeddings": t.tie_word_embeddings,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "pad_token_id": t.pad_token_id,
+    "bos_token_id": t.bos_token_id,
+    "eos_token_id": t.eos_token_id,
+    "dtype": dtype,
   }
 
 
@@ -313,32 +348,34 @@ def to_hf_config(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
   if config.vision is None:
     return {**text, "architectures": ["LlamaForCausalLM"]}
   if config.projector_type != "mlp2x_gelu":
-    raise ValueError("transformers' LlavaForConditionalGeneration has only the mlp2x_gelu projector")
+    raise ValueError(
+      "transformers' LlavaForConditionalGeneration has only the mlp2x_gelu projector"
+    )
   v = config.vision
   layer = config.vision_feature_layer
   return {
-      "model_type": "llava",
-      "architectures": ["LlavaForConditionalGeneration"],
-      "text_config": text,
-      "vision_config": {
-          "model_type": "clip_vision_model",
-          "image_size": v.image_size,
-          "patch_size": v.patch_size,
-          "hidden_size": v.hidden_size,
-          "intermediate_size": v.intermediate_size,
-          "num_hidden_layers": v.num_layers,
-          "num_attention_heads": v.num_heads,
-          "layer_norm_eps": v.layer_norm_eps,
-          "hidden_act": v.hidden_act,
-          "num_channels": v.num_channels,
-          "projection_dim": v.hidden_size,
-      },
-      "image_token_index": config.image_token_id,
-      "image_seq_length": config.num_image_tokens,
-      "projector_hidden_act": config.projector_hidden_act,
-      "multimodal_projector_bias": config.projector_bias,
-      "vision_feature_layer": layer if isinstance(layer, int) else list(layer),
-      "vision_feature_select_strategy": config.vision_feature_select_strategy,
-      "tie_word_embeddings": config.text.tie_word_embeddings,
-      "dtype": dtype,
+    "model_type": "llava",
+    "architectures": ["LlavaForConditionalGeneration"],
+    "text_config": text,
+    "vision_config": {
+      "model_type": "clip_vision_model",
+      "image_size": v.image_size,
+      "patch_size": v.patch_size,
+      "hidden_size": v.hidden_size,
+      "intermediate_size": v.intermediate_size,
+      "num_hidden_layers": v.num_layers,
+      "num_attention_heads": v.num_heads,
+      "layer_norm_eps": v.layer_norm_eps,
+      "hidden_act": v.hidden_act,
+      "num_channels": v.num_channels,
+      "projection_dim": v.hidden_size,
+    },
+    "image_token_index": config.image_token_id,
+    "image_seq_length": config.num_image_tokens,
+    "projector_hidden_act": config.projector_hidden_act,
+    "multimodal_projector_bias": config.projector_bias,
+    "vision_feature_layer": layer if isinstance(layer, int) else list(layer),
+    "vision_feature_select_strategy": config.vision_feature_select_strategy,
+    "tie_word_embeddings": config.text.tie_word_embeddings,
+    "dtype": dtype,
   }

@@ -40,7 +40,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+    )
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(self.dtype) * normed.astype(self.dtype)
@@ -48,35 +50,35 @@ class RMSNorm(nn.Module):
 
 def layer_norm(eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=eps,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=partitioned(nn.initializers.ones, ("norm",)),
-      bias_init=partitioned(nn.initializers.zeros, ("norm",)),
-      name=name,
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_init=partitioned(nn.initializers.ones, ("norm",)),
+    bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+    name=name,
   )
 
 
 def dense_general(
-    features: int | tuple[int, ...],
-    axis: int | tuple[int, ...],
-    names: tuple[str | None, ...],
-    dtype: jnp.dtype,
-    param_dtype: jnp.dtype,
-    use_bias: bool,
-    name: str,
+  features: int | tuple[int, ...],
+  axis: int | tuple[int, ...],
+  names: tuple[str | None, ...],
+  dtype: jnp.dtype,
+  param_dtype: jnp.dtype,
+  use_bias: bool,
+  name: str,
 ) -> nn.DenseGeneral:
   """A DenseGeneral whose kernel (and bias) carry logical axis names."""
   n_out = 1 if isinstance(features, int) else len(features)
   return nn.DenseGeneral(
-      features=features,
-      axis=axis,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=partitioned(nn.initializers.normal(0.02), names),
-      bias_init=partitioned(nn.initializers.zeros, names[-n_out:]),
-      name=name,
+    features=features,
+    axis=axis,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=partitioned(nn.initializers.normal(0.02), names),
+    bias_init=partitioned(nn.initializers.zeros, names[-n_out:]),
+    name=name,
   )
 
 
@@ -96,7 +98,7 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
   wavelen = 2 * math.pi / inv_freq
   scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
   smooth = (old_context / wavelen - scaling.low_freq_factor) / (
-      scaling.high_freq_factor - scaling.low_freq_factor
+    scaling.high_freq_factor - scaling.low_freq_factor
   )
   smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
   is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
@@ -137,13 +139,15 @@ class KVCache:
   index: Array
 
   @classmethod
-  def create(cls, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+  def create(
+    cls, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype
+  ) -> KVCache:
     shape = (num_layers, batch, max_length, num_kv_heads, head_dim)
     return cls(
-        key=jnp.zeros(shape, dtype),
-        value=jnp.zeros(shape, dtype),
-        valid=jnp.zeros((batch, max_length), bool),
-        index=jnp.zeros((), jnp.int32),
+      key=jnp.zeros(shape, dtype),
+      value=jnp.zeros(shape, dtype),
+      valid=jnp.zeros((batch, max_length), bool),
+      index=jnp.zeros((), jnp.int32),
     )
 
   @property
@@ -151,7 +155,9 @@ class KVCache:
     return self.key.shape[2]
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, key_valid: Array, query_slots: Array, scale: float) -> Array:
+def dot_product_attention(
+  q: Array, k: Array, v: Array, key_valid: Array, query_slots: Array, scale: float
+) -> Array:
   """Causal grouped-query attention with a key padding mask.
 
   q: [B, T, N, H]; k, v: [B, S, K, H]; key_valid: bool[B, S];
@@ -180,28 +186,38 @@ def bidirectional_attention(q: Array, k: Array, v: Array, scale: float) -> Array
 def remat_policy(name: str):
   """The jax.checkpoint policy for a config's remat_policy name ("none" means no remat)."""
   policies = {
-      "full": jax.checkpoint_policies.nothing_saveable,
-      "dots": jax.checkpoint_policies.checkpoint_dots,
-      "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
   }
   return policies[name]
 
 
-def stack_layers(block: type[nn.Module], *, scan: bool, remat: str, num_layers: int, in_axes: tuple, static_argnums: tuple):
+def stack_layers(
+  block: type[nn.Module],
+  *,
+  scan: bool,
+  remat: str,
+  num_layers: int,
+  in_axes: tuple,
+  static_argnums: tuple,
+):
   """Wraps a layer class for a repeated stack: remat per the policy, then nn.scan if asked.
 
   The layer's call is (carry, scanned, *broadcast) -> (carry, out); with scan the params get a
   leading "layers" axis and `scanned` is sliced along axis 0.
   """
   if remat != "none":
-    block = nn.remat(block, policy=remat_policy(remat), prevent_cse=not scan, static_argnums=static_argnums)
+    block = nn.remat(
+      block, policy=remat_policy(remat), prevent_cse=not scan, static_argnums=static_argnums
+    )
   if not scan:
     return block
   return nn.scan(
-      block,
-      variable_axes={"params": 0},
-      split_rngs={"params": True, "dropout": True},
-      in_axes=in_axes,
-      length=num_layers,
-      metadata_params={nn.PARTITION_NAME: "layers"},
+    block,
+    variable_axes={"params": 0},
+    split_rngs={"params": True, "dropout": True},
+    in_axes=in_axes,
+    length=num_layers,
+    metadata_params={nn.PARTITION_NAME: "layers"},
   )

@@ -12,15 +12,15 @@ import jax.numpy as jnp
 
 from lmm_align.models.config import RuntimeConfig, TextConfig
 from lmm_align.models.layers import (
-    KVCache,
-    RMSNorm,
-    apply_rope,
-    dense_general,
-    dot_product_attention,
-    dtype_of,
-    partitioned,
-    rope_inverse_frequencies,
-    stack_layers,
+  KVCache,
+  RMSNorm,
+  apply_rope,
+  dense_general,
+  dot_product_attention,
+  dtype_of,
+  partitioned,
+  rope_inverse_frequencies,
+  stack_layers,
 )
 
 Array = jax.Array
@@ -45,7 +45,9 @@ class DecoderLayer(nn.Module):
     hidden = nn.with_logical_constraint(hidden, ACTIVATION)
 
     x = RMSNorm(c.rms_norm_eps, dtype, param_dtype, name="input_layernorm")(hidden)
-    proj = lambda features, names, name: dense_general(features, -1, names, dtype, param_dtype, False, name)(x)
+    proj = lambda features, names, name: dense_general(
+      features, -1, names, dtype, param_dtype, False, name
+    )(x)
     q = proj((c.num_heads, c.head_dim), ("embed", "heads", "kv"), "q_proj")
     k = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), "k_proj")
     v = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), "v_proj")
@@ -66,14 +68,20 @@ class DecoderLayer(nn.Module):
       query_slots = cache_index + jnp.arange(t)
       kv = (cache_k, cache_v)
     attn = dot_product_attention(q, keys, values, key_valid, query_slots, c.head_dim**-0.5)
-    attn = dense_general(c.hidden_size, (-2, -1), ("heads", "kv", "embed"), dtype, param_dtype, False, "o_proj")(attn)
+    attn = dense_general(
+      c.hidden_size, (-2, -1), ("heads", "kv", "embed"), dtype, param_dtype, False, "o_proj"
+    )(attn)
     hidden = hidden + attn
 
     x = RMSNorm(c.rms_norm_eps, dtype, param_dtype, name="post_attention_layernorm")(hidden)
-    mlp = lambda names, features, name: dense_general(features, -1, names, dtype, param_dtype, False, name)
+    mlp = lambda names, features, name: dense_general(
+      features, -1, names, dtype, param_dtype, False, name
+    )
     gate = mlp(("embed", "mlp"), c.intermediate_size, "gate_proj")(x)
     up = mlp(("embed", "mlp"), c.intermediate_size, "up_proj")(x)
-    h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    h = nn.with_logical_constraint(
+      nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
+    )
     hidden = hidden + mlp(("mlp", "embed"), c.hidden_size, "down_proj")(h)
     return (hidden, kv), None
 
@@ -87,19 +95,19 @@ class LlamaDecoder(nn.Module):
   def setup(self):
     c, r = self.config, self.runtime
     self.embed_tokens = nn.Embed(
-        c.vocab_size,
-        c.hidden_size,
-        dtype=dtype_of(r.dtype),
-        param_dtype=dtype_of(r.param_dtype),
-        embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+      c.vocab_size,
+      c.hidden_size,
+      dtype=dtype_of(r.dtype),
+      param_dtype=dtype_of(r.param_dtype),
+      embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
     )
     block = stack_layers(
-        DecoderLayer,
-        scan=r.scan_layers,
-        remat=r.remat_policy,
-        num_layers=c.num_layers,
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-        static_argnums=(),
+      DecoderLayer,
+      scan=r.scan_layers,
+      remat=r.remat_policy,
+      num_layers=c.num_layers,
+      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+      static_argnums=(),
     )
     if r.scan_layers:
       self.layers = block(c, r)
@@ -108,7 +116,13 @@ class LlamaDecoder(nn.Module):
     self.norm = RMSNorm(c.rms_norm_eps, dtype_of(r.dtype), dtype_of(r.param_dtype))
     if not c.tie_word_embeddings:
       self.lm_head = dense_general(
-          c.vocab_size, -1, ("embed", "vocab"), dtype_of(r.dtype), dtype_of(r.param_dtype), False, "lm_head"
+        c.vocab_size,
+        -1,
+        ("embed", "vocab"),
+        dtype_of(r.dtype),
+        dtype_of(r.param_dtype),
+        False,
+        "lm_head",
       )
 
   def embed(self, input_ids: Array) -> Array:
@@ -116,12 +130,12 @@ class LlamaDecoder(nn.Module):
     return self.embed_tokens(input_ids)
 
   def __call__(
-      self,
-      embeds: Array,
-      positions: Array,
-      key_valid: Array,
-      cache: KVCache | None,
-      with_logits: bool = True,
+    self,
+    embeds: Array,
+    positions: Array,
+    key_valid: Array,
+    cache: KVCache | None,
+    with_logits: bool = True,
   ) -> tuple[Array | None, Array, KVCache | None]:
     """embeds [B, T, D], positions int[B, T], key_valid bool[B, S] (S = T without a cache).
 
@@ -131,7 +145,9 @@ class LlamaDecoder(nn.Module):
     kv = None if cache is None else (cache.key, cache.value)
     carry = (embeds, kv)
     if self.runtime.scan_layers:
-      carry, _ = self.layers(carry, jnp.arange(self.config.num_layers), positions, key_valid, cache_index)
+      carry, _ = self.layers(
+        carry, jnp.arange(self.config.num_layers), positions, key_valid, cache_index
+      )
     else:
       for i, layer in enumerate(self.layers):
         carry, _ = layer(carry, i, positions, key_valid, cache_index)
@@ -146,6 +162,6 @@ class LlamaDecoder(nn.Module):
       else:
         logits = self.lm_head(hidden)
       logits = nn.with_logical_constraint(
-          logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
+        logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
       )
     return logits, hidden, cache

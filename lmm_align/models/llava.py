@@ -41,7 +41,7 @@ class Projector(nn.Module):
     c = self.config
     dtype, param_dtype = dtype_of(c.runtime.dtype), dtype_of(c.runtime.param_dtype)
     dense = lambda name: dense_general(
-        c.text.hidden_size, -1, ("embed", "embed"), dtype, param_dtype, c.projector_bias, name
+      c.text.hidden_size, -1, ("embed", "embed"), dtype, param_dtype, c.projector_bias, name
     )
     x = dense("linear_1")(features)
     if c.projector_type == "mlp2x_gelu":
@@ -63,8 +63,8 @@ def check_image_tokens(config: ModelConfig, input_ids, num_images: int) -> None:
   expected = num_images * config.num_image_tokens
   if found != expected:
     raise ValueError(
-        f"input_ids hold {found} image placeholder tokens (id {config.image_token_id}) but "
-        f"{num_images} image(s) x {config.num_image_tokens} features per image = {expected} are needed"
+      f"input_ids hold {found} image placeholder tokens (id {config.image_token_id}) but "
+      f"{num_images} image(s) x {config.num_image_tokens} features per image = {expected} are needed"
     )
 
 
@@ -90,13 +90,13 @@ class Llava(nn.Module):
     return self.multi_modal_projector(jnp.concatenate(selected, axis=-1))
 
   def __call__(
-      self,
-      input_ids: Array,
-      pixel_values: Array | None = None,
-      attention_mask: Array | None = None,
-      positions: Array | None = None,
-      cache: KVCache | None = None,
-      with_logits: bool = True,
+    self,
+    input_ids: Array,
+    pixel_values: Array | None = None,
+    attention_mask: Array | None = None,
+    positions: Array | None = None,
+    cache: KVCache | None = None,
+    with_logits: bool = True,
   ) -> ModelOutput:
     """Forward over one chunk of tokens.
 
@@ -141,7 +141,9 @@ class Llava(nn.Module):
 def init_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
   """An empty KVCache with `max_length` slots per row, in the compute dtype."""
   t = config.text
-  return KVCache.create(t.num_layers, batch, max_length, t.num_kv_heads, t.head_dim, dtype_of(config.runtime.dtype))
+  return KVCache.create(
+    t.num_layers, batch, max_length, t.num_kv_heads, t.head_dim, dtype_of(config.runtime.dtype)
+  )
 
 
 def init_params(config: ModelConfig, rng: Array) -> dict:

@@ -1,0 +1,285 @@
+"""Import and export of Hugging Face checkpoint folders (safetensors; no pickle, no remote code).
+
+`load_pretrained` reads one tensor at a time into a preallocated host array per parameter
+(stacked over layers when the model scans), so a 13B checkpoint never sits twice in host
+memory; with `shardings` each finished parameter goes straight to its devices.
+`save_pretrained` writes the layout transformers 5 writes, sharded above `max_shard_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lmm_align.hf import name_map
+from lmm_align.models.config import ModelConfig, RuntimeConfig, from_hf_config, to_hf_config
+from lmm_align.models.llava import Llava, dummy_inputs
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder that cannot be loaded as asked; the message names what is wrong."""
+
+
+def _safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
+  index = folder / SAFE_INDEX
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = sorted({folder / name for name in weight_map.values()})
+    absent = [f.name for f in files if not f.exists()]
+    if absent:
+      raise CheckpointError(f"{index} lists shard files that do not exist: {absent}")
+    return files
+  if (folder / SAFE_SINGLE).exists():
+    return [folder / SAFE_SINGLE]
+  files = sorted(folder.glob("*.safetensors"))
+  if files:
+    return files
+  bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+  if bins:
+    raise CheckpointError(
+      f"{folder} holds only pickled PyTorch weights ({', '.join(bins)}); lmm_align never unpickles "
+      "them by default. Convert once with transformers: "
+      "`Model.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`, "
+      "or pass allow_torch_bin=True to read them with torch.load(weights_only=True)."
+    )
+  raise CheckpointError(f"{folder} has no model.safetensors, no {SAFE_INDEX} and no *.safetensors")
+
+
+def _iter_tensors(
+  folder: pathlib.Path, allow_torch_bin: bool
+) -> Iterator[tuple[str, Callable[[], np.ndarray], str]]:
+  """(key, loader, file name) for every tensor; the loader reads that one tensor."""
+  try:
+    files = _safetensors_files(folder)
+  except CheckpointError:
+    if not allow_torch_bin or not list(folder.glob("*.bin")):
+      raise
+    yield from _iter_torch_bin(folder)
+    return
+  for path in files:
+    with safe_open(str(path), framework="numpy") as reader:
+      for key in reader.keys():
+        yield key, (lambda r=reader, k=key: r.get_tensor(k)), path.name
+
+
+def _iter_torch_bin(folder: pathlib.Path):
+  import torch  # only for this opt-in path
+
+  for path in sorted(folder.glob("*.bin")):
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key, tensor in state.items():
+      yield (
+        key,
+        (lambda t=tensor: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()),
+        path.name,
+      )
+
+
+def _flat_abstract_params(model: Llava) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model.config))
+  return flax.traverse_util.flatten_dict(nn.unbox(shapes["params"]))
+
+
+def _our_path(template: str, layer: int | None, scan: bool) -> tuple[tuple[str, ...], int | None]:
+  """Our flat param path for a rule's template, and the index into its stacked layer axis."""
+  if layer is None:
+    return tuple(template.split("/")), None
+  if scan:
+    return tuple(template.replace("/{i}", "").split("/")), layer
+  return tuple(template.replace("layers/{i}", f"layers_{layer}").split("/")), None
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise CheckpointError(f"{folder} is not a directory")
+  config_file = folder / "config.json"
+  if not config_file.exists():
+    raise CheckpointError(f"{folder} has no config.json")
+  return json.loads(config_file.read_text())
+
+
+def load_pretrained(
+  path: str | os.PathLike,
+  dtype: str = "float32",
+  runtime: RuntimeConfig | None = None,
+  shardings: Any = None,
+  allow_torch_bin: bool = False,
+) -> tuple[Llava, dict]:
+  """Reads a local `LlavaForConditionalGeneration` or `LlamaForCausalLM` folder.
+
+  dtype: the params' dtype (and the compute dtype unless `runtime` says otherwise).
+  shardings: optional pytree of `jax.sharding.Sharding` matching the params; each param is
+    placed with it as soon as it is complete.
+  Returns (model, params): `model.apply({"params": params}, input_ids, pixel_values=...)`.
+  Raises CheckpointError listing missing, unexpected and mis-shaped tensors.
+  """
+  folder = pathlib.Path(path)
+  runtime = runtime or RuntimeConfig(dtype=dtype, param_dtype=dtype)
+  config = from_hf_config(read_config(folder), runtime)
+  model = Llava(config)
+  np_dtype = _NUMPY_DTYPES[runtime.param_dtype]
+  abstract = _flat_abstract_params(model)
+  rules = [(rule, rule.hf_regex()) for rule in name_map.rules_for(config)]
+  text_only = config.vision is None
+  scan = runtime.scan_layers
+
+  host: dict[tuple[str, ...], np.ndarray] = {}
+  filled: set[tuple[tuple[str, ...], int | None]] = set()
+  unexpected, mis_shaped = [], []
+  for key, load, file_name in _iter_tensors(folder, allow_torch_bin):
+    canonical = name_map.canonical_key(key, text_only)
+    if canonical is None:
+      continue
+    if canonical == "lm_head.weight" and config.text.tie_word_embeddings:
+      continue  # the tied copy of embed_tokens
+    match = next(((rule, m) for rule, regex in rules if (m := regex.match(canonical))), None)
+    if match is None:
+      unexpected.append(f"{key} ({file_name})")
+      continue
+    rule, m = match
+    layer = int(m.group(1)) if rule.layered else None
+    our_path, index = _our_path(rule.ours, layer, scan)
+    if our_path not in abstract:
+      unexpected.append(f"{key} ({file_name}): layer {layer} beyond the config's layers")
+      continue
+    full_shape = tuple(abstract[our_path].shape)
+    shape = full_shape[1:] if index is not None else full_shape
+    if index is not None and index >= full_shape[0]:
+      unexpected.append(
+        f"{key} ({file_name}): layer {layer} beyond the config's {full_shape[0]} layers"
+      )
+      continue
+    tensor = load()
+    expected = name_map.hf_shape(rule.transform, shape)
+    if tuple(tensor.shape) != expected:
+      mis_shaped.append(f"{key} ({file_name}): {tuple(tensor.shape)}, expected {expected}")
+      continue
+    value = name_map.to_ours(rule.transform, tensor, shape).astype(np_dtype)
+    if index is None:
+      host[our_path] = value
+    else:
+      if our_path not in host:
+        host[our_path] = np.empty(full_shape, np_dtype)
+      host[our_path][index] = value
+    filled.add((our_path, index))
+
+  expected_slots = {
+    (p, i)
+    for p, s in abstract.items()
+    for i in (range(s.shape[0]) if scan and "layers" in p else [None])
+  }
+  missing = sorted(
+    f"{'/'.join(p)}" + (f"[layer {i}]" if i is not None else "") for p, i in expected_slots - filled
+  )
+  problems = []
+  if missing:
+    problems.append(f"missing {len(missing)} tensor(s) for params: {missing[:20]}")
+  if unexpected:
+    problems.append(f"unexpected {len(unexpected)} tensor(s): {unexpected[:20]}")
+  if mis_shaped:
+    problems.append(f"mis-shaped {len(mis_shaped)} tensor(s): {mis_shaped[:20]}")
+  if problems:
+    raise CheckpointError(f"cannot load {folder}: " + "; ".join(problems))
+
+  flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else {}
+  params = {p: jax.device_put(v, flat_shardings.get(p)) for p, v in host.items()}
+  return model, flax.traverse_util.unflatten_dict(params)
+
+
+def _iter_export(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
+  flat = flax.traverse_util.flatten_dict(params)
+  text_only = config.vision is None
+  scan = config.runtime.scan_layers
+  for rule in name_map.rules_for(config):
+    layers = range(_num_layers(config, rule)) if rule.layered else [None]
+    for layer in layers:
+      our_path, index = _our_path(rule.ours, layer, scan)
+      if our_path not in flat:
+        raise CheckpointError(f"params have no {'/'.join(our_path)} (rule {rule.hf})")
+      value = np.asarray(jax.device_get(flat[our_path] if index is None else flat[our_path][index]))
+      hf_key = rule.hf.replace("{i}", str(layer)) if layer is not None else rule.hf
+      yield name_map.export_key(hf_key, text_only), name_map.to_hf(rule.transform, value)
+
+
+def _num_layers(config: ModelConfig, rule: name_map.Rule) -> int:
+  return (
+    config.vision.num_layers if rule.ours.startswith("vision_tower") else config.text.num_layers
+  )
+
+
+def save_pretrained(
+  model: Llava | ModelConfig,
+  params: dict,
+  out_dir: str | os.PathLike,
+  tokenizer: Any = None,
+  processor: Any = None,
+  dtype: str | None = None,
+  max_shard_bytes: int = 5 * 1024**3,
+) -> pathlib.Path:
+  """Writes config.json + safetensors (+ tokenizer / processor files) loadable by transformers.
+
+  dtype: the saved tensors' dtype (default: the params' dtype). Shards above max_shard_bytes
+  go to model-0000k-of-0000n.safetensors with model.safetensors.index.json, as HF does.
+  """
+  config = model.config if isinstance(model, Llava) else model
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  first_leaf = jax.tree.leaves(params)[0]
+  dtype = dtype or str(np.dtype(first_leaf.dtype))
+  np_dtype = _NUMPY_DTYPES[dtype]
+  (out / "config.json").write_text(json.dumps(to_hf_config(config, dtype), indent=2) + "\n")
+
+  # Shards are written as they fill, so host memory holds at most one; their final names need
+  # the count, so they are renamed at the end.
+  for stale in [
+    *out.glob("model*.safetensors"),
+    *out.glob("tmp-shard-*.safetensors"),
+    out / SAFE_INDEX,
+  ]:
+    stale.unlink(missing_ok=True)
+  current: dict[str, np.ndarray] = {}
+  current_bytes, total, num_shards = 0, 0, 1
+  weight_map: dict[str, int] = {}
+  tmp_name = lambda k: f"tmp-shard-{k:05d}.safetensors"
+  for key, tensor in _iter_export(config, params):
+    tensor = tensor.astype(np_dtype)
+    if current and current_bytes + tensor.nbytes > max_shard_bytes:
+      save_file(current, str(out / tmp_name(num_shards)), metadata={"format": "pt"})
+      current, current_bytes, num_shards = {}, 0, num_shards + 1
+    current[key] = tensor
+    weight_map[key] = num_shards
+    current_bytes += tensor.nbytes
+    total += tensor.nbytes
+  if num_shards == 1:
+    save_file(current, str(out / SAFE_SINGLE), metadata={"format": "pt"})
+  else:
+    save_file(current, str(out / tmp_name(num_shards)), metadata={"format": "pt"})
+    final = {k: f"model-{k:05d}-of-{num_shards:05d}.safetensors" for k in range(1, num_shards + 1)}
+    for k, name in final.items():
+      (out / tmp_name(k)).rename(out / name)
+    index = {
+      "metadata": {"total_size": total},
+      "weight_map": {key: final[k] for key, k in weight_map.items()},
+    }
+    (out / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(out))
+  if processor is not None:
+    processor.save_pretrained(str(out))
+  return out

@@ -1,0 +1,81 @@
+"""Tiny random `transformers` models saved to local folders: the references of parity tests."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+
+IMAGE_TOKEN = 299
+VOCAB = 300
+
+
+def llama_config(num_kv_heads: int = 2, tie: bool = False, **overrides) -> transformers.LlamaConfig:
+  kwargs = dict(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=num_kv_heads, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+      eos_token_id=2, rms_norm_eps=1e-6, tie_word_embeddings=tie, max_position_embeddings=256,
+  )  # fmt: skip
+  kwargs.update(overrides)
+  return transformers.LlamaConfig(**kwargs)
+
+
+def clip_config(**overrides) -> transformers.CLIPVisionConfig:
+  kwargs = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=3, num_attention_heads=4)  # fmt: skip
+  kwargs.update(overrides)
+  return transformers.CLIPVisionConfig(**kwargs)
+
+
+def save_tiny_llava(
+    folder: pathlib.Path,
+    seed: int = 0,
+    num_kv_heads: int = 2,
+    vision_feature_layer: int | list[int] = -2,
+    select_strategy: str = "default",
+    **text_overrides,
+) -> transformers.LlavaForConditionalGeneration:
+  torch.manual_seed(seed)
+  config = transformers.LlavaConfig(
+      vision_config=clip_config(),
+      text_config=llama_config(num_kv_heads, **text_overrides),
+      image_token_index=IMAGE_TOKEN,
+      projector_hidden_act="gelu",
+      vision_feature_layer=vision_feature_layer,
+      vision_feature_select_strategy=select_strategy,
+  )
+  model = transformers.LlavaForConditionalGeneration(config).eval()
+  _randomize_norms(model)
+  model.save_pretrained(folder)
+  return model
+
+
+def save_tiny_llama(folder: pathlib.Path, seed: int = 0, num_kv_heads: int = 2, tie: bool = False, **overrides):
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(llama_config(num_kv_heads, tie, **overrides)).eval()
+  _randomize_norms(model)
+  model.save_pretrained(folder)
+  return model
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+  """Norm weights start at exactly 1 and biases at 0; random ones catch a mis-mapped tensor."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias") or "class_embedding" in name:
+        p.add_(0.1 * torch.randn_like(p))
+
+
+def image_tokens_per_image(strategy: str = "default") -> int:
+  return 16 + (1 if strategy == "full" else 0)
+
+
+def random_pixels(n: int, seed: int = 0) -> np.ndarray:
+  """float32[n, 32, 32, 3] NHWC, roughly the range of normalised images."""
+  return np.random.default_rng(seed).normal(size=(n, 32, 32, 3)).astype(np.float32)
+
+
+def to_torch_pixels(pixels_nhwc: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(pixels_nhwc.transpose(0, 3, 1, 2)))
