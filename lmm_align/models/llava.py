@@ -40,12 +40,13 @@ class Projector(nn.Module):
   def __call__(self, features: Array) -> Array:
     c = self.config
     dtype, param_dtype = dtype_of(c.runtime.dtype), dtype_of(c.runtime.param_dtype)
-    dense = lambda name: dense_general(
-      c.text.hidden_size, -1, ("embed", "embed"), dtype, param_dtype, c.projector_bias, name
+    # Named like an MLP so that the mesh rules shard it as one (never the same mesh axis twice).
+    dense = lambda name, names: dense_general(
+      c.text.hidden_size, -1, names, dtype, param_dtype, c.projector_bias, name
     )
-    x = dense("linear_1")(features)
+    x = dense("linear_1", ("embed", "mlp"))(features)
     if c.projector_type == "mlp2x_gelu":
-      x = dense("linear_2")(nn.gelu(x, approximate=False))
+      x = dense("linear_2", ("mlp", "embed"))(nn.gelu(x, approximate=False))
     return x
 
 
@@ -89,6 +90,46 @@ class Llava(nn.Module):
       selected = [h[:, 1:] for h in selected]
     return self.multi_modal_projector(jnp.concatenate(selected, axis=-1))
 
+  def splice_images(
+    self, input_ids: Array, pixel_values: Array, embeds: Array, concrete: bool
+  ) -> Array:
+    """Replaces the placeholder embeddings by image features, in placeholder order.
+
+    pixel_values [N, H, W, 3]: the batch's images in row-major placeholder order (llava-hf).
+    pixel_values [B, I, H, W, 3]: I image slots per row, row-aligned; unused slots are ignored
+      (static shapes for training batches that mix image and text-only rows).
+    """
+    c = self.config
+    if c.vision is None:
+      raise ValueError("pixel_values given to a text-only model")
+    b, t = input_ids.shape
+    is_image = input_ids == c.image_token_id
+    if pixel_values.ndim == 5:
+      if pixel_values.shape[0] != b:
+        raise ValueError(
+          f"row-aligned pixel_values {pixel_values.shape} do not match batch size {b}"
+        )
+      slots = pixel_values.shape[1]
+      features = self.image_features(pixel_values.reshape(b * slots, *pixel_values.shape[2:]))
+      features = features.astype(embeds.dtype).reshape(b, -1, features.shape[-1])  # [B, I*P, D]
+      if concrete:
+        per_row = np.sum(np.asarray(is_image), axis=1)
+        if np.any(per_row > features.shape[1]) or np.any(per_row % c.num_image_tokens):
+          raise ValueError(
+            f"image placeholders per row {per_row.tolist()} must be a multiple of {c.num_image_tokens} "
+            f"and at most {slots} image slot(s) x {c.num_image_tokens}"
+          )
+      order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+      spliced = jnp.take_along_axis(features, order[..., None], axis=1)
+    else:
+      if concrete:
+        check_image_tokens(c, input_ids, pixel_values.shape[0])
+      features = self.image_features(pixel_values).astype(embeds.dtype)
+      features = features.reshape(-1, features.shape[-1])
+      order = jnp.cumsum(is_image.reshape(-1)).reshape(b, t) - 1
+      spliced = features[jnp.clip(order, 0, features.shape[0] - 1)]
+    return jnp.where(is_image[..., None], spliced, embeds)
+
   def __call__(
     self,
     input_ids: Array,
@@ -101,7 +142,8 @@ class Llava(nn.Module):
     """Forward over one chunk of tokens.
 
     input_ids: int[B, T]. pixel_values: float32[N, H, W, 3], the batch's images in the order
-    their placeholders appear (row-major over [B, T]); rows without an image are allowed.
+    their placeholders appear (row-major over [B, T]), or float32[B, I, H, W, 3] with I image
+    slots per row; rows without an image are allowed either way.
     attention_mask: [B, T], 1 for real tokens (left or right padding). positions: int[B, T];
     by default each row counts its real tokens (in the cache first, then this chunk) from 0.
     cache: a KVCache to write this chunk into and attend over (prefill, then decode steps).
@@ -117,17 +159,10 @@ class Llava(nn.Module):
 
     embeds = self.language_model.embed(input_ids)
     if pixel_values is not None:
-      if c.vision is None:
-        raise ValueError("pixel_values given to a text-only model")
-      if not isinstance(input_ids, jax.core.Tracer):
-        check_image_tokens(c, input_ids, pixel_values.shape[0])
-      features = self.image_features(pixel_values).astype(embeds.dtype)
-      features = features.reshape(-1, features.shape[-1])
-      is_image = input_ids == c.image_token_id
-      order = jnp.cumsum(is_image.reshape(-1)).reshape(b, t) - 1
-      spliced = features[jnp.clip(order, 0, features.shape[0] - 1)]
-      embeds = jnp.where(is_image[..., None], spliced, embeds)
-    elif c.vision is not None and not isinstance(input_ids, jax.core.Tracer) and cache is None:
+      embeds = self.splice_images(
+        input_ids, pixel_values, embeds, concrete=not isinstance(input_ids, jax.core.Tracer)
+      )
+    elif c.vision is not None and cache is None and not isinstance(input_ids, jax.core.Tracer):
       check_image_tokens(c, input_ids, 0)
 
     if cache is None:
