@@ -59,6 +59,39 @@ def layer_norm(eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str) 
   )
 
 
+class DenseGeneral(nn.Module):
+  """y = x . kernel (+ bias), contracting the last `num_in` axes of x with the first of kernel.
+
+  Our own rather than flax's: flax's DenseGeneral initialises multi-axis kernels through a
+  flat shape, which breaks logical sharding constraints during a sharded init.
+  """
+
+  features: tuple[int, ...]
+  num_in: int
+  names: tuple[str | None, ...]
+  use_bias: bool
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.num_in :]
+    kernel = self.param(
+      "kernel",
+      partitioned(nn.initializers.normal(0.02), self.names),
+      (*in_shape, *self.features),
+      self.param_dtype,
+    )
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.num_in)
+    if self.use_bias:
+      bias_names = self.names[len(self.names) - len(self.features) :]
+      bias = self.param(
+        "bias", partitioned(nn.initializers.zeros, bias_names), self.features, self.param_dtype
+      )
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense_general(
   features: int | tuple[int, ...],
   axis: int | tuple[int, ...],
@@ -67,19 +100,11 @@ def dense_general(
   param_dtype: jnp.dtype,
   use_bias: bool,
   name: str,
-) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel (and bias) carry logical axis names."""
-  n_out = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
-    features=features,
-    axis=axis,
-    use_bias=use_bias,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    kernel_init=partitioned(nn.initializers.normal(0.02), names),
-    bias_init=partitioned(nn.initializers.zeros, names[-n_out:]),
-    name=name,
-  )
+) -> DenseGeneral:
+  """A dense layer over the trailing `axis` (-1, or (-2, -1)) whose params carry logical names."""
+  features = (features,) if isinstance(features, int) else tuple(features)
+  num_in = 1 if isinstance(axis, int) else len(axis)
+  return DenseGeneral(features, num_in, names, use_bias, dtype, param_dtype, name=name)
 
 
 # --------------------------------------------------------------------------------------------
