@@ -102,6 +102,16 @@ def make_mesh(
   return Mesh(grid, MESH_AXES)
 
 
+def mesh_from_config(mesh_config) -> Mesh:
+  """The mesh of a config's `mesh` block (sizes, num_devices)."""
+  devices = jax.devices()
+  if mesh_config.num_devices:
+    if jax.process_count() > 1:
+      raise ValueError("mesh.num_devices must be 0 (all devices) in a multi-process run")
+    devices = devices[: mesh_config.num_devices]
+  return make_mesh(tuple(mesh_config.sizes), devices)
+
+
 def check_rules_cover(boxed_tree: Any, rules: Sequence[tuple[str, Any]]) -> None:
   """Raises if any logical axis name in a boxed param tree has no rule."""
   known = {name for name, _ in rules}

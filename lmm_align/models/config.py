@@ -180,7 +180,15 @@ VARIANTS: dict[str, ModelConfig] = {
     ),
     image_token_id=4,
   ),  # fmt: skip
-  # A few million params: CPU benchmarks and the shapes world.
+  # The shapes world on CPU: vocab and image token come from its own tokenizer at run time.
+  "shapes": ModelConfig(
+    text=TextConfig(vocab_size=600, hidden_size=128, intermediate_size=384, num_layers=4,
+                    num_heads=4, num_kv_heads=2, head_dim=32),
+    vision=VisionConfig(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128,
+                        num_layers=2, num_heads=4),
+    image_token_id=4,
+  ),  # fmt: skip
+  # A few million params: CPU benchmarks.
   "small": ModelConfig(
     text=TextConfig(
       vocab_size=2048,

@@ -1,0 +1,94 @@
+"""Presets every experiment config starts from. Fields here are the keys all trainers honour."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lmm_align import sharding
+from lmm_align.optim import default_optim_config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'model=7b,runlocal' -> ConfigDict(model='7b', runlocal=True), typed like the defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise KeyError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not value:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.trainer = "sft"
+  config.seed = 0
+  config.total_steps = 1000
+  config.batch_size = 32  # global, over all processes
+  config.log_every = 10
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  # Restore precedence: the workdir's checkpoint, then resume, then init_from, then scratch.
+  config.resume = ""  # another run's workdir or checkpoints dir, optionally DIR@STEP
+  config.init_from = ""  # an HF LlavaForConditionalGeneration / LlamaForCausalLM folder
+  config.tokenizer = ""  # a local tokenizer folder (default: init_from's, or the workdir's)
+  config.trainable = (".*",)  # regexes over param paths; the rest is frozen
+
+  config.model = ml_collections.ConfigDict(
+    dict(
+      variant="tiny",
+      dtype="float32",
+      param_dtype="float32",
+      scan_layers=True,
+      remat_policy="none",
+      image_size=0,  # 0: the variant's
+      vocab_from_tokenizer=False,
+    )
+  )
+  # sizes: (data, fsdp, tensor), one may be -1; num_devices: 0 = all (fewer only for tests).
+  config.mesh = ml_collections.ConfigDict(
+    dict(sizes=(-1, 1, 1), rules=sharding.DEFAULT_RULES, num_devices=0)
+  )
+  config.optim = default_optim_config()
+  config.data = ml_collections.ConfigDict(
+    dict(
+      source="shapes",
+      template="vicuna_v1",
+      max_length=2048,
+      buckets=(128, 256, 512, 1024, 2048),
+      length_policy="truncate",  # or "drop"
+      on_error="raise",  # or "skip": bad records are skipped and counted
+      aspect_mode="pad",
+      json_path="",
+      image_folder="",
+      tfds_data_dir="",
+      tfds_split="train",
+      shapes=shapes_data_config(),
+    )
+  )
+  config.eval = ml_collections.ConfigDict(
+    dict(enabled=False, num_scenes=64, batch_size=32, max_new_tokens=48, pope_per_split=64)
+  )
+  config.sweep = ()  # ((name, {key: value, ...}), ...): `lmm-align sweep` runs each
+  return config
+
+
+def shapes_data_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+    dict(
+      num_train=4000,
+      seed=0,
+      image_size=48,
+      hallucination_rate=0.3,
+      max_objects=3,
+      vocab_size=600,
+      tokenizer_records=2000,
+      eval_seed=12345,
+    )
+  )

@@ -1,0 +1,49 @@
+"""SFT of a tiny LLaVA on the synthetic shapes world: CPU, a few minutes, ground-truth metrics.
+
+  python -m lmm_align.main --config=configs/shapes_sft.py --workdir=/tmp/shapes_sft
+  python -m lmm_align.main --config=configs/shapes_sft.py:runlocal --workdir=/tmp/t   # seconds
+
+A share of the answers (data.shapes.hallucination_rate) carries an injected hallucination,
+like the machine-written instruction data that motivated LLaVA-RLHF, so the SFT model
+hallucinates and alignment has something to fix. summary.json reports the hallucination
+rate, object recall and POPE F1 on held-out scenes.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, runlocal=False)
+  config = common.base_config()
+  config.trainer = "sft"
+  config.model.variant = "shapes"
+  config.model.vocab_from_tokenizer = True
+  config.model.image_size = 48
+  config.data.source = "shapes"
+  config.data.aspect_mode = "crop"
+  config.data.max_length = 64
+  config.data.buckets = (48, 64)
+  config.total_steps = 400
+  config.batch_size = 32
+  config.log_every = 20
+  config.checkpoint_every = 100
+  config.optim.lr = 1e-3
+  config.optim.warmup_steps = 20
+  config.optim.weight_decay = 0.0
+  config.eval.enabled = True
+  config.eval.num_scenes = 128
+  config.sweep = (
+    ("clean_data", {"data.shapes.hallucination_rate": 0.0}),
+    ("noisy_data", {"data.shapes.hallucination_rate": 0.3}),
+  )
+  if arg.runlocal:
+    config.total_steps = 6
+    config.batch_size = 8
+    config.log_every = 2
+    config.checkpoint_every = 3
+    config.data.shapes.num_train = 64
+    config.data.shapes.tokenizer_records = 200
+    config.eval.num_scenes = 8
+    config.eval.pope_per_split = 8
+    config.eval.max_new_tokens = 16
+  return config

@@ -1,0 +1,158 @@
+"""Where a run's tokenizer, image preprocessing and supervised examples come from, by config.
+
+data.source:
+  shapes      the built-in synthetic world (lmm_align.data.shapes), generated from a seed;
+  llava_json  LLaVA instruction JSON + an image folder (lmm_align.data.llava_json);
+  tfds        records prepared once with `tfds build` (lmm_align.data.tfds_llava).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections import Counter
+from typing import Any
+
+import ml_collections
+
+from lmm_align.data import conversation, shapes
+from lmm_align.data.images import CLIP_VIT_L14_336, ImageProcessorConfig
+from lmm_align.data.pipeline import Example, SupervisedData
+from lmm_align.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from lmm_align.models.config import ModelConfig
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def shapes_world_config(config: ml_collections.ConfigDict) -> shapes.ShapesWorldConfig:
+  s = config.data.shapes
+  return shapes.ShapesWorldConfig(
+    image_size=s.image_size,
+    hallucination_rate=s.hallucination_rate,
+    max_objects=s.max_objects,
+    seed=s.seed,
+  )
+
+
+def _shapes_tokenizer_corpus(config: ml_collections.ConfigDict) -> list[str]:
+  template = conversation.get_template(config.data.template)
+  records = shapes.make_sft_records(
+    config.data.shapes.tokenizer_records,
+    shapes_world_config(config),
+    seed=[config.data.shapes.seed, 7],
+  )
+  texts = [template.system]
+  for record in records:
+    texts.append(conversation.render_conversation(record["conversations"], template))
+    texts.append(record["metadata"]["facts"])
+  return texts
+
+
+def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """config.tokenizer, else init_from's tokenizer, else the workdir's, else (shapes world) a
+  BPE trained on shapes-world text and saved in the workdir so restarts reuse it."""
+  if config.tokenizer:
+    return load_tokenizer(config.tokenizer)
+  if config.init_from:
+    return load_tokenizer(config.init_from)
+  saved = pathlib.Path(workdir) / TOKENIZER_DIR
+  if saved.is_dir():
+    return load_tokenizer(saved)
+  if config.data.source != "shapes":
+    raise ValueError(
+      "set config.tokenizer or config.init_from: only the shapes world trains its own tokenizer"
+    )
+  return train_bpe_tokenizer(
+    _shapes_tokenizer_corpus(config), config.data.shapes.vocab_size, out_dir=saved
+  )
+
+
+def image_config_for(
+  config: ml_collections.ConfigDict, model: ModelConfig
+) -> ImageProcessorConfig | None:
+  """The preprocessing that matches the model: init_from's preprocessor_config.json when it has
+  one, else CLIP's statistics at the vision tower's size (pad or crop per data.aspect_mode)."""
+  if model.vision is None:
+    return None
+  if config.init_from:
+    for name in ("preprocessor_config.json", "processor_config.json"):
+      path = pathlib.Path(config.init_from) / name
+      if path.exists():
+        image_config = ImageProcessorConfig.from_hf_dict(json.loads(path.read_text()))
+        return ImageProcessorConfig(
+          **{**image_config.__dict__, "aspect_mode": config.data.aspect_mode}
+        )
+  size = model.vision.image_size
+  return ImageProcessorConfig(
+    size=size,
+    crop_size=size,
+    mean=CLIP_VIT_L14_336.mean,
+    std=CLIP_VIT_L14_336.std,
+    aspect_mode=config.data.aspect_mode,
+  )
+
+
+def _encode_records(records, tokenizer, config, model: ModelConfig) -> list[Example]:
+  template = conversation.get_template(config.data.template)
+  out = []
+  for record in records:
+    encoded = conversation.encode_conversation(
+        record["conversations"], tokenizer, template, model.num_image_tokens, model.image_token_id,
+        record_id=record["id"],
+    )  # fmt: skip
+    out.append(Example(record["id"], encoded.input_ids, encoded.labels, record.get("image")))
+  return out
+
+
+def sft_examples(
+  config: ml_collections.ConfigDict, tokenizer: Any, model: ModelConfig
+) -> tuple[list[Example], Counter]:
+  source = config.data.source
+  if source == "shapes":
+    records = shapes.make_sft_records(
+      config.data.shapes.num_train, shapes_world_config(config), seed=config.data.shapes.seed
+    )
+    return _encode_records(records, tokenizer, config, model), Counter()
+  if source == "llava_json":
+    from lmm_align.data.llava_json import read_llava_json
+
+    return read_llava_json(
+        config.data.json_path, config.data.image_folder, tokenizer,
+        template=conversation.get_template(config.data.template),
+        num_image_tokens=model.num_image_tokens, image_token_id=model.image_token_id,
+        on_error=config.data.on_error,
+    )  # fmt: skip
+  if source == "tfds":
+    from lmm_align.data.tfds_llava import examples_from_tfds
+
+    return examples_from_tfds(
+        config.data.tfds_data_dir, config.data.tfds_split, tokenizer,
+        template=conversation.get_template(config.data.template),
+        num_image_tokens=model.num_image_tokens, image_token_id=model.image_token_id,
+        on_error=config.data.on_error,
+    )  # fmt: skip
+  raise ValueError(f"data.source {source!r}: use shapes, llava_json or tfds")
+
+
+def sft_data(
+  config: ml_collections.ConfigDict, tokenizer: Any, model: ModelConfig
+) -> SupervisedData:
+  examples, skipped = sft_examples(config, tokenizer, model)
+  if skipped:
+    print(f"[data] skipped records: {dict(skipped)}")
+  return SupervisedData(
+    examples,
+    image_config_for(config, model),
+    max_length=config.data.max_length,
+    buckets=tuple(config.data.buckets),
+    length_policy=config.data.length_policy,
+    image_token_id=model.image_token_id,
+    pad_id=tokenizer.pad_token_id,
+    seed=config.seed,
+    skipped=skipped,
+  )
+
+
+def workdir_tokenizer_path(workdir: str) -> str:
+  return os.path.join(workdir, TOKENIZER_DIR)

@@ -1,0 +1,210 @@
+"""Supervised fine-tuning: LLaVA label masking, stage-1 / stage-2 freezing by regex, sharded.
+
+Read top to bottom: the pure train step, then `train`, which builds the mesh, the data, the
+model (from scratch or an HF folder), restores by the written-down precedence, runs the loop
+and evaluates.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from lmm_align import checkpoint, losses, optim, sharding
+from lmm_align.data import sources
+from lmm_align.models.llava import Llava
+from lmm_align.trainers import loop, modelling
+from lmm_align.trainers import state as state_lib
+
+# --------------------------------------------------------------------------------------------
+# The step.
+# --------------------------------------------------------------------------------------------
+
+
+def _micro_batches(batch: dict, accum: int) -> dict:
+  """[G, ...] -> [accum, G / accum, ...]; each device keeps its own rows in every micro-batch."""
+
+  def split(x):
+    x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+
+  return jax.tree.map(split, batch)
+
+
+def sft_train_step(
+  state: state_lib.TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: Llava,
+  tx: optax.GradientTransformation,
+  trainable: tuple[str, ...],
+  grad_accum_steps: int,
+  state_dtype: str,
+) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch: token-weighted mean NLL over the labelled tokens of
+  all micro-batches (so accumulation gives the same update as one big batch)."""
+  trainable_params, frozen_params = optim.split_trainable(state.params, trainable)
+  _, mask = losses.shifted_targets(batch["labels"])
+  total_tokens = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+
+  def micro_step(grads, micro):
+    def loss_fn(params):
+      out = model.apply(
+        {"params": optim.merge_params(params, frozen_params)},
+        micro["input_ids"],
+        pixel_values=micro.get("pixel_values"),
+        attention_mask=micro["attention_mask"],
+      )
+      nll_sum, count = losses.next_token_nll(out.logits, micro["labels"])
+      return nll_sum / total_tokens, (nll_sum, count)
+
+    (_, (nll_sum, count)), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+    return jax.tree.map(jnp.add, grads, micro_grads), (nll_sum, count)
+
+  zeros = jax.tree.map(jnp.zeros_like, trainable_params)
+  grads, (nll_sums, counts) = jax.lax.scan(
+    micro_step, zeros, _micro_batches(batch, grad_accum_steps)
+  )
+  grad_norm = optax.global_norm(grads)
+  new_trainable, opt_state = optim.apply_optimizer(
+    tx, grads, state.opt_state, trainable_params, state_dtype
+  )
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optim.merge_params(new_trainable, frozen_params),
+    opt_state=opt_state,
+  )
+  metrics = {
+    "loss_sum": jnp.sum(nll_sums),
+    "tokens": jnp.sum(counts),
+    "input_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+    "grad_norm": grad_norm,
+  }
+  return new_state, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs SFT as configured; returns (and writes to workdir/summary.json) the final summary."""
+  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  tokenizer = sources.tokenizer_for(config, workdir)
+  model_config = modelling.model_config_for(config, tokenizer)
+  model = Llava(model_config)
+  data = sources.sft_data(config, tokenizer, model_config)
+  global_batch = config.batch_size
+  if global_batch % (sharding.data_parallel_size(mesh) * config.optim.grad_accum_steps):
+    raise ValueError(
+      f"batch_size {global_batch} must divide by data x fsdp ({sharding.data_parallel_size(mesh)}) "
+      f"x grad_accum_steps ({config.optim.grad_accum_steps})"
+    )
+
+  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, keep=config.keep_checkpoints)
+  source, where = checkpoint.restore_precedence(
+    workdir, config.resume, config.init_from, checkpointer
+  )
+  with sharding.activation_sharding(mesh, rules):
+    param_shards = state_lib.param_shardings(model, mesh, rules)
+    params = modelling.initial_params(model, config, source, where, param_shards)
+    tx = state_lib.make_optimizer(config, params)
+    state, state_shards = state_lib.create_train_state(
+      params, param_shards, tx, tuple(config.trainable), config.seed, mesh, config.optim.state_dtype
+    )
+    data_state = {"step": 0, **data.fingerprint()}
+    if source in ("workdir", "resume"):
+      state, data_state = checkpoint.restore_from(
+        source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
+      )
+      modelling.check_data_fingerprint(data_state, data.fingerprint(), source)
+    start_step = int(state.step)
+    print(
+      f"[sft] start at step {start_step} from {source}; {len(data)} examples, data stats {dict(data.stats)}"
+    )
+
+    step_fn = jax.tree_util.Partial(
+      sft_train_step,
+      model=model,
+      tx=tx,
+      trainable=tuple(config.trainable),
+      grad_accum_steps=config.optim.grad_accum_steps,
+      state_dtype=config.optim.state_dtype,
+    )
+    train_step = state_lib.jit_train_step(lambda s, b: step_fn(s, b), state_shards, mesh)
+    summary = run_loop(config, workdir, mesh, state, train_step, data, checkpointer)
+  return summary
+
+
+def run_loop(config, workdir, mesh, state, train_step, data, checkpointer) -> dict[str, Any]:
+  """Steps from state.step to config.total_steps with logging, checkpoints, preemption."""
+  start_step = int(state.step)
+  logger = loop.MetricLogger(workdir, config.total_steps, start_step)
+  batches = data.iterate(start_step, config.batch_size, jax.process_index(), jax.process_count())
+  window = {"loss_sum": 0.0, "tokens": 0.0}
+  pending = None  # the previous step's metrics, fetched after the next step is dispatched
+  step = start_step
+  try:
+    with loop.PreemptionGuard() as guard:
+      while step < config.total_steps:
+        batch = sharding.global_batch_from_local(next(batches), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        if pending is not None:
+          _consume(pending, window, logger, config)
+        pending = (step, metrics)
+        if step % config.checkpoint_every == 0 or step == config.total_steps:
+          _consume(pending, window, logger, config)
+          pending = None
+          checkpointer.save(step, state, {"step": step, **data.fingerprint()})
+        if guard.should_stop():
+          if pending is not None:
+            _consume(pending, window, logger, config)
+          checkpointer.save(step, state, {"step": step, **data.fingerprint()}, force=True)
+          checkpointer.close()
+          print(f"[sft] preempted: saved step {step}, exiting")
+          raise SystemExit(0)
+      if pending is not None:
+        _consume(pending, window, logger, config)
+  finally:
+    logger.close()
+    batches.close()
+  checkpointer.wait()
+  summary = {"final_step": step, "final_train_loss": window.get("last_loss", float("nan"))}
+  summary.update(_evaluate(config, workdir, state))
+  loop.write_json(os.path.join(workdir, "summary.json"), summary)
+  checkpointer.close()
+  return summary
+
+
+def _consume(pending, window, logger, config) -> None:
+  step, metrics = pending
+  host = jax.device_get(metrics)
+  loss = float(host["loss_sum"]) / max(float(host["tokens"]), 1.0)
+  loop.check_finite(step, {"loss": loss, "grad_norm": float(host["grad_norm"])})
+  logger.add_tokens(float(host["input_tokens"]))
+  window["loss_sum"] += float(host["loss_sum"])
+  window["tokens"] += float(host["tokens"])
+  window["last_loss"] = loss
+  if step % config.log_every == 0 or step == config.total_steps:
+    mean = window["loss_sum"] / max(window["tokens"], 1.0)
+    record = logger.write(step, {"loss": mean, "grad_norm": float(host["grad_norm"])})
+    logger.progress(step, {"loss": mean, "tok/s": record.get("tokens_per_second", 0.0)})
+    window["loss_sum"] = window["tokens"] = 0.0
+
+
+def _evaluate(config, workdir, state) -> dict[str, Any]:
+  if not config.eval.enabled:
+    return {}
+  from lmm_align.evals import shapes_eval
+
+  return shapes_eval.evaluate_workdir_model(config, workdir, state.params)

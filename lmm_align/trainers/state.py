@@ -1,0 +1,119 @@
+"""The train state every trainer carries, its sharded creation, and the jitted step wrapper.
+
+Sharded init never materialises full weights on one device: the param tree's shapes come
+from `jax.eval_shape`, their shardings from the logical rules, and the params are created by
+`jax.jit(init, out_shardings=...)` (or loaded straight into those shardings from HF).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from lmm_align import optim, sharding
+from lmm_align.models.llava import Llava, dummy_inputs
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: int32 []; params: every param (the trainable subset is chosen by regex in the step);
+  opt_state: over the trainable subset only; rng: uint32 key data (orbax stores it as is)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+  def key(self) -> jax.Array:
+    """A fresh key for this step."""
+    return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+def param_shardings(model: Llava, mesh: Mesh, rules) -> Any:
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model.config))["params"]
+  return sharding.logical_shardings(boxed, mesh, rules)
+
+
+def init_params_sharded(model: Llava, rng: jax.Array, shardings: Any) -> Any:
+  init = lambda key: nn.unbox(model.init(key, *dummy_inputs(model.config))["params"])
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def opt_state_shardings(
+  tx: optax.GradientTransformation,
+  trainable_abstract: Any,
+  trainable_shardings: Any,
+  mesh: Mesh,
+  state_dtype: str,
+) -> Any:
+  """Shardings of the optimizer state: moments follow their params, counters are replicated."""
+  abstract_state = jax.eval_shape(
+    lambda p: optim.init_optimizer_state(tx, p, state_dtype), trainable_abstract
+  )
+  return optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    abstract_state,
+    trainable_shardings,
+    transform_non_params=lambda _: sharding.replicated(mesh),
+    is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+  )
+
+
+def create_train_state(
+  params: Any,
+  param_shards: Any,
+  tx: optax.GradientTransformation,
+  trainable: tuple[str, ...],
+  seed: int,
+  mesh: Mesh,
+  state_dtype: str,
+) -> tuple[TrainState, TrainState]:
+  """(state, shardings of the state): the optimizer state created under jit in its shardings."""
+  trainable_params, _ = optim.split_trainable(params, trainable)
+  trainable_shards, _ = optim.split_trainable(param_shards, trainable)
+  opt_shards = opt_state_shardings(
+    tx, jax.eval_shape(lambda: trainable_params), trainable_shards, mesh, state_dtype
+  )
+  opt_state = jax.jit(
+    lambda p: optim.init_optimizer_state(tx, p, state_dtype), out_shardings=opt_shards
+  )(trainable_params)
+  rep = sharding.replicated(mesh)
+  rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), rep)
+  state = TrainState(
+    step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state, rng=rng
+  )
+  shardings = TrainState(step=rep, params=param_shards, opt_state=opt_shards, rng=rep)
+  return state, shardings
+
+
+def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh) -> Callable:
+  """The step jitted once with explicit shardings and the state donated.
+
+  step_fn(state, batch) -> (state, metrics); the batch's arrays arrive already placed
+  (batch-sharded global arrays), metrics come back replicated.
+  """
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, None),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+  trainable_params, _ = optim.split_trainable(params, tuple(config.trainable))
+  optim.check_patterns_match(params, tuple(config.trainable), "config.trainable")
+  return optim.build_optimizer(config.optim, trainable_params, config.total_steps)
+
+
+def named(mesh: Mesh, spec) -> NamedSharding:
+  return NamedSharding(mesh, spec)
