@@ -52,6 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   # sizes: (data, fsdp, tensor), one may be -1; num_devices: 0 = all (fewer only for tests).
+  # LoRA (rank 0 = off): adapters on dense layers whose module path matches a target regex;
+  # the base stays frozen outside the train state, and `trainable` selects among adapters.
+  config.lora = ml_collections.ConfigDict(
+    dict(rank=0, alpha=16.0, dropout=0.0, targets=(r"language_model/.*_proj",))
+  )
   config.mesh = ml_collections.ConfigDict(
     dict(sizes=(-1, 1, 1), rules=sharding.DEFAULT_RULES, num_devices=0)
   )

@@ -30,21 +30,21 @@ def clip_config(**overrides) -> transformers.CLIPVisionConfig:
 
 
 def save_tiny_llava(
-    folder: pathlib.Path,
-    seed: int = 0,
-    num_kv_heads: int = 2,
-    vision_feature_layer: int | list[int] = -2,
-    select_strategy: str = "default",
-    **text_overrides,
+  folder: pathlib.Path,
+  seed: int = 0,
+  num_kv_heads: int = 2,
+  vision_feature_layer: int | list[int] = -2,
+  select_strategy: str = "default",
+  **text_overrides,
 ) -> transformers.LlavaForConditionalGeneration:
   torch.manual_seed(seed)
   config = transformers.LlavaConfig(
-      vision_config=clip_config(),
-      text_config=llama_config(num_kv_heads, **text_overrides),
-      image_token_index=IMAGE_TOKEN,
-      projector_hidden_act="gelu",
-      vision_feature_layer=vision_feature_layer,
-      vision_feature_select_strategy=select_strategy,
+    vision_config=clip_config(),
+    text_config=llama_config(num_kv_heads, **text_overrides),
+    image_token_index=IMAGE_TOKEN,
+    projector_hidden_act="gelu",
+    vision_feature_layer=vision_feature_layer,
+    vision_feature_select_strategy=select_strategy,
   )
   model = transformers.LlavaForConditionalGeneration(config).eval()
   _randomize_norms(model)
@@ -52,7 +52,9 @@ def save_tiny_llava(
   return model
 
 
-def save_tiny_llama(folder: pathlib.Path, seed: int = 0, num_kv_heads: int = 2, tie: bool = False, **overrides):
+def save_tiny_llama(
+  folder: pathlib.Path, seed: int = 0, num_kv_heads: int = 2, tie: bool = False, **overrides
+):
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(llama_config(num_kv_heads, tie, **overrides)).eval()
   _randomize_norms(model)

@@ -126,7 +126,7 @@ def evaluate_workdir_model(
   from lmm_align.trainers import modelling
 
   tokenizer = sources.tokenizer_for(config, workdir)
-  model = Llava(modelling.model_config_for(config, tokenizer))
+  model = Llava(modelling.model_config_for(config, tokenizer).with_runtime(lora=None))
   params = jax.device_get(params) if jax.process_count() > 1 else params
   e = config.eval
   return evaluate_shapes(

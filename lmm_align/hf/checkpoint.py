@@ -95,15 +95,6 @@ def _flat_abstract_params(model: Llava) -> dict[tuple[str, ...], jax.ShapeDtypeS
   return flax.traverse_util.flatten_dict(nn.unbox(shapes["params"]))
 
 
-def _our_path(template: str, layer: int | None, scan: bool) -> tuple[tuple[str, ...], int | None]:
-  """Our flat param path for a rule's template, and the index into its stacked layer axis."""
-  if layer is None:
-    return tuple(template.split("/")), None
-  if scan:
-    return tuple(template.replace("/{i}", "").split("/")), layer
-  return tuple(template.replace("layers/{i}", f"layers_{layer}").split("/")), None
-
-
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
   folder = pathlib.Path(path)
   if not folder.is_dir():
@@ -154,7 +145,7 @@ def load_pretrained(
       continue
     rule, m = match
     layer = int(m.group(1)) if rule.layered else None
-    our_path, index = _our_path(rule.ours, layer, scan)
+    our_path, index = name_map.our_path(rule.ours, layer, scan)
     if our_path not in abstract:
       unexpected.append(f"{key} ({file_name}): layer {layer} beyond the config's layers")
       continue
@@ -207,20 +198,14 @@ def _iter_export(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.nd
   text_only = config.vision is None
   scan = config.runtime.scan_layers
   for rule in name_map.rules_for(config):
-    layers = range(_num_layers(config, rule)) if rule.layered else [None]
+    layers = range(name_map.num_layers(config, rule)) if rule.layered else [None]
     for layer in layers:
-      our_path, index = _our_path(rule.ours, layer, scan)
+      our_path, index = name_map.our_path(rule.ours, layer, scan)
       if our_path not in flat:
         raise CheckpointError(f"params have no {'/'.join(our_path)} (rule {rule.hf})")
       value = np.asarray(jax.device_get(flat[our_path] if index is None else flat[our_path][index]))
       hf_key = rule.hf.replace("{i}", str(layer)) if layer is not None else rule.hf
       yield name_map.export_key(hf_key, text_only), name_map.to_hf(rule.transform, value)
-
-
-def _num_layers(config: ModelConfig, rule: name_map.Rule) -> int:
-  return (
-    config.vision.num_layers if rule.ours.startswith("vision_tower") else config.text.num_layers
-  )
 
 
 def save_pretrained(

@@ -117,6 +117,21 @@ def rules_for(config: ModelConfig) -> list[Rule]:
   return rules
 
 
+def our_path(template: str, layer: int | None, scan: bool) -> tuple[tuple[str, ...], int | None]:
+  """Our flat param path for a rule's template, and the index into its stacked layer axis."""
+  if layer is None:
+    return tuple(template.split("/")), None
+  if scan:
+    return tuple(template.replace("/{i}", "").split("/")), layer
+  return tuple(template.replace("layers/{i}", f"layers_{layer}").split("/")), None
+
+
+def num_layers(config: ModelConfig, rule: Rule) -> int:
+  return (
+    config.vision.num_layers if rule.ours.startswith("vision_tower") else config.text.num_layers
+  )
+
+
 # Buffers some checkpoints carry that hold no parameters.
 _IGNORED = (re.compile(r"(^|\.)position_ids$"), re.compile(r"rotary_emb\.inv_freq$"))
 

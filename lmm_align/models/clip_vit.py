@@ -48,18 +48,41 @@ class EncoderLayer(nn.Module):
     head_dim = c.hidden_size // c.num_heads
     x = layer_norm(c.layer_norm_eps, dtype, param_dtype, "layer_norm1")(hidden)
     proj = lambda name: dense_general(
-      (c.num_heads, head_dim), -1, ("embed", "heads", "kv"), dtype, param_dtype, True, name
+      (c.num_heads, head_dim),
+      -1,
+      ("embed", "heads", "kv"),
+      dtype,
+      param_dtype,
+      True,
+      name,
+      lora=self.runtime.lora,
     )(x)
     attn = bidirectional_attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), head_dim**-0.5)
     attn = dense_general(
-      c.hidden_size, (-2, -1), ("heads", "kv", "embed"), dtype, param_dtype, True, "out_proj"
+      c.hidden_size,
+      (-2, -1),
+      ("heads", "kv", "embed"),
+      dtype,
+      param_dtype,
+      True,
+      "out_proj",
+      lora=self.runtime.lora,
     )(attn)
     hidden = hidden + attn
     x = layer_norm(c.layer_norm_eps, dtype, param_dtype, "layer_norm2")(hidden)
-    x = dense_general(c.intermediate_size, -1, ("embed", "mlp"), dtype, param_dtype, True, "fc1")(x)
+    x = dense_general(
+      c.intermediate_size,
+      -1,
+      ("embed", "mlp"),
+      dtype,
+      param_dtype,
+      True,
+      "fc1",
+      lora=self.runtime.lora,
+    )(x)
     x = _ACTIVATIONS[c.hidden_act](x)
     hidden = hidden + dense_general(
-      c.hidden_size, -1, ("mlp", "embed"), dtype, param_dtype, True, "fc2"
+      c.hidden_size, -1, ("mlp", "embed"), dtype, param_dtype, True, "fc2", lora=self.runtime.lora
     )(x)
     return hidden, hidden
 

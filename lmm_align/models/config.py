@@ -14,6 +14,26 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (Hu et al. 2021) on the dense layers whose module path matches `targets`.
+
+  y = x W + (alpha / rank) * dropout(x) A B, A [in, rank] (Kaiming-uniform, as PEFT), B
+  [rank, out] (zeros, so training starts at the base model). A and B live in the "lora"
+  variable collection, apart from the frozen "params".
+  targets: regexes over '/'-joined module paths, e.g. "language_model/.*(q|k|v|o)_proj".
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = (r"language_model/.*_proj",)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
   """How the model computes, independent of what it computes.
 
@@ -21,12 +41,14 @@ class RuntimeConfig:
   param_dtype: dtype params are created in by `init`.
   scan_layers: stack decoder layers and run them with `nn.scan` (one compiled layer).
   remat_policy: one of REMAT_POLICIES; "none" keeps every activation.
+  lora: adapters on matching dense layers, or None.
   """
 
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
+  lora: LoraConfig | None = None
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
@@ -182,10 +204,18 @@ VARIANTS: dict[str, ModelConfig] = {
   ),  # fmt: skip
   # The shapes world on CPU: vocab and image token come from its own tokenizer at run time.
   "shapes": ModelConfig(
-    text=TextConfig(vocab_size=600, hidden_size=128, intermediate_size=384, num_layers=4,
-                    num_heads=4, num_kv_heads=2, head_dim=32),
-    vision=VisionConfig(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128,
-                        num_layers=2, num_heads=4),
+    text=TextConfig(
+      vocab_size=600,
+      hidden_size=128,
+      intermediate_size=384,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+    ),
+    vision=VisionConfig(
+      image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4
+    ),
     image_token_id=4,
   ),  # fmt: skip
   # A few million params: CPU benchmarks.

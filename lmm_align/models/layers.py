@@ -8,13 +8,15 @@ Every parameter carries logical axis names; `lmm_align.sharding` maps them to me
 from __future__ import annotations
 
 import math
+import re
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lmm_align.models.config import RopeScaling
+from lmm_align.models.config import LoraConfig, RopeScaling
 
 Array = jax.Array
 
@@ -72,6 +74,7 @@ class DenseGeneral(nn.Module):
   use_bias: bool
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -83,6 +86,8 @@ class DenseGeneral(nn.Module):
       self.param_dtype,
     )
     y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.num_in)
+    if self.lora is not None and is_lora_target(self.path, self.lora):
+      y = y + self._lora_delta(x, in_shape)
     if self.use_bias:
       bias_names = self.names[len(self.names) - len(self.features) :]
       bias = self.param(
@@ -90,6 +95,39 @@ class DenseGeneral(nn.Module):
       )
       y = y + bias.astype(self.dtype)
     return y
+
+  def _lora_delta(self, x: Array, in_shape: tuple[int, ...]) -> Array:
+    lora = self.lora
+    in_names = self.names[: self.num_in]
+    out_names = self.names[self.num_in :]
+    fan_in = int(np.prod(in_shape))
+    # PEFT's kaiming_uniform_(a=sqrt(5)) on A: bound = 1 / sqrt(fan_in).
+    a_init = partitioned(_symmetric_uniform(fan_in**-0.5), (*in_names, "lora_rank"))
+    b_init = partitioned(nn.initializers.zeros, ("lora_rank", *out_names))
+    a_shape, b_shape = (*in_shape, lora.rank), (lora.rank, *self.features)
+    a = self.variable(
+      "lora", "a", lambda: a_init(self.make_rng("params"), a_shape, self.param_dtype)
+    ).value
+    b = self.variable(
+      "lora", "b", lambda: b_init(self.make_rng("params"), b_shape, self.param_dtype)
+    ).value
+    if lora.dropout > 0 and self.has_rng("dropout"):
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - lora.dropout), 0.0)
+    h = jnp.tensordot(x.astype(self.dtype), a.astype(self.dtype), axes=self.num_in)
+    return jnp.tensordot(h, b.astype(self.dtype), axes=1) * lora.scale
+
+
+def _symmetric_uniform(bound: float) -> nn.initializers.Initializer:
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+  return init
+
+
+def is_lora_target(path: tuple[str, ...], lora: LoraConfig) -> bool:
+  name = "/".join(path)
+  return any(re.fullmatch(t, name) for t in lora.targets)
 
 
 def dense_general(
@@ -100,11 +138,12 @@ def dense_general(
   param_dtype: jnp.dtype,
   use_bias: bool,
   name: str,
+  lora: LoraConfig | None = None,
 ) -> DenseGeneral:
   """A dense layer over the trailing `axis` (-1, or (-2, -1)) whose params carry logical names."""
   features = (features,) if isinstance(features, int) else tuple(features)
   num_in = 1 if isinstance(axis, int) else len(axis)
-  return DenseGeneral(features, num_in, names, use_bias, dtype, param_dtype, name=name)
+  return DenseGeneral(features, num_in, names, use_bias, dtype, param_dtype, lora, name=name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +279,7 @@ def stack_layers(
     return block
   return nn.scan(
     block,
-    variable_axes={"params": 0},
+    variable_axes={"params": 0, "lora": 0},
     split_rngs={"params": True, "dropout": True},
     in_axes=in_axes,
     length=num_layers,

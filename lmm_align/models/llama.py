@@ -46,7 +46,7 @@ class DecoderLayer(nn.Module):
 
     x = RMSNorm(c.rms_norm_eps, dtype, param_dtype, name="input_layernorm")(hidden)
     proj = lambda features, names, name: dense_general(
-      features, -1, names, dtype, param_dtype, False, name
+      features, -1, names, dtype, param_dtype, False, name, lora=self.runtime.lora
     )(x)
     q = proj((c.num_heads, c.head_dim), ("embed", "heads", "kv"), "q_proj")
     k = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), "k_proj")
@@ -69,13 +69,20 @@ class DecoderLayer(nn.Module):
       kv = (cache_k, cache_v)
     attn = dot_product_attention(q, keys, values, key_valid, query_slots, c.head_dim**-0.5)
     attn = dense_general(
-      c.hidden_size, (-2, -1), ("heads", "kv", "embed"), dtype, param_dtype, False, "o_proj"
+      c.hidden_size,
+      (-2, -1),
+      ("heads", "kv", "embed"),
+      dtype,
+      param_dtype,
+      False,
+      "o_proj",
+      lora=self.runtime.lora,
     )(attn)
     hidden = hidden + attn
 
     x = RMSNorm(c.rms_norm_eps, dtype, param_dtype, name="post_attention_layernorm")(hidden)
     mlp = lambda names, features, name: dense_general(
-      features, -1, names, dtype, param_dtype, False, name
+      features, -1, names, dtype, param_dtype, False, name, lora=self.runtime.lora
     )
     gate = mlp(("embed", "mlp"), c.intermediate_size, "gate_proj")(x)
     up = mlp(("embed", "mlp"), c.intermediate_size, "up_proj")(x)
@@ -123,6 +130,7 @@ class LlamaDecoder(nn.Module):
         dtype_of(r.param_dtype),
         False,
         "lm_head",
+        lora=r.lora,
       )
 
   def embed(self, input_ids: Array) -> Array:

@@ -42,7 +42,7 @@ class Projector(nn.Module):
     dtype, param_dtype = dtype_of(c.runtime.dtype), dtype_of(c.runtime.param_dtype)
     # Named like an MLP so that the mesh rules shard it as one (never the same mesh axis twice).
     dense = lambda name, names: dense_general(
-      c.text.hidden_size, -1, names, dtype, param_dtype, c.projector_bias, name
+      c.text.hidden_size, -1, names, dtype, param_dtype, c.projector_bias, name, lora=c.runtime.lora
     )
     x = dense("linear_1", ("embed", "mlp"))(features)
     if c.projector_type == "mlp2x_gelu":

@@ -12,10 +12,12 @@ from typing import Any
 
 import jax
 import ml_collections
+from safetensors.numpy import save_file
 
 from lmm_align import checkpoint, hf, sharding
 from lmm_align.data import sources
 from lmm_align.models.llava import Llava
+from lmm_align.models.lora import merge_lora, peft_adapter_config, peft_tensors
 from lmm_align.trainers import modelling
 from lmm_align.trainers import state as state_lib
 
@@ -46,8 +48,12 @@ def hf_processor(tokenizer: Any, model: Llava, image_config) -> Any:
 
 def restore_params(
   config: ml_collections.ConfigDict, workdir: str, model: Llava
-) -> tuple[Any, int]:
-  """The latest checkpoint's params, on one device (export reads them to host anyway)."""
+) -> tuple[Any, Any, int]:
+  """(trained params, base params or None, step) of the latest checkpoint, on one device.
+
+  For a full fine-tune the trained params are the model's params; for LoRA they are the
+  adapters and the base is rebuilt as the run built it (init_from, or the seed).
+  """
   checkpointer = checkpoint.Checkpointer.for_workdir(workdir, async_save=False)
   step = checkpointer.latest_step()
   if step is None:
@@ -56,26 +62,55 @@ def restore_params(
   rules = tuple(tuple(r) for r in config.mesh.rules)
   with sharding.activation_sharding(mesh, rules):
     shards = state_lib.param_shardings(model, mesh, rules)
-    params = state_lib.init_params_sharded(model, jax.random.key(0), shards)
+    params = modelling.initial_params(
+      model, config, "init_from" if config.init_from else "scratch", None, shards
+    )
+    base = None
+    if model.config.runtime.lora is not None:
+      base, shards = params, state_lib.param_shardings(model, mesh, rules, "lora")
+      params = state_lib.init_params_sharded(model, jax.random.key(0), shards, "lora")
     tx = state_lib.make_optimizer(config, params)
     state, state_shards = state_lib.create_train_state(
       params, shards, tx, tuple(config.trainable), 0, mesh, config.optim.state_dtype
     )
     state, _ = checkpointer.restore(step, checkpoint.abstract_like(state, state_shards))
   checkpointer.close()
-  return state.params, step
+  return state.params, base, step
 
 
 def export_workdir(workdir: str, out: str, peft: bool = False) -> str:
+  """Writes the run's latest checkpoint as an HF folder: LoRA merged, or with `peft` the base
+  model plus a PEFT adapter (adapter_config.json, adapter_model.safetensors) beside it."""
   config = load_workdir_config(workdir)
-  if peft:
-    raise ValueError("--peft needs a LoRA run; this run trained full params (config.lora is off)")
   tokenizer = sources.tokenizer_for(config, workdir)
   model = Llava(modelling.model_config_for(config, tokenizer))
-  params, step = restore_params(config, workdir, model)
-  processor = hf_processor(tokenizer, model, sources.image_config_for(config, model.config))
+  lora = model.config.runtime.lora
+  if peft and lora is None:
+    raise ValueError(
+      "--peft needs a LoRA run; this run trained full params (config.lora.rank is 0)"
+    )
+  trained, base, step = restore_params(config, workdir, model)
+  plain = Llava(model.config.with_runtime(lora=None))
+  if lora is None:
+    params = trained
+  elif peft:
+    params = base
+    _write_peft_adapter(model.config, trained, lora, out, config.init_from)
+  else:
+    params = merge_lora(base, trained, lora)
+  processor = hf_processor(tokenizer, plain, sources.image_config_for(config, model.config))
   hf.save_pretrained(
-    model, params, out, tokenizer=None if processor else tokenizer, processor=processor
+    plain, params, out, tokenizer=None if processor else tokenizer, processor=processor
   )
-  print(f"[export] step {step} of {workdir} -> {out}")
+  print(f"[export] step {step} of {workdir} -> {out}" + (" (+ PEFT adapter)" if peft else ""))
   return out
+
+
+def _write_peft_adapter(model_config, adapters, lora, out: str, base_path: str) -> None:
+  tensors = peft_tensors(adapters, model_config)
+  adapter_config = peft_adapter_config(model_config, lora, base_path)
+  adapter_config["target_modules"] = sorted({k.split(".")[-3] for k in tensors})
+  os.makedirs(out, exist_ok=True)
+  save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out, "adapter_config.json"), "w") as f:
+    json.dump(adapter_config, f, indent=2)

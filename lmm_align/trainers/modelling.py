@@ -9,15 +9,29 @@ import jax
 import ml_collections
 
 from lmm_align import hf
-from lmm_align.models.config import ModelConfig, RuntimeConfig, get_variant
+from lmm_align.models.config import LoraConfig, ModelConfig, RuntimeConfig, get_variant
 from lmm_align.models.llava import Llava
 from lmm_align.trainers import state as state_lib
+
+
+def lora_for(config: ml_collections.ConfigDict) -> LoraConfig | None:
+  """config.lora as a LoraConfig, or None when rank is 0 (full fine-tuning)."""
+  lora = config.get("lora")
+  if lora is None or lora.rank == 0:
+    return None
+  return LoraConfig(
+    rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets)
+  )
 
 
 def runtime_for(config: ml_collections.ConfigDict) -> RuntimeConfig:
   m = config.model
   return RuntimeConfig(
-    dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy
+    dtype=m.dtype,
+    param_dtype=m.param_dtype,
+    scan_layers=m.scan_layers,
+    remat_policy=m.remat_policy,
+    lora=lora_for(config),
   )
 
 
@@ -51,10 +65,13 @@ def model_config_for(config: ml_collections.ConfigDict, tokenizer: Any) -> Model
 def initial_params(
   model: Llava, config: ml_collections.ConfigDict, source: str, where: Any, shardings: Any
 ) -> Any:
-  """Params to build the state around: an HF folder's for 'init_from', random otherwise (a
-  workdir / resume restore overwrites them, but they fix the state's structure)."""
-  if source == "init_from":
-    _, params = hf.load_pretrained(where, runtime=model.config.runtime, shardings=shardings)
+  """The base params: init_from's HF weights whenever it is set (a LoRA run restores only its
+  adapters, so its base always comes from there), else random from the seed. For a full
+  fine-tune a workdir / resume restore then overwrites them."""
+  if config.init_from and (source == "init_from" or model.config.runtime.lora is not None):
+    _, params = hf.load_pretrained(
+      config.init_from, runtime=model.config.runtime, shardings=shardings
+    )
     return params
   return state_lib.init_params_sharded(model, jax.random.key(config.seed), shardings)
 

@@ -27,6 +27,13 @@ from lmm_align.trainers import state as state_lib
 # --------------------------------------------------------------------------------------------
 
 
+def model_variables(trained: Any, base_params: Any) -> dict[str, Any]:
+  """{"params": ...} for a full fine-tune; {"params": base, "lora": adapters} for LoRA."""
+  if base_params is None:
+    return {"params": trained}
+  return {"params": base_params, "lora": trained}
+
+
 def _micro_batches(batch: dict, accum: int) -> dict:
   """[G, ...] -> [accum, G / accum, ...]; each device keeps its own rows in every micro-batch."""
 
@@ -40,6 +47,7 @@ def _micro_batches(batch: dict, accum: int) -> dict:
 def sft_train_step(
   state: state_lib.TrainState,
   batch: dict[str, jax.Array],
+  base_params: Any,
   *,
   model: Llava,
   tx: optax.GradientTransformation,
@@ -48,18 +56,25 @@ def sft_train_step(
   state_dtype: str,
 ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch: token-weighted mean NLL over the labelled tokens of
-  all micro-batches (so accumulation gives the same update as one big batch)."""
+  all micro-batches (so accumulation gives the same update as one big batch).
+
+  state.params are the model's params, or with LoRA its adapters; then `base_params` holds
+  the frozen base (never differentiated, never in the optimizer state), else it is None.
+  """
   trainable_params, frozen_params = optim.split_trainable(state.params, trainable)
   _, mask = losses.shifted_targets(batch["labels"])
   total_tokens = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
 
-  def micro_step(grads, micro):
+  def micro_step(grads, indexed):
+    micro_index, micro = indexed
+
     def loss_fn(params):
       out = model.apply(
-        {"params": optim.merge_params(params, frozen_params)},
+        model_variables(optim.merge_params(params, frozen_params), base_params),
         micro["input_ids"],
         pixel_values=micro.get("pixel_values"),
         attention_mask=micro["attention_mask"],
+        rngs={"dropout": jax.random.fold_in(state.key(), micro_index)},
       )
       nll_sum, count = losses.next_token_nll(out.logits, micro["labels"])
       return nll_sum / total_tokens, (nll_sum, count)
@@ -68,9 +83,8 @@ def sft_train_step(
     return jax.tree.map(jnp.add, grads, micro_grads), (nll_sum, count)
 
   zeros = jax.tree.map(jnp.zeros_like, trainable_params)
-  grads, (nll_sums, counts) = jax.lax.scan(
-    micro_step, zeros, _micro_batches(batch, grad_accum_steps)
-  )
+  micro = (jnp.arange(grad_accum_steps), _micro_batches(batch, grad_accum_steps))
+  grads, (nll_sums, counts) = jax.lax.scan(micro_step, zeros, micro)
   grad_norm = optax.global_norm(grads)
   new_trainable, opt_state = optim.apply_optimizer(
     tx, grads, state.opt_state, trainable_params, state_dtype
@@ -117,6 +131,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with sharding.activation_sharding(mesh, rules):
     param_shards = state_lib.param_shardings(model, mesh, rules)
     params = modelling.initial_params(model, config, source, where, param_shards)
+    base_params, base_shards = None, None
+    if model_config.runtime.lora is not None:
+      # The base is frozen and outside the state; the state trains the adapters.
+      base_params, base_shards = params, param_shards
+      param_shards = state_lib.param_shardings(model, mesh, rules, "lora")
+      params = state_lib.init_params_sharded(
+        model, jax.random.key(config.seed), param_shards, "lora"
+      )
     tx = state_lib.make_optimizer(config, params)
     state, state_shards = state_lib.create_train_state(
       params, param_shards, tx, tuple(config.trainable), config.seed, mesh, config.optim.state_dtype
@@ -140,12 +162,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       grad_accum_steps=config.optim.grad_accum_steps,
       state_dtype=config.optim.state_dtype,
     )
-    train_step = state_lib.jit_train_step(lambda s, b: step_fn(s, b), state_shards, mesh)
-    summary = run_loop(config, workdir, mesh, state, train_step, data, checkpointer)
+    jitted = state_lib.jit_train_step(
+      lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
+    )
+    train_step = lambda s, b: jitted(s, b, base_params)
+    summary = run_loop(config, workdir, mesh, state, train_step, data, checkpointer, base_params)
   return summary
 
 
-def run_loop(config, workdir, mesh, state, train_step, data, checkpointer) -> dict[str, Any]:
+def run_loop(
+  config, workdir, mesh, state, train_step, data, checkpointer, base_params=None
+) -> dict[str, Any]:
   """Steps from state.step to config.total_steps with logging, checkpoints, preemption."""
   start_step = int(state.step)
   logger = loop.MetricLogger(workdir, config.total_steps, start_step)
@@ -180,7 +207,7 @@ def run_loop(config, workdir, mesh, state, train_step, data, checkpointer) -> di
     batches.close()
   checkpointer.wait()
   summary = {"final_step": step, "final_train_loss": window.get("last_loss", float("nan"))}
-  summary.update(_evaluate(config, workdir, state))
+  summary.update(_evaluate(config, workdir, state, base_params))
   loop.write_json(os.path.join(workdir, "summary.json"), summary)
   checkpointer.close()
   return summary
@@ -202,9 +229,13 @@ def _consume(pending, window, logger, config) -> None:
     window["loss_sum"] = window["tokens"] = 0.0
 
 
-def _evaluate(config, workdir, state) -> dict[str, Any]:
+def _evaluate(config, workdir, state, base_params) -> dict[str, Any]:
   if not config.eval.enabled:
     return {}
   from lmm_align.evals import shapes_eval
+  from lmm_align.models.lora import merge_lora
 
-  return shapes_eval.evaluate_workdir_model(config, workdir, state.params)
+  params = state.params
+  if base_params is not None:  # evaluate the merged model: one matmul per layer, as exported
+    params = merge_lora(base_params, state.params, modelling.lora_for(config))
+  return shapes_eval.evaluate_workdir_model(config, workdir, params)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from lmm_align import optim, sharding
 from lmm_align.models.llava import Llava, dummy_inputs
@@ -37,13 +37,17 @@ class TrainState:
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def param_shardings(model: Llava, mesh: Mesh, rules) -> Any:
-  boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model.config))["params"]
+def param_shardings(model: Llava, mesh: Mesh, rules, collection: str = "params") -> Any:
+  """Shardings of one variable collection ("params", or "lora" for the adapters)."""
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model.config))[collection]
   return sharding.logical_shardings(boxed, mesh, rules)
 
 
-def init_params_sharded(model: Llava, rng: jax.Array, shardings: Any) -> Any:
-  init = lambda key: nn.unbox(model.init(key, *dummy_inputs(model.config))["params"])
+def init_params_sharded(
+  model: Llava, rng: jax.Array, shardings: Any, collection: str = "params"
+) -> Any:
+  """One collection's initial values, created in place on their shards by a jitted init."""
+  init = lambda key: nn.unbox(model.init(key, *dummy_inputs(model.config))[collection])
   return jax.jit(init, out_shardings=shardings)(rng)
 
 
@@ -95,15 +99,18 @@ def create_train_state(
   return state, shardings
 
 
-def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh) -> Callable:
+def jit_train_step(
+  step_fn: Callable, state_shardings: TrainState, mesh: Mesh, frozen_shardings: Any = None
+) -> Callable:
   """The step jitted once with explicit shardings and the state donated.
 
-  step_fn(state, batch) -> (state, metrics); the batch's arrays arrive already placed
-  (batch-sharded global arrays), metrics come back replicated.
+  step_fn(state, batch, frozen) -> (state, metrics); the batch's arrays arrive already placed
+  (batch-sharded global arrays); `frozen` holds params that are never trained (a LoRA base,
+  a reference policy): not donated, never in the optimizer state. Metrics come back replicated.
   """
   return jax.jit(
     step_fn,
-    in_shardings=(state_shardings, None),
+    in_shardings=(state_shardings, None, frozen_shardings),
     out_shardings=(state_shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
@@ -113,7 +120,3 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
   trainable_params, _ = optim.split_trainable(params, tuple(config.trainable))
   optim.check_patterns_match(params, tuple(config.trainable), "config.trainable")
   return optim.build_optimizer(config.optim, trainable_params, config.total_steps)
-
-
-def named(mesh: Mesh, spec) -> NamedSharding:
-  return NamedSharding(mesh, spec)

@@ -18,7 +18,11 @@ from lmm_align.hf import CheckpointError
 def saved(tmp_path_factory):
   folder = tmp_path_factory.mktemp("llava")
   tiny_hf.save_tiny_llava(folder)
-  return folder, load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text())
+  return (
+    folder,
+    load_file(str(folder / "model.safetensors")),
+    json.loads((folder / "config.json").read_text()),
+  )
 
 
 def _write(folder, tensors, config):
@@ -29,7 +33,10 @@ def _write(folder, tensors, config):
 
 
 def _rename(tensors, old_prefix, new_prefix):
-  return {(new_prefix + k[len(old_prefix) :] if k.startswith(old_prefix) else k): v for k, v in tensors.items()}
+  return {
+    (new_prefix + k[len(old_prefix) :] if k.startswith(old_prefix) else k): v
+    for k, v in tensors.items()
+  }
 
 
 @pytest.mark.parametrize("layout", ["hub", "in_memory"])
@@ -61,7 +68,9 @@ def test_missing_tensor_is_named(tmp_path, saved):
   _, tensors, config = saved
   key = "language_model.model.layers.1.self_attn.k_proj.weight"
   broken = {k: v for k, v in tensors.items() if k != key}
-  with pytest.raises(CheckpointError, match=r"missing 1 tensor.*language_model/layers/k_proj/kernel\[layer 1\]"):
+  with pytest.raises(
+    CheckpointError, match=r"missing 1 tensor.*language_model/layers/k_proj/kernel\[layer 1\]"
+  ):
     hf.load_pretrained(_write(tmp_path, broken, config))
 
 
@@ -70,20 +79,29 @@ def test_wrong_shape_is_named(tmp_path, saved):
   key = "multi_modal_projector.linear_1.weight"
   broken = dict(tensors)
   broken[key] = np.zeros((64, 31), np.float32)
-  with pytest.raises(CheckpointError, match=r"mis-shaped.*multi_modal_projector\.linear_1\.weight.*\(64, 31\), expected \(64, 32\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"mis-shaped.*multi_modal_projector\.linear_1\.weight.*\(64, 31\), expected \(64, 32\)",
+  ):
     hf.load_pretrained(_write(tmp_path, broken, config))
 
 
 def test_unexpected_tensor_is_named(tmp_path, saved):
   _, tensors, config = saved
-  broken = dict(tensors, **{"language_model.model.layers.0.self_attn.rope_bias": np.zeros(3, np.float32)})
+  broken = dict(
+    tensors, **{"language_model.model.layers.0.self_attn.rope_bias": np.zeros(3, np.float32)}
+  )
   with pytest.raises(CheckpointError, match=r"unexpected 1 tensor.*rope_bias"):
     hf.load_pretrained(_write(tmp_path, broken, config))
 
 
 def test_extra_layer_is_unexpected(tmp_path, saved):
   _, tensors, config = saved
-  extra = {k.replace("layers.1.", "layers.7."): v for k, v in tensors.items() if "language_model.model.layers.1." in k}
+  extra = {
+    k.replace("layers.1.", "layers.7."): v
+    for k, v in tensors.items()
+    if "language_model.model.layers.1." in k
+  }
   with pytest.raises(CheckpointError, match=r"layers\.7\..*beyond"):
     hf.load_pretrained(_write(tmp_path, {**tensors, **extra}, config))
 
@@ -92,7 +110,9 @@ def test_pickle_only_folder_is_refused_with_a_conversion_hint(tmp_path, saved):
   _, tensors, config = saved
   (tmp_path / "config.json").write_text(json.dumps(config))
   torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "pytorch_model.bin")
-  with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*never unpickles.*save_pretrained"):
+  with pytest.raises(
+    CheckpointError, match=r"pytorch_model\.bin.*never unpickles.*save_pretrained"
+  ):
     hf.load_pretrained(tmp_path)
   # Opt-in path: torch.load(weights_only=True) only.
   _, params = hf.load_pretrained(tmp_path, allow_torch_bin=True)
@@ -102,11 +122,14 @@ def test_pickle_only_folder_is_refused_with_a_conversion_hint(tmp_path, saved):
 
 
 @pytest.mark.parametrize(
-    "setup, message",
-    [
-        (lambda p: None, "has no config.json"),
-        (lambda p: (p / "config.json").write_text(json.dumps({"model_type": "llava_next"})), "model_type 'llava_next'"),
-    ],
+  "setup, message",
+  [
+    (lambda p: None, "has no config.json"),
+    (
+      lambda p: (p / "config.json").write_text(json.dumps({"model_type": "llava_next"})),
+      "model_type 'llava_next'",
+    ),
+  ],
 )
 def test_bad_folders(tmp_path, setup, message):
   setup(tmp_path)
@@ -119,7 +142,9 @@ def test_bad_folders(tmp_path, setup, message):
 def test_image_token_count_mismatch_is_an_error(saved):
   folder, _, _ = saved
   model, params = hf.load_pretrained(folder)
-  ids = np.array([[1] + [tiny_hf.IMAGE_TOKEN] * 17 + [5, 6]], np.int32)  # 17 placeholders, one image needs 16
+  ids = np.array(
+    [[1] + [tiny_hf.IMAGE_TOKEN] * 17 + [5, 6]], np.int32
+  )  # 17 placeholders, one image needs 16
   with pytest.raises(ValueError, match=r"17 image placeholder tokens.*1 image\(s\) x 16"):
     model.apply({"params": params}, ids, pixel_values=tiny_hf.random_pixels(1))
   with pytest.raises(ValueError, match=r"17 image placeholder tokens.*0 image\(s\)"):

@@ -22,9 +22,9 @@ def _batch(strategy: str, seed: int = 0):
   n_img = tiny_hf.image_tokens_per_image(strategy)
   text = lambda n: list(rng.integers(5, 290, size=n))
   rows = [
-      [1] + [tiny_hf.IMAGE_TOKEN] * n_img + text(9),
-      [1] + text(3) + [tiny_hf.IMAGE_TOKEN] * n_img + text(2),
-      [1] + text(12),
+    [1] + [tiny_hf.IMAGE_TOKEN] * n_img + text(9),
+    [1] + text(3) + [tiny_hf.IMAGE_TOKEN] * n_img + text(2),
+    [1] + text(12),
   ]
   t = max(map(len, rows))
   ids = np.zeros((3, t), np.int64)
@@ -46,15 +46,20 @@ def _hf_logits(model, ids, mask, pixels=None):
 
 
 def _our_logits(model, params, ids, mask, pixels=None):
-  out = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), pixel_values=pixels, attention_mask=jnp.asarray(mask))
+  out = model.apply(
+    {"params": params},
+    jnp.asarray(ids, jnp.int32),
+    pixel_values=pixels,
+    attention_mask=jnp.asarray(mask),
+  )
   return np.asarray(out.logits)
 
 
 LLAVA_VARIANTS = {
-    "gqa_default_-2": dict(num_kv_heads=2, vision_feature_layer=-2, select_strategy="default"),
-    "mha_full_-1": dict(num_kv_heads=4, vision_feature_layer=-1, select_strategy="full"),
-    "layer_list": dict(num_kv_heads=2, vision_feature_layer=[-3, -1], select_strategy="default"),
-    "mqa_full_-3": dict(num_kv_heads=1, vision_feature_layer=-3, select_strategy="full"),
+  "gqa_default_-2": dict(num_kv_heads=2, vision_feature_layer=-2, select_strategy="default"),
+  "mha_full_-1": dict(num_kv_heads=4, vision_feature_layer=-1, select_strategy="full"),
+  "layer_list": dict(num_kv_heads=2, vision_feature_layer=[-3, -1], select_strategy="default"),
+  "mqa_full_-3": dict(num_kv_heads=1, vision_feature_layer=-3, select_strategy="full"),
 }
 
 
@@ -80,9 +85,9 @@ def test_llama_logits_match_transformers(tmp_path, tie):
   ids, mask, _ = _batch("default")
   ids = np.where(ids == tiny_hf.IMAGE_TOKEN, 7, ids)
   np.testing.assert_allclose(
-      _our_logits(model, params, ids, mask)[mask.astype(bool)],
-      _hf_logits(ref, ids, mask)[mask.astype(bool)],
-      atol=1e-4,
+    _our_logits(model, params, ids, mask)[mask.astype(bool)],
+    _hf_logits(ref, ids, mask)[mask.astype(bool)],
+    atol=1e-4,
   )
 
 
@@ -95,7 +100,9 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
   rng = np.random.default_rng(1)
   ids = rng.integers(5, 290, size=(2, 120))
   mask = np.ones_like(ids)
-  np.testing.assert_allclose(_our_logits(model, params, ids, mask), _hf_logits(ref, ids, mask), atol=1e-4)
+  np.testing.assert_allclose(
+    _our_logits(model, params, ids, mask), _hf_logits(ref, ids, mask), atol=1e-4
+  )
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +123,9 @@ def test_export_round_trip_is_identical(tmp_path, llava_folder, scan):
   for key in ref_state:
     np.testing.assert_array_equal(new_state[key].numpy(), ref_state[key].numpy(), err_msg=key)
   ids, mask, pixels = _batch("default")
-  np.testing.assert_array_equal(_hf_logits(reloaded, ids, mask, pixels), _hf_logits(ref, ids, mask, pixels))
+  np.testing.assert_array_equal(
+    _hf_logits(reloaded, ids, mask, pixels), _hf_logits(ref, ids, mask, pixels)
+  )
   # And back into lmm_align: the same params, bit for bit.
   _, params2 = hf.load_pretrained(tmp_path, runtime=RuntimeConfig(scan_layers=scan))
   jax.tree.map(np.testing.assert_array_equal, params, params2)
@@ -130,7 +139,9 @@ def test_export_shards_and_bfloat16(tmp_path, llava_folder):
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   files = set(index["weight_map"].values())
   assert len(files) > 2 and all((tmp_path / f).exists() for f in files)
-  reloaded = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+  reloaded = transformers.LlavaForConditionalGeneration.from_pretrained(
+    tmp_path, dtype=torch.bfloat16
+  )
   for key, value in ref.state_dict().items():
     expected = value.to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(reloaded.state_dict()[key].float().numpy(), expected, err_msg=key)

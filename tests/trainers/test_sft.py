@@ -106,7 +106,7 @@ def _final_params(workdir):
 
   config = export.load_workdir_config(str(workdir))
   model = Llava(modelling.model_config_for(config, sources.tokenizer_for(config, str(workdir))))
-  params, step = export.restore_params(config, str(workdir), model)
+  params, _, step = export.restore_params(config, str(workdir), model)
   return jax.tree.map(np.asarray, params), step
 
 
