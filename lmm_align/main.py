@@ -19,6 +19,20 @@ from ml_collections import config_flags
 from lmm_align import sharding
 
 FLAGS = flags.FLAGS
+
+
+def _make_config_package_importable(argv: list[str]) -> None:
+  """Config files do `from configs import common`; make that work from any directory by
+  putting the folder that holds `configs/` on sys.path."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0])
+      root = os.path.dirname(os.path.dirname(path))
+      if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+_make_config_package_importable(sys.argv)
 config_flags.DEFINE_config_file(
   "config", None, "A configs/*.py file, optionally :arg.", lock_config=True
 )
@@ -127,7 +141,7 @@ def main(argv) -> None:
   command = argv[1] if len(argv) > 1 else "train"
   if len(argv) > 2 or command not in COMMANDS:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; commands: {COMMANDS}")
-  if FLAGS["verbosity"].using_default_value:
+  if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv):
     logging.set_verbosity(logging.WARNING)  # orbax and absl INFO lines drown the progress bar
   sharding.initialize_distributed()
   if command == "export":

@@ -179,7 +179,7 @@ def run_loop(
   batches = data.iterate(start_step, config.batch_size, jax.process_index(), jax.process_count())
   window = {"loss_sum": 0.0, "tokens": 0.0}
   pending = None  # the previous step's metrics, fetched after the next step is dispatched
-  step = start_step
+  step = saved_step = start_step
   try:
     with loop.PreemptionGuard() as guard:
       while step < config.total_steps:
@@ -193,10 +193,12 @@ def run_loop(
           _consume(pending, window, logger, config)
           pending = None
           checkpointer.save(step, state, {"step": step, **data.fingerprint()})
+          saved_step = step
         if guard.should_stop():
           if pending is not None:
             _consume(pending, window, logger, config)
-          checkpointer.save(step, state, {"step": step, **data.fingerprint()}, force=True)
+          if saved_step != step:  # the periodic save may have just started on this step
+            checkpointer.save(step, state, {"step": step, **data.fingerprint()}, force=True)
           checkpointer.close()
           print(f"[sft] preempted: saved step {step}, exiting")
           raise SystemExit(0)
