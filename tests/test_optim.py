@@ -70,14 +70,14 @@ def test_adamw_decay_mask_and_lr_groups_by_hand():
   # First Adam step with constant gradients: the normalised update is 1 (bias-corrected).
   adam = 1.0 / (1.0 + 1e-8)
   np.testing.assert_allclose(
-    new["vision_tower"]["fc1"]["bias"], 1 - 0.1 * adam, rtol=1e-6
+    new["vision_tower"]["fc1"]["bias"], 1 - 0.1 * adam, rtol=1e-5
   )  # no decay
   np.testing.assert_allclose(
-    new["vision_tower"]["fc1"]["kernel"], 1 - 0.1 * (adam + 0.5), rtol=1e-6
+    new["vision_tower"]["fc1"]["kernel"], 1 - 0.1 * (adam + 0.5), rtol=1e-5
   )
   np.testing.assert_allclose(new["language_model"]["norm"]["scale"], 1 - 0.1 * adam, rtol=1e-5)
   np.testing.assert_allclose(
-    new["language_model"]["lm_head"]["kernel"], 1 - 2 * 0.1 * (adam + 0.5), rtol=1e-6
+    new["language_model"]["lm_head"]["kernel"], 1 - 2 * 0.1 * (adam + 0.5), rtol=1e-5
   )
 
 
