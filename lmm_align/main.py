@@ -85,20 +85,20 @@ def apply_overrides(config, overrides: dict):
   return out
 
 
-def sweep(config, root: str) -> list[dict]:
-  """Runs each sweep point in ROOT/<name> (or prints its launch command); prints a table."""
+def sweep(config, root: str, launch: dict | None = None) -> list[dict]:
+  """Runs each sweep point in ROOT/<name>, then prints a table of their summaries; with
+  `launch` (name, zone, accelerator, config_arg) prints each point's TPU command instead."""
   if not config.sweep:
     raise ValueError("this config defines no sweep points (config.sweep)")
   rows = []
   for name, overrides in config.sweep:
     workdir = os.path.join(root, name)
-    if FLAGS.print_launch:
-      args = [f"--config={_config_arg()}", f"--workdir={workdir}"] + [
-        f"--config.{k}={v}" for k, v in overrides.items()
-      ]
+    if launch is not None:
+      args = [f"--config={launch['config_arg']}", f"--workdir={workdir}"]
+      args += [f"--config.{k}={v}" for k, v in overrides.items()]
       print(
-        f"launch/tpu_run.sh --name {FLAGS.tpu_name}-{name} --zone {FLAGS.tpu_zone} "
-        f"--accelerator {FLAGS.tpu_accelerator} -- " + " ".join(_quote(a) for a in args)
+        f"launch/tpu_run.sh --name {launch['name']}-{name} --zone {launch['zone']} "
+        f"--accelerator {launch['accelerator']} -- " + " ".join(_quote(a) for a in args)
       )
       continue
     summary = train(apply_overrides(config, dict(overrides)), workdir)
@@ -152,7 +152,15 @@ def main(argv) -> None:
   if FLAGS.config is None or not FLAGS.workdir:
     raise app.UsageError("--config and --workdir are required")
   if command == "sweep":
-    sweep(FLAGS.config, FLAGS.workdir)
+    launch = None
+    if FLAGS.print_launch:
+      launch = dict(
+        name=FLAGS.tpu_name,
+        zone=FLAGS.tpu_zone,
+        accelerator=FLAGS.tpu_accelerator,
+        config_arg=_config_arg(),
+      )
+    sweep(FLAGS.config, FLAGS.workdir, launch)
   else:
     summary = train(FLAGS.config, FLAGS.workdir)
     print(json.dumps(summary, indent=2, sort_keys=True))
