@@ -30,9 +30,11 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
     self.directory = str(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save, save_interval_steps=1
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save, save_interval_steps=1
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data")
+    )
 
   @classmethod
   def for_workdir(cls, workdir: str | os.PathLike, **kwargs: Any) -> Checkpointer:
@@ -46,12 +48,16 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
     """Starts a save of step (async); returns whether one was started."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+    )
     return self._manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """The state at step, placed as `abstract_state` (ShapeDtypeStructs with shardings) says."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+    )
     restored = self._manager.restore(step, args=args)
     return restored["state"], dict(restored["data"])
 
@@ -72,7 +78,9 @@ def parse_resume(resume: str) -> tuple[str, int | None]:
   return path, int(step) if step else None
 
 
-def restore_precedence(workdir: str, resume: str, init_from: str, checkpointer: Checkpointer) -> tuple[str, Any]:
+def restore_precedence(
+  workdir: str, resume: str, init_from: str, checkpointer: Checkpointer
+) -> tuple[str, Any]:
   """Which source a run starts from: ('workdir', step), ('resume', (dir, step)),
   ('init_from', path) or ('scratch', None)."""
   step = checkpointer.latest_step()
@@ -92,7 +100,9 @@ def restore_precedence(workdir: str, resume: str, init_from: str, checkpointer: 
   return "scratch", None
 
 
-def restore_from(source: str, where: Any, checkpointer: Checkpointer, abstract_state: Any) -> tuple[Any, dict]:
+def restore_from(
+  source: str, where: Any, checkpointer: Checkpointer, abstract_state: Any
+) -> tuple[Any, dict]:
   """Restores for the 'workdir' or 'resume' sources of `restore_precedence`."""
   if source == "workdir":
     return checkpointer.restore(where, abstract_state)
@@ -106,4 +116,6 @@ def restore_from(source: str, where: Any, checkpointer: Checkpointer, abstract_s
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying shardings, the restore target orbax places arrays by."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )

@@ -54,20 +54,14 @@ def trainer_for(name: str):
     from lmm_align.trainers import sft
 
     return sft.train
-  raise ValueError(f"config.trainer {name!r} is not known (sft)")
+  if name == "dpo":
+    from lmm_align.trainers import dpo
 
-
-def write_config(config, workdir: str) -> None:
-  import jax
-
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    return dpo.train
+  raise ValueError(f"config.trainer {name!r} is not known (sft, dpo)")
 
 
 def train(config, workdir: str) -> dict:
-  write_config(config, workdir)
   return trainer_for(config.trainer)(config, workdir)
 
 

@@ -27,7 +27,9 @@ def path_str(path: tuple) -> str:
 def regex_mask(params: Any, patterns: Sequence[str]) -> Any:
   """A bool pytree: True where the param's path fully matches one of the regexes."""
   compiled = [re.compile(p) for p in patterns]
-  return jax.tree_util.tree_map_with_path(lambda path, _: any(c.fullmatch(path_str(path)) for c in compiled), params)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: any(c.fullmatch(path_str(path)) for c in compiled), params
+  )
 
 
 def check_patterns_match(params: Any, patterns: Sequence[str], what: str) -> None:
@@ -44,7 +46,9 @@ def split_trainable(params: dict, trainable: Sequence[str]) -> tuple[dict, dict]
   compiled = [re.compile(p) for p in trainable]
   train = {k: v for k, v in flat.items() if any(c.fullmatch(k) for c in compiled)}
   frozen = {k: v for k, v in flat.items() if k not in train}
-  return flax.traverse_util.unflatten_dict(train, sep="/"), flax.traverse_util.unflatten_dict(frozen, sep="/")
+  return flax.traverse_util.unflatten_dict(train, sep="/"), flax.traverse_util.unflatten_dict(
+    frozen, sep="/"
+  )
 
 
 def merge_params(trainable: dict, frozen: dict) -> dict:
@@ -92,21 +96,25 @@ def lr_multipliers(params: Any, groups: Sequence[tuple[str, float]]) -> Any:
   return jax.tree_util.tree_map_with_path(factor, params)
 
 
-def build_optimizer(optim: ml_collections.ConfigDict, trainable_params: Any, total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(
+  optim: ml_collections.ConfigDict, trainable_params: Any, total_steps: int
+) -> optax.GradientTransformation:
   """clip(global norm) -> AdamW(schedule, decay mask) -> per-group lr factors."""
-  decay_mask = jax.tree.map(lambda excluded: not excluded, regex_mask(trainable_params, optim.weight_decay_exclude))
+  decay_mask = jax.tree.map(
+    lambda excluded: not excluded, regex_mask(trainable_params, optim.weight_decay_exclude)
+  )
   parts = []
   if optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
   parts.append(
-      optax.adamw(
-          learning_rate_schedule(optim, total_steps),
-          b1=optim.b1,
-          b2=optim.b2,
-          eps=optim.eps,
-          weight_decay=optim.weight_decay,
-          mask=decay_mask,
-      )
+    optax.adamw(
+      learning_rate_schedule(optim, total_steps),
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+      mask=decay_mask,
+    )
   )
   if optim.lr_groups:
     groups = [tuple(g) for g in optim.lr_groups]
@@ -118,27 +126,29 @@ def build_optimizer(optim: ml_collections.ConfigDict, trainable_params: Any, tot
 def default_optim_config() -> ml_collections.ConfigDict:
   """The optimizer fields every trainer config carries (override per experiment)."""
   return ml_collections.ConfigDict(
-      dict(
-          lr=2e-5,
-          schedule="cosine",
-          warmup_steps=-1,  # -1: use warmup_ratio
-          warmup_ratio=0.03,
-          end_lr_factor=0.0,
-          b1=0.9,
-          b2=0.999,
-          eps=1e-8,
-          weight_decay=0.0,
-          weight_decay_exclude=(".*bias", ".*norm.*", ".*scale", ".*embedding", ".*class_embedding"),
-          grad_clip_norm=1.0,
-          grad_accum_steps=1,
-          lr_groups=(),  # ((regex, factor), ...)
-          state_dtype="float32",  # Adam moments (and the update math) in fp32, even for bf16 params
-      )
+    dict(
+      lr=2e-5,
+      schedule="cosine",
+      warmup_steps=-1,  # -1: use warmup_ratio
+      warmup_ratio=0.03,
+      end_lr_factor=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      weight_decay_exclude=(".*bias", ".*norm.*", ".*scale", ".*embedding", ".*class_embedding"),
+      grad_clip_norm=1.0,
+      grad_accum_steps=1,
+      lr_groups=(),  # ((regex, factor), ...)
+      state_dtype="float32",  # Adam moments (and the update math) in fp32, even for bf16 params
+    )
   )
 
 
 def _cast(tree: Any, dtype: str) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  return jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
 
 
 def init_optimizer_state(tx: optax.GradientTransformation, trainable: Any, state_dtype: str) -> Any:
@@ -146,8 +156,12 @@ def init_optimizer_state(tx: optax.GradientTransformation, trainable: Any, state
   return tx.init(_cast(trainable, state_dtype))
 
 
-def apply_optimizer(tx: optax.GradientTransformation, grads: Any, opt_state: Any, trainable: Any, state_dtype: str):
+def apply_optimizer(
+  tx: optax.GradientTransformation, grads: Any, opt_state: Any, trainable: Any, state_dtype: str
+):
   """One optimizer update done in `state_dtype`; the new params keep their own dtype."""
-  updates, opt_state = tx.update(_cast(grads, state_dtype), opt_state, _cast(trainable, state_dtype))
+  updates, opt_state = tx.update(
+    _cast(grads, state_dtype), opt_state, _cast(trainable, state_dtype)
+  )
   new = jax.tree.map(lambda p, u: (p.astype(u.dtype) + u).astype(p.dtype), trainable, updates)
   return new, opt_state

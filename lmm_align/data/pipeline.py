@@ -35,7 +35,9 @@ class Example:
   image: ImageSource = None
 
 
-def apply_length_policy(example: Example, max_length: int, policy: str, image_token_id: int) -> tuple[Example | None, str]:
+def apply_length_policy(
+  example: Example, max_length: int, policy: str, image_token_id: int
+) -> tuple[Example | None, str]:
   """Keeps an example within max_length: ('kept' | 'truncated' | a reason it was dropped).
 
   policy 'drop' drops long examples; 'truncate' cuts the tail (the answer), but never cuts
@@ -53,7 +55,9 @@ def apply_length_policy(example: Example, max_length: int, policy: str, image_to
   labels = example.labels[:max_length]
   if not np.any(labels[1:] != IGNORE_INDEX):
     return None, "dropped_no_answer_left"
-  return dataclasses.replace(example, input_ids=example.input_ids[:max_length], labels=labels), "truncated"
+  return dataclasses.replace(
+    example, input_ids=example.input_ids[:max_length], labels=labels
+  ), "truncated"
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
@@ -67,17 +71,17 @@ class SupervisedData:
   """A finite list of examples served as global batches by step."""
 
   def __init__(
-      self,
-      examples: Sequence[Example],
-      image_config: ImageProcessorConfig | None,
-      *,
-      max_length: int,
-      buckets: Sequence[int],
-      length_policy: str,
-      image_token_id: int,
-      pad_id: int,
-      seed: int,
-      skipped: Counter | None = None,
+    self,
+    examples: Sequence[Example],
+    image_config: ImageProcessorConfig | None,
+    *,
+    max_length: int,
+    buckets: Sequence[int],
+    length_policy: str,
+    image_token_id: int,
+    pad_id: int,
+    seed: int,
+    skipped: Counter | None = None,
   ):
     self.image_config = image_config
     self.buckets = tuple(sorted(b for b in buckets if b <= max_length)) or (max_length,)
@@ -107,12 +111,16 @@ class SupervisedData:
   def global_indices(self, step: int, global_batch: int) -> np.ndarray:
     per_epoch = len(self) // global_batch
     if per_epoch == 0:
-      raise ValueError(f"global batch {global_batch} is larger than the dataset ({len(self)} examples)")
+      raise ValueError(
+        f"global batch {global_batch} is larger than the dataset ({len(self)} examples)"
+      )
     epoch, position = divmod(step, per_epoch)
     order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
     return order[position * global_batch : (position + 1) * global_batch]
 
-  def local_batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+  def local_batch(
+    self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1
+  ) -> dict[str, np.ndarray]:
     """This process's rows of the global batch of `step`, padded on the right to a bucket.
 
     Returns input_ids int32[L, T], labels int32[L, T] (-100 = no loss), attention_mask
@@ -143,7 +151,14 @@ class SupervisedData:
         batch["pixel_values"][row, 0] = preprocess_image(image, self.image_config)
     return batch
 
-  def iterate(self, start_step: int, global_batch: int, process_index: int = 0, process_count: int = 1, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  def iterate(
+    self,
+    start_step: int,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    prefetch: int = 2,
+  ) -> Iterator[dict[str, np.ndarray]]:
     """Batches from start_step on, built by a background thread so the device never waits."""
     out: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()

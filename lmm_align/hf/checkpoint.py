@@ -92,7 +92,14 @@ def _iter_torch_bin(folder: pathlib.Path):
 
 def _flat_abstract_params(model: Llava) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
   shapes = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model.config))
-  return flax.traverse_util.flatten_dict(nn.unbox(shapes["params"]))
+  # Unboxed without the sharding constraint: these are shapes, and a caller's mesh context
+  # would otherwise try to constrain them.
+  unboxed = jax.tree.map(
+    lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+    shapes["params"],
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
+  return flax.traverse_util.flatten_dict(unboxed)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -109,6 +109,14 @@ class MetricLogger:
       self._writer.close()
 
 
+def write_config(config, workdir: str) -> None:
+  """workdir/config.json: what the run was, for reading, export and reproduction."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
   """Atomic JSON write (rename), so a reader never sees half a file."""
   if jax.process_index() != 0:
@@ -118,3 +126,90 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
     json.dump(payload, f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
+
+
+def run_loop(
+  config, workdir, mesh, state, train_step, data, checkpointer, evaluate, name: str
+) -> dict[str, Any]:
+  """Steps from state.step to config.total_steps: logging, periodic and final checkpoints,
+  preemption; then `evaluate(state) -> dict`, merged into workdir/summary.json.
+
+  The step's metrics may hold `loss_sum` with `tokens` (token-weighted mean loss) or a batch
+  `loss`; every other scalar is averaged over the logging window.
+  """
+  from lmm_align import sharding
+
+  start_step = int(state.step)
+  logger = MetricLogger(workdir, config.total_steps, start_step)
+  batches = data.iterate(start_step, config.batch_size, jax.process_index(), jax.process_count())
+  window = _Window()
+  pending = None  # the previous step's metrics, fetched after the next step is dispatched
+  step = saved_step = start_step
+  fingerprint = data.fingerprint()
+  try:
+    with PreemptionGuard() as guard:
+      while step < config.total_steps:
+        batch = sharding.global_batch_from_local(next(batches), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        if pending is not None:
+          window.consume(*pending, logger, config)
+        pending = (step, metrics)
+        if step % config.checkpoint_every == 0 or step == config.total_steps:
+          window.consume(*pending, logger, config)
+          pending = None
+          checkpointer.save(step, state, {"step": step, **fingerprint})
+          saved_step = step
+        if guard.should_stop():
+          if pending is not None:
+            window.consume(*pending, logger, config)
+          if saved_step != step:  # the periodic save may have just started on this step
+            checkpointer.save(step, state, {"step": step, **fingerprint}, force=True)
+          checkpointer.close()
+          print(f"[{name}] preempted: saved step {step}, exiting")
+          raise SystemExit(0)
+      if pending is not None:
+        window.consume(*pending, logger, config)
+  finally:
+    logger.close()
+    batches.close()
+  checkpointer.wait()
+  summary = {"final_step": step, "final_train_loss": window.last_loss}
+  summary.update(evaluate(state))
+  write_json(os.path.join(workdir, "summary.json"), summary)
+  checkpointer.close()
+  return summary
+
+
+class _Window:
+  """Sums of the step metrics since the last log line."""
+
+  def __init__(self):
+    self.sums: dict[str, float] = {}
+    self.steps = 0
+    self.last_loss = float("nan")
+
+  def consume(self, step: int, metrics: Mapping[str, Any], logger: MetricLogger, config) -> None:
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if "loss_sum" in host:
+      loss = host["loss_sum"] / max(host["tokens"], 1.0)
+    else:
+      loss = host["loss"]
+    check_finite(step, {"loss": loss, "grad_norm": host.get("grad_norm", 0.0)})
+    logger.add_tokens(host.get("input_tokens", 0.0))
+    self.last_loss = loss
+    for k, v in host.items():
+      self.sums[k] = self.sums.get(k, 0.0) + v
+    self.steps += 1
+    if step % config.log_every == 0 or step == config.total_steps:
+      if "loss_sum" in self.sums:
+        means = {"loss": self.sums["loss_sum"] / max(self.sums["tokens"], 1.0)}
+      else:
+        means = {}
+      skip = {"loss_sum", "tokens", "input_tokens"}
+      means.update(
+        {k: v / self.steps for k, v in self.sums.items() if k not in skip and k not in means}
+      )
+      record = logger.write(step, means)
+      logger.progress(step, {"loss": means["loss"], "tok/s": record.get("tokens_per_second", 0.0)})
+      self.sums, self.steps = {}, 0

@@ -7,8 +7,6 @@ and evaluates.
 
 from __future__ import annotations
 
-import os
-import pathlib
 from typing import Any
 
 import jax
@@ -110,7 +108,7 @@ def sft_train_step(
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs SFT as configured; returns (and writes to workdir/summary.json) the final summary."""
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  loop.write_config(config, workdir)
   mesh = sharding.mesh_from_config(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   tokenizer = sources.tokenizer_for(config, workdir)
@@ -166,69 +164,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
     )
     train_step = lambda s, b: jitted(s, b, base_params)
-    summary = run_loop(config, workdir, mesh, state, train_step, data, checkpointer, base_params)
+    evaluate = lambda final: _evaluate(config, workdir, final, base_params)
+    summary = loop.run_loop(
+      config, workdir, mesh, state, train_step, data, checkpointer, evaluate, "sft"
+    )
   return summary
-
-
-def run_loop(
-  config, workdir, mesh, state, train_step, data, checkpointer, base_params=None
-) -> dict[str, Any]:
-  """Steps from state.step to config.total_steps with logging, checkpoints, preemption."""
-  start_step = int(state.step)
-  logger = loop.MetricLogger(workdir, config.total_steps, start_step)
-  batches = data.iterate(start_step, config.batch_size, jax.process_index(), jax.process_count())
-  window = {"loss_sum": 0.0, "tokens": 0.0}
-  pending = None  # the previous step's metrics, fetched after the next step is dispatched
-  step = saved_step = start_step
-  try:
-    with loop.PreemptionGuard() as guard:
-      while step < config.total_steps:
-        batch = sharding.global_batch_from_local(next(batches), mesh)
-        state, metrics = train_step(state, batch)
-        step += 1
-        if pending is not None:
-          _consume(pending, window, logger, config)
-        pending = (step, metrics)
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
-          _consume(pending, window, logger, config)
-          pending = None
-          checkpointer.save(step, state, {"step": step, **data.fingerprint()})
-          saved_step = step
-        if guard.should_stop():
-          if pending is not None:
-            _consume(pending, window, logger, config)
-          if saved_step != step:  # the periodic save may have just started on this step
-            checkpointer.save(step, state, {"step": step, **data.fingerprint()}, force=True)
-          checkpointer.close()
-          print(f"[sft] preempted: saved step {step}, exiting")
-          raise SystemExit(0)
-      if pending is not None:
-        _consume(pending, window, logger, config)
-  finally:
-    logger.close()
-    batches.close()
-  checkpointer.wait()
-  summary = {"final_step": step, "final_train_loss": window.get("last_loss", float("nan"))}
-  summary.update(_evaluate(config, workdir, state, base_params))
-  loop.write_json(os.path.join(workdir, "summary.json"), summary)
-  checkpointer.close()
-  return summary
-
-
-def _consume(pending, window, logger, config) -> None:
-  step, metrics = pending
-  host = jax.device_get(metrics)
-  loss = float(host["loss_sum"]) / max(float(host["tokens"]), 1.0)
-  loop.check_finite(step, {"loss": loss, "grad_norm": float(host["grad_norm"])})
-  logger.add_tokens(float(host["input_tokens"]))
-  window["loss_sum"] += float(host["loss_sum"])
-  window["tokens"] += float(host["tokens"])
-  window["last_loss"] = loss
-  if step % config.log_every == 0 or step == config.total_steps:
-    mean = window["loss_sum"] / max(window["tokens"], 1.0)
-    record = logger.write(step, {"loss": mean, "grad_norm": float(host["grad_norm"])})
-    logger.progress(step, {"loss": mean, "tok/s": record.get("tokens_per_second", 0.0)})
-    window["loss_sum"] = window["tokens"] = 0.0
 
 
 def _evaluate(config, workdir, state, base_params) -> dict[str, Any]:

@@ -81,7 +81,8 @@ def test_params_are_sharded_as_the_rules_say(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
-  common = {"total_steps": 4, "log_every": 1, "checkpoint_every": 100, "batch_size": 8}
+  common = {"total_steps": 4, "log_every": 1, "checkpoint_every": 100, "batch_size": 8,
+            "mesh.sizes": (2, 1, 1), "mesh.num_devices": 2}  # fmt: skip
   sft.train(_config(**common), str(tmp_path / "big"))
   sft.train(_config(**common, **{"optim.grad_accum_steps": 4}), str(tmp_path / "accum"))
   np.testing.assert_allclose(_losses(tmp_path / "accum"), _losses(tmp_path / "big"), atol=1e-5)
@@ -128,7 +129,7 @@ def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
   result = _cli(workdir, "--config.total_steps=12", "--config.checkpoint_every=3")
   assert result.returncode == 0, result.stderr[-3000:]
-  return _final_params(workdir)
+  return (*_final_params(workdir), workdir)
 
 
 def test_kill_9_then_restart_ends_with_identical_weights(tmp_path, uninterrupted):
@@ -140,7 +141,7 @@ def test_kill_9_then_restart_ends_with_identical_weights(tmp_path, uninterrupted
   assert result.returncode == 0, result.stderr[-3000:]
   assert "from workdir" in result.stdout
   params, step = _final_params(tmp_path)
-  expected, expected_step = uninterrupted
+  expected, expected_step, _ = uninterrupted
   assert step == expected_step == 12
   jax.tree.map(np.testing.assert_array_equal, params, expected)
 
@@ -164,13 +165,72 @@ def test_unknown_override_is_an_error(tmp_path):
   assert "not_a_field" in result.stderr
 
 
-def test_override_changes_the_config(tmp_path):
-  result = _cli(
-    tmp_path, "--config.total_steps=2", "--config.optim.lr=0.5", "--config.checkpoint_every=2"
-  )
+def test_command_line_overrides_reach_the_saved_config(uninterrupted):
+  _, _, workdir = uninterrupted
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["total_steps"] == 12 and saved["checkpoint_every"] == 3
+  assert saved["eval"]["enabled"] is False
+  assert [
+    json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()
+  ] == list(range(2, 13, 2))
+
+
+def test_export_loads_in_transformers_with_its_processor(tmp_path, uninterrupted):
+  import torch
+  import transformers
+
+  _, _, workdir = uninterrupted
+  out = tmp_path / "hf"
+  result = subprocess.run(
+    [sys.executable, "-m", "lmm_align.main", "export", f"--workdir={workdir}", f"--out={out}"],
+    cwd=REPO, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
   assert result.returncode == 0, result.stderr[-3000:]
-  saved = json.loads((tmp_path / "config.json").read_text())
-  assert saved["total_steps"] == 2 and saved["optim"]["lr"] == 0.5
-  assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
-    2
-  ]
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+  processor = transformers.AutoProcessor.from_pretrained(out)
+  from PIL import Image
+
+  image = Image.new("RGB", (48, 48), (200, 30, 30))
+  inputs = processor(
+    images=image, text="USER: <image>\nDescribe the image. ASSISTANT:", return_tensors="pt"
+  )
+  assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 9
+  with torch.no_grad():
+    hf_logits = model(**inputs).logits.numpy()
+
+  from lmm_align import hf
+
+  ours_model, ours_params = hf.load_pretrained(out)
+  pixels = inputs["pixel_values"].numpy().transpose(0, 2, 3, 1)
+  ours = ours_model.apply(
+    {"params": ours_params}, inputs["input_ids"].numpy(), pixel_values=pixels
+  ).logits
+  np.testing.assert_allclose(np.asarray(ours), hf_logits, atol=1e-4)
+
+
+def test_lora_trains_adapters_only_and_exports_merged_or_peft(tmp_path):
+  from safetensors.numpy import load_file
+
+  config = _config(**{"total_steps": 3, "log_every": 1, "checkpoint_every": 3, "lora.rank": 4,
+                      "lora.targets": (r"language_model/.*(q|v)_proj",), "optim.lr": 1e-2})  # fmt: skip
+  workdir = str(tmp_path / "lora")
+  sft.train(config, workdir)
+  assert len(_losses(workdir)) == 3
+
+  from lmm_align.trainers import export
+
+  export.export_workdir(workdir, str(tmp_path / "merged"))
+  export.export_workdir(workdir, str(tmp_path / "peft"), peft=True)
+  merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+  base = load_file(str(tmp_path / "peft" / "model.safetensors"))
+  adapters = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+  adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert adapter_config["r"] == 4 and adapter_config["target_modules"] == ["q_proj", "v_proj"]
+  changed = sorted(k for k in base if not np.array_equal(base[k], merged[k]))
+  assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+  scale = adapter_config["lora_alpha"] / adapter_config["r"]
+  for key in changed:
+    module = key.removesuffix(".weight")
+    a = adapters[f"base_model.model.{module}.lora_A.weight"]
+    b = adapters[f"base_model.model.{module}.lora_B.weight"]
+    np.testing.assert_allclose(merged[key], base[key] + scale * b @ a, atol=1e-6)

@@ -1,0 +1,176 @@
+"""Preference pairs (a prompt with an image, a chosen and a rejected answer) -> batches.
+
+A batch keeps each pair's two sequences side by side, [L, 2, T] (index 0 chosen, 1
+rejected), so a pair never straddles devices. Reference log-probs, when precomputed (the
+RLAIF-V way: one pass of the frozen reference before training, halving the memory of every
+step), ride along as `ref_logps` [L, 2]. Order and bucketing follow `SupervisedData`: the pairs
+of step s are a pure function of (seed, s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lmm_align.data import conversation, shapes
+from lmm_align.data.conversation import IGNORE_INDEX
+from lmm_align.data.images import ImageProcessorConfig, preprocess_image
+from lmm_align.data.pipeline import ImageSource, SupervisedData, bucket_for
+
+
+@dataclasses.dataclass
+class PreferencePair:
+  record_id: str
+  chosen_ids: np.ndarray
+  chosen_labels: np.ndarray
+  rejected_ids: np.ndarray
+  rejected_labels: np.ndarray
+  image: ImageSource = None
+
+
+class PreferenceError(ValueError):
+  pass
+
+
+def encode_pair(
+  record: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, image_token_id: int
+) -> PreferencePair:
+  """{"id", "image", "question", "chosen", "rejected"} -> a PreferencePair (loss masks on the
+  answers only). Refuses an empty answer or chosen == rejected, naming the record."""
+  rid = record.get("id", "?")
+  for field in ("question", "chosen", "rejected"):
+    if not isinstance(record.get(field), str) or not record[field].strip():
+      raise PreferenceError(f"preference record {rid!r}, field {field!r}: empty or missing")
+  if record["chosen"].strip() == record["rejected"].strip():
+    raise PreferenceError(f"preference record {rid!r}: chosen and rejected are identical")
+  tmpl = conversation.get_template(template)
+  question = record["question"]
+  if record.get("image") is not None and conversation.IMAGE_PLACEHOLDER not in question:
+    question = conversation.IMAGE_PLACEHOLDER + "\n" + question
+  encoded = []
+  for field in ("chosen", "rejected"):
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": record[field]}]
+    encoded.append(
+      conversation.encode_conversation(
+        turns, tokenizer, tmpl, num_image_tokens, image_token_id, record_id=str(rid)
+      )
+    )
+  return PreferencePair(
+    str(rid),
+    encoded[0].input_ids,
+    encoded[0].labels,
+    encoded[1].input_ids,
+    encoded[1].labels,
+    record.get("image"),
+  )
+
+
+def shapes_preference_records(
+  n: int, world: shapes.ShapesWorldConfig, seed: int
+) -> list[dict[str, Any]]:
+  """Ground-truth pairs from the shapes world: the truthful caption (the scene's facts) is
+  chosen, the same caption with an injected hallucination (an absent object, or a wrong
+  colour) is rejected."""
+  world = dataclasses.replace(world, hallucination_rate=1.0, task_mix=(("caption", 1.0),))
+  out = []
+  for record in shapes.make_sft_records(n, world, seed=seed):
+    question = record["conversations"][0]["value"]
+    out.append({
+        "id": record["id"], "image": record["image"], "question": question,
+        "chosen": record["metadata"]["facts"], "rejected": record["conversations"][1]["value"],
+    })  # fmt: skip
+  return out
+
+
+class PreferenceData:
+  """Encoded pairs served as global batches by step; optional cached reference log-probs."""
+
+  def __init__(
+    self,
+    pairs: Sequence[PreferencePair],
+    image_config: ImageProcessorConfig | None,
+    *,
+    max_length: int,
+    buckets: Sequence[int],
+    pad_id: int,
+    seed: int,
+    skipped: Counter | None = None,
+  ):
+    self.stats: Counter = Counter(skipped or {})
+    kept = []
+    for pair in pairs:
+      if max(len(pair.chosen_ids), len(pair.rejected_ids)) > max_length:
+        self.stats["dropped_too_long"] += 1
+      else:
+        kept.append(pair)
+        self.stats["kept"] += 1
+    if not kept:
+      raise ValueError(f"no preference pair left after the length limit: {dict(self.stats)}")
+    self.pairs = kept
+    self.image_config = image_config
+    self.buckets = tuple(sorted(b for b in buckets if b <= max_length)) or (max_length,)
+    if self.buckets[-1] < max_length:
+      self.buckets = (*self.buckets, max_length)
+    self.pad_id = pad_id
+    self.seed = seed
+    self.lengths = np.array([max(len(p.chosen_ids), len(p.rejected_ids)) for p in kept])
+    self.ref_logps: np.ndarray | None = None  # [N, 2] once `set_reference_logps` ran
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def fingerprint(self) -> dict[str, Any]:
+    return {"num_pairs": len(self), "seed": self.seed, "total_tokens": int(self.lengths.sum())}
+
+  global_indices = SupervisedData.global_indices
+
+  def set_reference_logps(self, ref_logps: np.ndarray) -> None:
+    if ref_logps.shape != (len(self), 2):
+      raise ValueError(f"reference log-probs {ref_logps.shape} do not match {len(self)} pairs")
+    self.ref_logps = ref_logps
+
+  def rows(self, indices: np.ndarray, length: int | None = None) -> dict[str, np.ndarray]:
+    """The batch arrays for the given pairs, padded on the right to `length` (default: bucket)."""
+    if length is None:
+      length = bucket_for(int(self.lengths[indices].max()), self.buckets)
+    n = len(indices)
+    ids = np.full((n, 2, length), self.pad_id, np.int32)
+    labels = np.full((n, 2, length), IGNORE_INDEX, np.int32)
+    mask = np.zeros((n, 2, length), np.int32)
+    batch = {
+      "input_ids": ids,
+      "labels": labels,
+      "attention_mask": mask,
+      "pair_index": np.asarray(indices, np.int32),
+    }
+    if self.image_config is not None:
+      h, w = self.image_config.crop_size
+      batch["pixel_values"] = np.zeros((n, 2, 1, h, w, 3), np.float32)
+    if self.ref_logps is not None:
+      batch["ref_logps"] = self.ref_logps[indices].astype(np.float32)
+    for row, index in enumerate(indices):
+      pair = self.pairs[index]
+      for side, (seq, lab) in enumerate(
+        [(pair.chosen_ids, pair.chosen_labels), (pair.rejected_ids, pair.rejected_labels)]
+      ):
+        ids[row, side, : len(seq)] = seq
+        labels[row, side, : len(seq)] = lab
+        mask[row, side, : len(seq)] = 1
+      if pair.image is not None and self.image_config is not None:
+        image = pair.image() if callable(pair.image) else pair.image
+        batch["pixel_values"][row, :, 0] = preprocess_image(image, self.image_config)
+    return batch
+
+  def local_batch(
+    self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1
+  ) -> dict[str, np.ndarray]:
+    indices = self.global_indices(step, global_batch)
+    length = bucket_for(int(self.lengths[indices].max()), self.buckets)
+    local = global_batch // process_count
+    return self.rows(indices[process_index * local : (process_index + 1) * local], length)
+
+  iterate = SupervisedData.iterate

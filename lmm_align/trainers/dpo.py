@@ -1,0 +1,238 @@
+"""DPO-family preference training (RLHF-V / RLAIF-V / LLaVA-Critic's reward stage), sharded.
+
+The reference policy is the starting policy. Its sequence log-probs are either precomputed
+once over the whole dataset before training (RLAIF-V's way: the step then runs one model,
+not two) or computed on the fly from frozen params passed to the step; with LoRA the
+reference is the base without adapters, so policy and reference share one set of weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lmm_align import checkpoint, optim, preference_losses, sharding
+from lmm_align.data import preference, sources
+from lmm_align.models.llava import Llava
+from lmm_align.trainers import loop, modelling
+from lmm_align.trainers import state as state_lib
+from lmm_align.trainers.sft import model_variables
+
+# --------------------------------------------------------------------------------------------
+# The step.
+# --------------------------------------------------------------------------------------------
+
+
+def pair_logps(model: Llava, variables: dict, batch: dict, average: bool) -> jax.Array:
+  """Sequence log-probs [B, 2] (chosen, rejected) of a pair batch [B, 2, T] under `variables`."""
+  b = batch["input_ids"].shape[0]
+  flat = lambda x: x.reshape(b * 2, *x.shape[2:])
+  pixels = flat(batch["pixel_values"]) if "pixel_values" in batch else None
+  logits = model.apply(
+    variables,
+    flat(batch["input_ids"]),
+    pixel_values=pixels,
+    attention_mask=flat(batch["attention_mask"]),
+  ).logits
+  return preference_losses.sequence_logps(logits, flat(batch["labels"]), average=average).reshape(
+    b, 2
+  )
+
+
+def dpo_train_step(
+  state: state_lib.TrainState,
+  batch: dict[str, jax.Array],
+  frozen: dict[str, Any],
+  *,
+  model: Llava,
+  reference_model: Llava,
+  tx: optax.GradientTransformation,
+  trainable: tuple[str, ...],
+  dpo: ml_collections.ConfigDict,
+  state_dtype: str,
+) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  """One DPO step. frozen = {"base": LoRA base or None, "reference": reference params or None}.
+
+  The reference log-probs come from the batch (`ref_logps`, precomputed), else from the
+  reference params, else (LoRA) from the base without adapters.
+  """
+  trainable_params, frozen_params = optim.split_trainable(state.params, trainable)
+  if "ref_logps" in batch:
+    ref = batch["ref_logps"]
+  else:
+    ref_params = frozen["reference"] if frozen["reference"] is not None else frozen["base"]
+    ref = jax.lax.stop_gradient(
+      pair_logps(reference_model, {"params": ref_params}, batch, dpo.average_logps)
+    )
+
+  def loss_fn(params):
+    variables = model_variables(optim.merge_params(params, frozen_params), frozen["base"])
+    logps = pair_logps(model, variables, batch, dpo.average_logps)
+    return preference_losses.dpo_loss(
+      dpo.loss,
+      logps[:, 0],
+      logps[:, 1],
+      ref[:, 0],
+      ref[:, 1],
+      dpo.beta,
+      dpo.label_smoothing,
+      dpo.sft_weight,
+    )
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+  new_trainable, opt_state = optim.apply_optimizer(
+    tx, grads, state.opt_state, trainable_params, state_dtype
+  )
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optim.merge_params(new_trainable, frozen_params),
+    opt_state=opt_state,
+  )
+  metrics = dict(
+    metrics,
+    grad_norm=optax.global_norm(grads),
+    input_tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+  )
+  return new_state, metrics
+
+
+def precompute_reference_logps(
+  model: Llava,
+  variables: dict,
+  data: preference.PreferenceData,
+  batch_size: int,
+  average: bool,
+  mesh,
+) -> np.ndarray:
+  """[N, 2] reference log-probs of every pair, one jitted forward per batch (few shapes: the
+  last batch is padded with repeats, lengths come from the buckets)."""
+  fn = jax.jit(lambda v, b: pair_logps(model, v, b, average))
+  out = np.zeros((len(data), 2), np.float32)
+  for start in range(0, len(data), batch_size):
+    indices = np.arange(start, min(start + batch_size, len(data)))
+    padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
+    rows = {k: v for k, v in data.rows(padded).items() if k not in ("pair_index", "ref_logps")}
+    logps = fn(variables, sharding.global_batch_from_local(rows, mesh))
+    out[indices] = np.asarray(jax.device_get(logps))[: len(indices)]
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------
+
+
+def preference_data(
+  config: ml_collections.ConfigDict, tokenizer: Any, model_config
+) -> preference.PreferenceData:
+  if config.data.source != "shapes_pairs":
+    raise ValueError(f"DPO data.source {config.data.source!r}: this trainer reads 'shapes_pairs'")
+  records = preference.shapes_preference_records(
+    config.data.shapes.num_train, sources.shapes_world_config(config), seed=config.data.shapes.seed
+  )
+  pairs = [
+    preference.encode_pair(
+      r, tokenizer, config.data.template, model_config.num_image_tokens, model_config.image_token_id
+    )
+    for r in records
+  ]
+  return preference.PreferenceData(
+    pairs, sources.image_config_for(config, model_config), max_length=config.data.max_length,
+    buckets=tuple(config.data.buckets), pad_id=tokenizer.pad_token_id, seed=config.seed,
+  )  # fmt: skip
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs DPO as configured; returns (and writes to workdir/summary.json) the summary."""
+  if not config.init_from:
+    raise ValueError(
+      "DPO starts from a policy: set config.init_from to an HF folder (e.g. an exported SFT run)"
+    )
+  if config.optim.grad_accum_steps != 1:
+    raise ValueError("the DPO trainer does not accumulate gradients; use a smaller batch_size")
+  loop.write_config(config, workdir)
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  tokenizer = sources.tokenizer_for(config, workdir)
+  model_config = modelling.model_config_for(config, tokenizer)
+  model = Llava(model_config)
+  reference_model = Llava(model_config.with_runtime(lora=None))
+  data = preference_data(config, tokenizer, model_config)
+  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, keep=config.keep_checkpoints)
+  source, where = checkpoint.restore_precedence(
+    workdir, config.resume, config.init_from, checkpointer
+  )
+
+  with sharding.activation_sharding(mesh, rules):
+    param_shards = state_lib.param_shardings(model, mesh, rules)
+    initial = modelling.initial_params(model, config, "init_from", config.init_from, param_shards)
+    base, base_shards, params = None, None, initial
+    if model_config.runtime.lora is not None:
+      base, base_shards = initial, param_shards
+      param_shards = state_lib.param_shardings(model, mesh, rules, "lora")
+      params = state_lib.init_params_sharded(
+        model, jax.random.key(config.seed), param_shards, "lora"
+      )
+    reference, reference_shards = None, None
+    if config.dpo.precompute_reference:
+      # Always from the starting policy, also on a restart: the reference never moves.
+      data.set_reference_logps(
+        precompute_reference_logps(
+          reference_model,
+          {"params": initial},
+          data,
+          config.batch_size,
+          config.dpo.average_logps,
+          mesh,
+        )
+      )
+    elif base is None:
+      reference, reference_shards = initial, param_shards  # a frozen copy; the state's params move
+      params = jax.tree.map(jnp.copy, initial)
+    tx = state_lib.make_optimizer(config, params)
+    state, state_shards = state_lib.create_train_state(
+      params, param_shards, tx, tuple(config.trainable), config.seed, mesh, config.optim.state_dtype
+    )
+    if source in ("workdir", "resume"):
+      state, saved = checkpoint.restore_from(
+        source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
+      )
+      modelling.check_data_fingerprint(saved, data.fingerprint(), source)
+    print(
+      f"[dpo] start at step {int(state.step)} from {source}; {len(data)} pairs, {dict(data.stats)}"
+    )
+
+    step_fn = jax.tree_util.Partial(
+      dpo_train_step, model=model, reference_model=reference_model, tx=tx,
+      trainable=tuple(config.trainable), dpo=config.dpo, state_dtype=config.optim.state_dtype,
+    )  # fmt: skip
+    frozen = {"base": base, "reference": reference}
+    frozen_shards = {"base": base_shards, "reference": reference_shards}
+    jitted = state_lib.jit_train_step(
+      lambda s, b, f: step_fn(s, b, f), state_shards, mesh, frozen_shards
+    )
+    train_step = lambda s, b: jitted(s, _without_index(b), frozen)
+
+    def evaluate(final):
+      if not config.eval.enabled:
+        return {}
+      from lmm_align.evals import shapes_eval
+      from lmm_align.models.lora import merge_lora
+
+      policy = (
+        final.params if base is None else merge_lora(base, final.params, model_config.runtime.lora)
+      )
+      return shapes_eval.evaluate_workdir_model(config, workdir, policy)
+
+    return loop.run_loop(
+      config, workdir, mesh, state, train_step, data, checkpointer, evaluate, "dpo"
+    )
+
+
+def _without_index(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k != "pair_index"}

@@ -1,0 +1,90 @@
+"""DPO end to end on shapes-world pairs, from an exported SFT policy."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from configs import shapes_dpo, shapes_sft
+from lmm_align.data import preference
+from lmm_align.trainers import dpo, export, sft
+
+
+@pytest.fixture(scope="module")
+def sft_policy(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sft")
+  config = shapes_sft.get_config("runlocal")
+  config.eval.enabled = False
+  config.total_steps = 2
+  sft.train(config, str(root / "run"))
+  export.export_workdir(str(root / "run"), str(root / "hf"))
+  return root / "hf"
+
+
+def _dpo_config(policy, **overrides):
+  config = shapes_dpo.get_config("runlocal")
+  config.init_from = str(policy)
+  config.eval.enabled = False
+  config.total_steps = 2
+  config.checkpoint_every = 2
+  config.optim.warmup_steps = 0
+  config.optim.lr = 1e-3
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _metrics(workdir):
+  return [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cached_and_on_the_fly_reference_give_the_same_losses(tmp_path, sft_policy):
+  dpo.train(_dpo_config(sft_policy), str(tmp_path / "cached"))
+  dpo.train(_dpo_config(sft_policy, **{"dpo.precompute_reference": False}), str(tmp_path / "live"))
+  cached, live = _metrics(tmp_path / "cached"), _metrics(tmp_path / "live")
+  # Step 1: policy == reference, so every pair's margin is 0 and the sigmoid loss is log 2.
+  assert cached[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+  np.testing.assert_allclose([m["loss"] for m in live], [m["loss"] for m in cached], atol=1e-5)
+  np.testing.assert_allclose(
+    [m["rewards/margin"] for m in live], [m["rewards/margin"] for m in cached], atol=1e-5
+  )
+  assert cached[1]["rewards/margin"] > 0  # one step of DPO already prefers the truthful captions
+
+
+def test_lora_dpo_reference_is_the_base(tmp_path, sft_policy):
+  config = _dpo_config(
+    sft_policy, **{"lora.rank": 4, "dpo.precompute_reference": False, "optim.lr": 1e-3}
+  )
+  dpo.train(config, str(tmp_path / "lora"))
+  metrics = _metrics(tmp_path / "lora")
+  assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+  assert (tmp_path / "lora" / "checkpoints" / "2").is_dir()
+
+
+def test_bad_pairs_are_refused_naming_the_record(sft_policy):
+  from lmm_align.data.tokenizer import load_tokenizer
+
+  tokenizer = load_tokenizer(sft_policy)
+  good = {
+    "id": "r1",
+    "image": None,
+    "question": "Describe the image.",
+    "chosen": "A red circle.",
+    "rejected": "A blue star.",
+  }
+  pair = preference.encode_pair(good, tokenizer, "vicuna_v1", 9, 4)
+  assert pair.chosen_ids.tolist() != pair.rejected_ids.tolist()
+  with pytest.raises(preference.PreferenceError, match="'r2'.*identical"):
+    preference.encode_pair(
+      dict(good, id="r2", rejected="A red circle."), tokenizer, "vicuna_v1", 9, 4
+    )
+  with pytest.raises(preference.PreferenceError, match="'r3', field 'chosen': empty"):
+    preference.encode_pair(dict(good, id="r3", chosen="  "), tokenizer, "vicuna_v1", 9, 4)
