@@ -60,6 +60,13 @@ def apply_length_policy(
   ), "truncated"
 
 
+def bucket_lengths(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
+  """The padded lengths a dataset uses: the configured buckets up to max_length, and
+  max_length itself as the last one."""
+  kept = tuple(sorted(b for b in buckets if b <= max_length))
+  return kept if kept and kept[-1] == max_length else (*kept, max_length)
+
+
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
   for b in sorted(buckets):
     if length <= b:
@@ -84,9 +91,7 @@ class SupervisedData:
     skipped: Counter | None = None,
   ):
     self.image_config = image_config
-    self.buckets = tuple(sorted(b for b in buckets if b <= max_length)) or (max_length,)
-    if self.buckets[-1] < max_length:
-      self.buckets = (*self.buckets, max_length)
+    self.buckets = bucket_lengths(buckets, max_length)
     self.pad_id = pad_id
     self.seed = seed
     self.stats: Counter = Counter(skipped or {})

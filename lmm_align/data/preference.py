@@ -19,7 +19,7 @@ import numpy as np
 from lmm_align.data import conversation, shapes
 from lmm_align.data.conversation import IGNORE_INDEX
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
-from lmm_align.data.pipeline import ImageSource, SupervisedData, bucket_for
+from lmm_align.data.pipeline import ImageSource, SupervisedData, bucket_for, bucket_lengths
 
 
 @dataclasses.dataclass
@@ -112,9 +112,7 @@ class PreferenceData:
       raise ValueError(f"no preference pair left after the length limit: {dict(self.stats)}")
     self.pairs = kept
     self.image_config = image_config
-    self.buckets = tuple(sorted(b for b in buckets if b <= max_length)) or (max_length,)
-    if self.buckets[-1] < max_length:
-      self.buckets = (*self.buckets, max_length)
+    self.buckets = bucket_lengths(buckets, max_length)
     self.pad_id = pad_id
     self.seed = seed
     self.lengths = np.array([max(len(p.chosen_ids), len(p.rejected_ids)) for p in kept])

@@ -85,13 +85,8 @@ def dpo_train_step(
     )
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
-  new_trainable, opt_state = optim.apply_optimizer(
-    tx, grads, state.opt_state, trainable_params, state_dtype
-  )
-  new_state = state.replace(
-    step=state.step + 1,
-    params=optim.merge_params(new_trainable, frozen_params),
-    opt_state=opt_state,
+  new_state = state_lib.apply_gradients(
+    state, grads, tx, trainable_params, frozen_params, state_dtype
   )
   metrics = dict(
     metrics,

@@ -84,13 +84,8 @@ def sft_train_step(
   micro = (jnp.arange(grad_accum_steps), _micro_batches(batch, grad_accum_steps))
   grads, (nll_sums, counts) = jax.lax.scan(micro_step, zeros, micro)
   grad_norm = optax.global_norm(grads)
-  new_trainable, opt_state = optim.apply_optimizer(
-    tx, grads, state.opt_state, trainable_params, state_dtype
-  )
-  new_state = state.replace(
-    step=state.step + 1,
-    params=optim.merge_params(new_trainable, frozen_params),
-    opt_state=opt_state,
+  new_state = state_lib.apply_gradients(
+    state, grads, tx, trainable_params, frozen_params, state_dtype
   )
   metrics = {
     "loss_sum": jnp.sum(nll_sums),

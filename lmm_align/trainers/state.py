@@ -116,6 +116,25 @@ def jit_train_step(
   )
 
 
+def apply_gradients(
+  state: TrainState,
+  grads: Any,
+  tx: optax.GradientTransformation,
+  trainable_params: Any,
+  frozen_params: Any,
+  state_dtype: str,
+) -> TrainState:
+  """The next state: one optimizer update of the trainable params, the frozen ones kept."""
+  new_trainable, opt_state = optim.apply_optimizer(
+    tx, grads, state.opt_state, trainable_params, state_dtype
+  )
+  return state.replace(
+    step=state.step + 1,
+    params=optim.merge_params(new_trainable, frozen_params),
+    opt_state=opt_state,
+  )
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
   trainable_params, _ = optim.split_trainable(params, tuple(config.trainable))
   optim.check_patterns_match(params, tuple(config.trainable), "config.trainable")

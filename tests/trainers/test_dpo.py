@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import shapes_dpo, shapes_sft
+from lmm_align import main
 from lmm_align.data import preference
 from lmm_align.trainers import dpo, export, sft
 
@@ -33,13 +34,7 @@ def _dpo_config(policy, **overrides):
   config.checkpoint_every = 2
   config.optim.warmup_steps = 0
   config.optim.lr = 1e-3
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return main.apply_overrides(config, overrides)
 
 
 def _metrics(workdir):

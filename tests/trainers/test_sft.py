@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs import shapes_sft
+from lmm_align import main
 from lmm_align.trainers import sft
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -25,13 +26,7 @@ CONFIG = "configs/shapes_sft.py:runlocal"
 def _config(**overrides):
   config = shapes_sft.get_config("runlocal")
   config.eval.enabled = False
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return main.apply_overrides(config, overrides)
 
 
 def _losses(workdir) -> list[float]:
