@@ -8,7 +8,9 @@ yes), and "yes" otherwise. "yes" is the positive class.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
 NO_WORDS = ("No", "no", "not")
 
@@ -48,3 +50,68 @@ def pope_metrics(answers: Sequence[str], labels: Sequence[str]) -> dict[str, flo
       "yes_ratio": (tp + fp) / len(labels),
       "tp": tp, "fp": fp, "tn": tn, "fn": fn,
   }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The published files: questions (JSONL despite the .json name) and LLaVA-style answers.
+# --------------------------------------------------------------------------------------------
+
+
+class PopeDataError(ValueError):
+  pass
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """Records of a JSON Lines file; a bad line is an error naming the file and line."""
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as error:
+        raise PopeDataError(f"{path}: line {number}: not JSON ({error.msg})") from None
+      if not isinstance(record, dict):
+        raise PopeDataError(f"{path}: line {number}: a record must be a JSON object")
+      records.append(record)
+  return records
+
+
+def _by_id(
+  path: str, records: list[dict[str, Any]], fields: tuple[str, ...]
+) -> dict[Any, dict[str, Any]]:
+  out: dict[Any, dict[str, Any]] = {}
+  for number, record in enumerate(records, start=1):
+    for field in fields:
+      if field not in record:
+        raise PopeDataError(f"{path}: record {number}: field {field!r} is missing")
+    qid = record["question_id"]
+    if qid in out:
+      raise PopeDataError(f"{path}: record {number}: duplicate question_id {qid!r}")
+    out[qid] = record
+  return out
+
+
+def score_pope_files(questions_path: str, answers_path: str) -> dict[str, float]:
+  """Metrics of an answers JSONL ({question_id, text}) against a POPE question file
+  ({question_id, image, text, label}), matched by question_id. Every question must have
+  exactly one answer; an answer to an unknown question is an error too."""
+  questions = _by_id(questions_path, read_jsonl(questions_path), ("question_id", "label"))
+  answers = _by_id(answers_path, read_jsonl(answers_path), ("question_id", "text"))
+  missing = [qid for qid in questions if qid not in answers]
+  unknown = [qid for qid in answers if qid not in questions]
+  if missing or unknown:
+    raise PopeDataError(
+      f"{answers_path} does not cover {questions_path}: {len(missing)} question(s) without an "
+      f"answer (first: {missing[:5]}), {len(unknown)} answer(s) to unknown questions (first: {unknown[:5]})"
+    )
+  for qid, record in questions.items():
+    if record["label"] not in ("yes", "no"):
+      raise PopeDataError(
+        f"{questions_path}: question_id {qid!r}, field 'label': {record['label']!r} is not yes/no"
+      )
+  order = list(questions)
+  return pope_metrics(
+    [str(answers[q]["text"]) for q in order], [questions[q]["label"] for q in order]
+  )
