@@ -127,7 +127,12 @@ def evaluate_workdir_model(
 
   tokenizer = sources.tokenizer_for(config, workdir)
   model = Llava(modelling.model_config_for(config, tokenizer).with_runtime(lora=None))
-  params = jax.device_get(params) if jax.process_count() > 1 else params
+  if jax.process_count() > 1:
+    # Params sharded across hosts cannot be read by one host: gather full copies (every host
+    # then runs the small evaluation on its own devices; process 0 writes the summary).
+    from jax.experimental import multihost_utils
+
+    params = multihost_utils.process_allgather(params, tiled=True)
   e = config.eval
   return evaluate_shapes(
       model, params, tokenizer, sources.image_config_for(config, model.config), sources.shapes_world_config(config),
