@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lmm_align import sampling
+from lmm_align import sampling, sharding
 from lmm_align.data import conversation, shapes, shapes_benchmarks, shapes_metrics
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.evals.pope import pope_metrics
@@ -129,11 +129,23 @@ def evaluate_workdir_model(
   model = Llava(modelling.model_config_for(config, tokenizer).with_runtime(lora=None))
   if jax.process_count() > 1:
     # Params sharded across hosts cannot be read by one host: gather full copies (every host
-    # then runs the small evaluation on its own devices; process 0 writes the summary).
+    # then runs the small evaluation on its own device; process 0 writes the summary).
     from jax.experimental import multihost_utils
 
     params = multihost_utils.process_allgather(params, tiled=True)
+  else:
+    params = jax.device_get(params)  # off the training mesh, onto the evaluation device
   e = config.eval
+  # Evaluate on this process's first device, outside the training mesh: the sampler's
+  # outputs must be readable by this host.
+  local = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
+  with sharding.activation_sharding(local, tuple(tuple(r) for r in config.mesh.rules)):
+    return _evaluate_shapes_config(config, model, params, tokenizer, e)
+
+
+def _evaluate_shapes_config(config, model, params, tokenizer, e) -> dict[str, Any]:
+  from lmm_align.data import sources
+
   return evaluate_shapes(
       model, params, tokenizer, sources.image_config_for(config, model.config), sources.shapes_world_config(config),
       num_scenes=e.num_scenes, seed=config.data.shapes.eval_seed, template=config.data.template,

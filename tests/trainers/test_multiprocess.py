@@ -17,7 +17,7 @@ from lmm_align.trainers import sft
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 OVERRIDES = ["--config.total_steps=6", "--config.log_every=1", "--config.checkpoint_every=3",
-             "--config.eval.enabled=False", "--config.mesh.sizes=(2,2,2)"]  # fmt: skip
+             "--config.eval.enabled=True", "--config.mesh.sizes=(2,2,2)"]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -68,3 +68,5 @@ def test_two_processes_equal_one_process(tmp_path):
     3,
     6,
   ]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert 0.0 <= summary["hallucination_rate"] <= 1.0 and "pope_f1" in summary
