@@ -1,4 +1,4 @@
-"""SFT of a tiny LLaVA on the synthetic shapes world: CPU, a few minutes, ground-truth metrics.
+"""SFT of a tiny LLaVA on the synthetic shapes world: CPU, about 11 minutes, ground-truth metrics.
 
   python -m lmm_align.main --config=configs/shapes_sft.py --workdir=/tmp/shapes_sft
   python -m lmm_align.main --config=configs/shapes_sft.py:runlocal --workdir=/tmp/t   # seconds
@@ -23,11 +23,13 @@ def get_config(arg: str | None = None):
   config.data.aspect_mode = "crop"
   config.data.max_length = 128
   config.data.buckets = (96, 128)
-  config.total_steps = 600
+  config.total_steps = 1500
   config.batch_size = 32
   config.log_every = 20
-  config.checkpoint_every = 100
-  config.optim.lr = 1e-3
+  config.checkpoint_every = 500
+  # 1e-3 learns the language prior and ignores the image (teacher-forced accuracy is the same
+  # with a blank image); 3e-4 learns to look.
+  config.optim.lr = 3e-4
   config.optim.warmup_steps = 20
   config.optim.weight_decay = 0.0
   config.eval.enabled = True
