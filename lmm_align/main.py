@@ -17,20 +17,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lmm_align import sharding
+from lmm_align import config_files, sharding
 
 FLAGS = flags.FLAGS
 
 
 def _make_config_package_importable(argv: list[str]) -> None:
-  """Config files do `from configs import common`; make that work from any directory by
-  putting the folder that holds `configs/` on sys.path."""
   for arg in argv:
     if arg.startswith("--config="):
-      path = os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0])
-      root = os.path.dirname(os.path.dirname(path))
-      if root not in sys.path:
-        sys.path.insert(0, root)
+      config_files.make_config_package_importable(arg.split("=", 1)[1].split(":", 1)[0])
 
 
 _make_config_package_importable(sys.argv)

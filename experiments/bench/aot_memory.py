@@ -27,10 +27,8 @@ at the start.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
-import sys
 import threading
 import time
 
@@ -73,7 +71,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
-from lmm_align import optim, sharding  # noqa: E402
+from lmm_align import config_files, optim, sharding  # noqa: E402
 from lmm_align.models.config import ModelConfig, from_hf_config, get_variant  # noqa: E402
 from lmm_align.models.llava import Llava, dummy_inputs  # noqa: E402
 from lmm_align.trainers import modelling, sft  # noqa: E402
@@ -86,17 +84,7 @@ from lmm_align.trainers import state as state_lib  # noqa: E402
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """configs/X.py[:arg] -> get_config(arg), importable from any directory."""
-  path, _, arg = spec.partition(":")
-  path = pathlib.Path(path)
-  if not path.is_absolute() and not path.exists():
-    path = REPO / path
-  root = str(path.resolve().parents[1])
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  module_spec = importlib.util.spec_from_file_location(f"_aot_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return config_files.load_config(spec, str(REPO))
 
 
 def model_config_for(config: ml_collections.ConfigDict) -> tuple[ModelConfig, str]:

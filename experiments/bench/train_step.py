@@ -37,10 +37,8 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import flax  # noqa: E402
@@ -48,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmm_align import sharding  # noqa: E402
+from lmm_align import config_files, sharding  # noqa: E402
 from lmm_align.models.config import ModelConfig, get_variant  # noqa: E402
 from lmm_align.models.llava import Llava  # noqa: E402
 from lmm_align.trainers import modelling, sft  # noqa: E402
@@ -58,17 +56,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  path = pathlib.Path(path)
-  if not path.is_absolute() and not path.exists():
-    path = REPO / path
-  root = str(path.resolve().parents[1])
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  module_spec = importlib.util.spec_from_file_location(f"_bench_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  """configs/X.py[:arg] -> get_config(arg), importable from any directory."""
+  return config_files.load_config(spec, str(REPO))
 
 
 # --------------------------------------------------------------------------------------------

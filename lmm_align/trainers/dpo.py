@@ -88,12 +88,7 @@ def dpo_train_step(
   new_state = state_lib.apply_gradients(
     state, grads, tx, trainable_params, frozen_params, state_dtype
   )
-  metrics = dict(
-    metrics,
-    grad_norm=optax.global_norm(grads),
-    input_tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32),
-  )
-  return new_state, metrics
+  return new_state, state_lib.with_step_metrics(metrics, grads, batch)
 
 
 def precompute_reference_logps(

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from lmm_align import optim, preference_losses
@@ -68,9 +67,4 @@ def reward_train_step(
   new_state = state_lib.apply_gradients(
     state, grads, tx, trainable_params, frozen_params, state_dtype
   )
-  metrics = dict(
-    metrics,
-    grad_norm=optax.global_norm(grads),
-    input_tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32),
-  )
-  return new_state, metrics
+  return new_state, state_lib.with_step_metrics(metrics, grads, batch)

@@ -135,6 +135,15 @@ def apply_gradients(
   )
 
 
+def with_step_metrics(metrics: dict, grads: Any, batch: dict) -> dict:
+  """A step's loss metrics plus the gradient norm and the batch's real-token count."""
+  return dict(
+    metrics,
+    grad_norm=optax.global_norm(grads),
+    input_tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+  )
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
   trainable_params, _ = optim.split_trainable(params, tuple(config.trainable))
   optim.check_patterns_match(params, tuple(config.trainable), "config.trainable")
