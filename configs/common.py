@@ -72,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
       aspect_mode="pad",
       json_path="",
       image_folder="",
+      captions_path="",  # LLaVA-RLHF image_to_caption JSON (facts for the reward model)
+      parquet_paths=(),  # RLAIF-V parquet shards
       tfds_data_dir="",
       tfds_split="train",
       shapes=shapes_data_config(),

@@ -58,7 +58,15 @@ def trainer_for(name: str):
     from lmm_align.trainers import dpo
 
     return dpo.train
-  raise ValueError(f"config.trainer {name!r} is not known (sft, dpo)")
+  if name == "reward":
+    from lmm_align.trainers import reward
+
+    return reward.train
+  if name == "ppo":
+    from lmm_align.trainers import ppo
+
+    return ppo.train
+  raise ValueError(f"config.trainer {name!r} is not known (sft, dpo, reward, ppo)")
 
 
 def train(config, workdir: str) -> dict:
@@ -128,6 +136,13 @@ def _quote(arg: str) -> str:
 def export(workdir: str, out: str, peft: bool) -> None:
   from lmm_align.trainers import export as export_lib
 
+  if export_lib.load_workdir_config(workdir).trainer == "reward":
+    if peft:
+      raise app.UsageError("--peft: a reward model is exported merged, with its head")
+    from lmm_align.trainers import reward
+
+    reward.export_reward_workdir(workdir, out)
+    return
   export_lib.export_workdir(workdir, out, peft=peft)
 
 

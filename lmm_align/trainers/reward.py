@@ -1,20 +1,36 @@
-"""Bradley-Terry reward-model training step (LLaVA-RLHF): the backbone plus a scalar head,
-read at each sequence's last real token, on preference pairs [B, 2, T] (0 chosen, 1 rejected).
+"""Reward model (LLaVA-RLHF / Fact-RLHF): the backbone plus a scalar head read at each
+sequence's last real token, trained with Bradley-Terry on preference pairs [B, 2, T]
+(0 chosen, 1 rejected).
 
-The state's params are {"backbone": ..., "head": ...}; with LoRA the backbone entry holds the
-adapters and the frozen base is passed separately, as in the SFT and DPO steps.
+Fact augmentation: each sequence is `conversation + response + evaluation prompt`, where the
+prompt lists the image's facts (captions, shuffled per example; a rationale for multiple
+choice) when `reward.fact_augmented`; the vanilla RM gets the prompt without facts. The state's
+params are {"backbone": ..., "head": ...}; with LoRA the backbone entry holds the adapters and
+the frozen base is passed separately, as in the SFT and DPO steps. `lmm-align export` writes
+the HF backbone (LoRA merged) plus the head (see lmm_align.hf.reward).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
+from PIL import Image
 
-from lmm_align import optim, preference_losses
+from lmm_align import checkpoint, optim, preference_losses, sharding
+from lmm_align.data import preference, sources
 from lmm_align.models.heads import ScalarHead, sequence_scores
 from lmm_align.models.llava import Llava
+from lmm_align.trainers import loop, modelling
 from lmm_align.trainers import state as state_lib
 from lmm_align.trainers.sft import model_variables
 
@@ -68,3 +84,238 @@ def reward_train_step(
     state, grads, tx, trainable_params, frozen_params, state_dtype
   )
   return new_state, state_lib.with_step_metrics(metrics, grads, batch)
+
+
+# --------------------------------------------------------------------------------------------
+# Data.
+# --------------------------------------------------------------------------------------------
+
+
+def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Counter]:
+  """The configured preference records ({id, image, question, chosen, rejected, facts, ...})."""
+  from lmm_align.data import preference_sources
+
+  d = config.data
+  if d.source == "shapes_pairs":
+    world = sources.shapes_world_config(config)
+    return preference_sources.shapes_reward_records(
+      d.shapes.num_train, world, seed=d.shapes.seed
+    ), Counter()
+  if d.source == "llava_rlhf":
+    return preference_sources.read_llava_rlhf_preferences(
+      d.json_path, image_folder=d.image_folder or None, captions_path=d.captions_path or None,
+      on_error=d.on_error,
+    )  # fmt: skip
+  if d.source == "rlaifv_parquet":
+    return preference_sources.read_rlaifv_parquet(list(d.parquet_paths), on_error=d.on_error)
+  if d.source in ("tfds_llava_rlhf", "tfds_rlaifv"):
+    from lmm_align.data import tfds_preference
+
+    name = (
+      tfds_preference.LLAVA_RLHF_NAME
+      if d.source == "tfds_llava_rlhf"
+      else (tfds_preference.RLAIFV_NAME)
+    )
+    return tfds_preference.records_from_tfds(d.tfds_data_dir, d.tfds_split, name), Counter()
+  raise ValueError(
+    f"reward data.source {d.source!r}: use shapes_pairs, llava_rlhf, rlaifv_parquet, "
+    "tfds_llava_rlhf or tfds_rlaifv"
+  )
+
+
+def image_source(image: Any) -> Any:
+  """A record's image as the batcher takes it: PIL, a loader, or None (paths load lazily)."""
+  if isinstance(image, str | os.PathLike):
+    path = str(image)
+    return lambda: Image.open(path).convert("RGB")
+  return image
+
+
+def reward_data(
+  config: ml_collections.ConfigDict, tokenizer: Any, model_config
+) -> tuple[preference.PreferenceData, preference.PreferenceData | None]:
+  """(train, held-out) pair data: a seeded split of `reward.eval_pairs` records off the end."""
+  from lmm_align.data import reward_data as rd
+
+  records, skipped = reward_records(config)
+  order = np.random.default_rng([config.seed, 7]).permutation(len(records))
+  records = [records[i] for i in order]
+  n_eval = min(config.reward.eval_pairs, len(records) // 5)
+  prompt = rd.load_reward_prompt(config.reward.prompt_path or None, config.reward.fact_augmented)
+  kwargs = dict(
+    tokenizer=tokenizer, template=config.data.template,
+    num_image_tokens=model_config.num_image_tokens, image_token_id=model_config.image_token_id,
+    prompt=prompt, fact_augmented=config.reward.fact_augmented, on_error=config.data.on_error,
+  )  # fmt: skip
+  image_config = sources.image_config_for(config, model_config)
+
+  def build(part: list[dict], seed: int, stats: Counter):
+    pairs, part_skipped = rd.encode_reward_pairs(part, rng=np.random.default_rng(seed), **kwargs)
+    pairs = [dataclasses.replace(p, image=image_source(p.image)) for p in pairs]
+    return preference.PreferenceData(
+      pairs, image_config, max_length=config.data.max_length, buckets=tuple(config.data.buckets),
+      pad_id=tokenizer.pad_token_id, seed=config.seed, skipped=stats + part_skipped,
+    )  # fmt: skip
+
+  train_data = build(records[n_eval:], config.seed, skipped)
+  eval_data = build(records[:n_eval], config.seed + 1, Counter()) if n_eval else None
+  return train_data, eval_data
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out accuracy.
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_pairs(
+  rewards_fn: Callable[[dict], jax.Array],
+  data: preference.PreferenceData,
+  batch_size: int,
+  mesh,
+) -> dict[str, float]:
+  """Accuracy (chosen scored above rejected), mean margin and mean rewards over every pair.
+
+  rewards_fn: a jitted batch -> [B, 2] rewards. The last batch is padded with repeats (one
+  compiled shape per bucket) and the repeats are dropped.
+  """
+  rewards = np.zeros((len(data), 2), np.float32)
+  for start in range(0, len(data), batch_size):
+    indices = np.arange(start, min(start + batch_size, len(data)))
+    padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
+    rows = {k: v for k, v in data.rows(padded).items() if k not in ("pair_index", "ref_logps")}
+    out = rewards_fn(sharding.global_batch_from_local(rows, mesh))
+    rewards[indices] = np.asarray(jax.device_get(out))[: len(indices)]
+  margin = rewards[:, 0] - rewards[:, 1]
+  return {
+    "eval_accuracy": float(np.mean(margin > 0)),
+    "eval_margin": float(np.mean(margin)),
+    "eval_reward_chosen": float(np.mean(rewards[:, 0])),
+    "eval_reward_rejected": float(np.mean(rewards[:, 1])),
+    "eval_pairs": len(data),
+  }
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------
+
+
+def head_shardings(head: ScalarHead, hidden: int, mesh, rules) -> Any:
+  boxed = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 1, hidden)))["params"]
+  return sharding.logical_shardings(boxed, mesh, rules)
+
+
+def build_state(config, model: Llava, head: ScalarHead, mesh, rules, source: str):
+  """(state, state shardings, LoRA base or None, base shardings): the backbone from init_from
+  (or the seed), the head from the seed; the workdir / resume restore happens afterwards."""
+  shards = state_lib.param_shardings(model, mesh, rules)
+  backbone = modelling.initial_params(model, config, source, config.init_from, shards)
+  base, base_shards = None, None
+  if model.config.runtime.lora is not None:
+    base, base_shards = backbone, shards
+    shards = state_lib.param_shardings(model, mesh, rules, "lora")
+    backbone = state_lib.init_params_sharded(model, jax.random.key(config.seed), shards, "lora")
+  hidden = model.config.text.hidden_size
+  h_shards = head_shardings(head, hidden, mesh, rules)
+  head_params = jax.jit(
+    lambda key: nn.unbox(head.init(key, jnp.zeros((1, 1, hidden))))["params"],
+    out_shardings=h_shards,
+  )(jax.random.key(config.seed + 1))
+  params = {"backbone": backbone, "head": head_params}
+  param_shards = {"backbone": shards, "head": h_shards}
+  tx = state_lib.make_optimizer(config, params)
+  state, state_shards = state_lib.create_train_state(
+    params, param_shards, tx, tuple(config.trainable), config.seed, mesh, config.optim.state_dtype
+  )
+  return state, state_shards, tx, base, base_shards
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the reward model as configured; summary.json gets held-out accuracy and margin."""
+  if config.optim.grad_accum_steps != 1:
+    raise ValueError("the reward trainer does not accumulate gradients; use a smaller batch_size")
+  loop.write_config(config, workdir)
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  tokenizer = sources.tokenizer_for(config, workdir)
+  model_config = modelling.model_config_for(config, tokenizer)
+  model, head = Llava(model_config), ScalarHead()
+  data, eval_data = reward_data(config, tokenizer, model_config)
+  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, keep=config.keep_checkpoints)
+  source, where = checkpoint.restore_precedence(
+    workdir, config.resume, config.init_from, checkpointer
+  )
+  with sharding.activation_sharding(mesh, rules):
+    state, state_shards, tx, base, base_shards = build_state(
+      config, model, head, mesh, rules, source
+    )
+    if source in ("workdir", "resume"):
+      state, saved = checkpoint.restore_from(
+        source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
+      )
+      modelling.check_data_fingerprint(saved, data.fingerprint(), source)
+    print(
+      f"[reward] start at step {int(state.step)} from {source}; {len(data)} train pairs, "
+      f"{len(eval_data) if eval_data else 0} held out, {dict(data.stats)}; "
+      f"fact_augmented={config.reward.fact_augmented}"
+    )
+    step_fn = jax.tree_util.Partial(
+      reward_train_step, model=model, head=head, tx=tx, trainable=tuple(config.trainable),
+      centering_coef=config.reward.centering_coef, centering=config.reward.centering,
+      state_dtype=config.optim.state_dtype,
+    )  # fmt: skip
+    jitted = state_lib.jit_train_step(
+      lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
+    )
+    train_step = lambda s, b: jitted(s, {k: v for k, v in b.items() if k != "pair_index"}, base)
+
+    def evaluate(final) -> dict[str, Any]:
+      if eval_data is None:
+        return {}
+      rewards_fn = jax.jit(
+        lambda p, b: pair_rewards(model, head, model_variables(p["backbone"], base), p["head"], b)
+      )
+      return evaluate_pairs(
+        lambda b: rewards_fn(final.params, b), eval_data, config.batch_size, mesh
+      )
+
+    return loop.run_loop(
+      config, workdir, mesh, state, train_step, data, checkpointer, evaluate, "reward"
+    )
+
+
+def export_reward_workdir(workdir: str, out: str) -> str:
+  """The run's latest checkpoint as an HF backbone (LoRA merged) plus the head."""
+  from lmm_align.data import reward_data as rd
+  from lmm_align.hf.reward import save_reward_model
+  from lmm_align.models.lora import merge_lora
+  from lmm_align.trainers import export as export_lib
+
+  config = export_lib.load_workdir_config(workdir)
+  tokenizer = sources.tokenizer_for(config, workdir)
+  model_config = modelling.model_config_for(config, tokenizer)
+  model, head = Llava(model_config), ScalarHead()
+  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, async_save=False)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{workdir} has no committed checkpoint to export")
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  source = "init_from" if config.init_from else "scratch"
+  with sharding.activation_sharding(mesh, rules):
+    state, state_shards, _, base, _ = build_state(config, model, head, mesh, rules, source)
+    state, _ = checkpointer.restore(step, checkpoint.abstract_like(state, state_shards))
+  checkpointer.close()
+  backbone = state.params["backbone"]
+  if base is not None:
+    backbone = merge_lora(base, backbone, model_config.runtime.lora)
+  plain = Llava(model_config.with_runtime(lora=None))
+  image_config = sources.image_config_for(config, model_config)
+  processor = export_lib.hf_processor(tokenizer, plain, image_config)
+  prompt = rd.load_reward_prompt(config.reward.prompt_path or None, config.reward.fact_augmented)
+  save_reward_model(
+    plain, backbone, state.params["head"], out, fact_augmented=config.reward.fact_augmented,
+    prompt=prompt, tokenizer=None if processor else tokenizer, processor=processor,
+  )  # fmt: skip
+  print(f"[export] reward model, step {step} of {workdir} -> {out}")
+  return out

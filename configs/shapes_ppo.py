@@ -1,0 +1,86 @@
+"""PPO on shapes-world prompts with a (fact-augmented) reward model, from an exported SFT policy.
+
+  python -m lmm_align.main --config=configs/shapes_ppo.py --workdir=/tmp/ppo_fact \
+    --config.init_from=/tmp/sft_hf --config.ppo.reward_model=/tmp/rm_fact_hf
+  python -m lmm_align.main --config=configs/shapes_ppo.py:vanilla --workdir=/tmp/ppo_vanilla \
+    --config.init_from=/tmp/sft_hf --config.ppo.reward_model=/tmp/rm_vanilla_hf
+
+Textbook defaults (KL k1 at the EOS score position, whitened advantages over response tokens);
+configs/llava_rlhf_ppo.py carries LLaVA-RLHF's published values and quirks. LoRA on policy and
+value over shared frozen bases (lora=0 in the arg for full fine-tuning).
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def ppo_config(**overrides) -> ml_collections.ConfigDict:
+  """PPO knobs; the defaults are the textbook choices (TRL-like), not LLaVA-RLHF's."""
+  ppo = dict(
+    reward_model="",  # an exported reward-model folder (lmm-align export of a reward run)
+    fact_augmented=True,  # must match the reward model
+    query_len=128,  # prompts are left-padded to this; longer ones are dropped (LLaVA-RLHF: 128)
+    max_new_tokens=48,  # response columns (LLaVA-RLHF: 896)
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    truncate_at_question_mark=False,  # LLaVA-RLHF's quirk: cut after the first '?' token
+    rollout_batch_size=64,
+    step_batch_size=16,
+    forward_batch_size=16,
+    noptepochs=2,
+    kl_coef=0.1,
+    kl_estimator="k1",  # k1, k1_clamped (LLaVA-RLHF), k2, k3
+    score_position="eos",  # or "last_column" (LLaVA-RLHF)
+    whiten_rewards=False,
+    reward_scale=1.0,  # LLaVA-RLHF: 10 (their unwhitened branch)
+    gamma=1.0,
+    lam=0.95,
+    mean_over_padding=False,  # LLaVA-RLHF: True (losses and whitening over every column)
+    clip_eps=0.2,
+    clip_value=0.2,
+    vf_coef=0.1,
+    value_head_zero_init=True,
+    correct_coef=2.0,  # LLaVA-RLHF: 2.0 on A-D and yes/no prompts
+    length_coef=0.0,  # LLaVA-RLHF: -10.0
+    stop_penalty=-8.0,  # LLaVA-RLHF: -8.0 when the response has no stop token
+    relative_stop_penalty=True,
+    reward_bias=0.0,
+    reward_buckets=(192, 256, 320),
+  )
+  ppo.update(overrides)
+  return ml_collections.ConfigDict(ppo)
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, runlocal=False, vanilla=False, lora=8)
+  config = common.base_config()
+  config.trainer = "ppo"
+  config.data.source = "shapes_prompts"
+  config.data.aspect_mode = "crop"
+  config.data.shapes.num_train = 2000
+  config.data.shapes.seed = 3  # scenes no earlier stage used
+  config.total_steps = 40  # iterations: rollout + noptepochs passes
+  config.log_every = 1
+  config.checkpoint_every = 10
+  config.lora.rank = arg.lora
+  config.lora.alpha = 2.0 * arg.lora if arg.lora else 16.0
+  config.optim.lr = 1e-4 if arg.lora else 1e-5
+  config.optim.warmup_steps = 5
+  config.optim.weight_decay = 0.0
+  config.ppo = ppo_config(fact_augmented=not arg.vanilla)
+  config.eval.enabled = True
+  config.eval.num_scenes = 128
+  if arg.runlocal:
+    config.total_steps = 2
+    config.checkpoint_every = 1
+    config.data.shapes.num_train = 32
+    config.ppo.rollout_batch_size = 8
+    config.ppo.step_batch_size = 4
+    config.ppo.forward_batch_size = 8
+    config.ppo.max_new_tokens = 12
+    config.eval.num_scenes = 8
+    config.eval.pope_per_split = 8
+    config.eval.max_new_tokens = 16
+  return config

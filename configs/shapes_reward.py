@@ -1,0 +1,51 @@
+"""Reward model on shapes-world pairs (LLaVA-RLHF's Fact-RLHF RM), from an exported SFT policy.
+
+  python -m lmm_align.main --config=configs/shapes_reward.py --workdir=/tmp/rm_fact --config.init_from=/tmp/sft_hf
+  python -m lmm_align.main --config=configs/shapes_reward.py:vanilla --workdir=/tmp/rm_vanilla --config.init_from=/tmp/sft_hf
+  python -m lmm_align.main export --workdir=/tmp/rm_fact --out=/tmp/rm_fact_hf
+
+Pairs: a truthful answer (chosen) vs the same answer with an injected hallucination. The
+fact-augmented RM reads the scene's facts (caption-like sentences, shuffled per example) in
+its evaluation prompt; `:vanilla` reads the same prompt without them.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, runlocal=False, vanilla=False, lora=0)
+  config = common.base_config()
+  config.trainer = "reward"
+  config.data.source = "shapes_pairs"
+  config.data.aspect_mode = "crop"
+  config.data.max_length = 256
+  config.data.buckets = (160, 192, 256)
+  config.data.shapes.num_train = 3000
+  config.data.shapes.seed = 2  # scenes neither SFT nor DPO used
+  config.total_steps = 300
+  config.batch_size = 16
+  config.log_every = 10
+  config.checkpoint_every = 100
+  config.optim.lr = 3e-5
+  config.optim.warmup_steps = 10
+  config.optim.weight_decay = 0.0
+  config.lora.rank = arg.lora  # LLaVA-RLHF: 64 (on a 13B base)
+  config.reward = ml_collections.ConfigDict(
+    dict(
+      fact_augmented=not arg.vanilla,
+      prompt_path="",  # the published prompt file for exact reproduction; "" = our wording
+      centering_coef=1e-3,  # LLaVA-RLHF: BCE + 1e-3 |mean(r_chosen + r_rejected)|
+      centering="abs_mean",
+      eval_pairs=300,
+    )
+  )
+  if arg.runlocal:
+    config.total_steps = 4
+    config.batch_size = 8
+    config.log_every = 1
+    config.checkpoint_every = 2
+    config.data.shapes.num_train = 48
+    config.reward.eval_pairs = 8
+  return config

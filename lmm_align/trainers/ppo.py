@@ -1,0 +1,658 @@
+"""PPO for vision-language models (LLaVA-RLHF, Sun et al. 2023, arXiv 2309.14525).
+
+Four roles, laid out so that they fit together like LLaVA-RLHF's:
+  policy     the SFT model (`init_from`), trained: its LoRA adapters over a frozen base, or
+             all its params
+  reference  the frozen starting policy: the same base *without* the policy's adapters (LoRA),
+             or a frozen copy (full fine-tune); never in the optimizer state
+  reward     a reward model exported by `lmm-align export` of a reward run (HF backbone + head,
+             fact-augmented or vanilla), frozen
+  value      started from the reward model with a zero-initialised head: LoRA adapters over the
+             reward model's frozen backbone (adapters start at zero, so the value backbone *is*
+             the reward model at step 0), or a trainable copy of it
+
+One iteration: sample responses to a batch of prompts (the KV-cached sampler; first question of
+each conversation), cut them (stop token, optionally the published '?' quirk), score them with
+the reward model on `query + response + evaluation prompt with the image's facts` plus the
+symbolic rewards (lmm_align.rl.rewards), compute old / reference log-probs and values, shape
+per-token rewards with the KL penalty, GAE, whiten, then `noptepochs` passes of clipped policy
+and value updates over minibatches. The update step is pure, (state, batch, frozen) -> (state,
+metrics), jitted once with shardings; every rollout tensor has one fixed shape
+[B, query_len + max_new_tokens], so nothing recompiles. Iteration i's prompts and sampling key
+are functions of (seed, i): a restarted run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lmm_align import checkpoint, optim, sampling, sharding
+from lmm_align.data import conversation, sources
+from lmm_align.data.images import preprocess_image
+from lmm_align.hf.reward import RewardModel, load_reward_model
+from lmm_align.losses import token_logprobs
+from lmm_align.models.heads import ScalarHead, sequence_scores
+from lmm_align.models.llava import Llava
+from lmm_align.models.lora import merge_lora
+from lmm_align.rl import ppo_math, rewards
+from lmm_align.trainers import loop, modelling
+from lmm_align.trainers import state as state_lib
+from lmm_align.trainers.reward import head_shardings, image_source
+from lmm_align.trainers.sft import model_variables
+
+# --------------------------------------------------------------------------------------------
+# Forward passes over a rollout batch: input_ids [B, Q + N] = left-padded query (Q columns)
+# then the right-padded response (N columns); response_mask [B, N].
+# --------------------------------------------------------------------------------------------
+
+
+def _hidden_or_logits(model: Llava, variables: dict, batch: dict, with_logits: bool):
+  return model.apply(
+    variables,
+    batch["input_ids"],
+    pixel_values=batch.get("pixel_values"),
+    attention_mask=batch["attention_mask"],
+    with_logits=with_logits,
+  )
+
+
+def response_logps(model: Llava, variables: dict, batch: dict) -> jax.Array:
+  """log pi(response token t | query, response_<t): float32 [B, N], 0 off the response."""
+  n = batch["response_mask"].shape[1]
+  logits = _hidden_or_logits(model, variables, batch, True).logits
+  logp = token_logprobs(logits[:, -n - 1 : -1], batch["input_ids"][:, -n:])
+  return jnp.where(batch["response_mask"] > 0, logp, 0.0)
+
+
+def response_values(
+  model: Llava, head: ScalarHead, variables: dict, head_params: Any, batch: dict
+) -> jax.Array:
+  """V(state before response token t): the head on the hidden state that predicts token t."""
+  n = batch["response_mask"].shape[1]
+  hidden = _hidden_or_logits(model, variables, batch, False).hidden_states
+  return head.apply({"params": head_params}, hidden[:, -n - 1 : -1])
+
+
+def reward_scores(
+  model: Llava, head: ScalarHead, backbone: Any, head_params: Any, batch: dict
+) -> jax.Array:
+  """The reward model's score of each (query, response, evaluation prompt) row: [B]."""
+  out = _hidden_or_logits(model, {"params": backbone}, batch, False)
+  per_position = head.apply({"params": head_params}, out.hidden_states)
+  return sequence_scores(per_position, batch["attention_mask"])
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages and the update step.
+# --------------------------------------------------------------------------------------------
+
+
+def advantages_and_returns(
+  old_logps: jax.Array,
+  ref_logps: jax.Array,
+  values: jax.Array,
+  scores: jax.Array,
+  mask: jax.Array,
+  ppo: ml_collections.ConfigDict,
+) -> dict[str, jax.Array]:
+  """Per-token shaped rewards -> GAE -> whitened advantages (see lmm_align.rl.ppo_math).
+
+  LLaVA-RLHF: k1 clamped at 0, coef 0.1, score on the last column, rewards x10 (no
+  whitening), GAE over all columns with gamma = lam = 1, advantages whitened over the whole
+  batch (padding included, biased std).
+  """
+  kl = ppo_math.KL_ESTIMATORS[ppo.kl_estimator](old_logps, ref_logps) * mask
+  shaped = ppo_math.token_rewards(
+    scores,
+    kl,
+    mask,
+    ppo.kl_coef,
+    ppo.score_position,
+    1.0 if ppo.whiten_rewards else ppo.reward_scale,
+  )
+  if ppo.whiten_rewards:
+    shaped = ppo_math.masked_whiten(shaped, mask, shift_mean=False)
+  everywhere = jnp.ones_like(mask)
+  gae_mask = everywhere if ppo.score_position == "last_column" else mask
+  adv, returns = ppo_math.gae_advantages(shaped, values, gae_mask, ppo.gamma, ppo.lam)
+  whiten_mask = everywhere if ppo.mean_over_padding else mask
+  adv = ppo_math.masked_whiten(
+    adv, whiten_mask, shift_mean=True, unbiased=not ppo.mean_over_padding
+  )
+  return {
+    "advantages": adv,
+    "returns": returns,
+    "kl_per_sequence": jnp.sum(kl, axis=1),
+    "shaped_reward_sum": jnp.sum(shaped * gae_mask, axis=1),
+  }
+
+
+def ppo_train_step(
+  state: state_lib.TrainState,
+  batch: dict[str, jax.Array],
+  frozen: dict[str, Any],
+  *,
+  policy_model: Llava,
+  value_model: Llava,
+  value_head: ScalarHead,
+  tx: optax.GradientTransformation,
+  trainable: tuple[str, ...],
+  ppo: ml_collections.ConfigDict,
+  state_dtype: str,
+) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  """One minibatch update of policy and value: L = L_clip + vf_coef * L_value.
+
+  state.params = {"policy": ..., "value": {"backbone": ..., "head": ...}};
+  frozen = {"policy_base": LoRA base or None, "value_base": LoRA base or None, ...}.
+  """
+  trainable_params, frozen_params = optim.split_trainable(state.params, trainable)
+  mask = batch["response_mask"]
+
+  def loss_fn(params):
+    p = optim.merge_params(params, frozen_params)
+    logp = response_logps(policy_model, model_variables(p["policy"], frozen["policy_base"]), batch)
+    values = response_values(
+      value_model,
+      value_head,
+      model_variables(p["value"]["backbone"], frozen["value_base"]),
+      p["value"]["head"],
+      batch,
+    )
+    pg, pg_metrics = ppo_math.ppo_policy_loss(
+      logp, batch["old_logps"], batch["advantages"], mask, ppo.clip_eps, ppo.mean_over_padding
+    )
+    vf, vf_metrics = ppo_math.ppo_value_loss(
+      values, batch["old_values"], batch["returns"], mask, ppo.clip_value, ppo.mean_over_padding
+    )
+    loss = pg + ppo.vf_coef * vf
+    return loss, {"loss": loss, **pg_metrics, "value_loss": vf, **vf_metrics}
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+  new_state = state_lib.apply_gradients(
+    state, grads, tx, trainable_params, frozen_params, state_dtype
+  )
+  return new_state, state_lib.with_step_metrics(metrics, grads, batch)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Prompt:
+  record_id: str
+  question: str
+  input_ids: np.ndarray
+  image: Any
+  caption_type: int
+  length_bonus: float
+  facts: list[str]
+  rationale: str | None
+
+
+class PromptData:
+  """Encoded RL prompts; iteration i's prompts are a pure function of (seed, i)."""
+
+  def __init__(self, prompts: Sequence[Prompt], seed: int, stats: Counter):
+    if not prompts:
+      raise ValueError(f"no RL prompt left: {dict(stats)}")
+    self.prompts = list(prompts)
+    self.seed = seed
+    self.stats = stats
+
+  def __len__(self) -> int:
+    return len(self.prompts)
+
+  def batch(self, iteration: int, size: int) -> list[Prompt]:
+    per_epoch = len(self) // size
+    if per_epoch == 0:
+      raise ValueError(f"rollout batch {size} is larger than the prompt set ({len(self)})")
+    epoch, position = divmod(iteration, per_epoch)
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
+    return [self.prompts[i] for i in order[position * size : (position + 1) * size]]
+
+  def fingerprint(self) -> dict[str, Any]:
+    return {"num_prompts": len(self), "seed": self.seed}
+
+
+def prompt_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Counter]:
+  from lmm_align.data import preference_sources
+
+  d = config.data
+  if d.source == "shapes_prompts":
+    world = sources.shapes_world_config(config)
+    return preference_sources.shapes_ppo_prompts(
+      d.shapes.num_train, world, seed=d.shapes.seed
+    ), Counter()
+  if d.source == "llava_rlhf_prompts":
+    return preference_sources.read_ppo_prompts(
+      d.json_path, image_folder=d.image_folder or None, captions_path=d.captions_path or None,
+      on_error=d.on_error,
+    )  # fmt: skip
+  raise ValueError(f"PPO data.source {d.source!r}: use shapes_prompts or llava_rlhf_prompts")
+
+
+def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
+  """Records -> prompts ending with the assistant's turn; longer than ppo.query_len: dropped
+  and counted (LLaVA-RLHF drops them too)."""
+  records, stats = prompt_records(config)
+  tmpl = conversation.get_template(config.data.template)
+  prompts = []
+  for r in records:
+    ids = conversation.encode_generation_prompt(
+      r["question"], tokenizer, tmpl, model_config.num_image_tokens, model_config.image_token_id,
+      with_image=r.get("image") is not None and conversation.IMAGE_PLACEHOLDER not in r["question"],
+      record_id=str(r["id"]),
+    ).input_ids  # fmt: skip
+    if len(ids) > config.ppo.query_len:
+      stats["dropped_query_too_long"] += 1
+      continue
+    if config.ppo.fact_augmented and not r.get("facts"):
+      if config.data.on_error != "skip":
+        raise ValueError(f"RL prompt {r['id']!r}, field 'facts': none, and the RM reads facts")
+      stats["skipped_no_facts"] += 1
+      continue
+    prompts.append(
+      Prompt(
+        str(r["id"]), r["question"], np.asarray(ids, np.int32), image_source(r.get("image")),
+        int(r.get("caption_type", rewards.GENERAL)), float(r.get("length_bonus", 1.0)),
+        list(r.get("facts") or []), r.get("rationale"),
+      )
+    )  # fmt: skip
+    stats["kept"] += 1
+  return PromptData(prompts, config.seed, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# Rollouts.
+# --------------------------------------------------------------------------------------------
+
+
+def _left_pad(
+  rows: Sequence[Sequence[int]], length: int, pad: int
+) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.full((len(rows), length), pad, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    if len(row):
+      ids[i, length - len(row) :] = row
+      mask[i, length - len(row) :] = 1
+  return ids, mask
+
+
+def _right_pad(
+  rows: Sequence[Sequence[int]], length: int, pad: int
+) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.full((len(rows), length), pad, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, : len(row)] = row
+    mask[i, : len(row)] = 1
+  return ids, mask
+
+
+class Rollouts:
+  """The rollout side of PPO: sampling, scoring and the per-token quantities, all jitted."""
+
+  def __init__(
+    self, config, tokenizer, policy_model, value_model, value_head, rm, image_config, mesh
+  ):
+    self.config, self.ppo = config, config.ppo
+    self.tokenizer = tokenizer
+    self.policy_model = policy_model
+    self.plain_policy = Llava(policy_model.config.with_runtime(lora=None))
+    self.value_model, self.value_head = value_model, value_head
+    self.rm: RewardModel = rm
+    self.rm_head = ScalarHead()
+    self.image_config = image_config
+    self.mesh = mesh
+    self.settings = sampling.SamplingSettings(
+      temperature=self.ppo.temperature, top_p=self.ppo.top_p, top_k=self.ppo.top_k,
+      max_new_tokens=self.ppo.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
+    )  # fmt: skip
+    self.cut_ids = tuple(
+      i
+      for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+      if self.ppo.truncate_at_question_mark and tok is not None and tok.endswith("?")
+    )
+    self.symbolic = rewards.SymbolicRewardConfig(
+      correct_coef=self.ppo.correct_coef, length_coef=self.ppo.length_coef,
+      stop_penalty=self.ppo.stop_penalty, relative_stop_penalty=self.ppo.relative_stop_penalty,
+      reward_bias=self.ppo.reward_bias,
+    )  # fmt: skip
+    lora = policy_model.config.runtime.lora
+    self._merge = jax.jit(lambda base, adapters: merge_lora(base, adapters, lora))
+    self._logps = jax.jit(lambda v, b: response_logps(plain_or(policy_model, v), v, b))
+    self._values = jax.jit(lambda v, h, b: response_values(value_model, value_head, v, h, b))
+    self._scores = jax.jit(lambda p, h, b: reward_scores(rm.model, self.rm_head, p, h, b))
+    self._advantages = jax.jit(
+      lambda o, r, v, s, m: advantages_and_returns(o, r, v, s, m, self.ppo)
+    )
+
+  def sampling_params(self, params: dict, frozen: dict) -> Any:
+    if frozen["policy_base"] is None:
+      return params["policy"]
+    return self._merge(frozen["policy_base"], params["policy"])
+
+  def _pixels(self, prompts: Sequence[Prompt]) -> np.ndarray | None:
+    if self.image_config is None:
+      return None
+    images = []
+    for p in prompts:
+      image = p.image() if callable(p.image) else p.image
+      if image is None:
+        raise ValueError(f"RL prompt {p.record_id!r} has no image for a vision model")
+      images.append(preprocess_image(image, self.image_config))
+    return np.stack(images)[:, None]
+
+  def _forward_chunks(self, fn, batch: dict, size: int) -> np.ndarray:
+    """fn over row chunks of `size` (one compiled shape), concatenated on the host."""
+    out = []
+    for start in range(0, len(batch["input_ids"]), size):
+      chunk = {k: v[start : start + size] for k, v in batch.items()}
+      out.append(np.asarray(jax.device_get(fn(sharding.global_batch_from_local(chunk, self.mesh)))))
+    return np.concatenate(out)
+
+  def collect(
+    self, params: dict, frozen: dict, prompts: Sequence[Prompt], rng: jax.Array, iteration: int
+  ) -> tuple[dict[str, np.ndarray], dict[str, float], list[str]]:
+    """(rollout batch for the update, metrics, response texts) of one iteration."""
+    ppo, tok = self.ppo, self.tokenizer
+    timings = {}
+    t0 = time.perf_counter()
+    pixels = self._pixels(prompts)
+    out = sampling.generate(
+      self.plain_policy, self.sampling_params(params, frozen), [p.input_ids for p in prompts],
+      None if pixels is None else pixels[:, 0], settings=self.settings, rng=rng,
+      pad_id=tok.pad_token_id, buckets=(ppo.query_len,),
+    )  # fmt: skip
+    cut = [
+      rewards.truncate_response(row[:n], (tok.eos_token_id,), self.cut_ids)
+      for row, n in zip(np.asarray(out.tokens), np.asarray(out.lengths))
+    ]
+    texts = [
+      tok.decode([t for t in c.tokens if t != tok.eos_token_id], skip_special_tokens=True)
+      for c in cut
+    ]
+    timings["time/rollout"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    q_ids, q_mask = _left_pad([p.input_ids for p in prompts], ppo.query_len, tok.pad_token_id)
+    r_ids, r_mask = _right_pad([c.tokens for c in cut], ppo.max_new_tokens, tok.pad_token_id)
+    batch = {
+      "input_ids": np.concatenate([q_ids, r_ids], 1),
+      "attention_mask": np.concatenate([q_mask, r_mask], 1),
+      "response_mask": r_mask,
+    }
+    if pixels is not None:
+      batch["pixel_values"] = pixels
+    size = ppo.forward_batch_size
+    policy_vars = model_variables(params["policy"], frozen["policy_base"])
+    ref_vars = {
+      "params": frozen["reference"] if frozen["reference"] is not None else frozen["policy_base"]
+    }
+    value_vars = model_variables(params["value"]["backbone"], frozen["value_base"])
+    old_logps = self._forward_chunks(lambda b: self._logps(policy_vars, b), batch, size)
+    ref_logps = self._forward_chunks(lambda b: self._logps(ref_vars, b), batch, size)
+    values = self._forward_chunks(
+      lambda b: self._values(value_vars, params["value"]["head"], b), batch, size
+    )
+    rm_scores = self._score(prompts, cut, pixels, iteration)
+    parts = rewards.sequence_scores(
+      rm_scores, texts, r_mask.sum(1), np.array([c.has_stop for c in cut]),
+      np.array([p.caption_type for p in prompts]), np.array([p.length_bonus for p in prompts]),
+      ppo.max_new_tokens, self.symbolic,
+    )  # fmt: skip
+    timings["time/scoring"] = time.perf_counter() - t1
+    adv = jax.device_get(
+      self._advantages(old_logps, ref_logps, values, parts["score"], r_mask.astype(np.float32))
+    )
+    batch.update(
+      old_logps=old_logps.astype(np.float32), old_values=values.astype(np.float32),
+      advantages=np.asarray(adv["advantages"]), returns=np.asarray(adv["returns"]),
+    )  # fmt: skip
+    metrics = {
+      "reward/score": float(parts["score"].mean()),
+      "reward/rm": float(parts["rm_score"].mean()),
+      "reward/correct": float(parts["correct"].mean()),
+      "reward/missing_stop": float(parts["missing_stop"].mean()),
+      "kl": float(np.mean(adv["kl_per_sequence"])),
+      "response_tokens": float(r_mask.sum(1).mean()),
+      **timings,
+    }
+    return batch, metrics, texts
+
+  def _score(self, prompts, cut, pixels, iteration: int) -> np.ndarray:
+    """RM(query + response + evaluation prompt): facts shuffled per example and iteration."""
+    from lmm_align.data import reward_data
+
+    rng = np.random.default_rng([self.config.seed, iteration, 17])
+    rows = []
+    for p, c in zip(prompts, cut):
+      suffix = reward_data.reward_suffix(
+        self.rm.prompt, p.facts, rng, fact_augmented=self.rm.fact_augmented, rationale=p.rationale
+      )
+      rows.append(
+        list(p.input_ids) + list(c.tokens) + reward_data.suffix_ids(suffix, self.tokenizer)
+      )
+    length = sampling.bucket_length(max(len(r) for r in rows), tuple(self.ppo.reward_buckets))
+    ids, mask = _right_pad(rows, length, self.tokenizer.pad_token_id)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if pixels is not None:
+      batch["pixel_values"] = pixels
+    return self._forward_chunks(
+      lambda b: self._scores(self.rm.backbone, self.rm.head, b), batch, self.ppo.forward_batch_size
+    )
+
+
+def plain_or(model: Llava, variables: dict) -> Llava:
+  """The model to apply `variables` with: the LoRA model when they carry adapters."""
+  return model if "lora" in variables else Llava(model.config.with_runtime(lora=None))
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------
+
+
+def build_state(
+  config, policy_model, value_model, value_head, rm: RewardModel, mesh, rules, source
+):
+  """(state, shardings, tx, frozen, frozen shardings) before any workdir restore."""
+  p_shards = state_lib.param_shardings(policy_model, mesh, rules)
+  initial = modelling.initial_params(policy_model, config, source, config.init_from, p_shards)
+  frozen = {"policy_base": None, "reference": None, "value_base": None}
+  frozen_shards = dict(frozen)
+  if policy_model.config.runtime.lora is not None:
+    frozen["policy_base"], frozen_shards["policy_base"] = initial, p_shards
+    p_shards = state_lib.param_shardings(policy_model, mesh, rules, "lora")
+    policy = state_lib.init_params_sharded(
+      policy_model, jax.random.key(config.seed), p_shards, "lora"
+    )
+  else:
+    frozen["reference"], frozen_shards["reference"] = initial, p_shards
+    policy = jax.tree.map(jnp.copy, initial)
+  v_shards = state_lib.param_shardings(value_model, mesh, rules)
+  rm_backbone = jax.device_put(
+    rm.backbone, state_lib.param_shardings(Llava(rm.model.config), mesh, rules)
+  )
+  if value_model.config.runtime.lora is not None:
+    frozen["value_base"], frozen_shards["value_base"] = rm_backbone, v_shards
+    v_shards = state_lib.param_shardings(value_model, mesh, rules, "lora")
+    value_backbone = state_lib.init_params_sharded(
+      value_model, jax.random.key(config.seed + 1), v_shards, "lora"
+    )
+  else:
+    value_backbone = jax.tree.map(jnp.copy, rm_backbone)
+  hidden = value_model.config.text.hidden_size
+  h_shards = head_shardings(value_head, hidden, mesh, rules)
+  head = jax.jit(
+    lambda key: nn.unbox(value_head.init(key, jnp.zeros((1, 1, hidden))))["params"],
+    out_shardings=h_shards,
+  )(jax.random.key(config.seed + 2))
+  params = {"policy": policy, "value": {"backbone": value_backbone, "head": head}}
+  shards = {"policy": p_shards, "value": {"backbone": v_shards, "head": h_shards}}
+  # The schedule counts optimizer updates: noptepochs x minibatches per iteration.
+  trainable_params, _ = optim.split_trainable(params, tuple(config.trainable))
+  optim.check_patterns_match(params, tuple(config.trainable), "config.trainable")
+  tx = optim.build_optimizer(
+    config.optim, trainable_params, config.total_steps * updates_per_iteration(config.ppo)
+  )
+  state, state_shards = state_lib.create_train_state(
+    params, shards, tx, tuple(config.trainable), config.seed, mesh, config.optim.state_dtype
+  )
+  return state, state_shards, tx, frozen, frozen_shards
+
+
+def updates_per_iteration(ppo) -> int:
+  if ppo.rollout_batch_size % ppo.step_batch_size:
+    raise ValueError("ppo.rollout_batch_size must be a multiple of ppo.step_batch_size")
+  return ppo.noptepochs * (ppo.rollout_batch_size // ppo.step_batch_size)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs PPO for config.total_steps iterations (rollout + updates); summary.json as SFT/DPO."""
+  ppo = config.ppo
+  if not config.init_from or not ppo.reward_model:
+    raise ValueError(
+      "PPO needs config.init_from (the SFT policy) and ppo.reward_model (an RM folder)"
+    )
+  loop.write_config(config, workdir)
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  tokenizer = sources.tokenizer_for(config, workdir)
+  policy_config = modelling.model_config_for(config, tokenizer)
+  policy_model = Llava(policy_config)
+  rm = load_reward_model(
+    ppo.reward_model, runtime=dataclasses.replace(policy_config.runtime, lora=None)
+  )
+  if ppo.fact_augmented != rm.fact_augmented:
+    raise ValueError(
+      f"ppo.fact_augmented={ppo.fact_augmented} but {ppo.reward_model} was trained with "
+      f"fact_augmented={rm.fact_augmented}"
+    )
+  if rm.model.config.text.vocab_size != policy_config.text.vocab_size:
+    raise ValueError("the reward model and the policy must share a tokenizer (vocab sizes differ)")
+  value_model = Llava(rm.model.config.with_runtime(lora=policy_config.runtime.lora))
+  value_head = ScalarHead(zero_init=ppo.value_head_zero_init)
+  data = prompt_data(config, tokenizer, policy_config)
+  image_config = sources.image_config_for(config, policy_config)
+  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, keep=config.keep_checkpoints)
+  source, where = checkpoint.restore_precedence(
+    workdir, config.resume, config.init_from, checkpointer
+  )
+  per_iteration = updates_per_iteration(ppo)
+
+  with sharding.activation_sharding(mesh, rules):
+    state, state_shards, tx, frozen, frozen_shards = build_state(
+      config, policy_model, value_model, value_head, rm, mesh, rules, source
+    )
+    if source in ("workdir", "resume"):
+      state, saved = checkpoint.restore_from(
+        source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
+      )
+      modelling.check_data_fingerprint(saved, data.fingerprint(), source)
+    start = int(state.step) // per_iteration
+    print(
+      f"[ppo] start at iteration {start} from {source}; {len(data)} prompts, {dict(data.stats)}"
+    )
+    step_fn = jax.tree_util.Partial(
+      ppo_train_step, policy_model=policy_model, value_model=value_model, value_head=value_head,
+      tx=tx, trainable=tuple(config.trainable), ppo=ppo, state_dtype=config.optim.state_dtype,
+    )  # fmt: skip
+    update = state_lib.jit_train_step(
+      lambda s, b, f: step_fn(s, b, f), state_shards, mesh,
+      {k: frozen_shards[k] for k in ("policy_base", "value_base")},
+    )  # fmt: skip
+    update_frozen = {k: frozen[k] for k in ("policy_base", "value_base")}
+    rollouts = Rollouts(
+      config, tokenizer, policy_model, value_model, value_head, rm, image_config, mesh
+    )
+    state = _run_iterations(
+      config,
+      workdir,
+      mesh,
+      state,
+      data,
+      rollouts,
+      update,
+      update_frozen,
+      frozen,
+      checkpointer,
+      start,
+    )
+    summary = {"final_iteration": config.total_steps}
+    if config.eval.enabled:
+      from lmm_align.evals import shapes_eval
+
+      policy = rollouts.sampling_params(state.params, frozen)
+      summary.update(shapes_eval.evaluate_workdir_model(config, workdir, policy))
+  loop.write_json(os.path.join(workdir, "summary.json"), summary)
+  checkpointer.close()
+  return summary
+
+
+def _run_iterations(
+  config, workdir, mesh, state, data, rollouts, update, update_frozen, frozen, checkpointer, start
+):
+  ppo = config.ppo
+  logger = loop.MetricLogger(workdir, config.total_steps, start)
+  fingerprint = data.fingerprint()
+  key = jax.random.key(config.seed)
+  saved = start
+  try:
+    with loop.PreemptionGuard() as guard:
+      for iteration in range(start, config.total_steps):
+        prompts = data.batch(iteration, ppo.rollout_batch_size)
+        batch, metrics, _ = rollouts.collect(
+          state.params, frozen, prompts, jax.random.fold_in(key, iteration), iteration
+        )
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        n = len(prompts)
+        for epoch in range(ppo.noptepochs):
+          order = np.random.default_rng([config.seed, iteration, epoch]).permutation(n)
+          for s in range(0, n, ppo.step_batch_size):
+            rows = order[s : s + ppo.step_batch_size]
+            minibatch = sharding.global_batch_from_local(
+              {k: v[rows] for k, v in batch.items()}, mesh
+            )
+            state, step_metrics = update(state, minibatch, update_frozen)
+            for k, v in jax.device_get(step_metrics).items():
+              sums[k] = sums.get(k, 0.0) + float(v)
+        updates = updates_per_iteration(ppo)
+        metrics.update({k: v / updates for k, v in sums.items() if k != "input_tokens"})
+        metrics["time/update"] = time.perf_counter() - t0
+        loop.check_finite(iteration, {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})
+        done = iteration + 1
+        if done % config.log_every == 0 or done == config.total_steps:
+          logger.write(done, metrics)
+        logger.progress(done, {k: metrics[k] for k in ("reward/score", "kl", "response_tokens")})
+        if done % config.checkpoint_every == 0 or done == config.total_steps:
+          checkpointer.save(int(state.step), state, {"step": int(state.step), **fingerprint})
+          saved = done
+        if guard.should_stop():
+          if saved != done:
+            checkpointer.save(
+              int(state.step), state, {"step": int(state.step), **fingerprint}, force=True
+            )
+          checkpointer.close()
+          print(f"[ppo] preempted: saved iteration {done}, exiting")
+          raise SystemExit(0)
+  finally:
+    logger.close()
+  checkpointer.wait()
+  return state

@@ -1,0 +1,62 @@
+"""PPO's advantage path in both configurations (LLaVA-RLHF's quirks, textbook) against numpy."""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+
+from configs import llava_rlhf_ppo, shapes_ppo
+from lmm_align.trainers.ppo import advantages_and_returns
+
+
+def _rollout(seed=0, b=3, n=6):
+  rng = np.random.default_rng(seed)
+  lengths = np.array([6, 3, 1])[:b]
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+  old = rng.normal(-2, 0.5, (b, n)).astype(np.float32) * mask
+  ref = rng.normal(-2, 0.5, (b, n)).astype(np.float32) * mask
+  values = rng.normal(0, 1, (b, n)).astype(np.float32)
+  scores = rng.normal(0, 2, (b,)).astype(np.float32)
+  return old, ref, values, scores, mask
+
+
+def test_llava_rlhf_quirks_match_a_numpy_transcription():
+  ppo = llava_rlhf_ppo.get_config().ppo
+  old, ref, values, scores, mask = _rollout()
+  out = advantages_and_returns(old, ref, values, scores, mask, ppo)
+  # Transcribed from the published ppo_trainer: clamp(k1, 0), score on the last column,
+  # x10, GAE(1, 1) over every column, whiten over everything with the biased std.
+  shaped = -0.1 * np.maximum(old - ref, 0) * mask
+  shaped[:, -1] += scores
+  shaped *= 10.0
+  adv = np.cumsum(shaped[:, ::-1], axis=1)[:, ::-1] - values
+  returns = adv + values
+  whitened = (adv - adv.mean()) / np.sqrt(adv.var() + 1e-8)
+  np.testing.assert_allclose(out["returns"], returns, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["advantages"], whitened, rtol=1e-4, atol=1e-4)
+
+
+def test_textbook_path_scores_at_eos_and_discounts_within_the_response():
+  ppo: ml_collections.ConfigDict = shapes_ppo.ppo_config()
+  old, ref, values, scores, mask = _rollout(1)
+  out = advantages_and_returns(old, ref, values, scores, mask, ppo)
+  b, n = mask.shape
+  shaped = -ppo.kl_coef * (old - ref) * mask
+  last = mask.sum(1).astype(int) - 1
+  shaped[np.arange(b), last] += scores
+  adv = np.zeros((b, n))
+  for i in range(b):
+    running = 0.0
+    for t in reversed(range(last[i] + 1)):
+      next_v = values[i, t + 1] if t < last[i] else 0.0
+      delta = shaped[i, t] + ppo.gamma * next_v - values[i, t]
+      running = delta + ppo.gamma * ppo.lam * running
+      adv[i, t] = running
+  returns = (adv + values) * mask
+  real = adv[mask > 0]
+  whitened = (adv - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8)
+  np.testing.assert_allclose(out["returns"], returns, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.where(mask > 0, out["advantages"], 0), np.where(mask > 0, whitened, 0), rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(out["kl_per_sequence"], ((old - ref) * mask).sum(1), rtol=1e-5)
