@@ -1,0 +1,161 @@
+"""The shapes-world alignment chain, on CPU, from one command:
+
+  python experiments/shapes_alignment.py --workdir=/tmp/chain            # full: about an hour
+  python experiments/shapes_alignment.py --workdir=/tmp/chain --quick    # every stage, tiny
+
+  SFT (answers with injected hallucinations) -> export
+    -> reward model, fact-augmented -> export -> PPO with it          (ppo_fact)
+    -> reward model, vanilla        -> export -> PPO with it          (ppo_vanilla)
+    -> DPO on ground-truth pairs                                       (dpo)
+
+Each stage trains in WORKDIR/<stage> and writes its summary.json there (policy stages:
+hallucination_rate, object_recall, pope_f1, mean_answer_tokens on held-out scenes; reward
+stages: held-out pair accuracy). WORKDIR/summary.json maps stage names to those metrics and
+the table is printed; WORKDIR/report.html shows it with plots and example answers. A stage
+whose summary.json exists is not rerun, so a killed chain continues where it stopped (each
+trainer also resumes mid-stage from its checkpoints). `--sft_from=HF_DIR` starts from an
+already exported SFT policy. `--set stage.key=value` overrides any stage's config, e.g.
+`--set ppo_fact.ppo.kl_coef=0.05`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+POLICY_METRICS = ("hallucination_rate", "object_recall", "pope_f1", "mean_answer_tokens")
+REWARD_METRICS = ("eval_accuracy", "eval_margin")
+STAGES = ("sft", "rm_fact", "rm_vanilla", "ppo_fact", "ppo_vanilla", "dpo")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--quick", action="store_true", help="runlocal configs: checks the plumbing")
+  p.add_argument("--sft_from", default="", help="an exported SFT policy (skips the SFT stage)")
+  p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
+  p.add_argument("--set", action="append", default=[], help="stage.key=value overrides")
+  return p.parse_args(argv)
+
+
+def _overrides(items: list[str]) -> dict[str, dict[str, object]]:
+  out: dict[str, dict[str, object]] = {}
+  for item in items:
+    key, _, raw = item.partition("=")
+    stage, _, field = key.partition(".")
+    if stage not in STAGES or not field or not raw:
+      raise SystemExit(f"--set {item!r}: use stage.key=value with stage in {STAGES}")
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError:
+      value = raw
+    out.setdefault(stage, {})[field] = value
+  return out
+
+
+def stage_configs(quick: bool) -> dict[str, object]:
+  from lmm_align import config_files
+
+  arg = "runlocal" if quick else ""
+  load = lambda spec: config_files.load_config(spec, str(REPO))
+  join = lambda *a: ",".join(x for x in a if x)
+  return {
+    "sft": load(f"configs/shapes_sft.py:{arg}"),
+    "rm_fact": load(f"configs/shapes_reward.py:{arg}"),
+    "rm_vanilla": load(f"configs/shapes_reward.py:{join(arg, 'vanilla')}"),
+    "ppo_fact": load(f"configs/shapes_ppo.py:{arg}"),
+    "ppo_vanilla": load(f"configs/shapes_ppo.py:{join(arg, 'vanilla')}"),
+    "dpo": load(f"configs/shapes_dpo.py:{arg}"),
+  }
+
+
+def _done(workdir: pathlib.Path) -> dict | None:
+  path = workdir / "summary.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_chain(args: argparse.Namespace) -> dict[str, dict]:
+  from lmm_align import main
+  from lmm_align.trainers import export, reward
+
+  root = pathlib.Path(args.workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  configs = stage_configs(args.quick)
+  overrides = _overrides(args.set)
+  wanted = [s for s in args.stages.split(",") if s]
+  unknown = set(wanted) - set(STAGES)
+  if unknown:
+    raise SystemExit(f"--stages: unknown {sorted(unknown)}; known {STAGES}")
+  sft_hf = pathlib.Path(args.sft_from) if args.sft_from else root / "sft_hf"
+  summaries: dict[str, dict] = {}
+
+  def run(stage: str, **fields) -> dict:
+    workdir = root / stage
+    done = _done(workdir)
+    if done is None:
+      config = main.apply_overrides(configs[stage], {**fields, **overrides.get(stage, {})})
+      print(f"=== {stage} -> {workdir}")
+      done = main.train(config, str(workdir))
+    summaries[stage] = done
+    return done
+
+  def exported(stage: str, out: pathlib.Path, fn) -> pathlib.Path:
+    if not (out / "config.json").exists():
+      fn(str(root / stage), str(out))
+    return out
+
+  if "sft" in wanted and not args.sft_from:
+    run("sft")
+    exported("sft", sft_hf, export.export_workdir)
+  elif not (sft_hf / "config.json").exists():
+    raise SystemExit(f"{sft_hf} has no exported SFT policy: run the sft stage or pass --sft_from")
+  elif "sft" in wanted:
+    summaries["sft"] = _done(pathlib.Path(args.sft_from).parent / "sft") or {}
+  for kind in ("fact", "vanilla"):
+    if f"rm_{kind}" in wanted or f"ppo_{kind}" in wanted:
+      run(f"rm_{kind}", init_from=str(sft_hf))
+      rm_hf = exported(f"rm_{kind}", root / f"rm_{kind}_hf", reward.export_reward_workdir)
+      if f"ppo_{kind}" in wanted:
+        run(f"ppo_{kind}", init_from=str(sft_hf), **{"ppo.reward_model": str(rm_hf)})
+  if "dpo" in wanted:
+    run("dpo", init_from=str(sft_hf))
+
+  table = {}
+  for stage, summary in summaries.items():
+    keys = REWARD_METRICS if stage.startswith("rm_") else POLICY_METRICS
+    table[stage] = {k: summary[k] for k in keys if k in summary}
+  (root / "summary.json").write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+  print(format_table(table))
+  _write_report(root, [s for s in STAGES if s in summaries])
+  return table
+
+
+def format_table(table: dict[str, dict]) -> str:
+  columns = sorted({k for row in table.values() for k in row}, key=lambda k: (
+    (POLICY_METRICS + REWARD_METRICS).index(k) if k in POLICY_METRICS + REWARD_METRICS else 99, k
+  ))  # fmt: skip
+  rows = [["stage", *columns]] + [
+    [stage, *(f"{row[c]:.4g}" if c in row else "" for c in columns)] for stage, row in table.items()
+  ]
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows)
+
+
+def _write_report(root: pathlib.Path, stages: list[str]) -> None:
+  try:
+    from lmm_align.evals import report
+  except ImportError:  # the report module is optional for the chain itself
+    return
+  html, _ = report.pipeline_report(str(root), [(s, str(root / s)) for s in stages], str(root))
+  print(f"report: {html}")
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("LMM_ALIGN_PROGRESS", "1")
+  run_chain(parse_args())
