@@ -116,7 +116,9 @@ def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
       if d.source == "tfds_llava_rlhf"
       else (tfds_preference.RLAIFV_NAME)
     )
-    return tfds_preference.records_from_tfds(d.tfds_data_dir, d.tfds_split, name), Counter()
+    return tfds_preference.records_from_tfds(
+      d.tfds_data_dir, d.tfds_split, name
+    ), tfds_preference.skipped_at_build(d.tfds_data_dir, name)
   raise ValueError(
     f"reward data.source {d.source!r}: use shapes_pairs, llava_rlhf, rlaifv_parquet, "
     "tfds_llava_rlhf or tfds_rlaifv"
