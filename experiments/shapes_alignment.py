@@ -13,8 +13,8 @@ hallucination_rate, object_recall, pope_f1, mean_answer_tokens on held-out scene
 stages: held-out pair accuracy). WORKDIR/summary.json maps stage names to those metrics and
 the table is printed; WORKDIR/report.html shows it with plots and example answers. A stage
 whose summary.json exists is not rerun, so a killed chain continues where it stopped (each
-trainer also resumes mid-stage from its checkpoints). `--sft_from=HF_DIR` starts from an
-already exported SFT policy. `--set stage.key=value` overrides any stage's config, e.g.
+trainer also resumes mid-stage from its checkpoints). `--sft_workdir=DIR` starts from an
+already trained SFT run (its summary is the sft row; it is exported into WORKDIR/sft_hf). `--set stage.key=value` overrides any stage's config, e.g.
 `--set ppo_fact.ppo.kl_coef=0.05`.
 """
 
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--quick", action="store_true", help="runlocal configs: checks the plumbing")
-  p.add_argument("--sft_from", default="", help="an exported SFT policy (skips the SFT stage)")
+  p.add_argument("--sft_workdir", default="", help="a trained SFT run (skips the SFT stage)")
   p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
   p.add_argument("--set", action="append", default=[], help="stage.key=value overrides")
   return p.parse_args(argv)
@@ -92,7 +92,7 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
   unknown = set(wanted) - set(STAGES)
   if unknown:
     raise SystemExit(f"--stages: unknown {sorted(unknown)}; known {STAGES}")
-  sft_hf = pathlib.Path(args.sft_from) if args.sft_from else root / "sft_hf"
+  sft_hf = root / "sft_hf"
   summaries: dict[str, dict] = {}
 
   def run(stage: str, **fields) -> dict:
@@ -110,13 +110,16 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
       fn(str(root / stage), str(out))
     return out
 
-  if "sft" in wanted and not args.sft_from:
+  if args.sft_workdir:
+    sft_run = pathlib.Path(args.sft_workdir)
+    summaries["sft"] = _done(sft_run) or {}
+    if not (sft_hf / "config.json").exists():
+      export.export_workdir(str(sft_run), str(sft_hf))
+  elif "sft" in wanted:
     run("sft")
     exported("sft", sft_hf, export.export_workdir)
   elif not (sft_hf / "config.json").exists():
-    raise SystemExit(f"{sft_hf} has no exported SFT policy: run the sft stage or pass --sft_from")
-  elif "sft" in wanted:
-    summaries["sft"] = _done(pathlib.Path(args.sft_from).parent / "sft") or {}
+    raise SystemExit(f"{sft_hf} has no SFT policy: run the sft stage or pass --sft_workdir")
   for kind in ("fact", "vanilla"):
     if f"rm_{kind}" in wanted or f"ppo_{kind}" in wanted:
       run(f"rm_{kind}", init_from=str(sft_hf))
@@ -152,7 +155,18 @@ def _write_report(root: pathlib.Path, stages: list[str]) -> None:
     from lmm_align.evals import report
   except ImportError:  # the report module is optional for the chain itself
     return
-  html, _ = report.pipeline_report(str(root), [(s, str(root / s)) for s in stages], str(root))
+  from lmm_align.data import shapes, sources
+
+  config = stage_configs(quick=False)["sft"]
+  world = sources.shapes_world_config(config)
+  scenes = shapes.make_scenes(config.eval.num_scenes, world, seed=config.data.shapes.eval_seed)
+  by_id = {s.id: s for s in scenes}
+  image_for = lambda e: (
+    shapes.render(by_id[e["scene"]], world.image_size) if e.get("scene") in by_id else None
+  )
+  html, _ = report.pipeline_report(
+    str(root), [(s, str(root / s)) for s in stages], str(root), image_for=image_for
+  )
   print(f"report: {html}")
 
 

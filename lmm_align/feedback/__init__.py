@@ -1,0 +1,1 @@
+"""Feedback for alignment: RLAIF-V claims -> questions -> labeler; critic prompts and parsing."""

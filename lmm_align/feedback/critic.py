@@ -1,0 +1,529 @@
+"""LLaVA-Critic pieces: critic prompts, position-debiased pairwise judging, the ordered-pair
+reward used to pick DPO pairs, a pointwise critic reward, and critic instruction data built
+from shapes-world ground truth.
+
+Prompts. LLaVA-Critic takes "<image>\\n" + a judging prompt and answers with a reason, then a
+verdict: "The better response: [first|second]" (or "... equally good" for a tie) pairwise, and
+"Final Score: N" pointwise. The builders here use our own wording with the same verdict lines,
+so `lmm_align.judges.verdicts` reads the replies. A published prompt (the model card's, for
+exact reproduction) is loaded from a file with `{placeholder}` fields (`PromptTemplate`).
+
+Pairwise reward (LLaVA-Critic's preference-learning recipe). For K responses y_1..y_K to one
+prompt, all K(K-1) ordered pairs are judged. Let a_ij be the credit the critic gives the
+SECOND-shown response y_j in the judgment that shows y_i first and y_j second:
+
+    a_ij = 1 (y_j better), 0.5 (tie), 0 (y_i better)
+
+and r_i = sum_{k != i} a_ki - sum_{l != i} a_il: credit y_i earns when shown second, minus the
+credit its opponents earn when y_i is shown first. Since the credit of the first-shown response
+is 1 - a_il, r_i = sum over the 2(K-1) judgments involving y_i of (credit of y_i - 1/2), which
+is how it is computed: an invalid verdict (no verdict parsed, or no reply) is counted and
+adds nothing to either response, exactly as a tie would, instead of removing only one of the
+two sums' terms. y+ = argmax r, y- = argmin r (ties broken by the lower index); when every
+r_i is equal there is no preference and no pair. The paper leaves the a_ij mapping open
+(LLaVA-NeXT issue #372); 1 / 0.5 / 0 is this module's choice.
+
+Position bias (MT-Bench's rule). A pair judged in both orders keeps the winner only when both
+orders agree; any disagreement is a tie. `aggregate_pairwise(..., debias=True)` applies the
+rule to each unordered pair before computing r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from lmm_align.data import shapes, shapes_metrics
+from lmm_align.judges.base import Judge, JudgeReply, JudgeRequest
+from lmm_align.judges.verdicts import (
+  INVALID,
+  PairwiseVerdict,
+  PointwiseVerdict,
+  parse_pairwise,
+  parse_pointwise,
+)
+
+IMAGE_PLACEHOLDER = "<image>"
+SCORE_SCALES = {"0-100": (0.0, 100.0), "1-10": (1.0, 10.0)}
+PAIRWISE_VERDICT_LINES = {
+  "first": "The better response: [first]",
+  "second": "The better response: [second]",
+  "tie": "The two responses are equally good.",
+}
+VERDICT_CREDIT = {"first": 0.0, "tie": 0.5, "second": 1.0}  # a_ij: credit of the second-shown
+
+
+def score_scale(scale: str | tuple[float, float]) -> tuple[float, float]:
+  """(low, high) of a named scale ("0-100", "1-10") or of a (low, high) pair."""
+  if isinstance(scale, str):
+    if scale not in SCORE_SCALES:
+      raise ValueError(f"unknown score scale {scale!r}; known: {sorted(SCORE_SCALES)}")
+    return SCORE_SCALES[scale]
+  low, high = (float(v) for v in scale)
+  if not low < high:
+    raise ValueError(f"score scale needs low < high, got {scale}")
+  return low, high
+
+
+def final_score_line(score: float) -> str:
+  return f"Final Score: {score:g}"
+
+
+# ------------------------------------------------------------------------------------------
+# Prompts.
+# ------------------------------------------------------------------------------------------
+
+_POINTWISE = (
+  "You are checking an answer that an AI assistant gave about the image above. Compare every "
+  "statement in the answer with the image: an object that is not there, a wrong colour, count "
+  "or position is an error, and so is an answer that does not address the question. Explain "
+  "your judgment with specific details from the image. Then, on the last line, give the answer "
+  'a score from {low:g} to {high:g} (higher is better), written as "Final Score: N".\n'
+  "Question: [{question}]\n"
+  "Answer: [{response}]"
+)
+_PAIRWISE = (
+  "You are comparing two answers that AI assistants gave about the image above. Compare every "
+  "statement in each answer with the image: an object that is not there, a wrong colour, count "
+  "or position is an error, and so is an answer that does not address the question. Do not let "
+  "the order or the length of the answers sway you. Explain which answer is better with "
+  "specific details from the image. Then, on the last line, write "
+  f'"{PAIRWISE_VERDICT_LINES["first"]}" or "{PAIRWISE_VERDICT_LINES["second"]}", or '
+  f'"{PAIRWISE_VERDICT_LINES["tie"]}" if neither is better.\n'
+  "Question: [{question}]\n"
+  "The first response: [{first}]\n"
+  "The second response: [{second}]"
+)
+
+# Placeholder names a published prompt may use, mapped to our fields: ours, FastChat's
+# ({answer}, {answer_a}, {answer_b}) and the LLaVA-Critic model card's notation ({q}, {r}, ...).
+_FIELD_ALIASES = {
+  "question": "question", "q": "question",
+  "response": "response", "answer": "response", "r": "response",
+  "first": "first", "answer_a": "first", "response_1": "first", "r1": "first",
+  "second": "second", "answer_b": "second", "response_2": "second", "r2": "second",
+}  # fmt: skip
+_FIELDS = {"pointwise": ("question", "response"), "pairwise": ("question", "first", "second")}
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+  """A judging prompt with `{field}` placeholders; `kind` is "pointwise" or "pairwise"."""
+
+  text: str
+  kind: str
+  source: str = "<string>"
+
+  def __post_init__(self):
+    if self.kind not in _FIELDS:
+      raise ValueError(f"{self.source}: kind {self.kind!r} is not 'pointwise' or 'pairwise'")
+    found = set()
+    for name in _PLACEHOLDER.findall(self.text):
+      field = _FIELD_ALIASES.get(name)
+      if field not in _FIELDS[self.kind]:
+        raise ValueError(f"{self.source}: placeholder {{{name}}} is not a {self.kind} field")
+      found.add(field)
+    missing = [f for f in _FIELDS[self.kind] if f not in found]
+    if missing:
+      raise ValueError(f"{self.source}: {self.kind} prompt lacks a placeholder for {missing}")
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike, kind: str) -> PromptTemplate:
+    """A published prompt, e.g. the LLaVA-Critic model card's, saved as UTF-8 text."""
+    return cls(pathlib.Path(path).read_text(encoding="utf-8"), kind, os.fspath(path))
+
+  def fill(self, **fields: str) -> str:
+    """The prompt with every placeholder replaced (values are inserted verbatim, once)."""
+    return _PLACEHOLDER.sub(lambda m: fields[_FIELD_ALIASES[m[1]]], self.text)
+
+
+def _with_image(prompt: str, with_image: bool) -> str:
+  if with_image and IMAGE_PLACEHOLDER not in prompt:
+    return f"{IMAGE_PLACEHOLDER}\n{prompt}"
+  return prompt
+
+
+def pointwise_prompt(
+  question: str,
+  response: str,
+  *,
+  scale: str | tuple[float, float] = "0-100",
+  template: PromptTemplate | None = None,
+  with_image: bool = True,
+) -> str:
+  """The critic prompt to score one response ("<image>\\n" first unless with_image=False)."""
+  if template is None:
+    low, high = score_scale(scale)
+    text = _POINTWISE.format(low=low, high=high, question=question, response=response)
+  else:
+    text = template.fill(question=question, response=response)
+  return _with_image(text, with_image)
+
+
+def pairwise_prompt(
+  question: str,
+  first: str,
+  second: str,
+  *,
+  template: PromptTemplate | None = None,
+  with_image: bool = True,
+) -> str:
+  """The critic prompt to compare two responses ("<image>\\n" first unless with_image=False)."""
+  if template is None:
+    text = _PAIRWISE.format(question=question, first=first, second=second)
+  else:
+    text = template.fill(question=question, first=first, second=second)
+  return _with_image(text, with_image)
+
+
+# ------------------------------------------------------------------------------------------
+# Position bias and the ordered-pair reward.
+# ------------------------------------------------------------------------------------------
+
+
+def _winner(verdict: PairwiseVerdict | str) -> str:
+  return verdict.winner if isinstance(verdict, PairwiseVerdict) else verdict
+
+
+def debiased_winner(original: PairwiseVerdict | str, swapped: PairwiseVerdict | str) -> str:
+  """MT-Bench's swap rule. `original` judged (a, b), `swapped` judged (b, a); returns the
+  winner in the original positions: the common winner when both orders agree, "tie" when they
+  disagree, "invalid" when either verdict is invalid."""
+  ab, ba = _winner(original), _winner(swapped)
+  if INVALID in (ab, ba) or ab not in VERDICT_CREDIT or ba not in VERDICT_CREDIT:
+    return INVALID
+  ba_in_original_positions = {"first": "second", "second": "first", "tie": "tie"}[ba]
+  return ab if ab == ba_in_original_positions else "tie"
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticRanking:
+  """The ordered-pair aggregation for K responses (module docstring).
+
+  scores: float64[K], r_i. chosen / rejected: argmax / argmin of r (None when all r are equal
+  or nothing was judged). margin: r[chosen] - r[rejected] (0 without a pair). judged: the
+  judgments that counted; invalid: the ones excluded.
+  """
+
+  scores: np.ndarray
+  chosen: int | None
+  rejected: int | None
+  margin: float
+  judged: int
+  invalid: int
+
+
+def _checked_pairs(
+  num_responses: int, verdicts: Mapping[tuple[int, int], PairwiseVerdict | str]
+) -> dict[tuple[int, int], str]:
+  winners = {}
+  for (i, j), verdict in verdicts.items():
+    if not (0 <= i < num_responses and 0 <= j < num_responses) or i == j:
+      raise ValueError(f"verdict key {(i, j)} is not an ordered pair of {num_responses} responses")
+    winners[(i, j)] = _winner(verdict)
+  return winners
+
+
+def _apply_swap_rule(winners: dict[tuple[int, int], str]) -> dict[tuple[int, int], str]:
+  """Each unordered pair judged both ways gets the swap rule's winner in both orders."""
+  combined = dict(winners)
+  for (i, j), ab in winners.items():
+    if (j, i) in winners:
+      combined[(i, j)] = debiased_winner(ab, winners[(j, i)])
+    else:
+      combined[(i, j)] = INVALID  # one order alone cannot be debiased
+  return combined
+
+
+def aggregate_pairwise(
+  num_responses: int,
+  verdicts: Mapping[tuple[int, int], PairwiseVerdict | str],
+  *,
+  debias: bool = False,
+) -> CriticRanking:
+  """r_i from the verdicts of ordered pairs: verdicts[(i, j)] judged y_i first, y_j second.
+
+  Normally all K(K-1) ordered pairs are given; a missing one adds nothing. debias: apply the
+  swap rule to each unordered pair first (a pair judged in one order only is then invalid).
+  """
+  winners = _checked_pairs(num_responses, verdicts)
+  if debias:
+    winners = _apply_swap_rule(winners)
+  scores = np.zeros(num_responses, np.float64)
+  judged = invalid = 0
+  for (i, j), winner in winners.items():
+    if winner not in VERDICT_CREDIT:
+      invalid += 1
+      continue
+    judged += 1
+    credit_j = VERDICT_CREDIT[winner]
+    scores[j] += credit_j - 0.5
+    scores[i] += (1.0 - credit_j) - 0.5
+  chosen, rejected = int(np.argmax(scores)), int(np.argmin(scores))
+  margin = float(scores[chosen] - scores[rejected])
+  if judged == 0 or margin == 0:
+    return CriticRanking(scores, None, None, 0.0, judged, invalid)
+  return CriticRanking(scores, chosen, rejected, margin, judged, invalid)
+
+
+def _reply_verdict(reply: JudgeReply) -> PairwiseVerdict:
+  if not reply.ok:
+    return PairwiseVerdict(INVALID, reason=f"no reply: {reply.error}")
+  return parse_pairwise(reply.text)
+
+
+def rank_responses(
+  judge: Judge,
+  question: str,
+  responses: Sequence[str],
+  image: str | None = None,
+  *,
+  template: PromptTemplate | None = None,
+  debias: bool = False,
+  max_tokens: int = 1024,
+) -> tuple[CriticRanking, dict[tuple[int, int], PairwiseVerdict]]:
+  """Judges all K(K-1) ordered pairs of `responses` in one batch and aggregates them.
+
+  Returns the ranking and the parsed verdict of every ordered pair (for logs and audits).
+  """
+  pairs = [(i, j) for i in range(len(responses)) for j in range(len(responses)) if i != j]
+  requests = [
+    JudgeRequest(
+      pairwise_prompt(question, responses[i], responses[j], template=template),
+      image=image,
+      max_tokens=max_tokens,
+      request_id=f"pair-{i}-{j}",
+    )
+    for i, j in pairs
+  ]
+  verdicts = {pair: _reply_verdict(r) for pair, r in zip(pairs, judge.complete(requests))}
+  return aggregate_pairwise(len(responses), verdicts, debias=debias), verdicts
+
+
+def judge_both_orders(
+  judge: Judge,
+  question: str,
+  first: str,
+  second: str,
+  image: str | None = None,
+  *,
+  template: PromptTemplate | None = None,
+  max_tokens: int = 1024,
+) -> tuple[str, PairwiseVerdict, PairwiseVerdict]:
+  """(debiased winner in the given positions, verdict on (first, second), on (second, first))."""
+  requests = [
+    JudgeRequest(
+      pairwise_prompt(question, a, b, template=template), image=image, max_tokens=max_tokens
+    )
+    for a, b in ((first, second), (second, first))
+  ]
+  original, swapped = (_reply_verdict(r) for r in judge.complete(requests))
+  return debiased_winner(original, swapped), original, swapped
+
+
+@dataclasses.dataclass(frozen=True)
+class PointwiseScores:
+  """scores[i]: the critic's score for response i, None where invalid (counted in `invalid`)."""
+
+  scores: list[float | None]
+  verdicts: list[PointwiseVerdict]
+  invalid: int
+
+
+def pointwise_scores(
+  judge: Judge,
+  question: str,
+  responses: Sequence[str],
+  image: str | None = None,
+  *,
+  scale: str | tuple[float, float] = "0-100",
+  template: PromptTemplate | None = None,
+  max_tokens: int = 1024,
+) -> PointwiseScores:
+  """The pointwise critic as a reward: one score per response; a score outside the scale is
+  invalid, as is a reply with no score."""
+  low, high = score_scale(scale)
+  requests = [
+    JudgeRequest(
+      pointwise_prompt(question, r, scale=scale, template=template),
+      image=image,
+      max_tokens=max_tokens,
+      request_id=f"response-{k}",
+    )  # fmt: skip
+    for k, r in enumerate(responses)
+  ]
+  verdicts = []
+  for reply in judge.complete(requests):
+    if reply.ok:
+      verdicts.append(parse_pointwise(reply.text, low=low, high=high))
+    else:
+      verdicts.append(PointwiseVerdict(None, reason=f"no reply: {reply.error}"))
+  scores = [v.score for v in verdicts]
+  return PointwiseScores(scores, verdicts, sum(s is None for s in scores))
+
+
+# ------------------------------------------------------------------------------------------
+# Critic instruction data from the shapes world (llava-critic-113k layout).
+# ------------------------------------------------------------------------------------------
+
+
+def hallucinated_mentions(text: str, scene: shapes.Scene) -> list[tuple[str | None, str]]:
+  """The (colour, shape) mentions in `text` that no object of `scene` matches, by the rule of
+  `shapes_metrics.response_hallucination_counts` (its `hallucinated_mentions` is their count)."""
+  wrong = []
+  for colour, shape in shapes_metrics.parse_mentions(text):
+    if not any(o.shape == shape and colour in (None, o.colour) for o in scene.objects):
+      wrong.append((colour, shape))
+  return wrong
+
+
+def _mention_name(colour: str | None, shape: str) -> str:
+  return f"{colour} {shape}" if colour else shape
+
+
+def _error_sentence(colour: str | None, shape: str, scene: shapes.Scene) -> str:
+  name = _mention_name(colour, shape)
+  present = sorted({o.colour for o in scene.objects if o.shape == shape})
+  if present:
+    colours = " and ".join(present)
+    return f"there is no {name} in the image (its {shape} is {colours})"
+  return f"there is no {name} in the image"
+
+
+def _describe_errors(label: str, text: str, scene: shapes.Scene) -> str:
+  wrong = hallucinated_mentions(text, scene)
+  if not wrong:
+    return f"Every object that {label} mentions is in the image."
+  named = ", ".join(shapes.with_article(_mention_name(c, s)) for c, s in wrong)
+  errors = "; ".join(_error_sentence(c, s, scene) for c, s in wrong)
+  return f"{label[0].upper()}{label[1:]} mentions {named}, but {errors}."
+
+
+def claim_accuracy(text: str, scene: shapes.Scene) -> tuple[int, int]:
+  """(correct object claims, all object claims) of `text` about `scene`."""
+  counts = shapes_metrics.response_hallucination_counts(text, scene)
+  return counts["mentions"] - counts["hallucinated_mentions"], counts["mentions"]
+
+
+def _caption_world(world: shapes.ShapesWorldConfig) -> shapes.ShapesWorldConfig:
+  # Caption records with an injected hallucination: the gpt turn is a hallucinated caption
+  # and metadata["facts"] the truthful one in the same wording.
+  return dataclasses.replace(world, task_mix=(("caption", 1.0),), hallucination_rate=1.0)
+
+
+def _question(record: dict[str, Any]) -> str:
+  return record["conversations"][0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def _pairwise_item(record, scene, rng, tie_fraction) -> tuple[list[str], str, str]:
+  """(responses [first, second], winner, reason) for one scene."""
+  truthful, hallucinated = record["metadata"]["facts"], record["conversations"][1]["value"]
+  if rng.random() < tie_fraction:
+    kinds = rng.permutation(shapes.CAPTION_TEMPLATES)[:2]
+    pair = [shapes.scene_caption(scene, rng, template=int(k)) for k in kinds]
+    reason = "Both responses describe only objects that are in the image, with the right colours."
+    return pair, "tie", reason
+  truthful_first = bool(rng.random() < 0.5)
+  pair = [truthful, hallucinated] if truthful_first else [hallucinated, truthful]
+  winner = "first" if truthful_first else "second"
+  loser = "second" if truthful_first else "first"
+  reason = " ".join([
+    _describe_errors(f"the {loser} response", hallucinated, scene),
+    _describe_errors(f"the {winner} response", truthful, scene),
+    f"The {winner} response is more accurate.",
+  ])  # fmt: skip
+  return pair, winner, reason
+
+
+def _pointwise_item(record, scene, rng, scale) -> tuple[str, float, str]:
+  """(response, score, reason): the truthful or the hallucinated caption, scored by the share
+  of its object claims that are right."""
+  use_truthful = bool(rng.random() < 0.5)
+  response = record["metadata"]["facts"] if use_truthful else record["conversations"][1]["value"]
+  correct, claims = claim_accuracy(response, scene)
+  low, high = score_scale(scale)
+  score = float(round(low + (high - low) * (correct / claims if claims else 0.0)))
+  summary = f"The response makes {claims} claims about objects, and {correct} of them are right."
+  reason = f"{summary} {_describe_errors('the response', response, scene)}"
+  return response, score, reason
+
+
+def _critic_record(record_id, image, prompt, answer, metadata) -> dict[str, Any]:
+  return {
+    "id": record_id,
+    "image": image,
+    "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
+    "metadata": metadata,
+  }
+
+
+def make_critic_record(
+  index: int,
+  world: shapes.ShapesWorldConfig,
+  *,
+  kind: str,
+  seed: int | Sequence[int] = 0,
+  scale: str | tuple[float, float] = "0-100",
+  tie_fraction: float = 0.0,
+) -> dict[str, Any]:
+  """Record `index` of the shapes critic data: {"id", "image" (PIL), "conversations",
+  "metadata"}. The human turn is "<image>\\n" + our critic prompt; the gpt turn is a reason
+  naming each hallucinated object, then the verdict line. kind: "pairwise" (the truthful vs a
+  hallucinated caption, or with `tie_fraction` two truthful captions: a tie) or "pointwise"
+  (one caption, scored by its share of correct object claims on `scale`).
+  A pure function of (index, world, kind, seed, ...), like `shapes.make_sft_record`; record i
+  shows the scene of SFT record i of the same seed, so use a seed the SFT and eval data do not.
+  """
+  seeds = list(seed) if isinstance(seed, Sequence) else [seed]
+  record = shapes.make_sft_record(index, _caption_world(world), seed)
+  scene = shapes.Scene.from_dict(record["metadata"]["scene"])
+  rng = np.random.default_rng([*seeds, index, 1])  # apart from the record's own stream
+  question = _question(record)
+  base = {"kind": kind, "scene": record["metadata"]["scene"], "question": question}
+  if kind == "pairwise":
+    (first, second), winner, reason = _pairwise_item(record, scene, rng, tie_fraction)
+    prompt = pairwise_prompt(question, first, second)
+    answer = f"{reason}\n{PAIRWISE_VERDICT_LINES[winner]}"
+    metadata = {**base, "responses": [first, second], "winner": winner}
+  elif kind == "pointwise":
+    response, score, reason = _pointwise_item(record, scene, rng, scale)
+    prompt = pointwise_prompt(question, response, scale=scale)
+    answer = f"{reason}\n{final_score_line(score)}"
+    metadata = {**base, "responses": [response], "score": score, "scale": list(score_scale(scale))}
+  else:
+    raise ValueError(f"kind {kind!r}: use 'pairwise' or 'pointwise'")
+  return _critic_record(f"{record['id']}-critic-{kind}", record["image"], prompt, answer, metadata)
+
+
+def make_critic_records(
+  n: int,
+  world: shapes.ShapesWorldConfig,
+  *,
+  seed: int | Sequence[int] = 0,
+  pairwise_fraction: float = 0.5,
+  scale: str | tuple[float, float] = "0-100",
+  tie_fraction: float = 0.0,
+) -> list[dict[str, Any]]:
+  """Records 0..n-1, the first round(n * pairwise_fraction) pairwise and the rest pointwise
+  (llava-critic-113k mixes both kinds; SFT shuffles)."""
+  if not 0.0 <= pairwise_fraction <= 1.0 or not 0.0 <= tie_fraction <= 1.0:
+    raise ValueError(f"fractions must be in [0, 1], got {pairwise_fraction}, {tie_fraction}")
+  num_pairwise = round(n * pairwise_fraction)
+  return [
+    make_critic_record(
+      i,
+      world,
+      kind="pairwise" if i < num_pairwise else "pointwise",
+      seed=seed,
+      scale=scale,
+      tie_fraction=tie_fraction,
+    )  # fmt: skip
+    for i in range(n)
+  ]

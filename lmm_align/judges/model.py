@@ -1,0 +1,155 @@
+"""The in-process judge: a LLaVA model in JAX answering judge requests greedily, in batches.
+
+`ModelJudge` is what a trained critic (or any policy asked for a verdict) runs on, with no
+server: each request's prompt is rendered with a conversation template into a generation
+prompt (`conversation.encode_generation_prompt`, "<image>" expanded to the model's image
+tokens), its image (a file path) loaded with PIL and preprocessed, and the batch decoded
+greedily by `sampling.generate` on the KV cache.
+
+Shapes stay fixed so that jit compiles once per prompt-length bucket: every batch has
+`batch_size` rows (a short last batch is padded with copies of its last row, whose replies
+are dropped), images go in row-aligned slots float32[B, 1, H, W, 3] (zeros for a text-only
+row, whose slot is ignored), and each row's `max_tokens` is a per-row limit under the static
+`max_new_tokens`. A request that cannot be prepared (unreadable image, an "<image>" without
+an image, an image for a text-only model) gets `JudgeReply(None, error=...)`; the rest of the
+batch is answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lmm_align import sampling
+from lmm_align.data import conversation
+from lmm_align.data.images import ImageProcessorConfig, load_image, preprocess_image
+from lmm_align.judges.base import JudgeReply, JudgeRequest
+from lmm_align.models.llava import Llava
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+  """One request ready for the sampler: token ids [T], pixels [H, W, 3] or None, a limit."""
+
+  index: int
+  input_ids: list[int]
+  pixels: np.ndarray | None
+  max_tokens: int
+
+
+class ModelJudge:
+  """The Judge protocol over a Llava model and its params.
+
+  Args:
+    model: the Llava module (its config gives image tokens and vision settings).
+    params: its params (unboxed).
+    tokenizer: the model's HF tokenizer (eos ends a reply).
+    image_config: preprocessing for the vision tower; None for a text-only model.
+    template: conversation template name ("vicuna_v1", "llava_v1", ...). A request's
+      `system` replaces the template's system prompt.
+    batch_size: rows per sampler call.
+    max_new_tokens: the static reply budget; a request's max_tokens is capped by it.
+    buckets: prompt-length buckets passed to `sampling.generate` (None: powers of two).
+  """
+
+  def __init__(
+    self,
+    model: Llava,
+    params: Any,
+    tokenizer: Any,
+    image_config: ImageProcessorConfig | None,
+    *,
+    template: str = "vicuna_v1",
+    batch_size: int = 8,
+    max_new_tokens: int = 512,
+    buckets: Sequence[int] | None = None,
+    name: str = "model",
+  ):
+    if batch_size < 1 or max_new_tokens < 1:
+      raise ValueError(
+        f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
+      )
+    if model.config.has_vision and image_config is None:
+      raise ValueError("a model with a vision tower needs an image_config")
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.image_config = image_config
+    self.template = conversation.get_template(template)
+    self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+    self.buckets = None if buckets is None else tuple(buckets)
+    self.name = name
+
+  def complete(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
+    """Greedy replies, one per request, in order."""
+    replies: list[JudgeReply | None] = [None] * len(requests)
+    prepared = []
+    for i, request in enumerate(requests):
+      try:
+        prepared.append(self._prepare(i, request))
+      except ValueError as e:
+        where = f"request {request.request_id!r}: " if request.request_id else ""
+        replies[i] = JudgeReply(None, error=f"{self.name}: {where}{e}")
+    for start in range(0, len(prepared), self.batch_size):
+      chunk = prepared[start : start + self.batch_size]
+      for item, text in zip(chunk, self._generate(chunk)):
+        replies[item.index] = JudgeReply(text)
+    return replies  # every slot is filled: prepared or refused
+
+  def _prepare(self, index: int, request: JudgeRequest) -> _Prepared:
+    config = self.model.config
+    template = self.template
+    if request.system is not None:
+      template = dataclasses.replace(template, system=request.system)
+    pixels = None
+    if request.image is not None:
+      if not config.has_vision:
+        raise ValueError("an image was given to a text-only model")
+      pixels = preprocess_image(load_image(request.image), self.image_config)
+    encoded = conversation.encode_generation_prompt(
+      request.prompt,
+      self.tokenizer,
+      template,
+      # A text-only model has no image tokens; the value is unused when nothing is expanded.
+      max(config.num_image_tokens, 1),
+      config.image_token_id,
+      with_image=pixels is not None,
+      num_images=int(pixels is not None),
+      record_id=request.request_id or None,
+    )
+    max_tokens = min(max(request.max_tokens, 1), self.max_new_tokens)
+    return _Prepared(index, encoded.input_ids.tolist(), pixels, max_tokens)
+
+  def _pixel_slots(self, chunk: Sequence[_Prepared]) -> np.ndarray | None:
+    """float32[B, 1, H, W, 3]: each row's image in its slot, zeros where it has none."""
+    if not self.model.config.has_vision:
+      return None
+    height, width = self.image_config.crop_size
+    slots = np.zeros((len(chunk), 1, height, width, 3), np.float32)
+    for row, item in enumerate(chunk):
+      if item.pixels is not None:
+        slots[row, 0] = item.pixels
+    return slots
+
+  def _generate(self, chunk: Sequence[_Prepared]) -> list[str]:
+    """Replies to up to batch_size prepared requests (padded to batch_size rows)."""
+    rows = list(chunk) + [chunk[-1]] * (self.batch_size - len(chunk))
+    settings = sampling.SamplingSettings(
+      temperature=0.0,
+      max_new_tokens=self.max_new_tokens,
+      stop_token_ids=(self.tokenizer.eos_token_id,),
+    )
+    out = sampling.generate(
+      self.model,
+      self.params,
+      [item.input_ids for item in rows],
+      self._pixel_slots(rows),
+      settings=settings,
+      rng=None,
+      pad_id=self.tokenizer.pad_token_id,
+      buckets=self.buckets,
+      row_max_new_tokens=[item.max_tokens for item in rows],
+    )
+    tokens = out.token_lists(strip_stop=True)[: len(chunk)]
+    return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]

@@ -1,0 +1,284 @@
+"""LLaVA-Critic pieces: prompts, the swap rule, ordered-pair aggregation by hand, critic rewards
+with scripted judges, and shapes critic data that encodes and parses back to its label."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lmm_align.data import conversation, shapes, shapes_metrics
+from lmm_align.data.llava_json import read_llava_json
+from lmm_align.data.tokenizer import train_bpe_tokenizer
+from lmm_align.feedback import critic
+from lmm_align.judges.base import FunctionJudge, JudgeReply
+from lmm_align.judges.verdicts import PairwiseVerdict, parse_pairwise, parse_pointwise
+
+# ------------------------------------------------------------------------------------------
+# Prompts.
+# ------------------------------------------------------------------------------------------
+
+
+def test_prompts_start_with_the_image_and_hold_the_fields():
+  prompt = critic.pointwise_prompt("What is shown?", "A red circle.", scale="1-10")
+  assert prompt.startswith("<image>\n") and prompt.count("<image>") == 1
+  assert "Question: [What is shown?]" in prompt and "Answer: [A red circle.]" in prompt
+  assert "from 1 to 10" in prompt and '"Final Score: N"' in prompt
+  assert "from 0 to 100" in critic.pointwise_prompt("q", "r")
+  pair = critic.pairwise_prompt("Q {x}?", "one", "two", with_image=False)
+  assert not pair.startswith("<image>")
+  assert "Question: [Q {x}?]\nThe first response: [one]\nThe second response: [two]" in pair
+  for line in critic.PAIRWISE_VERDICT_LINES.values():
+    assert line in pair  # the prompt asks for exactly the lines the parser reads
+
+
+def test_published_template_from_file(tmp_path):
+  path = tmp_path / "card_pairwise.txt"
+  path.write_text(
+    "Judge fairly.\nQuestion: [{q}]\nThe first response: [{r1}]\n"
+    "The second response: [{r2}]\nASSISTANT:\n"
+  )
+  template = critic.PromptTemplate.from_file(path, "pairwise")
+  prompt = critic.pairwise_prompt("Why {r1}?", "A", "B", template=template)
+  # Values go in verbatim, once: the "{r1}" inside the question is not substituted again.
+  assert (
+    prompt == "<image>\nJudge fairly.\nQuestion: [Why {r1}?]\nThe first response: [A]\n"
+    "The second response: [B]\nASSISTANT:\n"
+  )
+  fastchat = critic.PromptTemplate("[Question]\n{question}\n[Answer]\n{answer}", "pointwise")
+  assert (
+    critic.pointwise_prompt("q", "r", template=fastchat, with_image=False)
+    == "[Question]\nq\n[Answer]\nr"
+  )
+
+  missing = tmp_path / "missing.txt"
+  missing.write_text("Question: {question} Response: {first}")
+  with pytest.raises(
+    ValueError, match=r"missing.txt: pairwise prompt lacks a placeholder for \['second'\]"
+  ):
+    critic.PromptTemplate.from_file(missing, "pairwise")
+  unknown = tmp_path / "unknown.txt"
+  unknown.write_text("{question} {response} {reference}")
+  with pytest.raises(ValueError, match=r"unknown.txt: placeholder \{reference\}"):
+    critic.PromptTemplate.from_file(unknown, "pointwise")
+
+
+# ------------------------------------------------------------------------------------------
+# Swap rule and aggregation.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "original, swapped, expected",
+  [
+    ("first", "second", "first"),  # a wins in both orders
+    ("second", "first", "second"),  # b wins in both orders
+    ("tie", "tie", "tie"),
+    ("first", "first", "tie"),  # always the first position: inconsistent -> tie
+    ("second", "second", "tie"),
+    ("first", "tie", "tie"),
+    ("tie", "second", "tie"),
+    ("first", "invalid", "invalid"),
+    ("invalid", "tie", "invalid"),
+  ],
+)
+def test_swap_rule(original, swapped, expected):
+  assert critic.debiased_winner(original, swapped) == expected
+  assert critic.debiased_winner(PairwiseVerdict(original), PairwiseVerdict(swapped)) == expected
+
+
+# Verdicts on the 6 ordered pairs of 3 responses; (i, j) showed y_i first and y_j second.
+VERDICTS = {
+  (0, 1): "second",  # y1 over y0
+  (1, 0): "first",  # y1 over y0 again (consistent)
+  (0, 2): "tie",
+  (2, 0): "first",  # y2 over y0 (inconsistent with the tie above)
+  (1, 2): "first",  # y1 over y2
+  (2, 1): "invalid",  # no verdict parsed: excluded
+}
+
+
+def test_aggregation_equals_the_hand_computed_example():
+  # a_ij = credit of the second-shown response: 1 / 0.5 / 0. Each valid judgment (i, j) adds
+  # a_ij - 1/2 to r_j and (1 - a_ij) - 1/2 to r_i; the invalid one adds nothing (as a tie would):
+  #   (0,1) second: r_1 += .5, r_0 -= .5     (1,0) first: r_1 += .5, r_0 -= .5
+  #   (0,2) tie:    nothing                  (2,0) first: r_2 += .5, r_0 -= .5
+  #   (1,2) first:  r_1 += .5, r_2 -= .5     (2,1) invalid: nothing
+  # r = [-1.5, 1.5, 0]. (The paper's two sums with a_21 merely left out would give r_1 = 1 and
+  # r_2 = 0.5: a missing a_il term silently favours the first-shown response.)
+  ranking = critic.aggregate_pairwise(3, VERDICTS)
+  np.testing.assert_allclose(ranking.scores, [-1.5, 1.5, 0.0])
+  assert (ranking.chosen, ranking.rejected, ranking.margin) == (1, 0, 3.0)
+  assert (ranking.judged, ranking.invalid) == (5, 1)
+
+
+def test_aggregation_with_all_valid_equals_the_paper_formula():
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    k = int(rng.integers(2, 6))
+    winners = {
+      (i, j): str(rng.choice(["first", "second", "tie"]))
+      for i in range(k)
+      for j in range(k)
+      if i != j
+    }
+    a = np.zeros((k, k))
+    for (i, j), w in winners.items():
+      a[i, j] = critic.VERDICT_CREDIT[w]
+    expected = a.sum(axis=0) - a.sum(axis=1)  # sum_k a_ki - sum_l a_il
+    np.testing.assert_allclose(critic.aggregate_pairwise(k, winners).scores, expected)
+
+
+def test_aggregation_debiased_and_degenerate_cases():
+  ranking = critic.aggregate_pairwise(3, VERDICTS, debias=True)
+  # {0,1}: y1 both ways -> y1 wins both; {0,2}: tie vs y2 -> tie; {1,2}: one side invalid.
+  # r_0 = -0.5 - 0.5 + 0 + 0 = -1, r_1 = +1, r_2 = 0.
+  np.testing.assert_allclose(ranking.scores, [-1.0, 1.0, 0.0])
+  assert (ranking.chosen, ranking.rejected, ranking.judged, ranking.invalid) == (1, 0, 4, 2)
+  biased = {(i, j): "first" for i in range(3) for j in range(3) if i != j}  # position bias only
+  flat = critic.aggregate_pairwise(3, biased)
+  assert flat.chosen is None and flat.rejected is None and flat.margin == 0
+  assert critic.aggregate_pairwise(2, {(0, 1): "invalid"}).judged == 0
+  with pytest.raises(ValueError, match=r"\(1, 1\)"):
+    critic.aggregate_pairwise(2, {(1, 1): "first"})
+
+
+def _preference_judge(quality):
+  """A scripted critic: prefers the response of higher quality[text] (ties when equal), and
+  finds the two responses by their position in the prompt."""
+
+  def verdict(request):
+    shown = sorted(
+      (request.prompt.index(f"[{t}]"), t) for t in quality if f"[{t}]" in request.prompt
+    )
+    (_, first), (_, second) = shown
+    if quality[first] == quality[second]:
+      return "Reasons.\nThe two responses are equally good."
+    better = "first" if quality[first] > quality[second] else "second"
+    return f"Reasons.\nThe better response: [{better}]"
+
+  return FunctionJudge(verdict)
+
+
+def test_rank_responses_and_both_orders_with_a_scripted_judge():
+  quality = {"alpha reply": 1, "beta reply": 3, "gamma reply": 2}
+  responses = list(quality)
+  ranking, verdicts = critic.rank_responses(
+    _preference_judge(quality), "Describe.", responses, image="x.png"
+  )
+  assert len(verdicts) == 6 and all(v.valid for v in verdicts.values())
+  assert (ranking.chosen, ranking.rejected) == (1, 0)
+  np.testing.assert_allclose(ranking.scores, [-2.0, 2.0, 0.0])
+  winner, original, swapped = critic.judge_both_orders(
+    _preference_judge(quality), "Q", "gamma reply", "beta reply"
+  )
+  assert (winner, original.winner, swapped.winner) == ("second", "second", "first")
+
+
+def test_pointwise_scores_count_invalid_replies():
+  replies = iter(["Good.\nFinal Score: 85", "Final Score: 250", "no score here", None])
+
+  class Scripted:
+    name = "scripted"
+
+    def complete(self, requests):
+      assert all(r.prompt.startswith("<image>\n") and r.image == "img.png" for r in requests)
+      return [
+        JudgeReply(t) if t else JudgeReply(None, error="timeout")
+        for t in (next(replies) for _ in requests)
+      ]
+
+  result = critic.pointwise_scores(Scripted(), "Describe.", ["a", "b", "c", "d"], image="img.png")
+  assert result.scores == [85.0, None, None, None] and result.invalid == 3
+  assert "outside" in result.verdicts[1].reason and result.verdicts[3].reason == "no reply: timeout"
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes critic instruction data.
+# ------------------------------------------------------------------------------------------
+
+WORLD = shapes.ShapesWorldConfig(image_size=32)
+
+
+@pytest.fixture(scope="module")
+def records():
+  return critic.make_critic_records(12, WORLD, seed=5, pairwise_fraction=0.5, tie_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(records):
+  texts = [conversation.render_conversation(r["conversations"], "vicuna_v1") for r in records]
+  return train_bpe_tokenizer(texts, vocab_size=500)
+
+
+def test_critic_records_parse_back_to_their_labels(records):
+  kinds = [r["metadata"]["kind"] for r in records]
+  assert kinds == ["pairwise"] * 6 + ["pointwise"] * 6
+  winners = set()
+  for record in records:
+    human, gpt = record["conversations"]
+    meta = record["metadata"]
+    scene = shapes.Scene.from_dict(meta["scene"])
+    assert human["from"] == "human" and gpt["from"] == "gpt"
+    assert human["value"].startswith("<image>\n") and record["image"].size == (32, 32)
+    json.dumps(meta)  # JSON-native, so save_llava_dataset can write it
+    if meta["kind"] == "pairwise":
+      verdict = parse_pairwise(gpt["value"])
+      assert verdict.winner == meta["winner"] and verdict.format in (
+        "better_response",
+        "equally_good",
+      )
+      winners.add(meta["winner"])
+      errors = [len(critic.hallucinated_mentions(t, scene)) for t in meta["responses"]]
+      if meta["winner"] == "tie":
+        assert errors == [0, 0]
+        continue
+      loser = meta["responses"][1 if meta["winner"] == "first" else 0]
+      assert errors[0 if meta["winner"] == "first" else 1] == 0 and max(errors) >= 1
+      for colour, shape in critic.hallucinated_mentions(loser, scene):
+        assert f"there is no {colour} {shape}" in gpt["value"]  # the reason names it
+    else:
+      assert parse_pointwise(gpt["value"], low=0, high=100).score == meta["score"]
+      correct, claims = critic.claim_accuracy(meta["responses"][0], scene)
+      assert meta["score"] == round(100 * correct / claims)
+  assert winners == {"first", "second", "tie"}
+  assert {r["metadata"]["score"] for r in records[6:]} - {100.0}  # some hallucinated captions
+
+
+def test_hallucinated_mentions_agree_with_the_metric(records):
+  for record in records:
+    scene = shapes.Scene.from_dict(record["metadata"]["scene"])
+    for text in record["metadata"]["responses"]:
+      counts = shapes_metrics.response_hallucination_counts(text, scene)
+      assert len(critic.hallucinated_mentions(text, scene)) == counts["hallucinated_mentions"]
+
+
+def test_critic_records_are_deterministic_and_one_to_ten_scale():
+  a = critic.make_critic_record(3, WORLD, kind="pointwise", seed=5, scale="1-10")
+  b = critic.make_critic_record(3, WORLD, kind="pointwise", seed=5, scale="1-10")
+  assert a["conversations"] == b["conversations"] and a["id"] == b["id"]
+  assert 1 <= a["metadata"]["score"] <= 10 and "from 1 to 10" in a["conversations"][0]["value"]
+  with pytest.raises(ValueError, match="kind"):
+    critic.make_critic_record(0, WORLD, kind="listwise")
+
+
+def test_critic_records_encode_for_sft(records, tokenizer):
+  for record in records:
+    encoded = conversation.encode_conversation(
+      record["conversations"], tokenizer, "vicuna_v1", num_image_tokens=4, image_token_id=4,
+      num_images=1, record_id=record["id"],
+    )  # fmt: skip
+    trained = encoded.labels[encoded.labels != conversation.IGNORE_INDEX]
+    assert trained[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(trained[:-1]).strip() == record["conversations"][1]["value"]
+    assert int(np.sum(encoded.input_ids == 4)) == 4
+
+
+def test_critic_records_read_back_through_the_llava_json_reader(records, tokenizer, tmp_path):
+  path = shapes.save_llava_dataset([dict(r) for r in records[:4]], tmp_path)
+  examples, skipped = read_llava_json(
+    path, tmp_path, tokenizer, template="vicuna_v1", num_image_tokens=4, image_token_id=4,
+    num_workers=1,
+  )  # fmt: skip
+  assert not skipped and [e.record_id for e in examples] == [r["id"] for r in records[:4]]
