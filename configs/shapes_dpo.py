@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
       label_smoothing=0.0,  # cdpo / robust
       sft_weight=0.0,
       average_logps=False,  # True for IPO-style length-averaged log-probs
+      token_weight=1.0,  # RLHF-V dense DPO: 3.0 on the tokens where chosen and rejected differ
       precompute_reference=True,
     )
   )

@@ -278,3 +278,28 @@ def test_dpo_loss_jits_and_rewards_carry_no_gradient():
     h = (pc[i] - pr[i]) - (rc[i] - rr[i])
     expected = -beta / (1 + math.exp(beta * h)) / 4
     np.testing.assert_allclose(float(grad[i]), expected, rtol=1e-5)
+
+
+def test_rlhf_v_dense_weights_mark_the_changed_answer_tokens():
+  from lmm_align.data.preference import PreferencePair, dense_token_weights
+
+  ignore = -100
+  # prompt [1, 2] then answers: chosen "5 6 7 8", rejected "5 9 7 8 4"
+  chosen = np.array([1, 2, 5, 6, 7, 8])
+  rejected = np.array([1, 2, 5, 9, 7, 8, 4])
+  pair = PreferencePair(
+    "p", chosen, np.where(np.arange(6) >= 2, chosen, ignore),
+    rejected, np.where(np.arange(7) >= 2, rejected, ignore),
+  )  # fmt: skip
+  w_c, w_r = dense_token_weights(pair, 3.0)
+  np.testing.assert_array_equal(w_c, [1, 1, 1, 3, 1, 1])
+  np.testing.assert_array_equal(w_r, [1, 1, 1, 3, 1, 1, 3])
+  # The weighted log-prob is sum_t w_t log p_t over answer tokens (RLAIF-V compute_weighted_logp).
+  logps = np.log(np.linspace(0.1, 0.9, 6))[None]
+  mask = (pair.chosen_labels != ignore)[None]
+  from lmm_align.preference_losses import reduce_token_logps
+
+  got = reduce_token_logps(
+    jnp.asarray(logps), jnp.asarray(mask), token_weights=jnp.asarray(w_c[None])
+  )
+  np.testing.assert_allclose(got, [(logps[0] * w_c * mask[0]).sum()], rtol=1e-6)

@@ -10,6 +10,7 @@ of step s are a pure function of (seed, s).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -69,6 +70,28 @@ def encode_pair(
   )
 
 
+def dense_token_weights(pair: PreferencePair, weight: float) -> tuple[np.ndarray, np.ndarray]:
+  """RLHF-V's dense weights (DDPO, arXiv 2312.00849 eq. 5): answer tokens outside the longest
+  common blocks of the two answers (the corrected / hallucinated segments) weigh `weight`
+  (RLHF-V: 3.0), every other token 1. Aligned with each side's labels: float32 [T_c], [T_r]."""
+  answers = []
+  for ids, labels in (
+    (pair.chosen_ids, pair.chosen_labels),
+    (pair.rejected_ids, pair.rejected_labels),
+  ):
+    positions = np.nonzero(labels != IGNORE_INDEX)[0]
+    answers.append((positions, ids[positions].tolist()))
+  (pos_c, tok_c), (pos_r, tok_r) = answers
+  weights = [np.ones(len(pair.chosen_ids), np.float32), np.ones(len(pair.rejected_ids), np.float32)]
+  changed_c, changed_r = np.ones(len(tok_c), bool), np.ones(len(tok_r), bool)
+  for block in difflib.SequenceMatcher(a=tok_c, b=tok_r, autojunk=False).get_matching_blocks():
+    changed_c[block.a : block.a + block.size] = False
+    changed_r[block.b : block.b + block.size] = False
+  weights[0][pos_c[changed_c]] = weight
+  weights[1][pos_r[changed_r]] = weight
+  return weights[0], weights[1]
+
+
 def shapes_preference_records(
   n: int, world: shapes.ShapesWorldConfig, seed: int
 ) -> list[dict[str, Any]]:
@@ -99,6 +122,7 @@ class PreferenceData:
     pad_id: int,
     seed: int,
     skipped: Counter | None = None,
+    token_weight: float = 1.0,
   ):
     self.stats: Counter = Counter(skipped or {})
     kept = []
@@ -117,6 +141,10 @@ class PreferenceData:
     self.seed = seed
     self.lengths = np.array([max(len(p.chosen_ids), len(p.rejected_ids)) for p in kept])
     self.ref_logps: np.ndarray | None = None  # [N, 2] once `set_reference_logps` ran
+    # RLHF-V dense weights, only when they differ from 1 (the batch then has token_weights).
+    self.token_weights = (
+      [dense_token_weights(p, token_weight) for p in kept] if token_weight != 1.0 else None
+    )
 
   def __len__(self) -> int:
     return len(self.pairs)
@@ -150,6 +178,11 @@ class PreferenceData:
       batch["pixel_values"] = np.zeros((n, 2, 1, h, w, 3), np.float32)
     if self.ref_logps is not None:
       batch["ref_logps"] = self.ref_logps[indices].astype(np.float32)
+    if self.token_weights is not None:
+      batch["token_weights"] = np.ones((n, 2, length), np.float32)
+      for row, index in enumerate(indices):
+        for side, w in enumerate(self.token_weights[index]):
+          batch["token_weights"][row, side, : len(w)] = w
     for row, index in enumerate(indices):
       pair = self.pairs[index]
       for side, (seq, lab) in enumerate(

@@ -39,9 +39,10 @@ def pair_logps(model: Llava, variables: dict, batch: dict, average: bool) -> jax
     pixel_values=pixels,
     attention_mask=flat(batch["attention_mask"]),
   ).logits
-  return preference_losses.sequence_logps(logits, flat(batch["labels"]), average=average).reshape(
-    b, 2
-  )
+  weights = flat(batch["token_weights"]) if "token_weights" in batch else None
+  return preference_losses.sequence_logps(
+    logits, flat(batch["labels"]), average=average, token_weights=weights
+  ).reshape(b, 2)
 
 
 def dpo_train_step(
@@ -134,6 +135,7 @@ def preference_data(
   return preference.PreferenceData(
     pairs, sources.image_config_for(config, model_config), max_length=config.data.max_length,
     buckets=tuple(config.data.buckets), pad_id=tokenizer.pad_token_id, seed=config.seed,
+    token_weight=config.dpo.get("token_weight", 1.0),
   )  # fmt: skip
 
 

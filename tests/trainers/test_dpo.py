@@ -83,3 +83,19 @@ def test_bad_pairs_are_refused_naming_the_record(sft_policy):
     )
   with pytest.raises(preference.PreferenceError, match="'r3', field 'chosen': empty"):
     preference.encode_pair(dict(good, id="r3", chosen="  "), tokenizer, "vicuna_v1", 9, 4)
+
+
+def test_dense_weighted_dpo_on_the_2x2x2_mesh_equals_one_device(tmp_path, sft_policy):
+  weighted = {"dpo.token_weight": 3.0}
+  dpo.train(
+    _dpo_config(sft_policy, **weighted, **{"mesh.sizes": (1, 1, 1), "mesh.num_devices": 1}),
+    str(tmp_path / "one"),
+  )
+  dpo.train(
+    _dpo_config(sft_policy, **weighted, **{"mesh.sizes": (2, 2, 2)}), str(tmp_path / "mesh")
+  )
+  one, mesh = _metrics(tmp_path / "one"), _metrics(tmp_path / "mesh")
+  for key in ("loss", "rewards/margin", "rewards/chosen", "grad_norm"):
+    np.testing.assert_allclose(
+      [m[key] for m in mesh], [m[key] for m in one], atol=2e-5, err_msg=key
+    )
