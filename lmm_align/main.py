@@ -4,7 +4,7 @@ The console script `lmm-align` takes a command first:
   lmm-align train  --config=... --workdir=...     (the same as python -m lmm_align.main)
   lmm-align sweep  --config=... --workdir=ROOT [--print_launch --tpu_name=N --tpu_zone=Z --tpu_accelerator=T]
   lmm-align export --workdir=DIR --out=HF_DIR [--peft]
-  lmm-align eval pope --questions=FILE --answers=FILE   (score existing answers; prints JSON)
+  lmm-align eval <pope|mmhal|chair|llava_bench|shapes> ...   (lmm_align.evaluate; its --help)
 """
 
 from __future__ import annotations
@@ -42,11 +42,7 @@ flags.DEFINE_string("tpu_name", "lmm-align", "sweep --print_launch: TPU name.")
 flags.DEFINE_string("tpu_zone", "us-central2-b", "sweep --print_launch: zone.")
 flags.DEFINE_string("tpu_accelerator", "v4-32", "sweep --print_launch: accelerator type.")
 
-flags.DEFINE_string("questions", None, "eval: the benchmark's question file.")
-flags.DEFINE_string("answers", None, "eval: an answers JSONL ({question_id, text}) to score.")
-
-COMMANDS = ("train", "sweep", "export", "eval")
-BENCHMARKS = ("pope",)
+COMMANDS = ("train", "sweep", "export")
 
 
 def trainer_for(name: str):
@@ -148,18 +144,8 @@ def export(workdir: str, out: str, peft: bool) -> None:
 
 def main(argv) -> None:
   command = argv[1] if len(argv) > 1 else "train"
-  if command not in COMMANDS or len(argv) > (3 if command == "eval" else 2):
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; commands: {COMMANDS}")
-  if command == "eval":
-    benchmark = argv[2] if len(argv) > 2 else ""
-    if benchmark not in BENCHMARKS:
-      raise app.UsageError(f"eval needs a benchmark: {BENCHMARKS}")
-    if not FLAGS.questions or not FLAGS.answers:
-      raise app.UsageError("eval pope --questions=FILE --answers=FILE")
-    from lmm_align.evals.pope import score_pope_files
-
-    print(json.dumps(score_pope_files(FLAGS.questions, FLAGS.answers), indent=2, sort_keys=True))
-    return
+  if command not in COMMANDS or len(argv) > 2:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; commands: {COMMANDS + ('eval',)}")
   if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv):
     logging.set_verbosity(logging.WARNING)  # orbax and absl INFO lines drown the progress bar
   sharding.initialize_distributed()
@@ -187,8 +173,13 @@ def main(argv) -> None:
 
 def run() -> None:
   """The `lmm-align` console script."""
+  if sys.argv[1:2] == ["eval"]:  # lmm_align.evaluate parses its own (argparse) flags
+    from lmm_align import evaluate
+
+    evaluate.main(sys.argv[2:])
+    return
   app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

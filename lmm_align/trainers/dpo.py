@@ -8,6 +8,8 @@ reference is the base without adapters, so policy and reference share one set of
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from typing import Any
 
 import jax
@@ -118,24 +120,46 @@ def precompute_reference_logps(
 # --------------------------------------------------------------------------------------------
 
 
+def preference_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The configured pairs: shapes ground truth, or a pairs JSONL ({id, image, question, chosen,
+  rejected}, as the AI-feedback stages write it; image paths relative to data.image_folder)."""
+  d = config.data
+  if d.source == "shapes_pairs":
+    return preference.shapes_preference_records(
+      d.shapes.num_train, sources.shapes_world_config(config), seed=d.shapes.seed
+    )
+  if d.source == "pairs_jsonl":
+    from lmm_align.evals.pope import read_jsonl
+    from lmm_align.trainers.reward import image_source
+
+    records = read_jsonl(d.json_path)
+    for r in records:
+      if isinstance(r.get("image"), str):
+        r["image"] = image_source(os.path.join(d.image_folder or "", r["image"]))
+    return records
+  raise ValueError(f"DPO data.source {d.source!r}: use 'shapes_pairs' or 'pairs_jsonl'")
+
+
 def preference_data(
   config: ml_collections.ConfigDict, tokenizer: Any, model_config
 ) -> preference.PreferenceData:
-  if config.data.source != "shapes_pairs":
-    raise ValueError(f"DPO data.source {config.data.source!r}: this trainer reads 'shapes_pairs'")
-  records = preference.shapes_preference_records(
-    config.data.shapes.num_train, sources.shapes_world_config(config), seed=config.data.shapes.seed
-  )
-  pairs = [
-    preference.encode_pair(
-      r, tokenizer, config.data.template, model_config.num_image_tokens, model_config.image_token_id
-    )
-    for r in records
-  ]
+  pairs, skipped = [], Counter()
+  for r in preference_records(config):
+    try:
+      pairs.append(
+        preference.encode_pair(
+          r, tokenizer, config.data.template, model_config.num_image_tokens,
+          model_config.image_token_id,
+        )
+      )  # fmt: skip
+    except preference.PreferenceError:
+      if config.data.on_error != "skip":
+        raise
+      skipped["skipped_bad_pair"] += 1
   return preference.PreferenceData(
     pairs, sources.image_config_for(config, model_config), max_length=config.data.max_length,
     buckets=tuple(config.data.buckets), pad_id=tokenizer.pad_token_id, seed=config.seed,
-    token_weight=config.dpo.get("token_weight", 1.0),
+    token_weight=config.dpo.get("token_weight", 1.0), skipped=skipped,
   )  # fmt: skip
 
 

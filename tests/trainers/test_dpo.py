@@ -99,3 +99,35 @@ def test_dense_weighted_dpo_on_the_2x2x2_mesh_equals_one_device(tmp_path, sft_po
     np.testing.assert_allclose(
       [m[key] for m in mesh], [m[key] for m in one], atol=2e-5, err_msg=key
     )
+
+
+def test_pairs_jsonl_source_loads_images_and_skips_bad_pairs_when_asked(tmp_path, sft_policy):
+  from PIL import Image
+
+  from lmm_align.data.tokenizer import load_tokenizer
+  from lmm_align.hf import read_config
+  from lmm_align.models.config import from_hf_config
+
+  Image.new("RGB", (48, 48), (255, 0, 0)).save(tmp_path / "red.png")
+  rows = [
+    {"id": "a", "image": "red.png", "question": "Describe the image.",
+     "chosen": "A red image.", "rejected": "A blue star."},
+    {"id": "b", "image": "red.png", "question": "Describe the image.",
+     "chosen": "Same.", "rejected": "Same."},
+  ]  # fmt: skip
+  (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  config = _dpo_config(sft_policy, **{
+      "data.source": "pairs_jsonl", "data.json_path": str(tmp_path / "pairs.jsonl"),
+      "data.image_folder": str(tmp_path), "data.on_error": "skip",
+  })  # fmt: skip
+  tokenizer = load_tokenizer(sft_policy)
+  model_config = from_hf_config(read_config(sft_policy))
+  data = dpo.preference_data(config, tokenizer, model_config)
+  assert len(data) == 1 and data.stats["skipped_bad_pair"] == 1
+  batch = data.rows(np.array([0]))
+  red = batch["pixel_values"][0, 0, 0]
+  assert red[..., 0].mean() > red[..., 2].mean()  # the file's image reached the batch
+  with pytest.raises(preference.PreferenceError, match="'b'"):
+    dpo.preference_data(
+      main.apply_overrides(config, {"data.on_error": "raise"}), tokenizer, model_config
+    )
