@@ -24,3 +24,19 @@ def shared_reference_data() -> pathlib.Path:
   if not path.is_dir():
     pytest.skip("../shared/reference_data is not present (fresh clone)")
   return path
+
+
+@pytest.fixture(scope="session")
+def shapes_sft_policy(tmp_path_factory) -> pathlib.Path:
+  """A shapes-world SFT policy trained for 2 steps and exported as an HF folder (with its
+  tokenizer and processor): the starting point of the DPO, reward and PPO tests."""
+  from configs import shapes_sft
+  from lmm_align.trainers import export, sft
+
+  root = tmp_path_factory.mktemp("shapes_sft")
+  config = shapes_sft.get_config("runlocal")
+  config.eval.enabled = False
+  config.total_steps = 2
+  sft.train(config, str(root / "run"))
+  export.export_workdir(str(root / "run"), str(root / "hf"))
+  return root / "hf"

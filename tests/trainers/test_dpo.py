@@ -9,21 +9,15 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs import shapes_dpo, shapes_sft
+from configs import shapes_dpo
 from lmm_align import main
 from lmm_align.data import preference
-from lmm_align.trainers import dpo, export, sft
+from lmm_align.trainers import dpo
 
 
 @pytest.fixture(scope="module")
-def sft_policy(tmp_path_factory):
-  root = tmp_path_factory.mktemp("sft")
-  config = shapes_sft.get_config("runlocal")
-  config.eval.enabled = False
-  config.total_steps = 2
-  sft.train(config, str(root / "run"))
-  export.export_workdir(str(root / "run"), str(root / "hf"))
-  return root / "hf"
+def sft_policy(shapes_sft_policy):
+  return shapes_sft_policy
 
 
 def _dpo_config(policy, **overrides):

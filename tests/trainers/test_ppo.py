@@ -9,20 +9,16 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs import shapes_ppo, shapes_reward, shapes_sft
+from configs import shapes_ppo, shapes_reward
 from lmm_align import main
 from lmm_align.hf.reward import load_reward_model
-from lmm_align.trainers import export, ppo, reward, sft
+from lmm_align.trainers import ppo, reward
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, shapes_sft_policy):
   root = tmp_path_factory.mktemp("ppo")
-  config = shapes_sft.get_config("runlocal")
-  config.eval.enabled = False
-  config.total_steps = 2
-  sft.train(config, str(root / "sft"))
-  export.export_workdir(str(root / "sft"), str(root / "sft_hf"))
+  (root / "sft_hf").symlink_to(shapes_sft_policy)
   rm_config = shapes_reward.get_config("runlocal")
   rm_config.init_from = str(root / "sft_hf")
   rm_config.total_steps = 2
