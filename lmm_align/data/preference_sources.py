@@ -586,13 +586,17 @@ def shapes_reward_records(
   seed: int | Sequence[int],
   *,
   existence_fraction: float = 0.3,
+  omission_fraction: float = 0.3,
 ) -> list[dict[str, Any]]:
   """Ground-truth reward pairs on shapes scenes, with facts.
 
   Most records are captions: the truthful caption is chosen, the same caption with one
   injected hallucination (an absent object or a wrong colour) rejected. A fraction
   `existence_fraction` instead asks whether an object is in the image and prefers the true
-  yes/no answer. Record i depends only on (seed, i).
+  yes/no answer; a fraction `omission_fraction` of the caption records (scenes with two or
+  more objects) rejects the truthful caption with one object left out, so that the reward
+  values completeness too and a policy cannot win by saying less. Record i depends only on
+  (seed, i).
   """
   caption_world = dataclasses.replace(world, hallucination_rate=1.0, task_mix=(("caption", 1.0),))
   out = []
@@ -610,11 +614,12 @@ def shapes_reward_records(
       )
     else:
       question = sft["conversations"][0]["value"].replace(f"{IMAGE_PLACEHOLDER}\n", "")
-      record.update(
-        question=question,
-        chosen=sft["metadata"]["facts"],
-        rejected=sft["conversations"][1]["value"],
-      )
+      chosen, rejected = sft["metadata"]["facts"], sft["conversations"][1]["value"]
+      if rng.random() < omission_fraction and len(scene.objects) > 1:
+        wording = int(rng.integers(2**31))  # one wording for both answers
+        chosen = shapes.scene_caption(scene, np.random.default_rng(wording))
+        rejected = shapes.omission_caption(scene, wording, rng)
+      record.update(question=question, chosen=chosen, rejected=rejected)
     out.append(record)
   return out
 

@@ -393,6 +393,18 @@ def scene_caption(scene: Scene, rng: np.random.Generator, template: int | None =
   return f"A {scene.background} image with {_join([object_phrase(o) for o in objects])}."
 
 
+def omission_caption(scene: Scene, facts_seed: int, rng: np.random.Generator) -> str | None:
+  """The scene's caption (same wording as `scene_caption` with `facts_seed`) with one object
+  left out: a truthful but incomplete answer; None for a scene with one object."""
+  if len(scene.objects) < 2:
+    return None
+  drop = int(rng.integers(len(scene.objects)))
+  kept = dataclasses.replace(
+    scene, objects=tuple(o for i, o in enumerate(scene.objects) if i != drop)
+  )
+  return scene_caption(kept, np.random.default_rng(facts_seed))
+
+
 def _inject_hallucination(
   scene: Scene, rng: np.random.Generator, config: ShapesWorldConfig
 ) -> tuple[Scene, dict[str, Any]]:

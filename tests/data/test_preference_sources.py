@@ -348,7 +348,7 @@ def test_shapes_reward_records_prefer_the_truth():
     (r["question"], r["chosen"]) for r in records
   ]
   scenes = shapes.make_scenes(40, WORLD, seed=3)
-  kinds = {"caption": 0, "existence": 0}
+  kinds = {"caption": 0, "existence": 0, "omission": 0}
   for record, scene in zip(records, scenes):
     assert record["id"] == scene.id and record["chosen"] != record["rejected"]
     np.testing.assert_array_equal(np.asarray(record["image"]), np.asarray(shapes.render(scene, 32)))
@@ -363,10 +363,15 @@ def test_shapes_reward_records_prefer_the_truth():
       assert record["chosen"].startswith("Yes" if present else "No")
       assert record["rejected"].startswith("No" if present else "Yes")
     else:
-      kinds["caption"] += 1
       assert _pairs_named(record["chosen"]) == scene.pairs  # the truth, complete
-      assert _pairs_named(record["rejected"]) - scene.pairs  # names an absent pair
-  assert kinds["caption"] > 0 and kinds["existence"] > 0
+      rejected = _pairs_named(record["rejected"])
+      if rejected < scene.pairs:  # truthful but one object short
+        kinds["omission"] += 1
+        assert len(scene.pairs - rejected) == 1
+      else:
+        kinds["caption"] += 1
+        assert rejected - scene.pairs  # names an absent pair
+  assert kinds["caption"] > 0 and kinds["existence"] > 0 and kinds["omission"] > 0
 
 
 def test_scene_facts_by_hand():
