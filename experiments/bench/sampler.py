@@ -36,15 +36,17 @@ BATCH, NEW_TOKENS, TEXT_TOKENS, RUNS = 8, 128, 24, 3
 IMAGE_TOKEN, IMAGE_SIZE, PATCH = 2047, 32, 8
 
 
-def build_hf_model() -> transformers.LlavaForConditionalGeneration:
+def build_hf_model(
+  hidden: int = 256, layers: int = 4
+) -> transformers.LlavaForConditionalGeneration:
   torch.manual_seed(0)
   vision = transformers.CLIPVisionConfig(
     image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32, intermediate_size=64,
     num_hidden_layers=2, num_attention_heads=4,
   )  # fmt: skip
   text = transformers.LlamaConfig(
-    vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+    vocab_size=2048, hidden_size=hidden, intermediate_size=hidden * 688 // 256,
+    num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
   )  # fmt: skip
   config = transformers.LlavaConfig(
@@ -65,7 +67,13 @@ def median_seconds(fn) -> float:
 
 
 def main():
-  hf_model = build_hf_model()
+  import argparse
+
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--hidden", type=int, default=256, help="text hidden size (MLP 2.69x)")
+  parser.add_argument("--layers", type=int, default=4)
+  args = parser.parse_args()
+  hf_model = build_hf_model(args.hidden, args.layers)
   with tempfile.TemporaryDirectory() as folder:
     hf_model.save_pretrained(folder)
     model, params = load_pretrained(folder)

@@ -640,7 +640,10 @@ def _run_iterations(
         done = iteration + 1
         if done % config.log_every == 0 or done == config.total_steps:
           logger.write(done, metrics)
-        logger.progress(done, {k: metrics[k] for k in ("reward/score", "kl", "response_tokens")})
+        shown = ("reward/score", "kl", "response_tokens", "time/rollout", "time/scoring")
+        logger.progress(
+          done, {**{k: metrics[k] for k in shown}, "time/update": metrics["time/update"]}
+        )
         if done % config.checkpoint_every == 0 or done == config.total_steps:
           checkpointer.save(int(state.step), state, {"step": int(state.step), **fingerprint})
           saved = done
