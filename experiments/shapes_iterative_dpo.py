@@ -1,0 +1,525 @@
+"""Iterative DPO with AI feedback in the shapes world, from one command (CPU):
+
+  python experiments/shapes_iterative_dpo.py --workdir=/tmp/iter                 # rlaifv
+  python experiments/shapes_iterative_dpo.py --workdir=/tmp/iter --feedback=all  # 3 loops
+  python experiments/shapes_iterative_dpo.py --workdir=/tmp/iter --sft_from=/tmp/chain/sft_hf \\
+      [--labeler_from=HF] [--critic_from=HF] [--set train.optim.lr=2e-5] [--quick]
+
+It trains what is missing, each into WORKDIR and skipped when already there:
+
+  sft       configs/shapes_sft.py -> WORKDIR/sft, exported to WORKDIR/sft_hf (or --sft_from)
+  labeler   (rlaifv) a separate small LLaVA trained from scratch by SFT on existence
+            questions only ("Is there a red circle in the image?" -> Yes/No; task_mix exist),
+            with the policy's tokenizer -> WORKDIR/labeler_hf (or --labeler_from). Its yes/no
+            accuracy is measured on held-out existence questions and on the claims of
+            held-out captions (half of them with an injected hallucination), beside the SFT
+            policy's own accuracy (the `self` labeler) -> WORKDIR/labeler_accuracy.json
+  critic    (critic) the SFT policy fine-tuned on pairwise `critic.make_critic_records`
+            (shapes critiques: the verdict line, or with --critic_answer=reason a reason
+            naming every hallucinated object first; asked with COMPACT_CRITIC_PROMPT, saved
+            as WORKDIR/critic_prompt.txt) ->
+            WORKDIR/critic_hf (or --critic_from); its pairwise accuracy against ground truth
+            on held-out pairs, with and without ties, one order and both orders (MT-Bench's
+            swap rule) -> WORKDIR/critic_accuracy.json
+
+then runs `lmm_align.trainers.iterative` (configs/shapes_iterative_dpo.py) into
+WORKDIR/<feedback>/ for each feedback kind asked and prints the hallucination rate per round.
+WORKDIR/summary.json gathers the round tables and the labeler and critic accuracies (results of
+earlier commands into the same WORKDIR are kept). A killed command rerun as it was resumes
+where it stopped. `--models_only` stops before the loops. `--quick` uses the runlocal configs:
+every stage in minutes, numbers meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LOOP_FEEDBACK = ("rlaifv", "self", "critic", "ground_truth")
+# Seeds of the data each stage draws, apart from SFT (0), ground-truth DPO (1), the loop's
+# prompts (2024) and evaluation (12345).
+LABELER_DATA_SEED, LABELER_EVAL_SEED = 31, 32
+CRITIC_DATA_SEED, CRITIC_EVAL_SEED = 41, 42
+# The critic's pairwise prompt (our wording). critic.pairwise_prompt's default instruction is
+# about 160 tokens of English the shapes tokenizer splits into pieces; this one keeps critic
+# training and judging sequences near 300 tokens instead of 500 on CPU.
+COMPACT_CRITIC_PROMPT = (
+  "Which response describes the image more accurately?\n"
+  "Question: [{question}]\nThe first response: [{first}]\nThe second response: [{second}]"
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--feedback", default="rlaifv", help=f"one of {LOOP_FEEDBACK}, or 'all'")
+  p.add_argument("--quick", action="store_true", help="runlocal configs: checks the plumbing")
+  p.add_argument("--sft_from", default="", help="an exported SFT policy (skips SFT)")
+  p.add_argument("--labeler_from", default="", help="an exported labeler (skips its training)")
+  p.add_argument("--critic_from", default="", help="an exported critic (skips its training)")
+  p.add_argument(
+    "--labeler_data", default="hard", choices=("hard", "exist"),
+    help="exist: the SFT mixture's existence task alone; hard: existence questions whose "
+    "negatives are as popular as the objects and near misses (see hard_existence_records)",
+  )  # fmt: skip
+  p.add_argument(
+    "--labeler_image_size", type=int, default=0,
+    help="the labeler's vision input side (0: the SFT config's 48); 96 with 16-pixel patches "
+    "sees each grid cell as 2x2 patches instead of one",
+  )  # fmt: skip
+  p.add_argument("--labeler_steps", type=int, default=1500)
+  p.add_argument("--labeler_records", type=int, default=12000)
+  p.add_argument(
+    "--critic_answer", default="verdict", choices=("verdict", "reason"),
+    help="what the critic learns to write: the verdict line alone, or LLaVA-Critic's reason "
+    "then verdict (measured: 400 CPU steps leave the reasons garbled and no verdict parses)",
+  )  # fmt: skip
+  p.add_argument("--critic_steps", type=int, default=400)
+  p.add_argument("--critic_records", type=int, default=3000)
+  p.add_argument("--eval_items", type=int, default=256, help="held-out labeler / critic items")
+  p.add_argument("--set", action="append", default=[], help="loop config key=value overrides")
+  p.add_argument("--models_only", action="store_true", help="train and measure, skip the loop")
+  args = p.parse_args(argv)
+  kinds = ("rlaifv", "self", "critic") if args.feedback == "all" else (args.feedback,)
+  if any(k not in LOOP_FEEDBACK for k in kinds):
+    p.error(f"--feedback={args.feedback!r}: use one of {LOOP_FEEDBACK} or 'all'")
+  args.kinds = kinds
+  if args.quick:
+    args.labeler_steps, args.critic_steps = min(args.labeler_steps, 4), min(args.critic_steps, 4)
+    args.labeler_records, args.critic_records = 32, 16
+    args.eval_items = min(args.eval_items, 8)
+  return args
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+  out = {}
+  for item in items:
+    key, _, raw = item.partition("=")
+    if not key or not raw:
+      raise SystemExit(f"--set {item!r}: use key=value, e.g. train.optim.lr=2e-5")
+    try:
+      out[key] = json.loads(raw)
+    except json.JSONDecodeError:
+      out[key] = raw
+  return out
+
+
+def _load(spec: str):
+  from lmm_align import config_files
+
+  return config_files.load_config(spec, str(REPO))
+
+
+def _world(quick: bool):
+  from lmm_align.data import sources
+
+  return sources.shapes_world_config(_load(f"configs/shapes_sft.py:{'runlocal' if quick else ''}"))
+
+
+# --------------------------------------------------------------------------------------------
+# Models the loop needs: each trained once, exported, marked done.
+# --------------------------------------------------------------------------------------------
+
+
+def _train_and_export(config, workdir: pathlib.Path, out: pathlib.Path) -> str:
+  """SFT in `workdir` (resuming), then export to `out`; `out/done` marks a finished export."""
+  from lmm_align.trainers import export, sft
+
+  if not (out / "done").exists():
+    if not (workdir / "summary.json").exists():
+      sft.train(config, str(workdir))
+    export.export_workdir(str(workdir), str(out))
+    (out / "done").write_text("exported\n")
+  return str(out)
+
+
+def ensure_sft(args, root: pathlib.Path) -> str:
+  if args.sft_from:
+    return args.sft_from
+  config = _load(f"configs/shapes_sft.py:{'runlocal' if args.quick else ''}")
+  if args.quick:  # long enough to describe scenes in shapes words, so feedback finds pairs
+    config.total_steps, config.checkpoint_every, config.optim.lr = 40, 40, 3e-3
+  print(f"=== sft -> {root / 'sft'}")
+  return _train_and_export(config, root / "sft", root / "sft_hf")
+
+
+def _json_sft_config(args, data_json: pathlib.Path, **fields):
+  """configs/shapes_sft.py reading a saved LLaVA JSON (its images beside it), no evaluation."""
+  from lmm_align import main
+
+  config = _load(f"configs/shapes_sft.py:{'runlocal' if args.quick else ''}")
+  base = {
+    "data.source": "llava_json",
+    "data.json_path": str(data_json),
+    "data.image_folder": str(data_json.parent),
+    "eval.enabled": False,
+  }
+  return main.apply_overrides(config, {**base, **fields})
+
+
+def _negative(scene, scenes, rng, world) -> tuple[str, str]:
+  """An absent (colour, shape): the object of another scene (as popular as real objects), or a
+  present object with its shape or its colour changed (the near misses a policy makes)."""
+  present = scene.pairs
+  kind = int(rng.integers(3))
+  for _ in range(50):
+    if kind == 0:
+      other = scenes[int(rng.integers(len(scenes)))]
+      pair = other.pairs and sorted(other.pairs)[int(rng.integers(len(other.pairs)))]
+    else:
+      colour, shape = sorted(present)[int(rng.integers(len(present)))]
+      if kind == 1:
+        shape = world.shapes[int(rng.integers(len(world.shapes)))]
+      else:
+        colour = world.colours[int(rng.integers(len(world.colours)))]
+      pair = (colour, shape)
+    if pair and pair not in present:
+      return pair
+  absent = [(c, s) for s in world.shapes for c in world.colours if (c, s) not in present]
+  return absent[int(rng.integers(len(absent)))]
+
+
+def hard_existence_records(n: int, world, seed: int) -> list[dict[str, Any]]:
+  """Existence questions in the exist task's wording, half "yes", whose "no" objects are
+  drawn like the hallucinations a policy makes rather than uniformly over absent pairs.
+
+  The exist task's negatives are uniform over the absent (colour, shape) pairs, so they are
+  mostly unpopular objects: a labeler trained on them learns "popular object -> yes" and
+  accepts the popular objects a policy hallucinates (measured: it rejected 17% of the SFT
+  policy's false claims). Here a negative is, with equal chance, another scene's object (as
+  popular as real objects), a present object with another shape, or with another colour.
+  """
+  import numpy as np
+
+  from lmm_align.data import shapes
+
+  scenes = shapes.make_scenes(n, world, seed=seed)
+  rng = np.random.default_rng([seed, 1])
+  records = []
+  for scene in scenes:
+    present = sorted(scene.pairs)
+    is_yes = bool(rng.random() < 0.5)
+    colour, shape = (
+      present[int(rng.integers(len(present)))] if is_yes else _negative(scene, scenes, rng, world)
+    )
+    name = f"{colour} {shape}"
+    question = f"Is there {shapes.with_article(name)} in the image?"
+    if rng.random() < 0.5:
+      question, answer = f"{question}\n{shapes.SHORT_ANSWER_PROMPT}", "Yes" if is_yes else "No"
+    elif is_yes:
+      answer = f"Yes, there is {shapes.with_article(name)} in the image."
+    else:
+      answer = f"No, there is no {name} in the image."
+    records.append({
+      "id": f"{scene.id}-exist",
+      "image": shapes.render(scene, world.image_size),
+      "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"},
+        {"from": "gpt", "value": answer},
+      ],
+      "metadata": {"scene": scene.to_dict(), "answer": "yes" if is_yes else "no",
+                   "object": [colour, shape]},
+    })  # fmt: skip
+  return records
+
+
+def labeler_records(kind: str, n: int, world, seed: int) -> list[dict[str, Any]]:
+  """`n` labeler records: "exist" (task_mix exist) or "hard" (`hard_existence_records`)."""
+  import dataclasses
+
+  from lmm_align.data import shapes
+
+  if kind == "exist":
+    exist_world = dataclasses.replace(world, task_mix=(("exist", 1.0),))
+    return shapes.make_sft_records(n, exist_world, seed=seed)
+  return hard_existence_records(n, world, seed)
+
+
+def ensure_labeler(args, root: pathlib.Path, sft_hf: str) -> str:
+  """A labeler trained from scratch on existence questions only (shared tokenizer)."""
+  if args.labeler_from:
+    return args.labeler_from
+  from lmm_align.data import shapes
+
+  data_dir = root / "labeler_data"
+  if not (data_dir / "data.json").exists():
+    records = labeler_records(
+      args.labeler_data, args.labeler_records, _world(args.quick), LABELER_DATA_SEED
+    )
+    shapes.save_llava_dataset(records, data_dir)
+  config = _json_sft_config(
+    args, data_dir / "data.json", tokenizer=sft_hf, total_steps=args.labeler_steps,
+    checkpoint_every=max(1, args.labeler_steps // 6), keep_checkpoints=6,
+    **{"data.max_length": 128, "data.buckets": (96, 128)},
+    **({"model.image_size": args.labeler_image_size} if args.labeler_image_size else {}),
+  )  # fmt: skip
+  print(f"=== labeler -> {root / 'labeler'}")
+  return _train_and_export(config, root / "labeler", root / "labeler_hf")
+
+
+def critic_prompt_file(root: pathlib.Path) -> str:
+  """WORKDIR/critic_prompt.txt: the pairwise prompt the critic is trained and asked with."""
+  path = root / "critic_prompt.txt"
+  path.write_text(COMPACT_CRITIC_PROMPT)
+  return str(path)
+
+
+def critic_records(
+  n: int, world, seed: int, prompt_file: str, answer: str = "reason"
+) -> list[dict[str, Any]]:
+  """Pairwise shapes critic records (a fifth are ties) asked with the prompt in `prompt_file`;
+  answer "reason": the reason naming each wrong object, then the verdict line; "verdict":
+  the verdict line alone."""
+  from lmm_align.feedback import critic
+
+  template = critic.PromptTemplate.from_file(prompt_file, "pairwise")
+  records = critic.make_critic_records(n, world, seed=seed, pairwise_fraction=1.0, tie_fraction=0.2)
+  for r in records:
+    first, second = r["metadata"]["responses"]
+    prompt = critic.pairwise_prompt(r["metadata"]["question"], first, second, template=template)
+    r["conversations"][0]["value"] = prompt
+    if answer == "verdict":
+      r["conversations"][1]["value"] = critic.PAIRWISE_VERDICT_LINES[r["metadata"]["winner"]]
+  return records
+
+
+def ensure_critic(args, root: pathlib.Path, sft_hf: str) -> str:
+  """The SFT policy fine-tuned on pairwise shapes critic data, asked with the compact prompt."""
+  if args.critic_from:
+    return args.critic_from
+  from lmm_align.data import shapes
+
+  data_dir = root / "critic_data"
+  if not (data_dir / "data.json").exists():
+    records = critic_records(
+      args.critic_records, _world(args.quick), CRITIC_DATA_SEED, critic_prompt_file(root),
+      args.critic_answer,
+    )  # fmt: skip
+    shapes.save_llava_dataset(records, data_dir)
+  config = _json_sft_config(
+    args, data_dir / "data.json", init_from=sft_hf, total_steps=args.critic_steps,
+    checkpoint_every=max(1, args.critic_steps // 3), batch_size=16 if not args.quick else 8,
+    **{"data.max_length": 320, "data.buckets": (256, 320), "optim.lr": 1e-4},
+  )  # fmt: skip
+  print(f"=== critic -> {root / 'critic'}")
+  return _train_and_export(config, root / "critic", root / "critic_hf")
+
+
+# --------------------------------------------------------------------------------------------
+# How good the labeler and the critic are, against the ground truth.
+# --------------------------------------------------------------------------------------------
+
+
+def _existence_items(kind: str, n: int, world) -> tuple[list[str], list, list[bool]]:
+  """Held-out existence questions (the suffix stripped: the labeler adds its own)."""
+  records = labeler_records(kind, n, world, LABELER_EVAL_SEED)
+  questions = [
+    r["conversations"][0]["value"].replace("<image>\n", "").split("\n")[0] for r in records
+  ]
+  return (
+    questions,
+    [r["image"] for r in records],
+    [r["metadata"]["answer"] == "yes" for r in records],
+  )
+
+
+def _claim_items(n: int, world) -> tuple[list[str], list, list[bool]]:
+  """Rule questions of the claims of held-out captions (half with an injected hallucination);
+  a claim is true when every object it mentions is in the scene. Claims that mention no object
+  ("There is a white image") have no ground truth here and are left out."""
+  import dataclasses
+
+  from lmm_align.data import shapes
+
+  world = dataclasses.replace(world, task_mix=(("caption", 1.0),), hallucination_rate=0.5)
+  records = shapes.make_sft_records(n, world, seed=LABELER_EVAL_SEED + 1)
+  scenes = [shapes.Scene.from_dict(r["metadata"]["scene"]) for r in records]
+  texts = [r["conversations"][1]["value"] for r in records]
+  return _claims_of(texts, scenes, [r["image"] for r in records])
+
+
+def _policy_claim_items(n: int, world, policy_folder: str, template: str):
+  """Rule questions of the claims in the policy's own greedy descriptions of held-out scenes,
+  true when every object the claim mentions is in the scene (claims without one left out)."""
+  from lmm_align.data import shapes
+  from lmm_align.evals.shapes_eval import DESCRIBE_QUESTION, answer_questions
+  from lmm_align.trainers import iterative
+
+  policy = iterative.load_policy(policy_folder, template)
+  scenes = shapes.make_scenes(n, world, seed=LABELER_EVAL_SEED + 2)
+  images = [shapes.render(s, world.image_size) for s in scenes]
+  texts, _ = answer_questions(
+      policy.model, policy.params, policy.tokenizer, policy.image_config,
+      [DESCRIBE_QUESTION] * n, images, template=template, batch_size=32, max_new_tokens=48,
+  )  # fmt: skip
+  return _claims_of(texts, scenes, images)
+
+
+def _claims_of(texts, scenes, images) -> tuple[list[str], list, list[bool]]:
+  """(rule question, image, truth) for every claim of each text that mentions an object."""
+  from lmm_align.data import shapes_metrics
+  from lmm_align.feedback import claims
+  from lmm_align.trainers import iterative
+
+  splitter = iterative.PerItem(claims.RuleClaimSplitter())
+  questions, claim_images, truths = [], [], []
+  for text, scene, image in zip(texts, scenes, images):
+    for claim in splitter.split([("Describe the image.", text)])[0] or []:
+      counts = shapes_metrics.response_hallucination_counts(claim, scene)
+      if counts["mentions"]:
+        questions.append(claims.claim_to_question(claim))
+        claim_images.append(image)
+        truths.append(counts["hallucinated_mentions"] == 0)
+  return questions, claim_images, truths
+
+
+def yes_no_accuracy(folder: str, loop_config, items) -> dict[str, float]:
+  """Accuracy of a model's p_yes > p_no against the truth, asked as the loop asks it."""
+  import numpy as np
+
+  from lmm_align.trainers import iterative
+
+  questions, images, truths = items
+  labeler = iterative.yes_no_labeler(
+    loop_config, iterative.load_policy(folder, loop_config.data.template)
+  )
+  said_yes = ~labeler.score(questions, images).rejected
+  truths = np.asarray(truths)
+  return {
+    "accuracy": float(np.mean(said_yes == truths)),
+    "accuracy_true_claims": float(np.mean(said_yes[truths])) if truths.any() else float("nan"),
+    "accuracy_false_claims": (
+      float(np.mean(~said_yes[~truths])) if (~truths).any() else float("nan")
+    ),
+    "items": len(truths),
+  }  # fmt: skip
+
+
+def labeler_report(args, root: pathlib.Path, loop_config, labeler: str, sft_hf: str) -> dict:
+  path = root / "labeler_accuracy.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  world = _world(args.quick)
+  template = loop_config.data.template
+  sets = {
+    "existence": _existence_items("exist", args.eval_items, world),
+    "hard_existence": _existence_items("hard", args.eval_items, world),
+    "caption_claims": _claim_items(args.eval_items, world),
+    "sft_policy_claims": _policy_claim_items(args.eval_items, world, sft_hf, template),
+  }
+  report = {
+    who: {name: yes_no_accuracy(folder, loop_config, items) for name, items in sets.items()}
+    for who, folder in (("labeler", labeler), ("sft_policy_as_labeler", sft_hf))
+  }
+  path.write_text(json.dumps(report, indent=2) + "\n")
+  return report
+
+
+def critic_report(args, root: pathlib.Path, loop_config, critic_folder: str) -> dict:
+  """Pairwise accuracy on held-out critic pairs (a fifth are ties): the verdict on the shown
+  order, and the swap-rule verdict over both orders; with ties (3-way) and without."""
+  path = root / "critic_accuracy.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  import tempfile
+
+  from lmm_align.feedback import critic
+  from lmm_align.judges import agreement
+  from lmm_align.judges.base import JudgeRequest
+  from lmm_align.judges.verdicts import parse_pairwise
+  from lmm_align.trainers import iterative
+
+  prompt_file = loop_config.feedback.critic_prompt
+  records = critic_records(args.eval_items, _world(args.quick), CRITIC_EVAL_SEED, prompt_file)
+  template = critic.PromptTemplate.from_file(prompt_file, "pairwise")
+  judge = iterative.critic_judge(loop_config)
+  labels, one_order, both_orders = [], [], []
+  with tempfile.TemporaryDirectory() as tmp:
+    requests = []
+    for i, r in enumerate(records):
+      image = os.path.join(tmp, f"{i}.png")
+      r["image"].save(image)
+      first, second = r["metadata"]["responses"]
+      question = r["metadata"]["question"]
+      for a, b in ((first, second), (second, first)):
+        prompt = critic.pairwise_prompt(question, a, b, template=template)
+        limit = loop_config.feedback.critic_max_tokens
+        requests.append(JudgeRequest(prompt, image=image, max_tokens=limit))
+    replies = judge.complete(requests)
+  for i, r in enumerate(records):
+    ab, ba = (parse_pairwise(x.text) if x.ok else "invalid" for x in replies[2 * i : 2 * i + 2])
+    labels.append(r["metadata"]["winner"])
+    one_order.append(ab)
+    both_orders.append(critic.debiased_winner(ab, ba))
+  report = {}
+  for name, predictions in (("one_order", one_order), ("both_orders", both_orders)):
+    for ties in ("keep", "drop"):
+      acc = agreement.pairwise_accuracy(predictions, labels, ties=ties)
+      report[f"{name}/{'with' if ties == 'keep' else 'without'}_ties"] = acc.__dict__
+  path.write_text(json.dumps(report, indent=2) + "\n")
+  return report
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------
+
+
+def loop_config(args, kind: str, sft_hf: str, labeler: str = "", critic_folder: str = ""):
+  from lmm_align import main
+
+  config = _load(
+    f"configs/shapes_iterative_dpo.py:feedback={kind}{',runlocal' if args.quick else ''}"
+  )
+  fields = {"init_from": sft_hf, "feedback.labeler": labeler, "feedback.critic": critic_folder}
+  if critic_folder:
+    fields["feedback.critic_prompt"] = critic_prompt_file(pathlib.Path(args.workdir))
+  return main.apply_overrides(config, {**fields, **_overrides(args.set)})
+
+
+def run_experiment(args) -> dict[str, Any]:
+  from lmm_align.trainers import iterative
+
+  root = pathlib.Path(args.workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  sft_hf = ensure_sft(args, root)
+  summary_path = root / "summary.json"
+  # Another command may have run other feedback kinds into this workdir: keep their results.
+  results = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  results["sft"] = sft_hf
+  labeler = critic_folder = ""
+  if "rlaifv" in args.kinds:
+    labeler = ensure_labeler(args, root, sft_hf)
+    results["labeler_accuracy"] = labeler_report(
+      args, root, loop_config(args, "rlaifv", sft_hf, labeler), labeler, sft_hf
+    )
+    print("labeler yes/no accuracy:", json.dumps(results["labeler_accuracy"], indent=1))
+  if "critic" in args.kinds:
+    critic_folder = ensure_critic(args, root, sft_hf)
+    results["critic_accuracy"] = critic_report(
+      args, root, loop_config(args, "critic", sft_hf, critic_folder=critic_folder), critic_folder
+    )
+    print("critic pairwise accuracy:", json.dumps(results["critic_accuracy"], indent=1))
+  for kind in () if args.models_only else args.kinds:
+    print(f"=== iterative DPO, {kind} feedback -> {root / kind}")
+    config = loop_config(args, kind, sft_hf, labeler, critic_folder)
+    results[kind] = iterative.run(config, str(root / kind))["rounds"]
+  summary_path.write_text(json.dumps(results, indent=2) + "\n")
+  for kind in () if args.models_only else args.kinds:
+    print(f"\n{kind} feedback:\n{iterative.format_rounds_table(results[kind])}")
+  return results
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("LMM_ALIGN_PROGRESS", "0")
+  from absl import logging
+
+  logging.set_verbosity(logging.WARNING)
+  run_experiment(parse_args())

@@ -1,0 +1,685 @@
+"""Iterative DPO with AI feedback (RLAIF-V's rounds; LLaVA-Critic's preference learning).
+
+One round r = 1..M, read top to bottom in `run_round`:
+
+  prompts     held-out shapes scenes saved as PNGs + prompts.jsonl ("Describe the image.");
+              round r draws scenes with seed [prompts.seed, r], so every round sees new ones
+  candidates  K samples per prompt from the round's starting policy, same decoding settings,
+              different noise (`feedback.candidates.generate_candidates`, seed sampling.seed + r)
+  feedback    one score per candidate, by config.feedback.kind:
+                rlaifv        rule claims -> rule yes/no questions (`claims.Rule*`, one item
+                              at a time: `PerItem`) -> a separate labeler model
+                              (`YesNoLabeler` on feedback.labeler); score = -(rejected claims)
+                self          the same with the round's policy as its own labeler
+                critic        a critic model (feedback.critic) judges all K(K-1) ordered pairs
+                              (`critic.rank_responses`, both orders, optionally debiased);
+                              score = r_i, LLaVA-Critic's ordered-pair reward
+                ground_truth  shapes only: score = -(hallucinated mentions) against the scene
+  pairs       "rlaifv" method (rlaifv, self, ground_truth): every pair within a prompt whose
+              scores differ by >= min_score_gap, at most pairs.per_prompt per prompt, then
+              RLAIF-V's length balancing (`rlaifv.build_preference_pairs`); "best_worst"
+              (critic): argmax vs argmin score per prompt, LLaVA-Critic's pair. Every pair is
+              also checked against the scene (`ground_truth_agreement`), a diagnostic only.
+  dpo         `trainers.dpo.train` on the pairs, initialised from the round's policy, which is
+              also the reference (its log-probs precomputed once, as RLAIF-V does). A round
+              with fewer pairs than one batch skips DPO and keeps its policy (reported in
+              the summaries as "skipped", not an error: one poor round does not end a run)
+  export      the DPO run's final checkpoint as an HF folder: the next round's policy and
+              reference. RLAIF-V picks the best of several checkpoints per round on held-out
+              benchmarks; here each round keeps one checkpoint, its last, so no evaluation data
+              leaks into training choices.
+  eval        `shapes_eval.evaluate_shapes` on held-out scenes (data.shapes.eval_seed)
+
+Round 0 is the evaluation of config.init_from (the SFT policy).
+
+Layout and resume. Stage s of round r writes under WORKDIR/round_<r>/<s>/ and, once complete,
+a `done` file (JSON: the stage's wall seconds). A rerun of the same command skips stages with a
+`done` file, so a killed run resumes at the round and stage where it stopped; inside a stage,
+candidates and feedback append to resumable JSONL files (prompts already complete are kept)
+and DPO resumes from its own checkpoints. WORKDIR/round_<r>/summary.json holds one round's
+numbers, WORKDIR/summary.json = {"rounds": [round 0, round 1, ...], "feedback": kind, ...}.
+Stage timings live only in the `done` files, so the summaries of a resumed run and of an
+uninterrupted run are equal.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import functools
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from lmm_align.data import shapes, shapes_metrics, sources
+from lmm_align.feedback import candidates as candidates_lib
+from lmm_align.feedback import rlaifv
+
+FEEDBACK_KINDS = ("rlaifv", "self", "critic", "ground_truth")
+PAIR_METHODS = {
+  "rlaifv": "rlaifv",
+  "self": "rlaifv",
+  "ground_truth": "rlaifv",
+  "critic": "best_worst",
+}
+SUMMARY_METRICS = (
+  "hallucination_rate", "chair_s_refine", "mention_rate", "chair_i", "object_recall", "pope_f1",
+  "mean_answer_words",
+)  # fmt: skip
+DONE = "done"
+
+# Called after each stage is complete (run now or found done): (round, stage name).
+StageHook = Callable[[int, str], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage bookkeeping.
+# --------------------------------------------------------------------------------------------
+
+
+def _write_json(path: pathlib.Path, payload: Any) -> None:
+  """Atomic write (rename), so a kill never leaves half a file that looks complete."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  return json.loads(path.read_text())
+
+
+def _stage(
+  round_dir: pathlib.Path, name: str, fn: Callable[[pathlib.Path], None], hook: StageHook | None
+) -> pathlib.Path:
+  """Runs fn(stage_dir) unless the stage's `done` file exists; then writes it and calls hook."""
+  stage_dir = round_dir / name
+  if not (stage_dir / DONE).exists():
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"[iterative] {round_dir.name}: {name}")
+    fn(stage_dir)
+    _write_json(stage_dir / DONE, {"seconds": round(time.perf_counter() - start, 2)})
+  if hook is not None:
+    hook(int(round_dir.name.split("_")[1]), name)
+  return stage_dir
+
+
+@functools.lru_cache(maxsize=4)
+def load_policy(path: str, template: str) -> Any:
+  """An HF folder as `evaluate.LoadedModel` (model, params, tokenizer, image_config), cached:
+  a round reads its starting policy in several stages."""
+  from lmm_align.evaluate import load_model_folder
+
+  return load_model_folder(path, template=template)
+
+
+def policy_path(config: ml_collections.ConfigDict, workdir: pathlib.Path, round_index: int) -> str:
+  """The policy round `round_index` starts from: init_from, then each round's export."""
+  if round_index <= 1:
+    return config.init_from
+  return str(workdir / f"round_{round_index - 1}" / "export")
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts and candidates.
+# --------------------------------------------------------------------------------------------
+
+
+def write_prompts(config: ml_collections.ConfigDict, round_index: int, out: pathlib.Path) -> None:
+  """Scenes [prompts.seed, r] rendered to out/images/<id>.png; out/prompts.jsonl holds
+  {"id", "question", "image" (relative to out), "scene"}."""
+  world = sources.shapes_world_config(config)
+  scenes = shapes.make_scenes(
+    config.prompts.num_per_round, world, seed=[config.prompts.seed, round_index]
+  )
+  (out / "images").mkdir(parents=True, exist_ok=True)
+  lines = []
+  for scene in scenes:
+    relative = f"images/{scene.id}.png"
+    shapes.render(scene, world.image_size).save(out / relative)
+    record = {"id": scene.id, "question": config.prompts.question, "image": relative}
+    lines.append(json.dumps({**record, "scene": scene.to_dict()}))
+  tmp = out / "prompts.jsonl.tmp"
+  tmp.write_text("\n".join(lines) + "\n")
+  os.replace(tmp, out / "prompts.jsonl")
+
+
+def _image_loader(prompts_dir: pathlib.Path) -> Callable[[str], Any]:
+  from lmm_align.data import images
+
+  return lambda relative: images.load_image(str(prompts_dir / relative))
+
+
+def sample_candidates(
+  config: ml_collections.ConfigDict,
+  round_index: int,
+  policy: Any,
+  prompts_dir: pathlib.Path,
+  out: pathlib.Path,
+) -> list[dict[str, Any]]:
+  """K samples per prompt into out/candidates.jsonl (resumable)."""
+  from lmm_align import sampling
+
+  s = config.sampling
+  settings = sampling.SamplingSettings(
+    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens
+  )
+  return candidates_lib.generate_candidates(
+      policy.model, policy.params, policy.tokenizer, policy.image_config,
+      candidates_lib.read_prompts(prompts_dir / "prompts.jsonl"), out / "candidates.jsonl",
+      num_samples=s.num_samples, settings=settings, seed=s.seed + round_index,
+      template=config.data.template, load_image=_image_loader(prompts_dir),
+  )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Feedback: one score per candidate.
+# --------------------------------------------------------------------------------------------
+
+
+def _scenes(prompts_dir: pathlib.Path) -> dict[str, shapes.Scene]:
+  records = candidates_lib.read_jsonl(prompts_dir / "prompts.jsonl")
+  return {r["id"]: shapes.Scene.from_dict(r["scene"]) for r in records}
+
+
+def ground_truth_feedback(
+  candidates: Sequence[dict[str, Any]], scenes: dict[str, shapes.Scene]
+) -> list[dict[str, Any]]:
+  """score = -(hallucinated mentions) against the scene. A response that mentions no object
+  has no claims and is never paired, as in RLAIF-V (else "say nothing" would always win)."""
+  out = []
+  for c in candidates:
+    counts = shapes_metrics.response_hallucination_counts(c["response"], scenes[c["prompt_id"]])
+    mentions = counts["mentions"]
+    out.append({
+      "id": c["id"], "prompt_id": c["prompt_id"], "question": c["question"],
+      "image": c["image"], "response": c["response"], "num_claims": mentions,
+      "num_judged": mentions, "score": -counts["hallucinated_mentions"] if mentions else None,
+      "status": "ok" if mentions else "no_claims",
+    })  # fmt: skip
+  return out
+
+
+def yes_no_labeler(config: ml_collections.ConfigDict, labeler_model: Any) -> Any:
+  """A `YesNoLabeler` over a loaded model (`load_policy`), with the configured answer words."""
+  from lmm_align.feedback import labeler as labeler_lib
+
+  f = config.feedback
+  return labeler_lib.YesNoLabeler(
+      labeler_model.model, labeler_model.params, labeler_model.tokenizer,
+      labeler_model.image_config, template=config.data.template, batch_size=f.batch_size,
+      answer_tokens=labeler_lib.answer_token_ids(
+          labeler_model.tokenizer, tuple(f.yes_words), tuple(f.no_words)),
+      question_suffix=f.question_suffix,
+  )  # fmt: skip
+
+
+class PerItem:
+  """A rule splitter or question maker run one item at a time: an item the rules raise on
+  (sampled text can hold anything, e.g. a superscript digit that `str.isdigit` accepts and
+  `int` refuses) gets None, which `label_candidates` counts as failed and never pairs, as
+  the claims module's interfaces specify, instead of ending a long run."""
+
+  def __init__(self, rules: Any):
+    self.rules = rules
+
+  def _each(self, method: str, items: Sequence[Any]) -> list[list[str] | None]:
+    out = []
+    for item in items:
+      try:
+        out += getattr(self.rules, method)([item])
+      except ValueError:
+        out.append(None)
+    return out
+
+  def split(self, items: Sequence[tuple[str, str]]) -> list[list[str] | None]:
+    return self._each("split", items)
+
+  def questions(self, claims: Sequence[Sequence[str]]) -> list[list[str] | None]:
+    return self._each("questions", claims)
+
+
+def rlaifv_feedback(
+  config: ml_collections.ConfigDict,
+  candidates: Sequence[dict[str, Any]],
+  labeler: rlaifv.Labeler,
+  prompts_dir: pathlib.Path,
+  out_path: pathlib.Path,
+) -> list[dict[str, Any]]:
+  """Rule claims -> rule questions -> yes/no labeler, into out_path (resumable)."""
+  from lmm_align.feedback import claims
+
+  return rlaifv.label_candidates(
+      candidates, PerItem(claims.RuleClaimSplitter()), PerItem(claims.RuleQuestionMaker()),
+      labeler, out_path,
+      load_image=_image_loader(prompts_dir), prompts_per_chunk=config.feedback.prompts_per_chunk,
+  )  # fmt: skip
+
+
+def critic_feedback(
+  config: ml_collections.ConfigDict,
+  candidates: Sequence[dict[str, Any]],
+  judge: Any,
+  prompts_dir: pathlib.Path,
+  out_path: pathlib.Path,
+) -> list[dict[str, Any]]:
+  """score_i = r_i of `critic.aggregate_pairwise` over all K(K-1) ordered pairs of a prompt's
+  candidates, judged by `judge` (a `Judge`: the critic model behind `ModelJudge`). Each record
+  keeps the verdicts where it was shown first ({j: winner}), so the file holds every verdict
+  once. Written prompt by prompt, resumable."""
+  from lmm_align.feedback import critic
+
+  f = config.feedback
+  template = (
+    critic.PromptTemplate.from_file(f.critic_prompt, "pairwise") if f.critic_prompt else None
+  )
+  groups = collections.defaultdict(list)
+  for c in candidates:
+    groups[c["prompt_id"]].append(c)
+  done = candidates_lib.resume_jsonl(
+    out_path,
+    "prompt_id",
+    lambda pid, rs, where: {r["id"] for r in rs} == {c["id"] for c in groups[pid]},
+  )
+  with open(out_path, "a", encoding="utf-8") as f_out:
+    for pid, group in groups.items():
+      if pid in done:
+        continue
+      group = sorted(group, key=lambda c: c["sample_index"])
+      ranking, verdicts = critic.rank_responses(
+          judge, group[0]["question"], [c["response"] for c in group],
+          str(prompts_dir / group[0]["image"]), template=template, debias=f.critic_debias,
+          max_tokens=f.critic_max_tokens,
+      )  # fmt: skip
+      records = [
+        {
+          "id": c["id"],
+          "prompt_id": pid,
+          "question": c["question"],
+          "image": c["image"],
+          "response": c["response"],
+          "score": float(ranking.scores[i]),
+          "status": "ok" if ranking.judged else "not_judged",
+          "verdicts_as_first": {str(j): v.winner for (a, j), v in verdicts.items() if a == i},
+        }  # fmt: skip
+        for i, c in enumerate(group)
+      ]
+      candidates_lib.append_jsonl(f_out, records)
+      done[pid] = records
+  by_id = {r["id"]: r for rs in done.values() for r in rs}
+  return [by_id[c["id"]] for c in candidates]
+
+
+def critic_judge(config: ml_collections.ConfigDict) -> Any:
+  """The critic folder behind `ModelJudge` (greedy replies, critic_max_tokens long)."""
+  from lmm_align.judges.model import ModelJudge
+
+  f = config.feedback
+  critic_model = load_policy(f.critic, config.data.template)
+  return ModelJudge(
+      critic_model.model, critic_model.params, critic_model.tokenizer, critic_model.image_config,
+      template=config.data.template, batch_size=f.batch_size, max_new_tokens=f.critic_max_tokens,
+      name="critic",
+  )  # fmt: skip
+
+
+def run_feedback(
+  config: ml_collections.ConfigDict,
+  policy: Callable[[], Any],
+  candidates: Sequence[dict[str, Any]],
+  prompts_dir: pathlib.Path,
+  out: pathlib.Path,
+) -> None:
+  """The configured feedback into out/labelled.jsonl. `policy()` loads the round's policy
+  (the labeler of `self`)."""
+  kind, path = config.feedback.kind, out / "labelled.jsonl"
+  if kind == "ground_truth":
+    records = ground_truth_feedback(candidates, _scenes(prompts_dir))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  elif kind in ("rlaifv", "self"):
+    if kind == "rlaifv" and not config.feedback.labeler:
+      raise ValueError("feedback.kind='rlaifv' needs feedback.labeler, an HF labeler folder")
+    labeler_model = (
+      policy() if kind == "self" else load_policy(config.feedback.labeler, config.data.template)
+    )
+    labeler = yes_no_labeler(config, labeler_model)
+    rlaifv_feedback(config, candidates, labeler, prompts_dir, path)
+  elif kind == "critic":
+    if not config.feedback.critic:
+      raise ValueError("feedback.kind='critic' needs feedback.critic, an HF critic folder")
+    critic_feedback(config, candidates, critic_judge(config), prompts_dir, path)
+  else:
+    raise ValueError(f"feedback.kind {kind!r}: use one of {FEEDBACK_KINDS}")
+
+
+def feedback_stats(labelled: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Counts by status, the mean score, and (RLAIF-V) the share of claims rejected."""
+  statuses = collections.Counter(r["status"] for r in labelled)
+  scores = [r["score"] for r in labelled if r["score"] is not None]
+  stats = {"candidates": len(labelled), "status": dict(sorted(statuses.items()))}
+  stats["mean_score"] = float(np.mean(scores)) if scores else None
+  if any("claim_rejected" in r for r in labelled):
+    flags = [flag for r in labelled for flag in r.get("claim_rejected", [])]
+    stats["claims"] = len(flags)
+    stats["claims_rejected_share"] = float(np.mean(flags)) if flags else None
+  return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs.
+# --------------------------------------------------------------------------------------------
+
+
+def best_worst_pairs(labelled: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
+  """LLaVA-Critic's pair per prompt: the highest vs the lowest score (the first index on ties,
+  as `critic.aggregate_pairwise`); no pair when all scores are equal, or when the two texts
+  are identical or either is empty."""
+  groups = collections.defaultdict(list)
+  for r in labelled:
+    groups[r["prompt_id"]].append(r)
+  pairs, stats = [], collections.Counter()
+  for group in groups.values():
+    scored = [r for r in group if r["status"] == "ok"]
+    if len(scored) < 2 or len({r["score"] for r in scored}) == 1:
+      stats["prompts_without_preference"] += 1
+      continue
+    scores = [r["score"] for r in scored]
+    chosen, rejected = scored[int(np.argmax(scores))], scored[int(np.argmin(scores))]
+    a, b = chosen["response"].strip(), rejected["response"].strip()
+    if not a or not b or a == b:
+      stats["pairs_identical_or_empty"] += 1
+      continue
+    pairs.append({
+      "id": f"{chosen['id']}|{rejected['id']}", "image": chosen["image"],
+      "question": chosen["question"], "chosen": chosen["response"],
+      "rejected": rejected["response"], "chosen_score": chosen["score"],
+      "rejected_score": rejected["score"],
+    })  # fmt: skip
+  return pairs, {**stats, "pairs": len(pairs), "prompts": len(groups)}
+
+
+def ground_truth_agreement(
+  pairs: Sequence[dict[str, Any]], scenes: dict[str, shapes.Scene]
+) -> dict[str, int]:
+  """How many pairs the scene agrees with: the chosen response has fewer hallucinated mentions
+  (correct), more (wrong), or as many (tie)."""
+  out = {"correct": 0, "wrong": 0, "tie": 0}
+  for p in pairs:
+    scene = scenes[p["id"].split("|")[0].rsplit("#", 1)[0]]
+    counts = [
+      shapes_metrics.response_hallucination_counts(p[k], scene)["hallucinated_mentions"]
+      for k in ("chosen", "rejected")
+    ]
+    out["correct" if counts[0] < counts[1] else "wrong" if counts[0] > counts[1] else "tie"] += 1
+  return out
+
+
+def make_pairs(
+  config: ml_collections.ConfigDict, round_index: int, labelled_path: pathlib.Path,
+  prompts_dir: pathlib.Path, out: pathlib.Path,
+) -> None:  # fmt: skip
+  """out/pairs.jsonl and out/stats.json (pair and feedback counts, agreement with the scene)."""
+  labelled = candidates_lib.read_jsonl(labelled_path)
+  p = config.pairs
+  method = PAIR_METHODS[config.feedback.kind] if p.method == "auto" else p.method
+  if method == "rlaifv":
+    pairs, stats = rlaifv.build_preference_pairs(
+        labelled, min_score_gap=p.min_score_gap, pairs_per_prompt=p.per_prompt or None,
+        seed=config.seed + round_index, balance_lengths=p.balance_lengths,
+    )  # fmt: skip
+  elif method == "best_worst":
+    pairs, stats = best_worst_pairs(labelled)
+  else:
+    raise ValueError(f"pairs.method {p.method!r}: use 'auto', 'rlaifv' or 'best_worst'")
+  stats = {
+    **stats,
+    "method": method,
+    "ground_truth": ground_truth_agreement(pairs, _scenes(prompts_dir)),
+  }
+  stats["feedback"] = feedback_stats(labelled)
+  rlaifv.write_preference_pairs(out / "pairs.jsonl", pairs)
+  _write_json(out / "stats.json", stats)
+
+
+# --------------------------------------------------------------------------------------------
+# DPO, export, evaluation.
+# --------------------------------------------------------------------------------------------
+
+
+def dpo_config(
+  config: ml_collections.ConfigDict, round_index: int, policy: str, pairs_dir: pathlib.Path,
+  prompts_dir: pathlib.Path,
+) -> ml_collections.ConfigDict:  # fmt: skip
+  """config.train for one round: pairs_jsonl from the round's pairs, init_from (and so the
+  reference) the round's policy, no built-in evaluation (the eval stage runs on the export).
+  With epochs_per_round > 0, total_steps = ceil(epochs * pairs / batch_size)."""
+  c = copy.deepcopy(config.train)
+  c.init_from = policy
+  c.seed = config.seed + round_index
+  c.data.source = "pairs_jsonl"
+  c.data.json_path = str(pairs_dir / "pairs.jsonl")
+  c.data.image_folder = str(prompts_dir)
+  c.data.template = config.data.template
+  c.eval.enabled = False
+  if config.epochs_per_round > 0:
+    num_pairs = len(candidates_lib.read_jsonl(pairs_dir / "pairs.jsonl"))
+    c.total_steps = max(1, math.ceil(config.epochs_per_round * num_pairs / c.batch_size))
+  return c
+
+
+def too_few_pairs(config: ml_collections.ConfigDict, pairs_dir: pathlib.Path) -> str | None:
+  """Why the round cannot train (fewer pairs than one DPO batch), or None."""
+  num_pairs = len(candidates_lib.read_jsonl(pairs_dir / "pairs.jsonl"))
+  if num_pairs >= config.train.batch_size:
+    return None
+  return f"{num_pairs} pairs, fewer than one batch (train.batch_size={config.train.batch_size})"
+
+
+def train_or_skip(train_config: ml_collections.ConfigDict, skip: str | None, out: pathlib.Path):
+  """DPO in `out`, or (too few pairs) out/skipped.json: the round keeps its starting policy.
+  A skipped round is reported, not an error, so one poor round does not end a long run."""
+  from lmm_align.trainers import dpo
+
+  if skip is None:
+    dpo.train(train_config, str(out))
+  else:
+    print(f"[iterative] DPO skipped: {skip}")
+    _write_json(out / "skipped.json", {"reason": skip})
+
+
+def export_policy(dpo_dir: pathlib.Path, start_policy: str, out: pathlib.Path) -> None:
+  """The DPO run's last checkpoint as an HF folder; a copy of the starting policy when the
+  round's DPO was skipped (the next round then starts from the same weights)."""
+  from lmm_align.trainers import export
+
+  if (dpo_dir / "skipped.json").exists():
+    shutil.copytree(start_policy, out, dirs_exist_ok=True)
+  else:
+    export.export_workdir(str(dpo_dir), str(out))
+
+
+def _dpo_metrics(dpo_dir: pathlib.Path) -> dict[str, Any]:
+  """The DPO summary plus the last logged window's reward statistics ({"skipped": why} for a
+  round without DPO)."""
+  if (dpo_dir / "skipped.json").exists():
+    return {"skipped": _read_json(dpo_dir / "skipped.json")["reason"]}
+  summary = _read_json(dpo_dir / "summary.json")
+  lines = (dpo_dir / "metrics.jsonl").read_text().splitlines()
+  last = json.loads(lines[-1]) if lines else {}
+  keys = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")
+  return {
+    "final_step": summary["final_step"],
+    "final_train_loss": summary["final_train_loss"],
+    **{k: last[k] for k in keys if k in last},
+  }
+
+
+def evaluate_policy(config: ml_collections.ConfigDict, path: str, out: pathlib.Path) -> None:
+  """out/metrics.json: the shapes evaluation (held-out scenes, greedy) of an HF folder, plus
+  what tells a cleaner answer from a shorter one: the share of answers that mention any object
+  (`mention_rate`), and the hallucination rate among those (`chair_s_refine`, RLAIF-V's
+  response-level rate). An answer that names no object ("There is a large blue.") counts as
+  free of hallucination in `hallucination_rate`."""
+  from lmm_align.evals import shapes_eval
+
+  policy = load_policy(path, config.data.template)
+  e, world = config.eval, sources.shapes_world_config(config)
+  kwargs = dict(template=config.data.template, batch_size=e.batch_size)
+  metrics = shapes_eval.evaluate_shapes(
+      policy.model, policy.params, policy.tokenizer, policy.image_config, world,
+      num_scenes=e.num_scenes, seed=config.data.shapes.eval_seed,
+      max_new_tokens=e.max_new_tokens, pope_per_split=e.pope_per_split, **kwargs,
+  )  # fmt: skip
+  scenes = shapes.make_scenes(e.num_scenes, world, seed=config.data.shapes.eval_seed)
+  # The same greedy answers evaluate_shapes scored (it does not return them).
+  texts, _ = shapes_eval.answer_questions(
+      policy.model, policy.params, policy.tokenizer, policy.image_config,
+      [shapes_eval.DESCRIBE_QUESTION] * len(scenes),
+      [shapes.render(s, world.image_size) for s in scenes], max_new_tokens=e.max_new_tokens,
+      **kwargs,
+  )  # fmt: skip
+  counts = shapes_metrics.hallucination_metrics(texts, scenes)
+  metrics["chair_s_refine"] = counts["chair_s_refine"]
+  metrics["mention_rate"] = counts["responses_with_mentions"] / max(1, counts["responses"])
+  _write_json(out / "metrics.json", metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  if not config.init_from:
+    raise ValueError("set config.init_from to the starting (SFT) policy's HF folder")
+  if config.feedback.kind not in FEEDBACK_KINDS:
+    raise ValueError(f"feedback.kind {config.feedback.kind!r}: use one of {FEEDBACK_KINDS}")
+  if config.rounds < 1 or config.sampling.num_samples < 2 or config.prompts.num_per_round < 1:
+    raise ValueError("need rounds >= 1, sampling.num_samples >= 2 and prompts.num_per_round >= 1")
+
+
+def run_round(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, r: int, hook: StageHook | None
+) -> dict[str, Any]:
+  """Round r's stages (module docstring); returns and writes round_<r>/summary.json."""
+  round_dir = workdir / f"round_{r}"
+  start_policy = policy_path(config, workdir, r)
+  policy = lambda: load_policy(start_policy, config.data.template)
+  prompts_dir = _stage(round_dir, "prompts", lambda d: write_prompts(config, r, d), hook)
+  cand_dir = _stage(
+    round_dir, "candidates", lambda d: sample_candidates(config, r, policy(), prompts_dir, d), hook
+  )
+  candidates = candidates_lib.read_candidates(cand_dir / "candidates.jsonl")
+  feedback_dir = _stage(
+    round_dir, "feedback", lambda d: run_feedback(config, policy, candidates, prompts_dir, d), hook
+  )
+  pairs_dir = _stage(
+    round_dir, "pairs",
+    lambda d: make_pairs(config, r, feedback_dir / "labelled.jsonl", prompts_dir, d), hook,
+  )  # fmt: skip
+  train_config = dpo_config(config, r, start_policy, pairs_dir, prompts_dir)
+  skip = too_few_pairs(config, pairs_dir)
+  dpo_dir = _stage(round_dir, "dpo", lambda d: train_or_skip(train_config, skip, d), hook)
+  export_dir = _stage(round_dir, "export", lambda d: export_policy(dpo_dir, start_policy, d), hook)
+  eval_dir = _stage(round_dir, "eval", lambda d: evaluate_policy(config, str(export_dir), d), hook)
+  summary = {
+    "round": r,
+    "policy": str(export_dir),
+    "started_from": start_policy,
+    "prompts": config.prompts.num_per_round,
+    "candidates": len(candidates),
+    "pairs": _read_json(pairs_dir / "stats.json"),
+    "dpo": _dpo_metrics(dpo_dir),
+    "metrics": _read_json(eval_dir / "metrics.json"),
+  }
+  _write_json(round_dir / "summary.json", summary)
+  return summary
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, *, after_stage: StageHook | None = None
+) -> dict[str, Any]:
+  """Runs (or resumes) config.rounds rounds in `workdir`; returns WORKDIR/summary.json.
+
+  after_stage: called as after_stage(round, stage) once each stage is complete (tests use it
+  to interrupt a run at a chosen point).
+  """
+  from lmm_align.trainers import loop
+
+  check_config(config)
+  root = pathlib.Path(workdir)
+  loop.write_config(config, str(root))
+  round0 = root / "round_0"
+  eval0 = _stage(
+    round0, "eval", lambda d: evaluate_policy(config, config.init_from, d), after_stage
+  )
+  rows = [{"round": 0, "policy": config.init_from, "metrics": _read_json(eval0 / "metrics.json")}]
+  rounds = [run_round(config, root, r, after_stage) for r in range(1, config.rounds + 1)]
+  rows += rounds
+  summary = {
+    "feedback": config.feedback.kind,
+    "labeler": config.feedback.labeler if config.feedback.kind == "rlaifv" else None,
+    "critic": config.feedback.critic if config.feedback.kind == "critic" else None,
+    "checkpoint_selection": "the last checkpoint of each round (one checkpoint per round)",
+    "rounds": [_summary_row(row) for row in rows],
+  }
+  _write_json(root / "summary.json", summary)
+  print(format_rounds_table(summary["rounds"]))
+  return summary
+
+
+def _summary_row(row: dict[str, Any]) -> dict[str, Any]:
+  out = {"round": row["round"], "policy": row["policy"]}
+  out.update({k: row["metrics"][k] for k in SUMMARY_METRICS if k in row["metrics"]})
+  if "pairs" in row:
+    out["pairs"] = row["pairs"]["pairs"]
+    out["pairs_ground_truth"] = row["pairs"]["ground_truth"]
+    out["dpo_final_train_loss"] = row["dpo"].get("final_train_loss")
+    if "skipped" in row["dpo"]:
+      out["dpo_skipped"] = row["dpo"]["skipped"]
+  return out
+
+
+def format_rounds_table(rows: Sequence[dict[str, Any]]) -> str:
+  """One line per round: hallucination rate first, then the other metrics and pair counts."""
+  columns = [c for c in (*SUMMARY_METRICS, "pairs") if any(c in r for r in rows)]
+  cell = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+  table = [["round", *columns]] + [
+    [str(r["round"]), *(cell(r.get(c)) for c in columns)] for r in rows
+  ]
+  widths = [max(len(line[i]) for line in table) for i in range(len(columns) + 1)]
+  return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in table)
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m lmm_align.trainers.iterative --config=configs/X.py[:arg] --workdir=DIR`."""
+  del argv
+  from absl import flags, logging
+
+  logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the round table
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  import sys
+
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  from lmm_align import config_files
+
+  for arg in sys.argv:
+    if arg.startswith("--config="):
+      config_files.make_config_package_importable(arg.split("=", 1)[1].split(":", 1)[0])
+  config_flags.DEFINE_config_file("config", None, "configs/shapes_iterative_dpo.py[:arg]")
+  flags.DEFINE_string("workdir", None, "where the rounds go")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
