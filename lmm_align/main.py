@@ -62,7 +62,11 @@ def trainer_for(name: str):
     from lmm_align.trainers import ppo
 
     return ppo.train
-  raise ValueError(f"config.trainer {name!r} is not known (sft, dpo, reward, ppo)")
+  if name == "iterative":
+    from lmm_align.trainers import iterative
+
+    return iterative.run
+  raise ValueError(f"config.trainer {name!r} is not known (sft, dpo, reward, ppo, iterative)")
 
 
 def train(config, workdir: str) -> dict:

@@ -319,7 +319,7 @@ def _kind(part: str) -> str:
     return "other"
   if _has_verb(words):
     return "clause"
-  if words[0] in _DETERMINERS or words[0].isdigit():
+  if words[0] in _DETERMINERS or words[0].isdecimal():
     return "np"
   return "other"
 
@@ -357,7 +357,7 @@ def _is_plural(noun_phrase: str) -> bool:
   first = _words(noun_phrase)[0]
   if first in _PLURAL_DETERMINERS:
     return True
-  return first.isdigit() and int(first) != 1
+  return first.isdecimal() and int(first) != 1
 
 
 def _np_prefix(clause: str) -> str | None:
