@@ -281,18 +281,6 @@ def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
 # --------------------------------------------------------------------------------------------
 
 
-def _left_pad(
-  rows: Sequence[Sequence[int]], length: int, pad: int
-) -> tuple[np.ndarray, np.ndarray]:
-  ids = np.full((len(rows), length), pad, np.int32)
-  mask = np.zeros((len(rows), length), np.int32)
-  for i, row in enumerate(rows):
-    if len(row):
-      ids[i, length - len(row) :] = row
-      mask[i, length - len(row) :] = 1
-  return ids, mask
-
-
 def _right_pad(
   rows: Sequence[Sequence[int]], length: int, pad: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -390,7 +378,9 @@ class Rollouts:
     timings["time/rollout"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    q_ids, q_mask = _left_pad([p.input_ids for p in prompts], ppo.query_len, tok.pad_token_id)
+    q_ids, q_mask = sampling.left_pad(
+      [p.input_ids for p in prompts], ppo.query_len, tok.pad_token_id
+    )
     r_ids, r_mask = _right_pad([c.tokens for c in cut], ppo.max_new_tokens, tok.pad_token_id)
     batch = {
       "input_ids": np.concatenate([q_ids, r_ids], 1),
