@@ -331,11 +331,16 @@ def test_a_round_with_fewer_pairs_than_a_batch_keeps_its_policy(tmp_path, policy
 def test_per_item_rules_fail_one_item_not_the_run():
   from lmm_align.feedback import claims
 
-  splitter = iterative.PerItem(claims.RuleClaimSplitter())
-  # "²" passes str.isdigit but not int(): the rule splitter raises on it.
+  # An empty claim is the rule question maker's documented ValueError.
   with pytest.raises(ValueError):
-    claims.RuleClaimSplitter().split([("q", "There is a circle and ² squares.")])
-  items = [("q", "There is a circle and ² squares."), ("q", "There is a red circle.")]
-  assert splitter.split(items) == [None, ["There is a red circle."]]
+    claims.RuleQuestionMaker().questions([["There is a red circle."], ["  "]])
   maker = iterative.PerItem(claims.RuleQuestionMaker())
-  assert maker.questions([["There is a red circle."], []]) == [["Is there a red circle?"], []]
+  assert maker.questions([["There is a red circle."], ["  "], []]) == [
+    ["Is there a red circle?"],
+    None,
+    [],
+  ]
+  splitter = iterative.PerItem(claims.RuleClaimSplitter())
+  # A superscript digit used to crash the splitter; it is now read as text.
+  items = [("q", "There is a circle and ² squares."), ("q", "There is a red circle.")]
+  assert splitter.split(items) == [["There is a circle and ² squares."], ["There is a red circle."]]
