@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
       remat_policy="none",
       image_size=0,  # 0: the variant's
       vocab_from_tokenizer=False,
+      # A CLIPVisionModel / CLIPModel folder for the vision tower of a model built from its
+      # variant (LLaVA's stage 1 starts from a pretrained CLIP); ignored with init_from.
+      vision_init="",
     )
   )
   # sizes: (data, fsdp, tensor), one may be -1; num_devices: 0 = all (fewer only for tests).

@@ -271,6 +271,7 @@ def decode(
     step_model = Llava(config.with_runtime(scan_layers=False))
     text_params = _unstack_layers(params["language_model"], config.text.num_layers)
     step_variables = {"params": {"language_model": text_params}}
+    prefill = prefill.replace(cache=prefill.cache.unstacked())
   # Decode steps feed one real token per row; rows that are done feed pad, and what they see
   # no longer matters.
   step_mask = jnp.ones((batch, 1), jnp.int32)

@@ -1,5 +1,19 @@
 """Hugging Face interop: local checkpoint folders in, HF folders out (safetensors only by default)."""
 
-from lmm_align.hf.checkpoint import CheckpointError, load_pretrained, read_config, save_pretrained
+from lmm_align.hf.checkpoint import (
+  CheckpointError,
+  load_pretrained,
+  load_vision_tower,
+  read_config,
+  save_pretrained,
+  save_vision_tower,
+)
 
-__all__ = ["CheckpointError", "load_pretrained", "read_config", "save_pretrained"]
+__all__ = [
+  "CheckpointError",
+  "load_pretrained",
+  "load_vision_tower",
+  "read_config",
+  "save_pretrained",
+  "save_vision_tower",
+]

@@ -8,6 +8,7 @@ memory; with `shardings` each finished parameter goes straight to its devices.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -23,7 +24,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lmm_align.hf import name_map
-from lmm_align.models.config import ModelConfig, RuntimeConfig, from_hf_config, to_hf_config
+from lmm_align.models.config import (
+  ModelConfig,
+  RuntimeConfig,
+  from_hf_config,
+  to_hf_config,
+  vision_config_from_hf,
+)
 from lmm_align.models.llava import Llava, dummy_inputs
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -131,22 +138,43 @@ def load_pretrained(
   runtime = runtime or RuntimeConfig(dtype=dtype, param_dtype=dtype)
   config = from_hf_config(read_config(folder), runtime)
   model = Llava(config)
-  np_dtype = _NUMPY_DTYPES[runtime.param_dtype]
-  abstract = _flat_abstract_params(model)
-  rules = [(rule, rule.hf_regex()) for rule in name_map.rules_for(config)]
   text_only = config.vision is None
-  scan = runtime.scan_layers
 
+  def canonical(key: str) -> str | None:
+    canonical = name_map.canonical_key(key, text_only)
+    if canonical == "lm_head.weight" and config.text.tie_word_embeddings:
+      return None  # the tied copy of embed_tokens
+    return canonical
+
+  abstract = _flat_abstract_params(model)
+  rules = name_map.rules_for(config)
+  params = _read_params(folder, abstract, rules, canonical, runtime, shardings, allow_torch_bin)
+  return model, params
+
+
+def _read_params(
+  folder: pathlib.Path,
+  abstract: dict[tuple[str, ...], jax.ShapeDtypeStruct],
+  rules: list[name_map.Rule],
+  canonical_key: Callable[[str], str | None],
+  runtime: RuntimeConfig,
+  shardings: Any,
+  allow_torch_bin: bool,
+) -> dict:
+  """Every param of `abstract` from the folder's tensors (keys mapped by `canonical_key`, None
+  to skip one; then by `rules`), or a CheckpointError listing what is missing, unexpected or
+  mis-shaped."""
+  np_dtype = _NUMPY_DTYPES[runtime.param_dtype]
+  compiled = [(rule, rule.hf_regex()) for rule in rules]
+  scan = runtime.scan_layers
   host: dict[tuple[str, ...], np.ndarray] = {}
   filled: set[tuple[tuple[str, ...], int | None]] = set()
   unexpected, mis_shaped = [], []
   for key, load, file_name in _iter_tensors(folder, allow_torch_bin):
-    canonical = name_map.canonical_key(key, text_only)
+    canonical = canonical_key(key)
     if canonical is None:
       continue
-    if canonical == "lm_head.weight" and config.text.tie_word_embeddings:
-      continue  # the tied copy of embed_tokens
-    match = next(((rule, m) for rule, regex in rules if (m := regex.match(canonical))), None)
+    match = next(((rule, m) for rule, regex in compiled if (m := regex.match(canonical))), None)
     if match is None:
       unexpected.append(f"{key} ({file_name})")
       continue
@@ -197,14 +225,94 @@ def load_pretrained(
 
   flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else {}
   params = {p: jax.device_put(v, flat_shardings.get(p)) for p, v in host.items()}
-  return model, flax.traverse_util.unflatten_dict(params)
+  return flax.traverse_util.unflatten_dict(params)
 
 
-def _iter_export(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
+# --------------------------------------------------------------------------------------------
+# A vision tower alone: LLaVA's stage 1 starts from a pretrained CLIP.
+# --------------------------------------------------------------------------------------------
+
+# Older and CLIPModel checkpoints prefix the tower's keys with "vision_model."; transformers
+# 5 writes a CLIPVisionModel without it.
+_CLIP_VISION_PREFIX = "vision_model."
+_CLIP_VISION_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+
+
+def load_vision_tower(
+  path: str | os.PathLike,
+  config: ModelConfig,
+  shardings: Any = None,
+  allow_torch_bin: bool = False,
+) -> dict:
+  """The `vision_tower` params of `config`'s LLaVA from a local `CLIPVisionModel` or `CLIPModel`
+  folder (its text tower and projections are skipped).
+
+  The folder's vision config must equal `config.vision` (a CheckpointError says which fields
+  differ). shardings: optional pytree for the returned subtree (`params["vision_tower"]`).
+  """
+  folder = pathlib.Path(path)
+  d = read_config(folder)
+  if d.get("model_type") not in ("clip_vision_model", "clip"):
+    raise CheckpointError(
+      f"{folder}/config.json: model_type {d.get('model_type')!r}; a vision tower folder is a "
+      "CLIPVisionModel ('clip_vision_model') or CLIPModel ('clip')"
+    )
+  found = vision_config_from_hf(d["vision_config"] if d["model_type"] == "clip" else d)
+  if config.vision is None:
+    raise CheckpointError(f"cannot load {folder}: the model config has no vision tower")
+  if found != config.vision:
+    diff = {
+      f.name: (getattr(found, f.name), getattr(config.vision, f.name))
+      for f in dataclasses.fields(found)
+      if getattr(found, f.name) != getattr(config.vision, f.name)
+    }
+    raise CheckpointError(
+      f"{folder}: vision config differs from the model's (folder, model): {diff}"
+    )
+
+  def canonical(key: str) -> str | None:
+    key = key.removeprefix(_CLIP_VISION_PREFIX)
+    if not key.startswith(_CLIP_VISION_ROOTS):
+      return None  # CLIPModel's text tower, projections and logit scale
+    return "vision_tower." + key
+
+  abstract = {
+    p: s for p, s in _flat_abstract_params(Llava(config)).items() if p[0] == "vision_tower"
+  }
+  params = _read_params(
+    folder, abstract, name_map.vision_rules(), canonical, config.runtime,
+    None if shardings is None else {"vision_tower": shardings}, allow_torch_bin,
+  )  # fmt: skip
+  return params["vision_tower"]
+
+
+def save_vision_tower(
+  config: ModelConfig, vision_params: dict, out_dir: str | os.PathLike
+) -> pathlib.Path:
+  """Writes `params["vision_tower"]` as a `CLIPVisionModel` folder (config.json, safetensors),
+  with the keys transformers 5 writes."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  hf_config = {
+    **to_hf_config(config)["vision_config"],
+    "architectures": ["CLIPVisionModel"],
+    "dtype": str(np.dtype(jax.tree.leaves(vision_params)[0].dtype)),
+  }
+  tensors = {}
+  for key, tensor in _iter_export(config, {"vision_tower": vision_params}, name_map.vision_rules()):
+    tensors[key.removeprefix("vision_tower.")] = tensor
+  save_file(tensors, str(out / SAFE_SINGLE), metadata={"format": "pt"})
+  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  return out
+
+
+def _iter_export(
+  config: ModelConfig, params: dict, rules: list[name_map.Rule] | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
   flat = flax.traverse_util.flatten_dict(params)
   text_only = config.vision is None
   scan = config.runtime.scan_layers
-  for rule in name_map.rules_for(config):
+  for rule in name_map.rules_for(config) if rules is None else rules:
     layers = range(name_map.num_layers(config, rule)) if rule.layered else [None]
     for layer in layers:
       our_path, index = name_map.our_path(rule.ours, layer, scan)

@@ -304,7 +304,7 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
   )
 
 
-def _vision_from_hf(d: dict[str, Any]) -> VisionConfig:
+def vision_config_from_hf(d: dict[str, Any]) -> VisionConfig:
   if d.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
     raise ValueError(f"vision tower {d.get('model_type')!r} is not supported (CLIP only)")
   return VisionConfig(
@@ -333,7 +333,7 @@ def from_hf_config(d: dict[str, Any], runtime: RuntimeConfig | None = None) -> M
       raise ValueError(f"projector_hidden_act {act!r} is not supported (gelu)")
     return ModelConfig(
       text=text,
-      vision=_vision_from_hf(d["vision_config"]),
+      vision=vision_config_from_hf(d["vision_config"]),
       projector_type="mlp2x_gelu",
       projector_bias=bool(d.get("multimodal_projector_bias", True)),
       vision_feature_layer=d.get("vision_feature_layer", -2),

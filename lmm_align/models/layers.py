@@ -191,32 +191,63 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array, scaling: RopeScaling
 class KVCache:
   """Keys and values of every layer, for decoding one chunk at a time inside jit.
 
-  key, value: [L, B, S, K, H] (layers stacked so that `nn.scan` slices them).
+  key: per layer [B, K, H, S] (keys transposed); value: per layer [B, K, S, H]. The layouts
+    make both attention dots plain [G*T, H] @ [H, S] and [G*T, S] @ [S, H] matmuls per (row,
+    kv head), which XLA:CPU's matmul library runs fastest (with keys as [S, H] the logits dot
+    took 3x as long).
+    "Per layer" is one array with a leading L axis for a model with scanned layers (the scan
+    slices it), and a tuple of L arrays for unrolled layers: each decode step then attends
+    over each buffer as it is, where slicing a layer out of a stacked cache makes XLA:CPU
+    copy the slice, a copy of the whole cache per token.
   valid: bool[B, S], slots that hold a real (non-pad) token.
   index: int32 scalar, the next free slot; all rows write the same slots, which is what
     left-padded batches need.
   """
 
-  key: Array
-  value: Array
+  key: Array | tuple[Array, ...]
+  value: Array | tuple[Array, ...]
   valid: Array
   index: Array
 
   @classmethod
   def create(
-    cls, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype
+    cls,
+    num_layers: int,
+    batch: int,
+    max_length: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype,
+    stacked: bool,
   ) -> KVCache:
-    shape = (num_layers, batch, max_length, num_kv_heads, head_dim)
+    key_shape = (batch, num_kv_heads, head_dim, max_length)
+    value_shape = (batch, num_kv_heads, max_length, head_dim)
+    if stacked:
+      key = jnp.zeros((num_layers, *key_shape), dtype)
+      value = jnp.zeros((num_layers, *value_shape), dtype)
+    else:
+      key = tuple(jnp.zeros(key_shape, dtype) for _ in range(num_layers))
+      value = tuple(jnp.zeros(value_shape, dtype) for _ in range(num_layers))
     return cls(
-      key=jnp.zeros(shape, dtype),
-      value=jnp.zeros(shape, dtype),
+      key=key,
+      value=value,
       valid=jnp.zeros((batch, max_length), bool),
       index=jnp.zeros((), jnp.int32),
     )
 
   @property
+  def stacked(self) -> bool:
+    return not isinstance(self.key, tuple)
+
+  @property
   def max_length(self) -> int:
-    return self.key.shape[2]
+    return self.valid.shape[1]
+
+  def unstacked(self) -> KVCache:
+    """The same cache as one buffer per layer (for unrolled layers); copies a stacked one."""
+    if not self.stacked:
+      return self
+    return self.replace(key=tuple(self.key), value=tuple(self.value))
 
 
 def dot_product_attention(
@@ -224,20 +255,25 @@ def dot_product_attention(
 ) -> Array:
   """Causal grouped-query attention with a key padding mask.
 
-  q: [B, T, N, H]; k, v: [B, S, K, H]; key_valid: bool[B, S];
+  q: [B, T, N, H]; k: [B, K, H, S] (transposed, as the cache keeps it); v: [B, K, S, H];
+  key_valid: bool[B, S];
   query_slots: int32[T], the key slot of each query (a query sees keys at slots <= its own).
   Returns [B, T, N, H]. Logits and softmax in float32.
   """
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  causal = jnp.arange(k.shape[1])[None, :] <= query_slots[:, None]  # [T, S]
-  visible = causal[None, None, None] & key_valid[:, None, None, None, :]
+  kv_heads = k.shape[1]
+  groups = n // kv_heads
+  # Queries as [B, K, G*T, H]: both dots are then plain batched matmuls over (B, K) that read
+  # the cache in place (see KVCache).
+  q = jnp.transpose(q.reshape(b, t, kv_heads, groups, h), (0, 2, 3, 1, 4))
+  q = q.reshape(b, kv_heads, groups * t, h)
+  logits = jnp.einsum("bkqh,bkhs->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+  causal = jnp.arange(k.shape[3])[None, :] <= query_slots[:, None]  # [T, S]
+  visible = jnp.tile(causal, (groups, 1))[None, None] & key_valid[:, None, None, :]
   logits = jnp.where(visible, logits, _MASK_VALUE)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
-  return out.reshape(b, t, n, h)
+  out = jnp.einsum("bkqs,bksh->bkqh", weights, v).reshape(b, kv_heads, groups, t, h)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
 
 
 def bidirectional_attention(q: Array, k: Array, v: Array, scale: float) -> Array:

@@ -28,20 +28,19 @@ ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm attention + SwiGLU MLP. Called as (carry, layer_index, ...) -> (carry, None).
+  """Pre-norm attention + SwiGLU MLP. Called as (hidden, kv, ...) -> (hidden, kv).
 
-  carry = (hidden [B, T, D], kv) where kv is None (no cache) or the stacked (key, value)
-  [L, B, S, K, H] of all layers; this layer writes its T new slots at `cache_index` in place.
+  hidden: [B, T, D]. kv: None (no cache) or this layer's (key [B, K, H, S], value
+  [B, K, S, H]) cache (layouts: see KVCache), into which the layer writes its T new slots at `cache_index` (in place under jit).
   """
 
   config: TextConfig
   runtime: RuntimeConfig
 
   @nn.compact
-  def __call__(self, carry, layer_index, positions: Array, key_valid: Array, cache_index: Array):
+  def __call__(self, hidden: Array, kv, positions: Array, key_valid: Array, cache_index: Array):
     c = self.config
     dtype, param_dtype = dtype_of(self.runtime.dtype), dtype_of(self.runtime.param_dtype)
-    hidden, kv = carry
     hidden = nn.with_logical_constraint(hidden, ACTIVATION)
 
     x = RMSNorm(c.rms_norm_eps, dtype, param_dtype, name="input_layernorm")(hidden)
@@ -56,15 +55,18 @@ class DecoderLayer(nn.Module):
     k = apply_rope(k, positions, inv_freq, c.rope_scaling)
 
     t = hidden.shape[1]
+    k, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)  # [B, K, H, T], [B, K, T, H]
     if kv is None:
       keys, values, query_slots = k, v, jnp.arange(t)
     else:
       cache_k, cache_v = kv
-      start = (layer_index, 0, cache_index, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-      keys = cache_k[layer_index].astype(dtype)
-      values = cache_v[layer_index].astype(dtype)
+      cache_k = jax.lax.dynamic_update_slice(
+        cache_k, k.astype(cache_k.dtype), (0, 0, 0, cache_index)
+      )
+      cache_v = jax.lax.dynamic_update_slice(
+        cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0)
+      )
+      keys, values = cache_k.astype(dtype), cache_v.astype(dtype)
       query_slots = cache_index + jnp.arange(t)
       kv = (cache_k, cache_v)
     attn = dot_product_attention(q, keys, values, key_valid, query_slots, c.head_dim**-0.5)
@@ -90,7 +92,7 @@ class DecoderLayer(nn.Module):
       nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
     )
     hidden = hidden + mlp(("mlp", "embed"), c.hidden_size, "down_proj")(h)
-    return (hidden, kv), None
+    return hidden, kv
 
 
 class LlamaDecoder(nn.Module):
@@ -150,16 +152,21 @@ class LlamaDecoder(nn.Module):
     Returns (logits float32[B, T, V] or None, final hidden states [B, T, D], updated cache).
     """
     cache_index = jnp.zeros((), jnp.int32) if cache is None else cache.index
-    kv = None if cache is None else (cache.key, cache.value)
-    carry = (embeds, kv)
+    hidden = embeds
     if self.runtime.scan_layers:
-      carry, _ = self.layers(
-        carry, jnp.arange(self.config.num_layers), positions, key_valid, cache_index
-      )
+      if cache is not None and not cache.stacked:
+        raise ValueError("scanned layers need a stacked KVCache (init_cache of the same config)")
+      kv = None if cache is None else (cache.key, cache.value)
+      hidden, kv = self.layers(hidden, kv, positions, key_valid, cache_index)
     else:
+      if cache is not None and cache.stacked:
+        raise ValueError("unrolled layers need a per-layer KVCache (KVCache.unstacked)")
+      new_kv = []
       for i, layer in enumerate(self.layers):
-        carry, _ = layer(carry, i, positions, key_valid, cache_index)
-    hidden, kv = carry
+        layer_kv = None if cache is None else (cache.key[i], cache.value[i])
+        hidden, layer_kv = layer(hidden, layer_kv, positions, key_valid, cache_index)
+        new_kv.append(layer_kv)
+      kv = None if cache is None else tuple(zip(*new_kv))
     hidden = self.norm(hidden)
     if cache is not None:
       cache = KVCache(key=kv[0], value=kv[1], valid=key_valid, index=cache.index + embeds.shape[1])

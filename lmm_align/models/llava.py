@@ -174,11 +174,13 @@ class Llava(nn.Module):
 
 
 def init_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
-  """An empty KVCache with `max_length` slots per row, in the compute dtype."""
+  """An empty KVCache with `max_length` slots per row, in the compute dtype, stacked when the
+  config scans its layers."""
   t = config.text
   return KVCache.create(
-    t.num_layers, batch, max_length, t.num_kv_heads, t.head_dim, dtype_of(config.runtime.dtype)
-  )
+    t.num_layers, batch, max_length, t.num_kv_heads, t.head_dim, dtype_of(config.runtime.dtype),
+    stacked=config.runtime.scan_layers,
+  )  # fmt: skip
 
 
 def init_params(config: ModelConfig, rng: Array) -> dict:

@@ -73,7 +73,14 @@ def initial_params(
       config.init_from, runtime=model.config.runtime, shardings=shardings
     )
     return params
-  return state_lib.init_params_sharded(model, jax.random.key(config.seed), shardings)
+  params = state_lib.init_params_sharded(model, jax.random.key(config.seed), shardings)
+  if config.model.get("vision_init") and not config.init_from:
+    tower_shardings = None if shardings is None else shardings["vision_tower"]
+    params = {
+      **params,
+      "vision_tower": hf.load_vision_tower(config.model.vision_init, model.config, tower_shardings),
+    }
+  return params
 
 
 def check_data_fingerprint(saved: dict, current: dict, source: str) -> None:

@@ -98,14 +98,28 @@ def test_chunked_decoding_with_cache_equals_full_forward(tiny):
   out = apply(
     {"params": params}, ids[:, :22], pixel_values=pixels, attention_mask=mask[:, :22], cache=cache
   )
-  chunks = [out.logits]
-  for start in range(22, 30, 4):
-    out = apply({"params": params}, ids[:, start : start + 4], cache=out.cache)
-    chunks.append(out.logits)
-  got = np.concatenate(chunks, axis=1)
-  valid = mask.astype(bool)
-  np.testing.assert_allclose(got[valid], np.asarray(full)[valid], atol=2e-5)
-  assert int(out.cache.index) == 30
+  assert config.runtime.scan_layers and out.cache.stacked
+  # The sampler's form: prefill scanned, then decode unrolled over one buffer per layer.
+  unrolled = config.with_runtime(scan_layers=False)
+  apply_unrolled = jax.jit(Llava(unrolled).apply)
+  unrolled_params = _unstack(params, config.text.num_layers)
+  with pytest.raises(ValueError, match="per-layer KVCache"):
+    apply_unrolled({"params": unrolled_params}, ids[:, 22:26], cache=out.cache)
+  for scanned in (True, False):
+    step_cache = out.cache if scanned else out.cache.unstacked()
+    chunks = [out.logits]
+    for start in range(22, 30, 4):
+      chunk = ids[:, start : start + 4]
+      if scanned:
+        step = apply({"params": params}, chunk, cache=step_cache)
+      else:
+        step = apply_unrolled({"params": unrolled_params}, chunk, cache=step_cache)
+      step_cache = step.cache
+      chunks.append(step.logits)
+    got = np.concatenate(chunks, axis=1)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], np.asarray(full)[valid], atol=2e-5)
+    assert int(step_cache.index) == 30 and step_cache.stacked == scanned
 
 
 def test_bfloat16_params_and_compute(tiny):

@@ -1,0 +1,178 @@
+"""A pretrained vision tower for the shapes world: the stand-in for LLaVA's CLIP.
+
+  python experiments/shapes_vision_tower.py --out=/tmp/tower          # about a minute on CPU
+  python -m lmm_align.main --config=configs/shapes_sft.py --workdir=W --config.model.vision_init=/tmp/tower
+
+LLaVA never trains its vision tower from nothing: stage 1 starts from CLIP, pretrained on
+image-text pairs. A shapes-world SFT that must learn to see through the language loss alone
+learns mostly the language prior (CHAIR_i 0.60 after 1500 steps), and no preference method
+can then ground it. This script pretrains the tower the SFT config builds on the SFT
+config's own scenes and preprocessing, with one supervised task per image cell: which shape
+(or none), which colour, which size, read from the features LLaVA takes from the tower (the
+`vision_feature_layer`, patch tokens). The 3x3 scene grid matches the 3x3 patch grid of the
+shapes variant (48-pixel images, 16-pixel patches), so patch p is cell p.
+
+The tower is written as a transformers `CLIPVisionModel` folder (what `model.vision_init`
+reads, as it would read openai/clip-vit-large-patch14-336), with `tower_metrics.json`:
+per-attribute accuracy on scenes the training never saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from lmm_align.data import shapes  # noqa: E402
+from lmm_align.data.images import preprocess_images  # noqa: E402
+from lmm_align.models.clip_vit import ClipVisionTower  # noqa: E402
+from lmm_align.models.config import ModelConfig  # noqa: E402
+
+# Per cell: 0 = empty, else 1 + the index in the world's vocabulary.
+ATTRIBUTES = ("shape", "colour", "size")
+TRAIN_SEED_TAG, EVAL_SEED_TAG = 11, 12  # the SFT data uses the world seed, its tokenizer 7
+
+
+class CellTower(nn.Module):
+  """The LLaVA vision tower plus one linear head per attribute on the selected patch features."""
+
+  config: ModelConfig
+  num_classes: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, ...]:
+    c = self.config
+    hidden_states = ClipVisionTower(c.vision, c.runtime, name="vision_tower")(pixel_values)
+    features = jnp.concatenate([hidden_states[i][:, 1:] for i in c.vision_feature_layers], -1)
+    return tuple(
+      nn.Dense(n, name=f"{attribute}_head")(features)
+      for attribute, n in zip(ATTRIBUTES, self.num_classes, strict=True)
+    )
+
+
+def cell_labels(scene: shapes.Scene, world: shapes.ShapesWorldConfig) -> np.ndarray:
+  """int32[3, 9]: per attribute, per cell (row-major), 0 for an empty cell else 1 + index."""
+  vocab = (world.shapes, world.colours, shapes.SIZES)
+  labels = np.zeros((len(ATTRIBUTES), 9), np.int32)
+  for obj in scene.objects:
+    cell = obj.row * 3 + obj.col
+    for a, (attribute, values) in enumerate(zip(ATTRIBUTES, vocab, strict=True)):
+      labels[a, cell] = 1 + values.index(getattr(obj, attribute))
+  return labels
+
+
+def make_batch(scenes, world, image_config) -> tuple[np.ndarray, np.ndarray]:
+  pixels = preprocess_images([shapes.render(s, world.image_size) for s in scenes], image_config)
+  return pixels, np.stack([cell_labels(s, world) for s in scenes])
+
+
+def pretrain(config, out: pathlib.Path, steps: int, batch_size: int, lr: float, eval_scenes: int):
+  """Trains the tower of `config` (an SFT config) and writes it to `out`; returns metrics."""
+  from lmm_align import hf
+  from lmm_align.data import sources
+
+  model_config = _vision_model_config(config)
+  if model_config.vision.image_size // model_config.vision.patch_size != 3:
+    raise SystemExit("the cell heads need a 3x3 patch grid (image_size = 3 * patch_size)")
+  world = sources.shapes_world_config(config)
+  image_config = sources.image_config_for(config, model_config)
+  num_classes = (len(world.shapes) + 1, len(world.colours) + 1, len(shapes.SIZES) + 1)
+  model = CellTower(model_config, num_classes)
+  params = model.init(jax.random.key(config.seed), jnp.zeros((1, *image_config.crop_size, 3)))
+  params = nn.unbox(params)["params"]
+  optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, 50, steps), weight_decay=0.0)
+  opt_state = optimizer.init(params)
+
+  def loss_fn(params, pixels, labels):
+    logits = model.apply({"params": params}, pixels)
+    losses = [
+      optax.softmax_cross_entropy_with_integer_labels(lg, labels[:, a]).mean()
+      for a, lg in enumerate(logits)
+    ]
+    return sum(losses), jnp.stack([(lg.argmax(-1) == labels[:, a]) for a, lg in enumerate(logits)])
+
+  @jax.jit
+  def train_step(params, opt_state, pixels, labels):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, pixels, labels)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  @jax.jit
+  def evaluate(params, pixels, labels):
+    return loss_fn(params, pixels, labels)[1]
+
+  seed = config.data.shapes.seed
+  start = time.time()
+  for step in range(steps):
+    scene_seed = [seed, TRAIN_SEED_TAG, step]
+    scenes = shapes.make_scenes(batch_size, world, seed=scene_seed)
+    pixels, labels = make_batch(scenes, world, image_config)
+    params, opt_state, loss = train_step(params, opt_state, pixels, labels)
+    if step % 100 == 0 or step == steps - 1:
+      print(f"step {step:5d}  loss {float(loss):.4f}  ({time.time() - start:.0f}s)", flush=True)
+
+  pixels, labels = make_batch(
+    shapes.make_scenes(eval_scenes, world, seed=[seed, EVAL_SEED_TAG]), world, image_config
+  )
+  correct = np.asarray(evaluate(params, pixels, labels))  # [3, N, 9]
+  occupied = labels[:, 0] > 0  # [N, 9]
+  metrics = {
+    **{f"{a}_accuracy": float(correct[i][occupied].mean()) for i, a in enumerate(ATTRIBUTES)},
+    "empty_cell_accuracy": float(correct[0][~occupied].mean()),
+    "eval_scenes": eval_scenes,
+    "steps": steps,
+    "final_train_loss": float(loss),
+  }
+  hf.save_vision_tower(model_config, params["vision_tower"], out)
+  (out / "tower_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+  return metrics
+
+
+def _vision_model_config(config) -> ModelConfig:
+  """The SFT model's config without its tokenizer: only the vision side is used here."""
+  import dataclasses
+
+  from lmm_align.models.config import get_variant
+
+  model = get_variant(config.model.variant)
+  if config.model.image_size:
+    model = model.replace(
+      vision=dataclasses.replace(model.vision, image_size=config.model.image_size)
+    )
+  return model
+
+
+def main(argv=None) -> dict:
+  from lmm_align import config_files
+
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--out", required=True, help="the CLIPVisionModel folder to write")
+  p.add_argument("--config", default="configs/shapes_sft.py", help="the SFT config to match")
+  p.add_argument("--steps", type=int, default=1500)
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--eval_scenes", type=int, default=512)
+  args = p.parse_args(argv)
+  config = config_files.load_config(args.config, str(REPO))
+  metrics = pretrain(
+    config, pathlib.Path(args.out), args.steps, args.batch_size, args.lr, args.eval_scenes
+  )
+  print(json.dumps(metrics, indent=2))
+  return metrics
+
+
+if __name__ == "__main__":
+  main()
