@@ -2,6 +2,11 @@
 
   python -m lmm_align.main --config=configs/shapes_sft.py --workdir=/tmp/shapes_sft
   python -m lmm_align.main --config=configs/shapes_sft.py:runlocal --workdir=/tmp/t   # seconds
+  python -m lmm_align.main --config=configs/shapes_sft.py:tower=DIR --workdir=/tmp/shapes_sft
+
+`tower=DIR` starts the vision tower from a pretrained CLIPVisionModel folder
+(experiments/shapes_vision_tower.py writes one for this world) and keeps it frozen, as LLaVA
+does with CLIP; without it the tower trains from scratch through the language loss.
 
 A share of the answers (data.shapes.hallucination_rate) carries an injected hallucination,
 like the machine-written instruction data that motivated LLaVA-RLHF, so the SFT model
@@ -13,7 +18,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, runlocal=False)
+  arg = common.parse_arg(arg, runlocal=False, tower="")
   config = common.base_config()
   config.trainer = "sft"
   config.model.variant = "shapes"
@@ -32,6 +37,9 @@ def get_config(arg: str | None = None):
   config.optim.lr = 3e-4
   config.optim.warmup_steps = 20
   config.optim.weight_decay = 0.0
+  if arg.tower:
+    config.model.vision_init = arg.tower
+    config.trainable = ("multi_modal_projector/.*", "language_model/.*")
   config.eval.enabled = True
   config.eval.num_scenes = 128
   config.sweep = (

@@ -3,7 +3,8 @@
   python experiments/shapes_alignment.py --workdir=/tmp/chain            # full: about an hour
   python experiments/shapes_alignment.py --workdir=/tmp/chain --quick    # every stage, tiny
 
-  SFT (answers with injected hallucinations) -> export
+  vision tower pretrained on the world's scenes (LLaVA's CLIP; experiments/shapes_vision_tower.py)
+  -> SFT over it, tower frozen (answers with injected hallucinations) -> export
     -> reward model, fact-augmented -> export -> PPO with it          (ppo_fact)
     -> reward model, vanilla        -> export -> PPO with it          (ppo_vanilla)
     -> DPO on ground-truth pairs                                       (dpo)
@@ -31,7 +32,9 @@ sys.path.insert(0, str(REPO))
 
 POLICY_METRICS = ("hallucination_rate", "object_recall", "pope_f1", "mean_answer_tokens")
 REWARD_METRICS = ("eval_accuracy", "eval_margin")
-STAGES = ("sft", "rm_fact", "rm_vanilla", "ppo_fact", "ppo_vanilla", "dpo")
+TOWER_METRICS = ("shape_accuracy", "colour_accuracy", "size_accuracy")
+STAGES = ("tower", "sft", "rm_fact", "rm_vanilla", "ppo_fact", "ppo_vanilla", "dpo")
+TOWER_STEPS = {"full": 5000, "quick": 20}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,20 +62,40 @@ def _overrides(items: list[str]) -> dict[str, dict[str, object]]:
   return out
 
 
-def stage_configs(quick: bool) -> dict[str, object]:
+def stage_configs(quick: bool, tower: str = "") -> dict[str, object]:
   from lmm_align import config_files
 
   arg = "runlocal" if quick else ""
   load = lambda spec: config_files.load_config(spec, str(REPO))
   join = lambda *a: ",".join(x for x in a if x)
   return {
-    "sft": load(f"configs/shapes_sft.py:{arg}"),
+    "sft": load(f"configs/shapes_sft.py:{join(arg, f'tower={tower}' if tower else '')}"),
     "rm_fact": load(f"configs/shapes_reward.py:{arg}"),
     "rm_vanilla": load(f"configs/shapes_reward.py:{join(arg, 'vanilla')}"),
     "ppo_fact": load(f"configs/shapes_ppo.py:{arg}"),
     "ppo_vanilla": load(f"configs/shapes_ppo.py:{join(arg, 'vanilla')}"),
     "dpo": load(f"configs/shapes_dpo.py:{arg}"),
   }
+
+
+def _pretrained_tower(sft_config, out: pathlib.Path, quick: bool) -> dict:
+  """The shapes CLIP the SFT starts from (skipped when `out` holds one)."""
+  import importlib.util
+
+  metrics = out / "tower_metrics.json"
+  if not metrics.exists():
+    spec = importlib.util.spec_from_file_location(
+      "shapes_vision_tower", REPO / "experiments/shapes_vision_tower.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # flax modules are dataclasses: their module must be importable
+    spec.loader.exec_module(module)
+    print(f"=== tower -> {out}")
+    steps = TOWER_STEPS["quick" if quick else "full"]
+    module.pretrain(
+      sft_config, out, steps=steps, batch_size=64, lr=1e-3, eval_scenes=64 if quick else 512
+    )
+  return json.loads(metrics.read_text())
 
 
 def _done(workdir: pathlib.Path) -> dict | None:
@@ -86,7 +109,8 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
 
   root = pathlib.Path(args.workdir)
   root.mkdir(parents=True, exist_ok=True)
-  configs = stage_configs(args.quick)
+  tower = root / "tower"
+  configs = stage_configs(args.quick, str(tower) if "tower" in args.stages.split(",") else "")
   overrides = _overrides(args.set)
   wanted = [s for s in args.stages.split(",") if s]
   unknown = set(wanted) - set(STAGES)
@@ -116,6 +140,8 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
     if not (sft_hf / "config.json").exists():
       export.export_workdir(str(sft_run), str(sft_hf))
   elif "sft" in wanted:
+    if "tower" in wanted:
+      summaries["tower"] = _pretrained_tower(configs["sft"], tower, args.quick)
     run("sft")
     exported("sft", sft_hf, export.export_workdir)
   elif not (sft_hf / "config.json").exists():
@@ -131,11 +157,13 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
 
   table = {}
   for stage, summary in summaries.items():
-    keys = REWARD_METRICS if stage.startswith("rm_") else POLICY_METRICS
+    keys = POLICY_METRICS
+    if stage.startswith("rm_") or stage == "tower":
+      keys = REWARD_METRICS if stage.startswith("rm_") else TOWER_METRICS
     table[stage] = {k: summary[k] for k in keys if k in summary}
   (root / "summary.json").write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
   print(format_table(table))
-  _write_report(root, [s for s in STAGES if s in summaries])
+  _write_report(root, [s for s in STAGES if s in summaries and s != "tower"])
   return table
 
 
