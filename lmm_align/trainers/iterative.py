@@ -14,7 +14,9 @@ One round r = 1..M, read top to bottom in `run_round`:
                 critic        a critic model (feedback.critic) judges all K(K-1) ordered pairs
                               (`critic.rank_responses`, both orders, optionally debiased);
                               score = r_i, LLaVA-Critic's ordered-pair reward
-                ground_truth  shapes only: score = -(hallucinated mentions) against the scene
+                ground_truth  shapes only, against the scene: score = -(hallucinated mentions)
+                              + feedback.recall_weight * (recalled objects); with weight 0
+                              RLAIF-V's precision-only score, which shortens answers
   pairs       "rlaifv" method (rlaifv, self, ground_truth): every pair within a prompt whose
               scores differ by >= min_score_gap, at most pairs.per_prompt per prompt, then
               RLAIF-V's length balancing (`rlaifv.build_preference_pairs`); "best_worst"
@@ -191,19 +193,27 @@ def _scenes(prompts_dir: pathlib.Path) -> dict[str, shapes.Scene]:
 
 
 def ground_truth_feedback(
-  candidates: Sequence[dict[str, Any]], scenes: dict[str, shapes.Scene]
+  candidates: Sequence[dict[str, Any]], scenes: dict[str, shapes.Scene], recall_weight: float
 ) -> list[dict[str, Any]]:
-  """score = -(hallucinated mentions) against the scene. A response that mentions no object
-  has no claims and is never paired, as in RLAIF-V (else "say nothing" would always win)."""
+  """score = -(hallucinated mentions) + recall_weight * (scene objects recalled).
+
+  With recall_weight 0 this is RLAIF-V's score (rejected claims only), and a response that
+  mentions no object has no claims and is never paired, as in RLAIF-V (else "say nothing"
+  would always win); a precision-only score still favours the shorter of two answers, which
+  collapses recall over rounds. With a positive weight the oracle also values what an answer
+  finds, and an answer that mentions nothing scores 0 like any other.
+  """
   out = []
   for c in candidates:
     counts = shapes_metrics.response_hallucination_counts(c["response"], scenes[c["prompt_id"]])
     mentions = counts["mentions"]
+    scored = mentions > 0 or recall_weight > 0
+    score = -counts["hallucinated_mentions"] + recall_weight * counts["recalled_objects"]
     out.append({
       "id": c["id"], "prompt_id": c["prompt_id"], "question": c["question"],
       "image": c["image"], "response": c["response"], "num_claims": mentions,
-      "num_judged": mentions, "score": -counts["hallucinated_mentions"] if mentions else None,
-      "status": "ok" if mentions else "no_claims",
+      "num_judged": mentions, "score": score if scored else None,
+      "status": "ok" if scored else "no_claims",
     })  # fmt: skip
   return out
 
@@ -342,7 +352,9 @@ def run_feedback(
   (the labeler of `self`)."""
   kind, path = config.feedback.kind, out / "labelled.jsonl"
   if kind == "ground_truth":
-    records = ground_truth_feedback(candidates, _scenes(prompts_dir))
+    records = ground_truth_feedback(
+      candidates, _scenes(prompts_dir), config.feedback.recall_weight
+    )
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
   elif kind in ("rlaifv", "self"):
     if kind == "rlaifv" and not config.feedback.labeler:

@@ -160,17 +160,21 @@ def _candidate(k: int, response: str, prompt_id: str = "s0") -> dict:
           "image": f"images/{prompt_id}.png", "sample_index": k, "response": response}  # fmt: skip
 
 
-def test_ground_truth_feedback_scores_minus_the_hallucinated_mentions():
+def test_ground_truth_feedback_scores_hallucinations_and_recall():
   candidates = [
     _candidate(0, "There is a red circle and a blue square."),  # both right: 0
     _candidate(1, "There is a green circle and a blue star."),  # wrong colour, absent shape: -2
     _candidate(2, "There is a red circle and no yellow star."),  # the negated star is no claim
     _candidate(3, "A plain picture."),  # no object mentioned: no claims, never paired
   ]
-  records = iterative.ground_truth_feedback(candidates, {"s0": SCENE})
+  records = iterative.ground_truth_feedback(candidates, {"s0": SCENE}, recall_weight=0.0)
   assert [r["score"] for r in records] == [0, -2, 0, None]
   assert [r["status"] for r in records] == ["ok", "ok", "ok", "no_claims"]
   assert [r["num_claims"] for r in records] == [2, 2, 1, 0]
+  # Valuing recall: + 0.5 per scene object found; saying nothing now scores (0) and loses.
+  records = iterative.ground_truth_feedback(candidates, {"s0": SCENE}, recall_weight=0.5)
+  assert [r["score"] for r in records] == [1.0, -2.0, 0.5, 0.0]
+  assert [r["status"] for r in records] == ["ok"] * 4
 
 
 def test_best_worst_pairs_take_the_first_argmax_and_argmin():
@@ -312,7 +316,7 @@ def test_a_round_with_fewer_pairs_than_a_batch_keeps_its_policy(tmp_path, policy
     json.dumps({"id": "s0", "question": "q", "image": None, "scene": SCENE.to_dict()}) + "\n"
   )
   records = iterative.ground_truth_feedback(
-    [_candidate(0, "A red circle."), _candidate(1, "A green circle.")], {"s0": SCENE}
+    [_candidate(0, "A red circle."), _candidate(1, "A green circle.")], {"s0": SCENE}, 0.0
   )
   (tmp_path / "labelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   iterative.make_pairs(config, 1, tmp_path / "labelled.jsonl", prompts, pairs_dir)
