@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
   # 1e-4 collapses both answers' log-probs (3-token answers after 150 steps); 1e-5 does not.
   config.optim.lr = 1e-5
   # The vision tower stays frozen, as in LLaVA-RLHF and RLAIF-V: preferences tune the answers.
-  config.trainable = ("multi_modal_projector/.*", "language_model/.*")
+  config.trainable = ("(multi_modal_projector|language_model)/.*",)
   config.optim.warmup_steps = 10
   config.optim.weight_decay = 0.0
   config.dpo = ml_collections.ConfigDict(

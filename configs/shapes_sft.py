@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
   config.optim.weight_decay = 0.0
   if arg.tower:
     config.model.vision_init = arg.tower
-    config.trainable = ("multi_modal_projector/.*", "language_model/.*")
+    config.trainable = ("(multi_modal_projector|language_model)/.*",)
   config.eval.enabled = True
   config.eval.num_scenes = 128
   config.sweep = (

@@ -34,7 +34,6 @@ POLICY_METRICS = ("hallucination_rate", "object_recall", "pope_f1", "mean_answer
 REWARD_METRICS = ("eval_accuracy", "eval_margin")
 TOWER_METRICS = ("shape_accuracy", "colour_accuracy", "size_accuracy")
 STAGES = ("tower", "sft", "rm_fact", "rm_vanilla", "ppo_fact", "ppo_vanilla", "dpo")
-TOWER_STEPS = {"full": 5000, "quick": 20}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,26 +75,6 @@ def stage_configs(quick: bool, tower: str = "") -> dict[str, object]:
     "ppo_vanilla": load(f"configs/shapes_ppo.py:{join(arg, 'vanilla')}"),
     "dpo": load(f"configs/shapes_dpo.py:{arg}"),
   }
-
-
-def _pretrained_tower(sft_config, out: pathlib.Path, quick: bool) -> dict:
-  """The shapes CLIP the SFT starts from (skipped when `out` holds one)."""
-  import importlib.util
-
-  metrics = out / "tower_metrics.json"
-  if not metrics.exists():
-    spec = importlib.util.spec_from_file_location(
-      "shapes_vision_tower", REPO / "experiments/shapes_vision_tower.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # flax modules are dataclasses: their module must be importable
-    spec.loader.exec_module(module)
-    print(f"=== tower -> {out}")
-    steps = TOWER_STEPS["quick" if quick else "full"]
-    module.pretrain(
-      sft_config, out, steps=steps, batch_size=64, lr=1e-3, eval_scenes=64 if quick else 512
-    )
-  return json.loads(metrics.read_text())
 
 
 def _done(workdir: pathlib.Path) -> dict | None:
@@ -141,7 +120,9 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
       export.export_workdir(str(sft_run), str(sft_hf))
   elif "sft" in wanted:
     if "tower" in wanted:
-      summaries["tower"] = _pretrained_tower(configs["sft"], tower, args.quick)
+      from experiments import shapes_vision_tower
+
+      summaries["tower"] = shapes_vision_tower.ensure_tower(configs["sft"], tower, args.quick)
     run("sft")
     exported("sft", sft_hf, export.export_workdir)
   elif not (sft_hf / "config.json").exists():

@@ -7,6 +7,9 @@
 
 It trains what is missing, each into WORKDIR and skipped when already there:
 
+  tower     (--tower=auto, the default) the shapes world's vision tower, pretrained
+            (experiments/shapes_vision_tower.py) -> WORKDIR/tower; the SFT policy and the
+            labeler start from it and keep it frozen, as LLaVA keeps CLIP
   sft       configs/shapes_sft.py -> WORKDIR/sft, exported to WORKDIR/sft_hf (or --sft_from)
   labeler   (rlaifv) a separate small LLaVA trained from scratch by SFT on existence
             questions only ("Is there a red circle in the image?" -> Yes/No; task_mix exist),
@@ -65,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--labeler_from", default="", help="an exported labeler (skips its training)")
   p.add_argument("--critic_from", default="", help="an exported critic (skips its training)")
   p.add_argument(
+    "--tower", default="auto",
+    help="the pretrained vision tower the SFT policy (when trained here) and the labeler start "
+    "from, frozen: auto (pretrain into WORKDIR/tower), a CLIPVisionModel folder, or none "
+    "(towers trained from scratch through the language loss)",
+  )  # fmt: skip
+  p.add_argument(
     "--labeler_data", default="hard", choices=("hard", "exist"),
     help="exist: the SFT mixture's existence task alone; hard: existence questions whose "
     "negatives are as popular as the objects and near misses (see hard_existence_records)",
@@ -91,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if any(k not in LOOP_FEEDBACK for k in kinds):
     p.error(f"--feedback={args.feedback!r}: use one of {LOOP_FEEDBACK} or 'all'")
   args.kinds = kinds
+  if args.labeler_image_size and args.tower != "none":
+    p.error("--labeler_image_size changes the tower's input: use it with --tower=none")
   if args.quick:
     args.labeler_steps, args.critic_steps = min(args.labeler_steps, 4), min(args.critic_steps, 4)
     args.labeler_records, args.critic_records = 32, 16
@@ -115,6 +126,27 @@ def _load(spec: str):
   from lmm_align import config_files
 
   return config_files.load_config(spec, str(REPO))
+
+
+def _sft_spec(args) -> str:
+  """configs/shapes_sft.py with runlocal and the pretrained tower as asked."""
+  parts = ["runlocal"] if args.quick else []
+  if getattr(args, "tower_dir", ""):
+    parts.append(f"tower={args.tower_dir}")
+  return f"configs/shapes_sft.py:{','.join(parts)}"
+
+
+def ensure_tower(args, root: pathlib.Path) -> str:
+  """The tower folder per --tower ("" for none)."""
+  if args.tower == "none":
+    return ""
+  if args.tower != "auto":
+    return args.tower
+  from experiments import shapes_vision_tower
+
+  sft_config = _load(f"configs/shapes_sft.py:{'runlocal' if args.quick else ''}")
+  shapes_vision_tower.ensure_tower(sft_config, root / "tower", args.quick)
+  return str(root / "tower")
 
 
 def _world(quick: bool):
@@ -143,7 +175,7 @@ def _train_and_export(config, workdir: pathlib.Path, out: pathlib.Path) -> str:
 def ensure_sft(args, root: pathlib.Path) -> str:
   if args.sft_from:
     return args.sft_from
-  config = _load(f"configs/shapes_sft.py:{'runlocal' if args.quick else ''}")
+  config = _load(_sft_spec(args))
   if args.quick:  # long enough to describe scenes in shapes words, so feedback finds pairs
     config.total_steps, config.checkpoint_every, config.optim.lr = 40, 40, 3e-3
   print(f"=== sft -> {root / 'sft'}")
@@ -154,7 +186,7 @@ def _json_sft_config(args, data_json: pathlib.Path, **fields):
   """configs/shapes_sft.py reading a saved LLaVA JSON (its images beside it), no evaluation."""
   from lmm_align import main
 
-  config = _load(f"configs/shapes_sft.py:{'runlocal' if args.quick else ''}")
+  config = _load(_sft_spec(args))
   base = {
     "data.source": "llava_json",
     "data.json_path": str(data_json),
@@ -489,6 +521,7 @@ def run_experiment(args) -> dict[str, Any]:
 
   root = pathlib.Path(args.workdir)
   root.mkdir(parents=True, exist_ok=True)
+  args.tower_dir = ensure_tower(args, root)
   sft_hf = ensure_sft(args, root)
   summary_path = root / "summary.json"
   # Another command may have run other feedback kinds into this workdir: keep their results.

@@ -1,6 +1,6 @@
 """A pretrained vision tower for the shapes world: the stand-in for LLaVA's CLIP.
 
-  python experiments/shapes_vision_tower.py --out=/tmp/tower          # about a minute on CPU
+  python experiments/shapes_vision_tower.py --out=/tmp/tower          # about 1.5 minutes on CPU
   python -m lmm_align.main --config=configs/shapes_sft.py --workdir=W --config.model.vision_init=/tmp/tower
 
 LLaVA never trains its vision tower from nothing: stage 1 starts from CLIP, pretrained on
@@ -139,18 +139,29 @@ def pretrain(config, out: pathlib.Path, steps: int, batch_size: int, lr: float, 
   return metrics
 
 
+DEFAULT_STEPS, QUICK_STEPS = 5000, 20
+
+
+def ensure_tower(sft_config, out: pathlib.Path, quick: bool = False) -> dict:
+  """The tower `sft_config` builds on, pretrained into `out` unless `out` already holds one
+  (the experiments' `tower` stage); returns its metrics."""
+  metrics = out / "tower_metrics.json"
+  if not metrics.exists():
+    print(f"=== tower -> {out}")
+    pretrain(
+      sft_config, out, steps=QUICK_STEPS if quick else DEFAULT_STEPS, batch_size=64, lr=1e-3,
+      eval_scenes=64 if quick else 512,
+    )  # fmt: skip
+  return json.loads(metrics.read_text())
+
+
 def _vision_model_config(config) -> ModelConfig:
   """The SFT model's config without its tokenizer: only the vision side is used here."""
-  import dataclasses
+  from lmm_align.trainers import modelling
 
-  from lmm_align.models.config import get_variant
-
-  model = get_variant(config.model.variant)
-  if config.model.image_size:
-    model = model.replace(
-      vision=dataclasses.replace(model.vision, image_size=config.model.image_size)
-    )
-  return model
+  config = config.copy_and_resolve_references()
+  config.model.vocab_from_tokenizer = False
+  return modelling.model_config_for(config, None)
 
 
 def main(argv=None) -> dict:
@@ -161,7 +172,7 @@ def main(argv=None) -> dict:
   )
   p.add_argument("--out", required=True, help="the CLIPVisionModel folder to write")
   p.add_argument("--config", default="configs/shapes_sft.py", help="the SFT config to match")
-  p.add_argument("--steps", type=int, default=1500)
+  p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--eval_scenes", type=int, default=512)

@@ -168,7 +168,11 @@ def _choose(
 ) -> tuple[Array, Array]:
   """logits float32[B, V] -> (token int32[B], raw logprob float32[B] of that token)."""
   if greedy:
-    token = jnp.argmax(logits, axis=-1)
+    # The max, then the first index that reaches it (jnp.argmax's tie rule): two plain
+    # reductions, where argmax's (value, index) reduction took 4% of a CPU decode step.
+    vocab = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    token = jnp.min(jnp.where(logits == best, jnp.arange(vocab), vocab - 1), axis=-1)
   else:
     warped = _warp(logits, temperature, top_k, min_tail_mass if use_top_p else None)
     token = jax.random.categorical(rng, warped, axis=-1)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -18,13 +16,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tower_script():
-  spec = importlib.util.spec_from_file_location(
-    "shapes_vision_tower", REPO / "experiments/shapes_vision_tower.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # flax modules are dataclasses: their module must be importable
-  spec.loader.exec_module(module)
-  return module
+  from experiments import shapes_vision_tower
+
+  return shapes_vision_tower
 
 
 def test_cell_labels_follow_the_grid(tower_script):

@@ -187,13 +187,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with sharding.activation_sharding(mesh, rules):
     param_shards = state_lib.param_shardings(model, mesh, rules)
     initial = modelling.initial_params(model, config, "init_from", config.init_from, param_shards)
-    base, base_shards, params = None, None, initial
-    if model_config.runtime.lora is not None:
-      base, base_shards = initial, param_shards
-      param_shards = state_lib.param_shardings(model, mesh, rules, "lora")
-      params = state_lib.init_params_sharded(
-        model, jax.random.key(config.seed), param_shards, "lora"
-      )
+    params, param_shards, base, base_shards = modelling.with_lora_split(
+      model, initial, param_shards, mesh, rules, jax.random.key(config.seed)
+    )
     reference, reference_shards = None, None
     if config.dpo.precompute_reference:
       # Always from the starting policy, also on a restart: the reference never moves.

@@ -65,10 +65,9 @@ def restore_params(
     params = modelling.initial_params(
       model, config, "init_from" if config.init_from else "scratch", None, shards
     )
-    base = None
-    if model.config.runtime.lora is not None:
-      base, shards = params, state_lib.param_shardings(model, mesh, rules, "lora")
-      params = state_lib.init_params_sharded(model, jax.random.key(0), shards, "lora")
+    params, shards, base, _ = modelling.with_lora_split(
+      model, params, shards, mesh, rules, jax.random.key(0)
+    )
     tx = state_lib.make_optimizer(config, params)
     state, state_shards = state_lib.create_train_state(
       params, shards, tx, tuple(config.trainable), 0, mesh, config.optim.state_dtype

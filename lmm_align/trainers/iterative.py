@@ -352,9 +352,7 @@ def run_feedback(
   (the labeler of `self`)."""
   kind, path = config.feedback.kind, out / "labelled.jsonl"
   if kind == "ground_truth":
-    records = ground_truth_feedback(
-      candidates, _scenes(prompts_dir), config.feedback.recall_weight
-    )
+    records = ground_truth_feedback(candidates, _scenes(prompts_dir), config.feedback.recall_weight)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
   elif kind in ("rlaifv", "self"):
     if kind == "rlaifv" and not config.feedback.labeler:

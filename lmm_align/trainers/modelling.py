@@ -83,6 +83,21 @@ def initial_params(
   return params
 
 
+def with_lora_split(
+  model: Llava, initial: Any, initial_shards: Any, mesh: Any, rules: Any, key: jax.Array
+) -> tuple[Any, Any, Any, Any]:
+  """(trained params, their shardings, frozen base or None, its shardings).
+
+  With LoRA the state trains fresh adapters (from `key`) and `initial` becomes the frozen base
+  outside it; without, the state trains `initial` itself and there is no base.
+  """
+  if model.config.runtime.lora is None:
+    return initial, initial_shards, None, None
+  shards = state_lib.param_shardings(model, mesh, rules, "lora")
+  adapters = state_lib.init_params_sharded(model, key, shards, "lora")
+  return adapters, shards, initial, initial_shards
+
+
 def check_data_fingerprint(saved: dict, current: dict, source: str) -> None:
   """A checkpoint continued on different data would silently change the run: refuse it."""
   mismatched = {k: (saved.get(k), v) for k, v in current.items() if k in saved and saved[k] != v}

@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -49,7 +48,7 @@ from lmm_align.models.lora import merge_lora
 from lmm_align.rl import ppo_math, rewards
 from lmm_align.trainers import loop, modelling
 from lmm_align.trainers import state as state_lib
-from lmm_align.trainers.reward import head_shardings, image_source
+from lmm_align.trainers.reward import image_source, init_head
 from lmm_align.trainers.sft import model_variables
 
 # --------------------------------------------------------------------------------------------
@@ -466,33 +465,27 @@ def build_state(
   initial = modelling.initial_params(policy_model, config, source, config.init_from, p_shards)
   frozen = {"policy_base": None, "reference": None, "value_base": None}
   frozen_shards = dict(frozen)
-  if policy_model.config.runtime.lora is not None:
-    frozen["policy_base"], frozen_shards["policy_base"] = initial, p_shards
-    p_shards = state_lib.param_shardings(policy_model, mesh, rules, "lora")
-    policy = state_lib.init_params_sharded(
-      policy_model, jax.random.key(config.seed), p_shards, "lora"
-    )
-  else:
+  if policy_model.config.runtime.lora is None:
+    # The reference is a frozen copy of the starting policy (with LoRA: the base itself).
     frozen["reference"], frozen_shards["reference"] = initial, p_shards
-    policy = jax.tree.map(jnp.copy, initial)
+    initial = jax.tree.map(jnp.copy, initial)
+  policy, p_shards, frozen["policy_base"], frozen_shards["policy_base"] = modelling.with_lora_split(
+    policy_model, initial, p_shards, mesh, rules, jax.random.key(config.seed)
+  )
   v_shards = state_lib.param_shardings(value_model, mesh, rules)
   rm_backbone = jax.device_put(
     rm.backbone, state_lib.param_shardings(Llava(rm.model.config), mesh, rules)
   )
-  if value_model.config.runtime.lora is not None:
-    frozen["value_base"], frozen_shards["value_base"] = rm_backbone, v_shards
-    v_shards = state_lib.param_shardings(value_model, mesh, rules, "lora")
-    value_backbone = state_lib.init_params_sharded(
-      value_model, jax.random.key(config.seed + 1), v_shards, "lora"
+  if value_model.config.runtime.lora is None:
+    rm_backbone = jax.tree.map(jnp.copy, rm_backbone)  # trained: a copy, the RM stays as is
+  value_backbone, v_shards, frozen["value_base"], frozen_shards["value_base"] = (
+    modelling.with_lora_split(
+      value_model, rm_backbone, v_shards, mesh, rules, jax.random.key(config.seed + 1)
     )
-  else:
-    value_backbone = jax.tree.map(jnp.copy, rm_backbone)
-  hidden = value_model.config.text.hidden_size
-  h_shards = head_shardings(value_head, hidden, mesh, rules)
-  head = jax.jit(
-    lambda key: nn.unbox(value_head.init(key, jnp.zeros((1, 1, hidden))))["params"],
-    out_shardings=h_shards,
-  )(jax.random.key(config.seed + 2))
+  )
+  head, h_shards = init_head(
+    value_head, value_model.config.text.hidden_size, mesh, rules, jax.random.key(config.seed + 2)
+  )
   params = {"policy": policy, "value": {"backbone": value_backbone, "head": head}}
   shards = {"policy": p_shards, "value": {"backbone": v_shards, "head": h_shards}}
   # The schedule counts optimizer updates: noptepochs x minibatches per iteration.

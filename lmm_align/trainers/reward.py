@@ -202,27 +202,27 @@ def evaluate_pairs(
 # --------------------------------------------------------------------------------------------
 
 
-def head_shardings(head: ScalarHead, hidden: int, mesh, rules) -> Any:
+def init_head(head: ScalarHead, hidden: int, mesh, rules, key: jax.Array) -> tuple[Any, Any]:
+  """(params, shardings) of a scalar head over hidden states of width `hidden`."""
   boxed = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 1, hidden)))["params"]
-  return sharding.logical_shardings(boxed, mesh, rules)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  params = jax.jit(
+    lambda k: nn.unbox(head.init(k, jnp.zeros((1, 1, hidden))))["params"], out_shardings=shardings
+  )(key)
+  return params, shardings
 
 
 def build_state(config, model: Llava, head: ScalarHead, mesh, rules, source: str):
   """(state, state shardings, LoRA base or None, base shardings): the backbone from init_from
   (or the seed), the head from the seed; the workdir / resume restore happens afterwards."""
   shards = state_lib.param_shardings(model, mesh, rules)
-  backbone = modelling.initial_params(model, config, source, config.init_from, shards)
-  base, base_shards = None, None
-  if model.config.runtime.lora is not None:
-    base, base_shards = backbone, shards
-    shards = state_lib.param_shardings(model, mesh, rules, "lora")
-    backbone = state_lib.init_params_sharded(model, jax.random.key(config.seed), shards, "lora")
-  hidden = model.config.text.hidden_size
-  h_shards = head_shardings(head, hidden, mesh, rules)
-  head_params = jax.jit(
-    lambda key: nn.unbox(head.init(key, jnp.zeros((1, 1, hidden))))["params"],
-    out_shardings=h_shards,
-  )(jax.random.key(config.seed + 1))
+  initial = modelling.initial_params(model, config, source, config.init_from, shards)
+  backbone, shards, base, base_shards = modelling.with_lora_split(
+    model, initial, shards, mesh, rules, jax.random.key(config.seed)
+  )
+  head_params, h_shards = init_head(
+    head, model.config.text.hidden_size, mesh, rules, jax.random.key(config.seed + 1)
+  )
   params = {"backbone": backbone, "head": head_params}
   param_shards = {"backbone": shards, "head": h_shards}
   tx = state_lib.make_optimizer(config, params)

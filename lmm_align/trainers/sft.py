@@ -124,14 +124,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with sharding.activation_sharding(mesh, rules):
     param_shards = state_lib.param_shardings(model, mesh, rules)
     params = modelling.initial_params(model, config, source, where, param_shards)
-    base_params, base_shards = None, None
-    if model_config.runtime.lora is not None:
-      # The base is frozen and outside the state; the state trains the adapters.
-      base_params, base_shards = params, param_shards
-      param_shards = state_lib.param_shardings(model, mesh, rules, "lora")
-      params = state_lib.init_params_sharded(
-        model, jax.random.key(config.seed), param_shards, "lora"
-      )
+    params, param_shards, base_params, base_shards = modelling.with_lora_split(
+      model, params, param_shards, mesh, rules, jax.random.key(config.seed)
+    )
     tx = state_lib.make_optimizer(config, params)
     state, state_shards = state_lib.create_train_state(
       params, param_shards, tx, tuple(config.trainable), config.seed, mesh, config.optim.state_dtype
