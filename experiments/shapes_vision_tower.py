@@ -91,7 +91,9 @@ def pretrain(config, out: pathlib.Path, steps: int, batch_size: int, lr: float, 
   model = CellTower(model_config, num_classes)
   params = model.init(jax.random.key(config.seed), jnp.zeros((1, *image_config.crop_size, 3)))
   params = nn.unbox(params)["params"]
-  optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, 50, steps), weight_decay=0.0)
+  warmup = min(50, steps // 10)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))
+  optimizer = optax.adamw(schedule, weight_decay=0.0)
   opt_state = optimizer.init(params)
 
   def loss_fn(params, pixels, labels):

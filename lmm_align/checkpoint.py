@@ -28,7 +28,9 @@ class Checkpointer:
   """Periodic, keep-N, optionally async orbax checkpoints in `<workdir>/checkpoints`."""
 
   def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
-    self.directory = str(directory)
+    directory = str(directory)
+    # Orbax refuses relative paths; a cloud path (gs://...) is already absolute.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save, save_interval_steps=1
     )

@@ -44,3 +44,16 @@ def test_restore_precedence(tmp_path):
   mine.save(1, _state(1.0), {"step": 1})
   mine.wait()
   assert checkpoint.restore_precedence("w", str(other), "/hf", mine) == ("workdir", 1)
+
+
+def test_a_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  # The README's commands pass relative workdirs; orbax itself refuses relative paths.
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoint.Checkpointer.for_workdir("workdirs/run", async_save=False)
+  assert ckpt.directory == str(tmp_path / "workdirs" / "run" / "checkpoints")
+  ckpt.save(2, _state(2.0), {"step": 2})
+  ckpt.wait()
+  restored, _ = checkpoint.Checkpointer.for_workdir("workdirs/run", async_save=False).restore(
+    2, _state(0.0)
+  )
+  np.testing.assert_array_equal(restored["w"], np.full(4, 2.0))
