@@ -242,13 +242,7 @@ def hard_existence_records(n: int, world, seed: int) -> list[dict[str, Any]]:
       present[int(rng.integers(len(present)))] if is_yes else _negative(scene, scenes, rng, world)
     )
     name = f"{colour} {shape}"
-    question = f"Is there {shapes.with_article(name)} in the image?"
-    if rng.random() < 0.5:
-      question, answer = f"{question}\n{shapes.SHORT_ANSWER_PROMPT}", "Yes" if is_yes else "No"
-    elif is_yes:
-      answer = f"Yes, there is {shapes.with_article(name)} in the image."
-    else:
-      answer = f"No, there is no {name} in the image."
+    question, answer = shapes.existence_exchange(name, is_yes, rng)
     records.append({
       "id": f"{scene.id}-exist",
       "image": shapes.render(scene, world.image_size),
@@ -274,20 +268,27 @@ def labeler_records(kind: str, n: int, world, seed: int) -> list[dict[str, Any]]
   return hard_existence_records(n, world, seed)
 
 
+def _saved_records(data_dir: pathlib.Path, make_records) -> pathlib.Path:
+  """data_dir/data.json, a LLaVA JSON written from `make_records()` once (reruns reuse it)."""
+  from lmm_align.data import shapes
+
+  if not (data_dir / "data.json").exists():
+    shapes.save_llava_dataset(make_records(), data_dir)
+  return data_dir / "data.json"
+
+
 def ensure_labeler(args, root: pathlib.Path, sft_hf: str) -> str:
   """A labeler trained from scratch on existence questions only (shared tokenizer)."""
   if args.labeler_from:
     return args.labeler_from
-  from lmm_align.data import shapes
-
-  data_dir = root / "labeler_data"
-  if not (data_dir / "data.json").exists():
-    records = labeler_records(
+  data_json = _saved_records(
+    root / "labeler_data",
+    lambda: labeler_records(
       args.labeler_data, args.labeler_records, _world(args.quick), LABELER_DATA_SEED
-    )
-    shapes.save_llava_dataset(records, data_dir)
+    ),
+  )
   config = _json_sft_config(
-    args, data_dir / "data.json", tokenizer=sft_hf, total_steps=args.labeler_steps,
+    args, data_json, tokenizer=sft_hf, total_steps=args.labeler_steps,
     checkpoint_every=max(1, args.labeler_steps // 6), keep_checkpoints=6,
     **{"data.max_length": 128, "data.buckets": (96, 128)},
     **({"model.image_size": args.labeler_image_size} if args.labeler_image_size else {}),
@@ -326,17 +327,18 @@ def ensure_critic(args, root: pathlib.Path, sft_hf: str) -> str:
   """The SFT policy fine-tuned on pairwise shapes critic data, asked with the compact prompt."""
   if args.critic_from:
     return args.critic_from
-  from lmm_align.data import shapes
-
-  data_dir = root / "critic_data"
-  if not (data_dir / "data.json").exists():
-    records = critic_records(
-      args.critic_records, _world(args.quick), CRITIC_DATA_SEED, critic_prompt_file(root),
+  data_json = _saved_records(
+    root / "critic_data",
+    lambda: critic_records(
+      args.critic_records,
+      _world(args.quick),
+      CRITIC_DATA_SEED,
+      critic_prompt_file(root),
       args.critic_answer,
-    )  # fmt: skip
-    shapes.save_llava_dataset(records, data_dir)
+    ),
+  )
   config = _json_sft_config(
-    args, data_dir / "data.json", init_from=sft_hf, total_steps=args.critic_steps,
+    args, data_json, init_from=sft_hf, total_steps=args.critic_steps,
     checkpoint_every=max(1, args.critic_steps // 3), batch_size=16 if not args.quick else 8,
     **{"data.max_length": 320, "data.buckets": (256, 320), "optim.lr": 1e-4},
   )  # fmt: skip

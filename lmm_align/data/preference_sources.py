@@ -572,14 +572,6 @@ def _existence_query(
   return f"{colour} {shape}", False
 
 
-def _existence_answers(name: str) -> tuple[str, str]:
-  """(yes answer, no answer) to "Is there a {name} in the image?"."""
-  return (
-    f"Yes, there is {shapes.with_article(name)} in the image.",
-    f"No, there is no {name} in the image.",
-  )
-
-
 def shapes_reward_records(
   n: int,
   world: shapes.ShapesWorldConfig,
@@ -607,8 +599,8 @@ def shapes_reward_records(
     record = {"id": sft["id"], "image": sft["image"], "history": [], "facts": scene_facts(scene)}
     if rng.random() < existence_fraction:
       name, present = _existence_query(scene, rng, world)
-      yes, no = _existence_answers(name)
-      question = f"Is there {shapes.with_article(name)} in the image?"
+      yes, no = shapes.existence_answers(name)
+      question = shapes.existence_question(name)
       record.update(
         question=question, chosen=yes if present else no, rejected=no if present else yes
       )
@@ -643,7 +635,7 @@ def shapes_ppo_prompts(
     question, caption_type = "Describe the image.", GENERAL
     if rng.random() < yes_no_fraction:
       name, present = _existence_query(scene, rng, world)
-      question = f"Is there {shapes.with_article(name)} in the image?"
+      question = shapes.existence_question(name)
       caption_type = YES_IN_YESNO if present else NO_IN_YESNO
     out.append({
         "id": scene.id, "image": shapes.render(scene, world.image_size), "image_file": None,

@@ -486,6 +486,29 @@ def _task_count(scene, rng, config, facts_seed, corrupt):
   return question, answer, {"answer": truth, "query": {"shape": shape, "colour": colour}}
 
 
+def existence_question(name: str) -> str:
+  """'Is there a red circle in the image?' (the exist task, POPE and the RL prompts)."""
+  return f"Is there {with_article(name)} in the image?"
+
+
+def existence_answers(name: str) -> tuple[str, str]:
+  """(yes, no) full-sentence answers to `existence_question(name)`."""
+  return (
+    f"Yes, there is {with_article(name)} in the image.",
+    f"No, there is no {name} in the image.",
+  )
+
+
+def existence_exchange(name: str, said_yes: bool, rng: np.random.Generator) -> tuple[str, str]:
+  """(question, answer): half the time LLaVA's short-answer form ("...\n<prompt>" -> "Yes"),
+  else a full sentence; one draw from `rng`."""
+  question = existence_question(name)
+  if rng.random() < 0.5:
+    return f"{question}\n{SHORT_ANSWER_PROMPT}", "Yes" if said_yes else "No"
+  yes, no = existence_answers(name)
+  return question, yes if said_yes else no
+
+
 def _task_exist(scene, rng, config, facts_seed, corrupt):
   if rng.random() < 0.5:
     colour, shape = scene.objects[rng.integers(len(scene.objects))].name.split()
@@ -494,14 +517,7 @@ def _task_exist(scene, rng, config, facts_seed, corrupt):
     colour, shape = absent[rng.integers(len(absent))]
   truth = "yes" if (colour, shape) in scene.pairs else "no"
   said_yes = (truth == "yes") != corrupt
-  name = f"{colour} {shape}"
-  question = f"Is there {with_article(name)} in the image?"
-  if rng.random() < 0.5:
-    question, answer = f"{question}\n{SHORT_ANSWER_PROMPT}", "Yes" if said_yes else "No"
-  elif said_yes:
-    answer = f"Yes, there is {with_article(name)} in the image."
-  else:
-    answer = f"No, there is no {name} in the image."
+  question, answer = existence_exchange(f"{colour} {shape}", said_yes, rng)
   return question, answer, {"answer": truth, "object": [colour, shape]}
 
 

@@ -23,13 +23,13 @@ from lmm_align.data.shapes import (
   Scene,
   colour_free_reference,
   count_phrase,
+  existence_question,
   object_phrase,
   partner_shape,
   position_phrase,
   relations,
   render,
   scene_caption,
-  with_article,
 )
 
 # MMHal-Bench's 8 question types, in its cyclic order (question i has type i % 8).
@@ -109,7 +109,7 @@ def make_pope_probes(
           "question_id": len(probes) + 1,
           "image_id": scene.id,
           "image": image,
-          "text": f"Is there {with_article(name)} in the image?",
+          "text": existence_question(name),
           "label": label,
           "category": strategy,
           "object": name,
