@@ -138,9 +138,11 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
 
   table = {}
   for stage, summary in summaries.items():
-    keys = POLICY_METRICS
-    if stage.startswith("rm_") or stage == "tower":
-      keys = REWARD_METRICS if stage.startswith("rm_") else TOWER_METRICS
+    keys = (
+      TOWER_METRICS if stage == "tower"
+      else REWARD_METRICS if stage.startswith("rm_")
+      else POLICY_METRICS
+    )  # fmt: skip
     table[stage] = {k: summary[k] for k in keys if k in summary}
   (root / "summary.json").write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
   print(format_table(table))

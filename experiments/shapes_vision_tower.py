@@ -84,7 +84,11 @@ def pretrain(config, out: pathlib.Path, steps: int, batch_size: int, lr: float, 
 
   model_config = _vision_model_config(config)
   if model_config.vision.image_size // model_config.vision.patch_size != 3:
-    raise SystemExit("the cell heads need a 3x3 patch grid (image_size = 3 * patch_size)")
+    raise ValueError(
+      f"model.image_size {model_config.vision.image_size} with {model_config.vision.patch_size}-"
+      "pixel patches: the cell heads need the scene's 3x3 grid as the patch grid "
+      "(image_size = 3 * patch_size)"
+    )
   world = sources.shapes_world_config(config)
   image_config = sources.image_config_for(config, model_config)
   num_classes = (len(world.shapes) + 1, len(world.colours) + 1, len(shapes.SIZES) + 1)

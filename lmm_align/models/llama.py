@@ -31,7 +31,8 @@ class DecoderLayer(nn.Module):
   """Pre-norm attention + SwiGLU MLP. Called as (hidden, kv, ...) -> (hidden, kv).
 
   hidden: [B, T, D]. kv: None (no cache) or this layer's (key [B, K, H, S], value
-  [B, K, S, H]) cache (layouts: see KVCache), into which the layer writes its T new slots at `cache_index` (in place under jit).
+  [B, K, S, H]) cache (layouts: see KVCache), into which the layer writes its T new slots at
+  `cache_index` (in place under jit).
   """
 
   config: TextConfig
