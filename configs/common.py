@@ -100,5 +100,10 @@ def shapes_data_config() -> ml_collections.ConfigDict:
       vocab_size=600,
       tokenizer_records=2000,
       eval_seed=12345,
+      # Ground-truth preference / reward pairs: the share whose rejected caption leaves an
+      # object out, or has a binding error (a colour or shape moved to another present
+      # object); the rest carry an injected hallucination (shapes.caption_pair).
+      omission_fraction=0.3,
+      binding_fraction=0.0,
     )
   )

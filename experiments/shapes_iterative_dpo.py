@@ -197,9 +197,15 @@ def _json_sft_config(args, data_json: pathlib.Path, **fields):
 
 
 def _negative(scene, scenes, rng, world) -> tuple[str, str]:
-  """An absent (colour, shape): the object of another scene (as popular as real objects), or a
-  present object with its shape or its colour changed (the near misses a policy makes)."""
+  """An absent (colour, shape). Half the time (when the scene has one) a binding negative: the
+  colour of one present object with the shape of another (the SFT policy's most common false
+  claim, and the one a labeler that sees colours and shapes but not which goes with which
+  accepts); otherwise, with equal chance, another scene's object (as popular as real objects),
+  or a present object with its shape or its colour changed (near misses)."""
   present = scene.pairs
+  binding = sorted({(c, s) for c, _ in present for _, s in present} - present)
+  if binding and rng.random() < 0.5:
+    return binding[int(rng.integers(len(binding)))]
   kind = int(rng.integers(3))
   for _ in range(50):
     if kind == 0:
@@ -225,8 +231,8 @@ def hard_existence_records(n: int, world, seed: int) -> list[dict[str, Any]]:
   The exist task's negatives are uniform over the absent (colour, shape) pairs, so they are
   mostly unpopular objects: a labeler trained on them learns "popular object -> yes" and
   accepts the popular objects a policy hallucinates (measured: it rejected 17% of the SFT
-  policy's false claims). Here a negative is, with equal chance, another scene's object (as
-  popular as real objects), a present object with another shape, or with another colour.
+  policy's false claims). Here a negative is drawn by `_negative`: half of them binding
+  negatives, the rest popular objects and near misses.
   """
   import numpy as np
 

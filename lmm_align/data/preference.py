@@ -93,27 +93,26 @@ def dense_token_weights(pair: PreferencePair, weight: float) -> tuple[np.ndarray
 
 
 def shapes_preference_records(
-  n: int, world: shapes.ShapesWorldConfig, seed: int, omission_fraction: float = 0.3
+  n: int,
+  world: shapes.ShapesWorldConfig,
+  seed: int,
+  omission_fraction: float = 0.3,
+  binding_fraction: float = 0.0,
 ) -> list[dict[str, Any]]:
   """Ground-truth pairs from the shapes world: the truthful caption (the scene's facts) is
   chosen, the same caption with an injected hallucination (an absent object, or a wrong
-  colour) is rejected; for a fraction `omission_fraction` (scenes with 2+ objects) the
-  rejected answer is instead the truthful caption with one object left out, so that saying
-  less is not a way to win."""
+  colour) is rejected, or, for the fractions given, the caption with an object left out or
+  with a binding error (`shapes.caption_pair`)."""
   world = dataclasses.replace(world, hallucination_rate=1.0, task_mix=(("caption", 1.0),))
   out = []
   for i, record in enumerate(shapes.make_sft_records(n, world, seed=seed)):
-    question = record["conversations"][0]["value"]
-    chosen, rejected = record["metadata"]["facts"], record["conversations"][1]["value"]
-    scene = shapes.Scene.from_dict(record["metadata"]["scene"])
-    rng = np.random.default_rng([seed, i, 3])
-    if rng.random() < omission_fraction and len(scene.objects) > 1:
-      wording = int(rng.integers(2**31))
-      chosen = shapes.scene_caption(scene, np.random.default_rng(wording))
-      rejected = shapes.omission_caption(scene, wording, rng)
+    chosen, rejected = shapes.caption_pair(
+      record, np.random.default_rng([seed, i, 3]),
+      omission_fraction=omission_fraction, binding_fraction=binding_fraction,
+    )  # fmt: skip
     out.append({
-        "id": record["id"], "image": record["image"], "question": question,
-        "chosen": chosen, "rejected": rejected,
+        "id": record["id"], "image": record["image"],
+        "question": record["conversations"][0]["value"], "chosen": chosen, "rejected": rejected,
     })  # fmt: skip
   return out
 

@@ -579,6 +579,7 @@ def shapes_reward_records(
   *,
   existence_fraction: float = 0.3,
   omission_fraction: float = 0.3,
+  binding_fraction: float = 0.0,
 ) -> list[dict[str, Any]]:
   """Ground-truth reward pairs on shapes scenes, with facts.
 
@@ -587,8 +588,9 @@ def shapes_reward_records(
   `existence_fraction` instead asks whether an object is in the image and prefers the true
   yes/no answer; a fraction `omission_fraction` of the caption records (scenes with two or
   more objects) rejects the truthful caption with one object left out, so that the reward
-  values completeness too and a policy cannot win by saying less. Record i depends only on
-  (seed, i).
+  values completeness too and a policy cannot win by saying less, and a fraction
+  `binding_fraction` one with a binding error (`shapes.caption_pair`). Record i depends only
+  on (seed, i).
   """
   caption_world = dataclasses.replace(world, hallucination_rate=1.0, task_mix=(("caption", 1.0),))
   out = []
@@ -606,11 +608,9 @@ def shapes_reward_records(
       )
     else:
       question = sft["conversations"][0]["value"].replace(f"{IMAGE_PLACEHOLDER}\n", "")
-      chosen, rejected = sft["metadata"]["facts"], sft["conversations"][1]["value"]
-      if rng.random() < omission_fraction and len(scene.objects) > 1:
-        wording = int(rng.integers(2**31))  # one wording for both answers
-        chosen = shapes.scene_caption(scene, np.random.default_rng(wording))
-        rejected = shapes.omission_caption(scene, wording, rng)
+      chosen, rejected = shapes.caption_pair(
+        sft, rng, omission_fraction=omission_fraction, binding_fraction=binding_fraction
+      )
       record.update(question=question, chosen=chosen, rejected=rejected)
     out.append(record)
   return out

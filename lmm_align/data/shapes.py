@@ -405,6 +405,61 @@ def omission_caption(scene: Scene, facts_seed: int, rng: np.random.Generator) ->
   return scene_caption(kept, np.random.default_rng(facts_seed))
 
 
+def binding_error_caption(scene: Scene, facts_seed: int, rng: np.random.Generator) -> str | None:
+  """The scene's caption (same wording as `scene_caption` with `facts_seed`) with one binding
+  error: an object takes the colour, or the shape, of another present object, so that every
+  colour and shape it names is in the image but one (colour, shape) pairing is not. This is
+  the error a model that sees colours and shapes but not which goes with which makes (the
+  SFT policy's most common hallucination). None when no swap makes an absent pair."""
+  swaps = []
+  for i, a in enumerate(scene.objects):
+    for b in scene.objects:
+      swaps += [
+        (i, wrong)
+        for wrong in (
+          dataclasses.replace(a, colour=b.colour),
+          dataclasses.replace(a, shape=b.shape),
+        )
+        if (wrong.colour, wrong.shape) not in scene.pairs
+      ]
+  if not swaps:
+    return None
+  i, wrong = swaps[int(rng.integers(len(swaps)))]
+  objects = tuple(wrong if k == i else o for k, o in enumerate(scene.objects))
+  believed = dataclasses.replace(scene, objects=objects)
+  return scene_caption(believed, np.random.default_rng(facts_seed))
+
+
+def caption_pair(
+  record: dict[str, Any],
+  rng: np.random.Generator,
+  *,
+  omission_fraction: float,
+  binding_fraction: float = 0.0,
+) -> tuple[str, str]:
+  """(chosen, rejected) from a caption record made with hallucination_rate 1.
+
+  By default the truthful caption (its facts) against the injected one. With chance
+  `omission_fraction` (scenes of 2+ objects) the rejected caption leaves one object out, so
+  that saying less is not a way to win; with chance `binding_fraction` it carries a binding
+  error (`binding_error_caption`). Both answers of a pair then share one wording.
+  """
+  scene = Scene.from_dict(record["metadata"]["scene"])
+  chosen, rejected = record["metadata"]["facts"], record["conversations"][1]["value"]
+  draw = rng.random()
+  if draw < omission_fraction and len(scene.objects) > 1:
+    wording = int(rng.integers(2**31))
+    return scene_caption(scene, np.random.default_rng(wording)), omission_caption(
+      scene, wording, rng
+    )
+  if draw < omission_fraction + binding_fraction:
+    wording = int(rng.integers(2**31))
+    binding = binding_error_caption(scene, wording, rng)
+    if binding is not None:
+      return scene_caption(scene, np.random.default_rng(wording)), binding
+  return chosen, rejected
+
+
 def _inject_hallucination(
   scene: Scene, rng: np.random.Generator, config: ShapesWorldConfig
 ) -> tuple[Scene, dict[str, Any]]:

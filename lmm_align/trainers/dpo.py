@@ -126,8 +126,9 @@ def preference_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]
   d = config.data
   if d.source == "shapes_pairs":
     return preference.shapes_preference_records(
-      d.shapes.num_train, sources.shapes_world_config(config), seed=d.shapes.seed
-    )
+      d.shapes.num_train, sources.shapes_world_config(config), seed=d.shapes.seed,
+      omission_fraction=d.shapes.omission_fraction, binding_fraction=d.shapes.binding_fraction,
+    )  # fmt: skip
   if d.source == "pairs_jsonl":
     from lmm_align.evals.pope import read_jsonl
     from lmm_align.trainers.reward import image_source

@@ -99,8 +99,9 @@ def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
   if d.source == "shapes_pairs":
     world = sources.shapes_world_config(config)
     return preference_sources.shapes_reward_records(
-      d.shapes.num_train, world, seed=d.shapes.seed
-    ), Counter()
+      d.shapes.num_train, world, seed=d.shapes.seed,
+      omission_fraction=d.shapes.omission_fraction, binding_fraction=d.shapes.binding_fraction,
+    ), Counter()  # fmt: skip
   if d.source == "llava_rlhf":
     return preference_sources.read_llava_rlhf_preferences(
       d.json_path, image_folder=d.image_folder or None, captions_path=d.captions_path or None,

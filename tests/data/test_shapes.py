@@ -12,7 +12,9 @@ from lmm_align.data.shapes_metrics import (
   extract_choice_letter,
   hallucination_metrics,
   parse_count,
+  parse_mentions,
   parse_yes_no,
+  response_hallucination_counts,
 )
 
 CONFIG = shapes.ShapesWorldConfig(short_answer_noise_rate=0.15)
@@ -220,3 +222,43 @@ def test_save_llava_dataset_writes_relative_image_paths(tmp_path, records):
     assert row["conversations"] == record["conversations"]
     with Image.open(tmp_path / row["image"]) as image:
       np.testing.assert_array_equal(_pixels(image), _pixels(record["image"]))
+
+
+def test_caption_pairs_by_kind():
+  """Each rejected caption has the flaw of its kind, checked by the CHAIR-like parser; the
+  fractions are followed; with no binding share the pairs are those of the injected captions."""
+  world = shapes.ShapesWorldConfig(task_mix=(("caption", 1.0),), hallucination_rate=1.0)
+  records = shapes.make_sft_records(400, world, seed=5)
+  kinds = collections.Counter()
+  for i, record in enumerate(records):
+    scene = shapes.Scene.from_dict(record["metadata"]["scene"])
+    chosen, rejected = shapes.caption_pair(
+      record, np.random.default_rng(i), omission_fraction=0.25, binding_fraction=0.5
+    )
+    truth = response_hallucination_counts(chosen, scene)
+    assert truth["hallucinated_mentions"] == 0 and truth["recalled_objects"] == len(scene.objects)
+    flawed = response_hallucination_counts(rejected, scene)
+    if rejected == record["conversations"][1]["value"]:
+      kinds["injected"] += 1
+    elif flawed["hallucinated_mentions"] == 0:
+      kinds["omission"] += 1
+      assert flawed["recalled_objects"] == len(scene.objects) - 1
+    else:
+      kinds["binding"] += 1
+      mentioned = parse_mentions(rejected)
+      assert flawed["hallucinated_mentions"] == 1 and len(mentioned) == len(scene.objects)
+      assert {c for c, _ in mentioned} <= {o.colour for o in scene.objects}
+      assert {s for _, s in mentioned} <= {o.shape for o in scene.objects}
+  multi = sum(len(r["metadata"]["scene"]["objects"]) > 1 for r in records)
+  assert 0.15 < kinds["omission"] / multi < 0.35, kinds
+  assert 0.38 < kinds["binding"] / multi < 0.62, kinds
+  plain = [
+    shapes.caption_pair(r, np.random.default_rng(i), omission_fraction=0.0)
+    for i, r in enumerate(records)
+  ]
+  assert plain == [(r["metadata"]["facts"], r["conversations"][1]["value"]) for r in records]
+
+
+def test_binding_error_caption_needs_two_objects():
+  scene = shapes.Scene(objects=(shapes.SceneObject("star", "red", "small", 0, 0),))
+  assert shapes.binding_error_caption(scene, 3, np.random.default_rng(0)) is None
