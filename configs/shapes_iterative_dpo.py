@@ -7,7 +7,7 @@
 
 The first command also trains what is missing (the SFT policy, the labeler, the critic); the
 second runs the loop alone from an exported SFT policy. arg keys: feedback=rlaifv|self|critic|
-ground_truth (default rlaifv), runlocal (tiny, for tests). See lmm_align/trainers/iterative.py
+ground_truth|correction (default rlaifv), runlocal (tiny, for tests). See lmm_align/trainers/iterative.py
 for the stages and the workdir layout.
 
 Published settings kept: K samples per prompt at temperature 0.7 with one decoding setting
@@ -23,8 +23,7 @@ import ml_collections
 
 from configs import common, shapes_dpo
 from lmm_align.data import shapes
-
-FEEDBACK_KINDS = ("rlaifv", "self", "critic", "ground_truth")
+from lmm_align.trainers.iterative import FEEDBACK_KINDS
 
 
 def get_config(arg: str | None = None):
@@ -68,7 +67,8 @@ def get_config(arg: str | None = None):
       recall_weight=1.0,
     )
   )
-  # method "auto": RLAIF-V pairs for rlaifv / self / ground_truth, best vs worst for critic.
+  # method "auto": RLAIF-V pairs for rlaifv / self / ground_truth, best vs worst for critic,
+  # (correction, answer) for correction.
   config.pairs = ml_collections.ConfigDict(
     dict(method="auto", per_prompt=2, min_score_gap=1, balance_lengths=True)
   )

@@ -164,6 +164,7 @@ COUNT_KEYS = (
   "object_hallucinations",
   "coloured_mentions",
   "attribute_errors",
+  "binding_errors",
   "gt_objects",
   "recalled_objects",
   "words",
@@ -179,14 +180,16 @@ def response_hallucination_counts(text: str, scene: Scene | Mapping[str, Any]) -
 
   mentions: parsed non-negated mentions; hallucinated_mentions: those no object matches, split
   into object_hallucinations (shape absent) and attribute_errors (shape present, colour wrong);
-  coloured_mentions: mentions with a colour whose shape is present (attribute_errors' base);
+  binding_errors: the attribute errors whose colour another object of the scene has (the right
+  colour and shape, wrongly paired); coloured_mentions: mentions with a colour whose shape is present (attribute_errors' base);
   recalled_objects: scene objects some correct mention matches (an uncoloured mention matches
   every object of its shape); words: whitespace-separated words of the answer.
   """
   scene = _as_scene(scene)
   present_shapes = {o.shape for o in scene.objects}
+  present_colours = {o.colour for o in scene.objects}
   mentions = parse_mentions(text)
-  object_hallucinations = attribute_errors = coloured = 0
+  object_hallucinations = attribute_errors = binding_errors = coloured = 0
   recalled: set[int] = set()
   for colour, shape in mentions:
     if shape not in present_shapes:
@@ -197,6 +200,7 @@ def response_hallucination_counts(text: str, scene: Scene | Mapping[str, Any]) -
       i for i, o in enumerate(scene.objects) if o.shape == shape and colour in (None, o.colour)
     }
     attribute_errors += not matches
+    binding_errors += not matches and colour in present_colours
     recalled |= matches
   hallucinated = object_hallucinations + attribute_errors
   return {
@@ -208,6 +212,7 @@ def response_hallucination_counts(text: str, scene: Scene | Mapping[str, Any]) -
     "object_hallucinations": object_hallucinations,
     "coloured_mentions": coloured,
     "attribute_errors": attribute_errors,
+    "binding_errors": binding_errors,
     "gt_objects": len(scene.objects),
     "recalled_objects": len(recalled),
     "words": len(text.split()),
@@ -224,7 +229,8 @@ def aggregate_hallucination_counts(counts: Sequence[Mapping[str, int]]) -> dict[
   chair_i: hallucinated mentions / mentions. chair_s (= hallucination_rate): responses with a
   hallucinated mention / responses. chair_s_refine: the same over responses that mention any
   object (RLAIF-V's response-level rate). object_chair_i: mentions of absent shapes / mentions.
-  attribute_error_rate: wrong-colour mentions / coloured mentions of present shapes.
+  attribute_error_rate: wrong-colour mentions / coloured mentions of present shapes;
+  binding_error_rate: those of them whose colour is another object's, over the same base.
   object_recall: recalled scene objects / scene objects. mean_answer_words: words / responses.
   A rate with a zero denominator is 0.
   """
@@ -238,6 +244,7 @@ def aggregate_hallucination_counts(counts: Sequence[Mapping[str, int]]) -> dict[
     "chair_s_refine": _ratio(total["hallucinated_responses"], total["responses_with_mentions"]),
     "object_chair_i": _ratio(total["object_hallucinations"], total["mentions"]),
     "attribute_error_rate": _ratio(total["attribute_errors"], total["coloured_mentions"]),
+    "binding_error_rate": _ratio(total["binding_errors"], total["coloured_mentions"]),
     "object_recall": _ratio(total["recalled_objects"], total["gt_objects"]),
     "mean_answer_words": _ratio(total["words"], total["responses"]),
   }
@@ -322,3 +329,74 @@ def parse_count(text: str) -> int | None:
 def score_count(text: str, count: int) -> bool:
   """Whether the first number in the answer equals `count`."""
   return parse_count(text) == count
+
+
+# ------------------------------------------------------------------------------------------
+# Corrections: RLHF-V's fine-grained human feedback, with the scene as the annotator.
+# ------------------------------------------------------------------------------------------
+
+_OBJECT_PHRASE = re.compile(
+  r"\b(?:(?P<article>an?)\s+)?(?:(?P<size>small|large)\s+)?(?:(?P<colour>{colours})\s+)?"
+  r"(?P<shape>{shapes})\b".format(colours="|".join(COLOURS), shapes="|".join(SHAPES)),
+  re.IGNORECASE,
+)
+
+
+def _replacement(wrong: tuple[str | None, str], pool: list, scene: Scene):
+  """The object a corrector would name instead of `wrong`: one the answer has not named yet,
+  sharing its shape (a colour fix) or else its colour (a shape fix), else any; when every
+  object is named already, any object sharing the shape or colour, else the first."""
+  colour, shape = wrong
+  preferences = (
+    [o for o in pool if o.shape == shape],
+    [o for o in pool if o.colour == colour],
+    pool,
+    [o for o in scene.objects if o.shape == shape],
+    [o for o in scene.objects if o.colour == colour],
+    list(scene.objects),
+  )
+  return next(objects[0] for objects in preferences if objects)
+
+
+def corrected_response(text: str, scene: Scene | Mapping[str, Any]) -> str | None:
+  """`text` with each hallucinated "[a] [size] [colour] shape" phrase rewritten to name a
+  scene object (`_replacement`), everything else kept as written: the minimal edit RLHF-V's
+  annotators make, so that a (corrected, original) pair differs only where the answer is
+  wrong. Singular phrases in the vocabulary's own words only (what our policies write).
+
+  None when the answer has no hallucinated mention, or when a hallucination sits in a phrase
+  this rewrite does not reach (a plural, a predicate colour "the circle is red"): the result
+  is re-scored and returned only if it has no hallucinated mention left.
+  """
+  scene = _as_scene(scene)
+  if not scene.objects or response_hallucination_counts(text, scene)["hallucinated_mentions"] == 0:
+    return None
+  named = {(c, s) for c, s in parse_mentions(text)}
+  pool = [
+    o for o in scene.objects if (o.colour, o.shape) not in named and (None, o.shape) not in named
+  ]
+
+  def fix(m: re.Match) -> str:
+    colour = m["colour"].lower() if m["colour"] else None
+    shape = m["shape"].lower()
+    absent = (
+      all(o.shape != shape for o in scene.objects)
+      if colour is None
+      else (colour, shape) not in scene.pairs
+    )
+    if not absent:
+      return m[0]
+    obj = _replacement((colour, shape), pool, scene)
+    if obj in pool:
+      pool.remove(obj)
+    words = [w for w in (m["size"] and obj.size, colour and obj.colour, obj.shape) if w]
+    phrase = " ".join(words)
+    if m["article"]:
+      article = "an" if phrase[0] in "aeiou" else "a"
+      phrase = f"{article.capitalize() if m['article'][0].isupper() else article} {phrase}"
+    return phrase
+
+  fixed = _OBJECT_PHRASE.sub(fix, text)
+  if response_hallucination_counts(fixed, scene)["hallucinated_mentions"]:
+    return None
+  return fixed

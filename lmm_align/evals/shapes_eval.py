@@ -95,6 +95,8 @@ def evaluate_shapes(
     "chair_i": halluc["chair_i"],
     "object_recall": halluc["object_recall"],
     "attribute_error_rate": halluc["attribute_error_rate"],
+    "binding_error_rate": halluc["binding_error_rate"],
+    "object_chair_i": halluc["object_chair_i"],
     "mean_answer_tokens": float(np.mean(lengths)),
     "mean_answer_words": halluc["mean_answer_words"],
   }

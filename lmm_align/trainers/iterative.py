@@ -17,10 +17,14 @@ One round r = 1..M, read top to bottom in `run_round`:
                 ground_truth  shapes only, against the scene: score = -(hallucinated mentions)
                               + feedback.recall_weight * (recalled objects); with weight 0
                               RLAIF-V's precision-only score, which shortens answers
+                correction    shapes only, RLHF-V's fine-grained corrections with the scene as
+                              the annotator: the ground_truth score, and each hallucinating
+                              answer's minimal correction (`shapes_metrics.corrected_response`)
   pairs       "rlaifv" method (rlaifv, self, ground_truth): every pair within a prompt whose
               scores differ by >= min_score_gap, at most pairs.per_prompt per prompt, then
               RLAIF-V's length balancing (`rlaifv.build_preference_pairs`); "best_worst"
-              (critic): argmax vs argmin score per prompt, LLaVA-Critic's pair. Every pair is
+              (critic): argmax vs argmin score per prompt, LLaVA-Critic's pair; "correction":
+              (corrected, original) for hallucinating answers, RLHF-V's pair. Every pair is
               also checked against the scene (`ground_truth_agreement`), a diagnostic only.
   dpo         `trainers.dpo.train` on the pairs, initialised from the round's policy, which is
               also the reference (its log-probs precomputed once, as RLAIF-V does). A round
@@ -65,12 +69,13 @@ from lmm_align.data import shapes, shapes_metrics, sources
 from lmm_align.feedback import candidates as candidates_lib
 from lmm_align.feedback import rlaifv
 
-FEEDBACK_KINDS = ("rlaifv", "self", "critic", "ground_truth")
+FEEDBACK_KINDS = ("rlaifv", "self", "critic", "ground_truth", "correction")
 PAIR_METHODS = {
   "rlaifv": "rlaifv",
   "self": "rlaifv",
   "ground_truth": "rlaifv",
   "critic": "best_worst",
+  "correction": "correction",
 }
 SUMMARY_METRICS = (
   "hallucination_rate", "chair_s_refine", "mention_rate", "chair_i", "object_recall", "pope_f1",
@@ -193,7 +198,10 @@ def _scenes(prompts_dir: pathlib.Path) -> dict[str, shapes.Scene]:
 
 
 def ground_truth_feedback(
-  candidates: Sequence[dict[str, Any]], scenes: dict[str, shapes.Scene], recall_weight: float
+  candidates: Sequence[dict[str, Any]],
+  scenes: dict[str, shapes.Scene],
+  recall_weight: float,
+  corrections: bool = False,
 ) -> list[dict[str, Any]]:
   """score = -(hallucinated mentions) + recall_weight * (scene objects recalled).
 
@@ -201,11 +209,14 @@ def ground_truth_feedback(
   mentions no object has no claims and is never paired, as in RLAIF-V (else "say nothing"
   would always win); a precision-only score still favours the shorter of two answers, which
   collapses recall over rounds. With a positive weight the oracle also values what an answer
-  finds, and an answer that mentions nothing scores 0 like any other.
+  finds, and an answer that mentions nothing scores 0 like any other. With `corrections` each
+  record also has "hallucinated" (its hallucinated mentions) and "correction": the answer
+  minimally corrected, or None (nothing to correct, or out of the rewrite's reach).
   """
   out = []
   for c in candidates:
-    counts = shapes_metrics.response_hallucination_counts(c["response"], scenes[c["prompt_id"]])
+    scene = scenes[c["prompt_id"]]
+    counts = shapes_metrics.response_hallucination_counts(c["response"], scene)
     mentions = counts["mentions"]
     scored = mentions > 0 or recall_weight > 0
     score = -counts["hallucinated_mentions"] + recall_weight * counts["recalled_objects"]
@@ -215,6 +226,9 @@ def ground_truth_feedback(
       "num_judged": mentions, "score": score if scored else None,
       "status": "ok" if scored else "no_claims",
     })  # fmt: skip
+    if corrections:
+      out[-1]["hallucinated"] = counts["hallucinated_mentions"]
+      out[-1]["correction"] = shapes_metrics.corrected_response(c["response"], scene)
   return out
 
 
@@ -351,8 +365,10 @@ def run_feedback(
   """The configured feedback into out/labelled.jsonl. `policy()` loads the round's policy
   (the labeler of `self`)."""
   kind, path = config.feedback.kind, out / "labelled.jsonl"
-  if kind == "ground_truth":
-    records = ground_truth_feedback(candidates, _scenes(prompts_dir), config.feedback.recall_weight)
+  if kind in ("ground_truth", "correction"):
+    records = ground_truth_feedback(
+      candidates, _scenes(prompts_dir), config.feedback.recall_weight, kind == "correction"
+    )
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
   elif kind in ("rlaifv", "self"):
     if kind == "rlaifv" and not config.feedback.labeler:
@@ -416,6 +432,33 @@ def best_worst_pairs(labelled: Sequence[dict[str, Any]]) -> tuple[list[dict[str,
   return pairs, {**stats, "pairs": len(pairs), "prompts": len(groups)}
 
 
+def correction_pairs(
+  labelled: Sequence[dict[str, Any]], per_prompt: int
+) -> tuple[list[dict[str, Any]], dict]:
+  """RLHF-V's pairs: (correction, original answer) for each answer that has a correction, at
+  most `per_prompt` per prompt (0: all), the most hallucinated first, identical answers once."""
+  groups = collections.defaultdict(list)
+  for r in labelled:
+    if r.get("correction"):
+      groups[r["prompt_id"]].append(r)
+  pairs, stats = [], collections.Counter()
+  for group in groups.values():
+    seen: set[str] = set()
+    for r in sorted(group, key=lambda r: r["score"]):
+      if r["response"] in seen or (per_prompt and len(seen) == per_prompt):
+        stats["duplicates_or_over_limit"] += 1
+        continue
+      seen.add(r["response"])
+      pairs.append({
+        "id": f"{r['id']}|corrected", "image": r["image"], "question": r["question"],
+        "chosen": r["correction"], "rejected": r["response"],
+      })  # fmt: skip
+  stats["hallucinating_without_correction"] = sum(
+    r["hallucinated"] > 0 and r["correction"] is None for r in labelled
+  )
+  return pairs, {**stats, "pairs": len(pairs), "prompts": len(groups)}
+
+
 def ground_truth_agreement(
   pairs: Sequence[dict[str, Any]], scenes: dict[str, shapes.Scene]
 ) -> dict[str, int]:
@@ -447,8 +490,14 @@ def make_pairs(
     )  # fmt: skip
   elif method == "best_worst":
     pairs, stats = best_worst_pairs(labelled)
+  elif method == "correction":
+    if config.feedback.kind != "correction":
+      raise ValueError("pairs.method 'correction' needs feedback.kind 'correction'")
+    pairs, stats = correction_pairs(labelled, p.per_prompt)
   else:
-    raise ValueError(f"pairs.method {p.method!r}: use 'auto', 'rlaifv' or 'best_worst'")
+    raise ValueError(
+      f"pairs.method {p.method!r}: use 'auto', 'rlaifv', 'best_worst' or 'correction'"
+    )
   stats = {
     **stats,
     "method": method,

@@ -5,6 +5,7 @@ import pytest
 from lmm_align.data.shapes import Scene, SceneObject
 from lmm_align.data.shapes_metrics import (
   aggregate_hallucination_counts,
+  corrected_response,
   extract_choice_letter,
   hallucination_metrics,
   parse_count,
@@ -70,36 +71,40 @@ ANSWERS = [
   ("There is a yellow triangle next to a blue diamond.", SCENE_B),
   # No mentions; 3 words.
   ("Nothing to see.", SCENE_B),
+  # (blue circle) a binding error: blue and circle are both in the scene, not together; 3 words.
+  ("A blue circle.", SCENE_A),
 ]
 EXPECTED_COUNTS = {
-  "responses": 4,
-  "responses_with_mentions": 3,
-  "hallucinated_responses": 2,
-  "mentions": 7,
-  "hallucinated_mentions": 2,
+  "responses": 5,
+  "responses_with_mentions": 4,
+  "hallucinated_responses": 3,
+  "mentions": 8,
+  "hallucinated_mentions": 3,
   "object_hallucinations": 1,
-  "coloured_mentions": 6,  # the diamond's colour is not counted: its shape is absent
-  "attribute_errors": 1,
-  "gt_objects": 8,
+  "coloured_mentions": 7,  # the diamond's colour is not counted: its shape is absent
+  "attribute_errors": 2,
+  "binding_errors": 1,  # purple is no object's colour in SCENE_A; blue is the square's
+  "gt_objects": 11,
   "recalled_objects": 5,
-  "words": 34,
+  "words": 37,
 }
 
 
 def test_hallucination_metrics_on_hand_made_answers():
   texts, scenes = zip(*ANSWERS)
-  scenes = [scenes[0], scenes[1].to_dict(), scenes[2], scenes[3].to_dict()]  # dicts work too
+  scenes = [scenes[0], scenes[1].to_dict(), scenes[2], scenes[3].to_dict(), scenes[4]]  # dicts too
   metrics = hallucination_metrics(texts, scenes)
   assert {k: metrics[k] for k in EXPECTED_COUNTS} == EXPECTED_COUNTS
   expected_rates = {
-    "chair_i": 2 / 7,
-    "chair_s": 0.5,
-    "hallucination_rate": 0.5,
-    "chair_s_refine": 2 / 3,
-    "object_chair_i": 1 / 7,
-    "attribute_error_rate": 1 / 6,
-    "object_recall": 5 / 8,
-    "mean_answer_words": 34 / 4,
+    "chair_i": 3 / 8,
+    "chair_s": 3 / 5,
+    "hallucination_rate": 3 / 5,
+    "chair_s_refine": 3 / 4,
+    "object_chair_i": 1 / 8,
+    "attribute_error_rate": 2 / 7,
+    "binding_error_rate": 1 / 7,
+    "object_recall": 5 / 11,
+    "mean_answer_words": 37 / 5,
   }
   assert metrics == pytest.approx({**EXPECTED_COUNTS, **expected_rates})
 
@@ -171,3 +176,39 @@ def test_extract_choice_letter(text, options, letter):
 def test_parse_count(text, count):
   assert parse_count(text) == count
   assert score_count(text, 2) == (count == 2)
+
+
+@pytest.mark.parametrize(
+  "text, expected",
+  [
+    # A colour fix (the star is purple and small); the article follows the new colour.
+    ("There is a large red star on the left.", "There is a small purple star on the left."),
+    ("An orange triangle and a purple star.", "A red triangle and a purple star."),
+    # No star-less object left unnamed: the shape of the unnamed red triangle.
+    ("A purple star and a red square.", "A purple star and a red triangle."),
+    # Nothing wrong, or a plural the rewrite does not reach.
+    ("A red triangle and a purple star.", None),
+    ("Two green diamonds.", None),
+  ],
+)
+def test_corrected_response(text, expected):
+  scene = Scene(
+    (SceneObject("triangle", "red", "large", 0, 0), SceneObject("star", "purple", "small", 0, 2))
+  )
+  assert corrected_response(text, scene) == expected
+
+
+def test_corrections_of_injected_captions_are_clean_minimal_edits():
+  """Every injected caption of the SFT data is corrected: the result has no hallucinated
+  mention, as many words, and recalls at least what the injected caption did."""
+  from lmm_align.data import shapes
+
+  world = shapes.ShapesWorldConfig(task_mix=(("caption", 1.0),), hallucination_rate=1.0)
+  for record in shapes.make_sft_records(200, world, seed=4):
+    answer, scene = record["conversations"][1]["value"], record["metadata"]["scene"]
+    fixed = corrected_response(answer, scene)
+    assert fixed is not None, answer
+    before, after = (response_hallucination_counts(t, scene) for t in (answer, fixed))
+    assert after["hallucinated_mentions"] == 0 and before["hallucinated_mentions"] == 1
+    assert len(fixed.split()) == len(answer.split())
+    assert after["recalled_objects"] >= before["recalled_objects"]

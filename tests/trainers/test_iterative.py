@@ -183,6 +183,39 @@ def test_ground_truth_feedback_scores_hallucinations_and_recall():
   assert [r["status"] for r in records] == ["ok"] * 4
 
 
+def test_correction_feedback_pairs_each_correction_with_its_answer():
+  candidates = [
+    _candidate(0, "There is a red circle and a blue star."),  # star absent: corrected
+    _candidate(1, "There is a red circle and a blue star."),  # the same answer: paired once
+    _candidate(2, "A green circle, a green star and a yellow star."),  # 3 wrong: paired first
+    _candidate(3, "There is a red circle and a blue square."),  # right: nothing to correct
+    _candidate(4, "Two green stars."),  # a plural: out of the rewrite's reach
+    _candidate(0, "A blue circle.", "s1"),
+  ]
+  records = iterative.ground_truth_feedback(
+    candidates, {"s0": SCENE, "s1": SCENE}, recall_weight=1.0, corrections=True
+  )
+  assert [r["hallucinated"] for r in records] == [1, 1, 3, 0, 1, 1]
+  assert [r["correction"] for r in records] == [
+    "There is a red circle and a blue square.",
+    "There is a red circle and a blue square.",
+    "A red circle, a blue square and a red circle.",
+    None,
+    None,
+    "A red circle.",  # a colour fix before a shape fix
+  ]
+  pairs, stats = iterative.correction_pairs(records, per_prompt=2)
+  assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [
+    ("s0#2|corrected", records[2]["correction"], candidates[2]["response"]),
+    ("s0#0|corrected", records[0]["correction"], candidates[0]["response"]),
+    ("s1#0|corrected", "A red circle.", "A blue circle."),
+  ]
+  assert stats["pairs"] == 3 and stats["hallucinating_without_correction"] == 1
+  assert stats["duplicates_or_over_limit"] == 1
+  one, _ = iterative.correction_pairs(records, per_prompt=1)
+  assert [p["id"] for p in one] == ["s0#2|corrected", "s1#0|corrected"]
+
+
 def test_best_worst_pairs_take_the_first_argmax_and_argmin():
   def labelled(k, score, response, prompt_id="p", status="ok"):
     return {**_candidate(k, response, prompt_id), "score": score, "status": status}
