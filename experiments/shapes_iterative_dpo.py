@@ -74,9 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     "(towers trained from scratch through the language loss)",
   )  # fmt: skip
   p.add_argument(
-    "--labeler_data", default="hard", choices=("hard", "exist"),
+    "--labeler_data", default="hard", choices=("hard", "exist", "binding"),
     help="exist: the SFT mixture's existence task alone; hard: existence questions whose "
-    "negatives are as popular as the objects and near misses (see hard_existence_records)",
+    "negatives are as popular as the objects and near misses (see hard_existence_records); "
+    "binding: hard with half the negatives a present colour on another present shape "
+    "(measured: it catches 39%% of the SFT policy's false claims instead of 18%%, but accepts "
+    "83%% of its true ones instead of 96%%, and three RLAIF-V rounds then do not lower the "
+    "hallucination rate)",
   )  # fmt: skip
   p.add_argument(
     "--labeler_image_size", type=int, default=0,
@@ -196,15 +200,15 @@ def _json_sft_config(args, data_json: pathlib.Path, **fields):
   return main.apply_overrides(config, {**base, **fields})
 
 
-def _negative(scene, scenes, rng, world) -> tuple[str, str]:
-  """An absent (colour, shape). Half the time (when the scene has one) a binding negative: the
-  colour of one present object with the shape of another (the SFT policy's most common false
-  claim, and the one a labeler that sees colours and shapes but not which goes with which
-  accepts); otherwise, with equal chance, another scene's object (as popular as real objects),
-  or a present object with its shape or its colour changed (near misses)."""
+def _negative(scene, scenes, rng, world, binding_share: float) -> tuple[str, str]:
+  """An absent (colour, shape). With chance `binding_share` (when the scene has one) a binding
+  negative: the colour of one present object with the shape of another (a common false claim
+  of the SFT policy, which a labeler that sees colours and shapes but not which goes with
+  which accepts); otherwise, with equal chance, another scene's object (as popular as real
+  objects), or a present object with its shape or its colour changed (near misses)."""
   present = scene.pairs
   binding = sorted({(c, s) for c, _ in present for _, s in present} - present)
-  if binding and rng.random() < 0.5:
+  if binding_share and binding and rng.random() < binding_share:
     return binding[int(rng.integers(len(binding)))]
   kind = int(rng.integers(3))
   for _ in range(50):
@@ -224,15 +228,17 @@ def _negative(scene, scenes, rng, world) -> tuple[str, str]:
   return absent[int(rng.integers(len(absent)))]
 
 
-def hard_existence_records(n: int, world, seed: int) -> list[dict[str, Any]]:
+def hard_existence_records(
+  n: int, world, seed: int, binding_share: float = 0.0
+) -> list[dict[str, Any]]:
   """Existence questions in the exist task's wording, half "yes", whose "no" objects are
   drawn like the hallucinations a policy makes rather than uniformly over absent pairs.
 
   The exist task's negatives are uniform over the absent (colour, shape) pairs, so they are
   mostly unpopular objects: a labeler trained on them learns "popular object -> yes" and
   accepts the popular objects a policy hallucinates (measured: it rejected 17% of the SFT
-  policy's false claims). Here a negative is drawn by `_negative`: half of them binding
-  negatives, the rest popular objects and near misses.
+  policy's false claims). Here a negative is drawn by `_negative`: popular objects and near
+  misses, and a share `binding_share` of binding negatives.
   """
   import numpy as np
 
@@ -245,7 +251,9 @@ def hard_existence_records(n: int, world, seed: int) -> list[dict[str, Any]]:
     present = sorted(scene.pairs)
     is_yes = bool(rng.random() < 0.5)
     colour, shape = (
-      present[int(rng.integers(len(present)))] if is_yes else _negative(scene, scenes, rng, world)
+      present[int(rng.integers(len(present)))]
+      if is_yes
+      else _negative(scene, scenes, rng, world, binding_share)
     )
     name = f"{colour} {shape}"
     question, answer = shapes.existence_exchange(name, is_yes, rng)
@@ -263,7 +271,8 @@ def hard_existence_records(n: int, world, seed: int) -> list[dict[str, Any]]:
 
 
 def labeler_records(kind: str, n: int, world, seed: int) -> list[dict[str, Any]]:
-  """`n` labeler records: "exist" (task_mix exist) or "hard" (`hard_existence_records`)."""
+  """`n` labeler records: "exist" (task_mix exist), "hard" (`hard_existence_records`), or
+  "binding" (the same with half of the negatives binding negatives)."""
   import dataclasses
 
   from lmm_align.data import shapes
@@ -271,7 +280,7 @@ def labeler_records(kind: str, n: int, world, seed: int) -> list[dict[str, Any]]
   if kind == "exist":
     exist_world = dataclasses.replace(world, task_mix=(("exist", 1.0),))
     return shapes.make_sft_records(n, exist_world, seed=seed)
-  return hard_existence_records(n, world, seed)
+  return hard_existence_records(n, world, seed, binding_share=0.5 if kind == "binding" else 0.0)
 
 
 def _saved_records(data_dir: pathlib.Path, make_records) -> pathlib.Path:
