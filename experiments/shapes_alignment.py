@@ -8,6 +8,9 @@
     -> reward model, fact-augmented -> export -> PPO with it          (ppo_fact)
     -> reward model, vanilla        -> export -> PPO with it          (ppo_vanilla)
     -> DPO on ground-truth pairs                                       (dpo)
+    -> iterative DPO on its own answers and their corrections by the
+       scene (RLHF-V's fine-grained feedback, shapes_iterative_dpo.py
+       with feedback=correction), the last round's policy          (dpo_corrections)
 
 Each stage trains in WORKDIR/<stage> and writes its summary.json there (policy stages:
 hallucination_rate, object_recall, pope_f1, mean_answer_tokens on held-out scenes; reward
@@ -33,7 +36,9 @@ sys.path.insert(0, str(REPO))
 POLICY_METRICS = ("hallucination_rate", "object_recall", "pope_f1", "mean_answer_tokens")
 REWARD_METRICS = ("eval_accuracy", "eval_margin")
 TOWER_METRICS = ("shape_accuracy", "colour_accuracy", "size_accuracy")
-STAGES = ("tower", "sft", "rm_fact", "rm_vanilla", "ppo_fact", "ppo_vanilla", "dpo")
+STAGES = (
+  "tower", "sft", "rm_fact", "rm_vanilla", "ppo_fact", "ppo_vanilla", "dpo", "dpo_corrections"
+)  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +79,7 @@ def stage_configs(quick: bool, tower: str = "") -> dict[str, object]:
     "ppo_fact": load(f"configs/shapes_ppo.py:{arg}"),
     "ppo_vanilla": load(f"configs/shapes_ppo.py:{join(arg, 'vanilla')}"),
     "dpo": load(f"configs/shapes_dpo.py:{arg}"),
+    "dpo_corrections": load(f"configs/shapes_iterative_dpo.py:{join(arg, 'feedback=correction')}"),
   }
 
 
@@ -135,6 +141,17 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
         run(f"ppo_{kind}", init_from=str(sft_hf), **{"ppo.reward_model": str(rm_hf)})
   if "dpo" in wanted:
     run("dpo", init_from=str(sft_hf))
+  if "dpo_corrections" in wanted:
+    from lmm_align.trainers import iterative
+
+    config = main.apply_overrides(
+      configs["dpo_corrections"], {"init_from": str(sft_hf), **overrides.get("dpo_corrections", {})}
+    )
+    print(f"=== dpo_corrections -> {root / 'dpo_corrections'}")
+    rounds = iterative.run(config, str(root / "dpo_corrections"))["rounds"]  # resumes
+    summaries["dpo_corrections"] = {
+      **rounds[-1], "hallucination_rate_by_round": [r["hallucination_rate"] for r in rounds]
+    }  # fmt: skip
 
   table = {}
   for stage, summary in summaries.items():
@@ -146,7 +163,10 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
     table[stage] = {k: summary[k] for k in keys if k in summary}
   (root / "summary.json").write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
   print(format_table(table))
-  _write_report(root, [s for s in STAGES if s in summaries and s != "tower"])
+  # The iterative stage's workdir holds rounds, not one run: its numbers are in the table.
+  _write_report(
+    root, [s for s in STAGES if s in summaries and s not in ("tower", "dpo_corrections")]
+  )
   return table
 
 
