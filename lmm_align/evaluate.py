@@ -601,7 +601,8 @@ def run_llava_bench(args: argparse.Namespace, answerer: Answerer | None) -> Outc
 
 def run_shapes(args: argparse.Namespace) -> Outcome:
   """The held-out shapes-world evaluation (`evaluate_shapes`) with a training run's config
-  (`--workdir`) or configs/shapes_sft.py's defaults; `--limit` sets the number of scenes."""
+  (`--workdir`) or configs/shapes_sft.py's defaults; `--limit` sets the number of scenes,
+  `--scene_seed` their seed."""
   from lmm_align import config_files
   from lmm_align.data import shapes, sources
   from lmm_align.evals.shapes_eval import evaluate_shapes
@@ -615,7 +616,8 @@ def run_shapes(args: argparse.Namespace) -> Outcome:
   template = args.conv_template or config.data.template
   loaded = load_model_folder(args.model, template=template, dtype=args.dtype,
                              aspect_mode=args.aspect_mode, model_id=args.model_id)  # fmt: skip
-  world, seed, e = sources.shapes_world_config(config), config.data.shapes.eval_seed, config.eval
+  world, e = sources.shapes_world_config(config), config.eval
+  seed = config.data.shapes.eval_seed if args.scene_seed is None else args.scene_seed
   num_scenes = args.limit or e.num_scenes
   result = evaluate_shapes(
       loaded.model, loaded.params, loaded.tokenizer, loaded.image_config, world,
@@ -724,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
   add("--rules", help="llava_bench: the published rule.json")
   add("--variant", default="coco", choices=("coco", "wild"), help="llava_bench: rule keys")
   add("--workdir", help="shapes: a training run whose config.json sets the world")
+  add("--scene_seed", type=int, help="shapes: the held-out scenes' seed (default: the config's "
+      "eval_seed, which training runs evaluate on; another seed gives scenes no run saw)")  # fmt: skip
   return p
 
 

@@ -397,6 +397,22 @@ def test_shapes_world_evaluation_of_a_model_folder(model_dir, tmp_path):
   assert len([s for s in _check_report(out) if s.startswith("examples")]) == 2
 
 
+def test_shapes_scene_seed_flag(model_dir, tmp_path, monkeypatch):
+  from lmm_align.evals import shapes_eval
+
+  seeds = []
+
+  def fake_evaluate(*args, seed, **kwargs):
+    seeds.append(seed)
+    return {"examples": [], **{key: 0.0 for key in evaluate.SHAPES_MAIN_METRICS}}
+
+  monkeypatch.setattr(shapes_eval, "evaluate_shapes", fake_evaluate)
+  flags = ["shapes", f"--model={model_dir}", f"--out={tmp_path}", "--limit=2", *FAST]
+  evaluate.cli(flags)
+  evaluate.cli([*flags, "--scene_seed=777"])
+  assert seeds == [12345, 777]  # configs/shapes_sft.py's eval_seed, then the flag's
+
+
 def test_suffix_flag():
   parse = lambda *flags: evaluate.parse_args(["pope", "--questions=q", "--answers=a", *flags])
   assert parse().suffix == ""
