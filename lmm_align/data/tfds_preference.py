@@ -106,35 +106,53 @@ def from_tfds_example(example: dict[str, Any], image: Any) -> dict[str, Any]:
   }
 
 
-def _info(builder: tfds.core.GeneratorBasedBuilder) -> tfds.core.DatasetInfo:
-  # DatasetInfo directly: `dataset_info_from_configs` looks for files beside the module.
-  text = tfds.features.Text
-  return tfds.core.DatasetInfo(
-    builder=builder,
-    description=f"{builder.name}: preference pairs (lmm_align.data.tfds_preference).",
-    features=tfds.features.FeaturesDict(
-      {
-        "id": text(),
-        "has_image": tfds.features.Scalar(np.bool_),
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "question": text(),
-        "history": text(),
-        "chosen": text(),
-        "rejected": text(),
-        "facts": text(),
-        "extra": text(),
-      }
-    ),  # fmt: skip
-    metadata=tfds.core.MetadataDict(),
-    disable_shuffling=True,  # example i is the i-th kept record
-  )
+class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """What both builders share: the features, array_record files, one "train" split of the
+  reader's kept records in order, and the reader's skip counts in the metadata. A subclass
+  names its config and `_read`s its files from manual_dir."""
 
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  DEFAULT_CONFIG_NAME = "default"
 
-def _generate(builder: tfds.core.GeneratorBasedBuilder, records, skipped):
-  """(key, example) of each kept record; the reader's skip counts go to the metadata."""
-  builder.info.metadata["skipped"] = dict(skipped)
-  for index, record in enumerate(records):
-    yield index, as_tfds_example(record)
+  def __init__(self, **kwargs: Any):
+    kwargs.setdefault("file_format", "array_record")
+    super().__init__(**kwargs)
+
+  def _read(self, manual: pathlib.Path) -> tuple[list[dict[str, Any]], collections.Counter]:
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # DatasetInfo directly: `dataset_info_from_configs` looks for files beside the module.
+    text = tfds.features.Text
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=f"{self.name}: preference pairs (lmm_align.data.tfds_preference).",
+      features=tfds.features.FeaturesDict(
+        {
+          "id": text(),
+          "has_image": tfds.features.Scalar(np.bool_),
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "question": text(),
+          "history": text(),
+          "chosen": text(),
+          "rejected": text(),
+          "facts": text(),
+          "extra": text(),
+        }
+      ),  # fmt: skip
+      metadata=tfds.core.MetadataDict(),
+      disable_shuffling=True,  # example i is the i-th kept record
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    records, skipped = self._read(pathlib.Path(dl_manager.manual_dir))
+    return {"train": self._generate_examples(records, skipped)}
+
+  def _generate_examples(self, records: list[dict[str, Any]], skipped: collections.Counter):
+    self.info.metadata["skipped"] = dict(skipped)
+    for index, record in enumerate(records):
+      yield index, as_tfds_example(record)
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,35 +175,21 @@ class LlavaRlhfPreferenceConfig(tfds.core.BuilderConfig):
   check_images: bool | str = True
 
 
-class LlavaRlhfPreference(tfds.core.GeneratorBasedBuilder):
+class LlavaRlhfPreference(_PreferenceBuilder):
   """LLaVA-RLHF human preference pairs with their COCO images and captions."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [LlavaRlhfPreferenceConfig(name="default", description="LLaVA-RLHF 10K.")]
-  DEFAULT_CONFIG_NAME = "default"
   MANUAL_DOWNLOAD_INSTRUCTIONS = "See the module docstring of lmm_align.data.tfds_preference."
 
-  def __init__(self, **kwargs: Any):
-    kwargs.setdefault("file_format", "array_record")
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return _info(self)
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    config, manual = self.builder_config, pathlib.Path(dl_manager.manual_dir)
-    records, skipped = preference_sources.read_llava_rlhf_preferences(
+  def _read(self, manual: pathlib.Path) -> tuple[list[dict[str, Any]], collections.Counter]:
+    config = self.builder_config
+    return preference_sources.read_llava_rlhf_preferences(
       manual / config.json_file,
       image_folder=manual / config.image_subdir,
       captions_path=manual / config.captions_file if config.captions_file else None,
       on_error=config.on_error,
       check_images=config.check_images,
     )
-    return {"train": self._generate_examples(records, skipped)}
-
-  def _generate_examples(self, records: list[dict[str, Any]], skipped: collections.Counter):
-    return _generate(self, records, skipped)
 
 
 @dataclasses.dataclass(eq=False)
@@ -197,34 +201,20 @@ class RlaifvPreferenceConfig(tfds.core.BuilderConfig):
   check_images: bool | str = True
 
 
-class RlaifvPreference(tfds.core.GeneratorBasedBuilder):
+class RlaifvPreference(_PreferenceBuilder):
   """RLAIF-V-Dataset preference pairs (parquet shards with embedded images)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [RlaifvPreferenceConfig(name="default", description="RLAIF-V-Dataset.")]
-  DEFAULT_CONFIG_NAME = "default"
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the RLAIF-V-Dataset parquet shards in manual_dir."
 
-  def __init__(self, **kwargs: Any):
-    kwargs.setdefault("file_format", "array_record")
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return _info(self)
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    config, manual = self.builder_config, pathlib.Path(dl_manager.manual_dir)
+  def _read(self, manual: pathlib.Path) -> tuple[list[dict[str, Any]], collections.Counter]:
+    config = self.builder_config
     paths = sorted(manual.glob(config.parquet_pattern))
     if not paths:
       raise FileNotFoundError(f"no file matches {config.parquet_pattern!r} in {manual}")
-    records, skipped = preference_sources.read_rlaifv_parquet(
+    return preference_sources.read_rlaifv_parquet(
       paths, on_error=config.on_error, check_images=config.check_images
     )
-    return {"train": self._generate_examples(records, skipped)}
-
-  def _generate_examples(self, records: list[dict[str, Any]], skipped: collections.Counter):
-    return _generate(self, records, skipped)
 
 
 BUILDERS = {LLAVA_RLHF_NAME: LlavaRlhfPreference, RLAIFV_NAME: RlaifvPreference}
