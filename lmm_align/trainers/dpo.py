@@ -8,7 +8,6 @@ reference is the base without adapters, so policy and reference share one set of
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from typing import Any
 
@@ -130,14 +129,9 @@ def preference_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]
       omission_fraction=d.shapes.omission_fraction, binding_fraction=d.shapes.binding_fraction,
     )  # fmt: skip
   if d.source == "pairs_jsonl":
-    from lmm_align.evals.pope import read_jsonl
-    from lmm_align.trainers.reward import image_source
+    from lmm_align.trainers.reward import read_pairs_jsonl
 
-    records = read_jsonl(d.json_path)
-    for r in records:
-      if isinstance(r.get("image"), str):
-        r["image"] = image_source(os.path.join(d.image_folder or "", r["image"]))
-    return records
+    return read_pairs_jsonl(d.json_path, d.image_folder or "")
   raise ValueError(f"DPO data.source {d.source!r}: use 'shapes_pairs' or 'pairs_jsonl'")
 
 

@@ -65,7 +65,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lmm_align.data import shapes, shapes_metrics, sources
+from lmm_align.data import preference_sources, shapes, shapes_metrics, sources
 from lmm_align.feedback import candidates as candidates_lib
 from lmm_align.feedback import rlaifv
 
@@ -459,6 +459,11 @@ def correction_pairs(
   return pairs, {**stats, "pairs": len(pairs), "prompts": len(groups)}
 
 
+def _prompt_id(pair: dict[str, Any]) -> str:
+  """The prompt of a pair whose id starts with a candidate id ("<prompt>#<k>|...")."""
+  return pair["id"].split("|")[0].rsplit("#", 1)[0]
+
+
 def ground_truth_agreement(
   pairs: Sequence[dict[str, Any]], scenes: dict[str, shapes.Scene]
 ) -> dict[str, int]:
@@ -466,7 +471,7 @@ def ground_truth_agreement(
   (correct), more (wrong), or as many (tie)."""
   out = {"correct": 0, "wrong": 0, "tie": 0}
   for p in pairs:
-    scene = scenes[p["id"].split("|")[0].rsplit("#", 1)[0]]
+    scene = scenes[_prompt_id(p)]
     counts = [
       shapes_metrics.response_hallucination_counts(p[k], scene)["hallucinated_mentions"]
       for k in ("chosen", "rejected")
@@ -498,11 +503,10 @@ def make_pairs(
     raise ValueError(
       f"pairs.method {p.method!r}: use 'auto', 'rlaifv', 'best_worst' or 'correction'"
     )
-  stats = {
-    **stats,
-    "method": method,
-    "ground_truth": ground_truth_agreement(pairs, _scenes(prompts_dir)),
-  }
+  scenes = _scenes(prompts_dir)
+  for pair in pairs:  # the scene's facts: these pairs can train a fact-augmented reward model
+    pair["facts"] = preference_sources.scene_facts(scenes[_prompt_id(pair)])
+  stats = {**stats, "method": method, "ground_truth": ground_truth_agreement(pairs, scenes)}
   stats["feedback"] = feedback_stats(labelled)
   rlaifv.write_preference_pairs(out / "pairs.jsonl", pairs)
   _write_json(out / "stats.json", stats)

@@ -109,6 +109,8 @@ def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
     )  # fmt: skip
   if d.source == "rlaifv_parquet":
     return preference_sources.read_rlaifv_parquet(list(d.parquet_paths), on_error=d.on_error)
+  if d.source == "pairs_jsonl":
+    return read_pairs_jsonl(d.json_path, d.image_folder or ""), Counter()
   if d.source in ("tfds_llava_rlhf", "tfds_rlaifv"):
     from lmm_align.data import tfds_preference
 
@@ -122,8 +124,20 @@ def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
     ), tfds_preference.skipped_at_build(d.tfds_data_dir, name)
   raise ValueError(
     f"reward data.source {d.source!r}: use shapes_pairs, llava_rlhf, rlaifv_parquet, "
-    "tfds_llava_rlhf or tfds_rlaifv"
+    "pairs_jsonl, tfds_llava_rlhf or tfds_rlaifv"
   )
+
+
+def read_pairs_jsonl(json_path: str, image_folder: str = "") -> list[dict[str, Any]]:
+  """Pairs written as JSON Lines ({id, image, question, chosen, rejected[, facts]}, as the
+  AI-feedback stages write them), image paths relative to `image_folder`, loaded lazily."""
+  from lmm_align.evals.pope import read_jsonl
+
+  records = read_jsonl(json_path)
+  for r in records:
+    if isinstance(r.get("image"), str):
+      r["image"] = image_source(os.path.join(image_folder, r["image"]))
+  return records
 
 
 def image_source(image: Any) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import shapes_iterative_dpo
-from lmm_align.data import shapes
+from lmm_align.data import preference_sources, shapes
 from lmm_align.feedback import rlaifv
 from lmm_align.judges.base import FunctionJudge
 from lmm_align.trainers import iterative
@@ -116,6 +116,14 @@ def test_loop_writes_round_summaries_and_the_workdir_summary(uninterrupted, poli
     # The feedback is the ground truth, so the scene agrees with every pair.
     assert round_summary["pairs"]["ground_truth"] == {"correct": len(pairs), "wrong": 0, "tie": 0}
     assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    # Each pair carries its scene's facts, for a fact-augmented reward model.
+    scenes = {
+      json.loads(x)["id"]: shapes.Scene.from_dict(json.loads(x)["scene"])
+      for x in (round_dir / "prompts" / "prompts.jsonl").open()
+    }  # fmt: skip
+    for p in pairs:
+      scene = scenes[p["id"].split("#")[0]]
+      assert p["facts"] == preference_sources.scene_facts(scene)
   # Each round samples new scenes, and the next policy is the previous round's export.
   ids = [
     {json.loads(x)["id"] for x in (uninterrupted / f"round_{r}/prompts/prompts.jsonl").open()}

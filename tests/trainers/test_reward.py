@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -74,3 +76,24 @@ def test_bradley_terry_step_raises_the_margin():
     margins.append(float(metrics["margin"]))
   assert margins[-1] > margins[0] and float(metrics["accuracy"]) == 1.0
   assert int(state.step) == 5
+
+
+def test_pairs_jsonl_reward_records_keep_facts_and_load_images_lazily(tmp_path):
+  from PIL import Image
+
+  from configs import shapes_reward
+  from lmm_align import main
+  from lmm_align.trainers.reward import reward_records
+
+  Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "a.png")
+  pair = {"id": "p#0|p#1", "image": "a.png", "question": "Describe the image.",
+          "chosen": "A red circle.", "rejected": "A red star.", "facts": ["A red circle."]}  # fmt: skip
+  (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
+  config = main.apply_overrides(
+    shapes_reward.get_config("runlocal"),
+    {"data.source": "pairs_jsonl", "data.json_path": str(tmp_path / "pairs.jsonl"),
+     "data.image_folder": str(tmp_path)},
+  )  # fmt: skip
+  (record,), skipped = reward_records(config)
+  assert not skipped and record["facts"] == ["A red circle."] and record["rejected"] == "A red star."
+  assert record["image"]().getpixel((0, 0)) == (255, 0, 0)
