@@ -74,13 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     "(towers trained from scratch through the language loss)",
   )  # fmt: skip
   p.add_argument(
-    "--labeler_data", default="hard", choices=("hard", "exist", "binding"),
+    "--labeler_data", default="hard", choices=("hard", "exist", "binding", "policy_claims"),
     help="exist: the SFT mixture's existence task alone; hard: existence questions whose "
     "negatives are as popular as the objects and near misses (see hard_existence_records); "
     "binding: hard with half the negatives a present colour on another present shape "
     "(measured: it catches 39%% of the SFT policy's false claims instead of 18%%, but accepts "
     "83%% of its true ones instead of 96%%, and three RLAIF-V rounds then do not lower the "
-    "hallucination rate)",
+    "hallucination rate); policy_claims: half the claims of the SFT policy's own "
+    "descriptions of fresh scenes, answered by the scene (see policy_claim_records)",
   )  # fmt: skip
   p.add_argument(
     "--labeler_image_size", type=int, default=0,
@@ -283,6 +284,47 @@ def labeler_records(kind: str, n: int, world, seed: int) -> list[dict[str, Any]]
   return hard_existence_records(n, world, seed, binding_share=0.5 if kind == "binding" else 0.0)
 
 
+def policy_claim_records(
+  n: int, world, seed: int, policy_folder: str, template: str
+) -> list[dict[str, Any]]:
+  """About `n` labeler records: half are the rule questions of the claims in the policy's own
+  greedy descriptions of fresh scenes (seed [seed, 5]), answered by the scene, as many false
+  claims as true ones (or as the policy makes); the rest `hard_existence_records`. LLaVA-Critic
+  trains its judge on model answers labelled by a stronger judge; here the scene is that judge,
+  and the labeler learns the errors of the answers it will label, on scenes the loop never
+  uses."""
+  import numpy as np
+
+  from lmm_align.data import shapes
+  from lmm_align.evals.shapes_eval import DESCRIBE_QUESTION, answer_questions
+  from lmm_align.trainers import iterative
+
+  policy = iterative.load_policy(policy_folder, template)
+  scenes = shapes.make_scenes(n, world, seed=[seed, 5])
+  images = [shapes.render(s, world.image_size) for s in scenes]
+  texts, _ = answer_questions(
+      policy.model, policy.params, policy.tokenizer, policy.image_config,
+      [DESCRIBE_QUESTION] * n, images, template=template, batch_size=64, max_new_tokens=48,
+  )  # fmt: skip
+  questions, claim_images, truths = _claims_of(texts, scenes, images)
+  rng = np.random.default_rng([seed, 6])
+  false = [i for i, t in enumerate(truths) if not t]
+  true = [i for i, t in enumerate(truths) if t]
+  true = list(rng.permutation(true)[: max(len(false), n // 2 - len(false))])
+  records = [
+    {
+      "id": f"policy-claim-{i}",
+      "image": claim_images[i],
+      "conversations": [
+        {"from": "human", "value": f"<image>\n{questions[i]}\n{shapes.SHORT_ANSWER_PROMPT}"},
+        {"from": "gpt", "value": "Yes" if truths[i] else "No"},
+      ],
+    }
+    for i in sorted(false + true)
+  ]
+  return records + hard_existence_records(max(n - len(records), 0), world, seed)
+
+
 def _saved_records(data_dir: pathlib.Path, make_records) -> pathlib.Path:
   """data_dir/data.json, a LLaVA JSON written from `make_records()` once (reruns reuse it)."""
   from lmm_align.data import shapes
@@ -296,12 +338,17 @@ def ensure_labeler(args, root: pathlib.Path, sft_hf: str) -> str:
   """A labeler trained from scratch on existence questions only (shared tokenizer)."""
   if args.labeler_from:
     return args.labeler_from
-  data_json = _saved_records(
-    root / "labeler_data",
-    lambda: labeler_records(
+  template = _load("configs/shapes_iterative_dpo.py").data.template
+  make = lambda: (
+    policy_claim_records(
+      args.labeler_records, _world(args.quick), LABELER_DATA_SEED, sft_hf, template
+    )
+    if args.labeler_data == "policy_claims"
+    else labeler_records(
       args.labeler_data, args.labeler_records, _world(args.quick), LABELER_DATA_SEED
-    ),
+    )
   )
+  data_json = _saved_records(root / "labeler_data", make)
   config = _json_sft_config(
     args, data_json, tokenizer=sft_hf, total_steps=args.labeler_steps,
     checkpoint_every=max(1, args.labeler_steps // 6), keep_checkpoints=6,

@@ -79,7 +79,8 @@ def restore_params(
 
 def export_workdir(workdir: str, out: str, peft: bool = False) -> str:
   """Writes the run's latest checkpoint as an HF folder: LoRA merged, or with `peft` the base
-  model plus a PEFT adapter (adapter_config.json, adapter_model.safetensors) beside it."""
+  model plus a PEFT adapter (adapter_config.json, adapter_model.safetensors) beside it. Of a
+  PPO run, the policy."""
   config = load_workdir_config(workdir)
   tokenizer = sources.tokenizer_for(config, workdir)
   model = Llava(modelling.model_config_for(config, tokenizer))
@@ -88,7 +89,12 @@ def export_workdir(workdir: str, out: str, peft: bool = False) -> str:
     raise ValueError(
       "--peft needs a LoRA run; this run trained full params (config.lora.rank is 0)"
     )
-  trained, base, step = restore_params(config, workdir, model)
+  if config.trainer == "ppo":
+    from lmm_align.trainers import ppo
+
+    trained, base, step = ppo.restore_policy(config, workdir, model)
+  else:
+    trained, base, step = restore_params(config, workdir, model)
   plain = Llava(model.config.with_runtime(lora=None))
   if lora is None:
     params = trained

@@ -500,6 +500,32 @@ def build_state(
   return state, state_shards, tx, frozen, frozen_shards
 
 
+def restore_policy(
+  config: ml_collections.ConfigDict, workdir: str, policy_model: Llava
+) -> tuple[Any, Any, int]:
+  """(policy params, their frozen base or None, step) of the run's latest checkpoint, on one
+  device: `lmm-align export` of a PPO run writes the policy (the value model is dropped). The
+  state is rebuilt as the run built it, so the reward model folder must still be there."""
+  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, async_save=False)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{workdir} has no committed checkpoint to export")
+  rm = load_reward_model(
+    config.ppo.reward_model, runtime=dataclasses.replace(policy_model.config.runtime, lora=None)
+  )
+  value_model = Llava(rm.model.config.with_runtime(lora=policy_model.config.runtime.lora))
+  value_head = ScalarHead(zero_init=config.ppo.value_head_zero_init)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  with sharding.activation_sharding(mesh, rules):
+    state, state_shards, _, frozen, _ = build_state(
+      config, policy_model, value_model, value_head, rm, mesh, rules, "init_from"
+    )
+    state, _ = checkpointer.restore(step, checkpoint.abstract_like(state, state_shards))
+  checkpointer.close()
+  return state.params["policy"], frozen["policy_base"], step
+
+
 def updates_per_iteration(ppo) -> int:
   if ppo.rollout_batch_size % ppo.step_batch_size:
     raise ValueError("ppo.rollout_batch_size must be a multiple of ppo.step_batch_size")

@@ -77,3 +77,34 @@ def test_vanilla_policy_with_a_fact_reward_model_is_refused(models, tmp_path):
   root, _ = models
   with pytest.raises(ValueError, match="fact_augmented"):
     ppo.train(_config(root, **{"ppo.fact_augmented": False}), str(tmp_path / "bad"))
+
+
+def test_export_writes_the_trained_policy(models, tmp_path):
+  """`lmm-align export` of a PPO run: the policy's LoRA merged into an HF folder whose logits
+  are the trained policy's (the value model is not exported)."""
+  from lmm_align import hf
+  from lmm_align.models.llava import Llava, dummy_inputs
+  from lmm_align.trainers import export, modelling
+  from lmm_align.trainers.sft import model_variables
+
+  root, _ = models
+  config = _config(root, total_steps=1, **{"mesh.sizes": (1, 1, 1), "mesh.num_devices": 1})
+  ppo.train(config, str(tmp_path / "run"))
+  export.export_workdir(str(tmp_path / "run"), str(tmp_path / "hf"))
+  config = export.load_workdir_config(str(tmp_path / "run"))
+  tokenizer = export.sources.tokenizer_for(config, str(tmp_path / "run"))
+  policy_model = Llava(modelling.model_config_for(config, tokenizer))
+  policy, base, _ = ppo.restore_policy(config, str(tmp_path / "run"), policy_model)
+  assert base is not None  # LoRA: the merge is what the folder holds
+  ids, pixels = dummy_inputs(policy_model.config, batch=2)
+  ids = ids.at[:, -4:].set(np.arange(4) + 10)
+  trained = policy_model.apply(model_variables(policy, base), ids, pixel_values=pixels).logits
+  exported_model, exported = hf.load_pretrained(str(tmp_path / "hf"))
+  loaded = exported_model.apply({"params": exported}, ids, pixel_values=pixels).logits
+  np.testing.assert_allclose(np.asarray(loaded), np.asarray(trained), atol=1e-4)
+  untrained = (
+    ppo.plain_or(policy_model, {"params": base})
+    .apply({"params": base}, ids, pixel_values=pixels)
+    .logits
+  )
+  assert np.abs(np.asarray(trained) - np.asarray(untrained)).max() > 1e-4  # the LoRA moved
