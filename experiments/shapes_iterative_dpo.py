@@ -45,7 +45,7 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LOOP_FEEDBACK = ("rlaifv", "self", "critic", "ground_truth")
+LOOP_FEEDBACK = ("rlaifv", "self", "critic", "ground_truth", "correction")
 # Seeds of the data each stage draws, apart from SFT (0), ground-truth DPO (1), the loop's
 # prompts (2024) and evaluation (12345).
 LABELER_DATA_SEED, LABELER_EVAL_SEED = 31, 32
