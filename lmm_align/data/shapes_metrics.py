@@ -31,7 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lmm_align.data.shapes import COLOURS, NUMBER_WORDS, PLURALS, SHAPES, SIZES, Scene
+from lmm_align.data.shapes import COLOURS, NUMBER_WORDS, PLURALS, SHAPES, SIZES, Scene, SceneObject
 
 _SHAPE_WORDS = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}
 _COLOUR_WORDS = {
@@ -342,7 +342,9 @@ _OBJECT_PHRASE = re.compile(
 )
 
 
-def _replacement(wrong: tuple[str | None, str], pool: list, scene: Scene):
+def _replacement(
+  wrong: tuple[str | None, str], pool: list[SceneObject], scene: Scene
+) -> SceneObject:
   """The object a corrector would name instead of `wrong`: one the answer has not named yet,
   sharing its shape (a colour fix) or else its colour (a shape fix), else any; when every
   object is named already, any object sharing the shape or colour, else the first."""
@@ -392,9 +394,8 @@ def corrected_response(text: str, scene: Scene | Mapping[str, Any]) -> str | Non
     words = [w for w in (m["size"] and obj.size, colour and obj.colour, obj.shape) if w]
     phrase = " ".join(words)
     if m["article"]:
-      article = "an" if phrase[0] in "aeiou" else "a"
-      phrase = f"{article.capitalize() if m['article'][0].isupper() else article} {phrase}"
-    return phrase
+      phrase = f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+    return phrase[0].upper() + phrase[1:] if m[0][0].isupper() else phrase
 
   fixed = _OBJECT_PHRASE.sub(fix, text)
   if response_hallucination_counts(fixed, scene)["hallucinated_mentions"]:

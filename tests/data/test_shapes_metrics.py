@@ -184,6 +184,7 @@ def test_parse_count(text, count):
     # A colour fix (the star is purple and small); the article follows the new colour.
     ("There is a large red star on the left.", "There is a small purple star on the left."),
     ("An orange triangle and a purple star.", "A red triangle and a purple star."),
+    ("Orange triangle, purple star.", "Red triangle, purple star."),  # the capital is kept
     # No star-less object left unnamed: the shape of the unnamed red triangle.
     ("A purple star and a red square.", "A purple star and a red triangle."),
     # Nothing wrong, or a plural the rewrite does not reach.
