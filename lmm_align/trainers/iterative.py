@@ -436,7 +436,8 @@ def correction_pairs(
   labelled: Sequence[dict[str, Any]], per_prompt: int
 ) -> tuple[list[dict[str, Any]], dict]:
   """RLHF-V's pairs: (correction, original answer) for each answer that has a correction, at
-  most `per_prompt` per prompt (0: all), the most hallucinated first, identical answers once."""
+  most `per_prompt` per prompt (0: all), the lowest ground-truth score first (the most
+  hallucinated, the least recalled), identical answers once."""
   groups = collections.defaultdict(list)
   for r in labelled:
     if r.get("correction"):
