@@ -445,19 +445,16 @@ def caption_pair(
   error (`binding_error_caption`). Both answers of a pair then share one wording.
   """
   scene = Scene.from_dict(record["metadata"]["scene"])
-  chosen, rejected = record["metadata"]["facts"], record["conversations"][1]["value"]
-  draw = rng.random()
+  draw, flawed = rng.random(), None
   if draw < omission_fraction and len(scene.objects) > 1:
     wording = int(rng.integers(2**31))
-    return scene_caption(scene, np.random.default_rng(wording)), omission_caption(
-      scene, wording, rng
-    )
-  if draw < omission_fraction + binding_fraction:
+    flawed = omission_caption(scene, wording, rng)
+  elif draw < omission_fraction + binding_fraction:
     wording = int(rng.integers(2**31))
-    binding = binding_error_caption(scene, wording, rng)
-    if binding is not None:
-      return scene_caption(scene, np.random.default_rng(wording)), binding
-  return chosen, rejected
+    flawed = binding_error_caption(scene, wording, rng)
+  if flawed is None:
+    return record["metadata"]["facts"], record["conversations"][1]["value"]
+  return scene_caption(scene, np.random.default_rng(wording)), flawed
 
 
 def _inject_hallucination(

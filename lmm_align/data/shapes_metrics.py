@@ -181,7 +181,8 @@ def response_hallucination_counts(text: str, scene: Scene | Mapping[str, Any]) -
   mentions: parsed non-negated mentions; hallucinated_mentions: those no object matches, split
   into object_hallucinations (shape absent) and attribute_errors (shape present, colour wrong);
   binding_errors: the attribute errors whose colour another object of the scene has (the right
-  colour and shape, wrongly paired); coloured_mentions: mentions with a colour whose shape is present (attribute_errors' base);
+  colour and shape, wrongly paired); coloured_mentions: mentions with a colour whose shape is
+  present (attribute_errors' base);
   recalled_objects: scene objects some correct mention matches (an uncoloured mention matches
   every object of its shape); words: whitespace-separated words of the answer.
   """
