@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -46,6 +47,25 @@ def hf_processor(tokenizer: Any, model: Llava, image_config) -> Any:
   )
 
 
+def restore_latest(
+  config: ml_collections.ConfigDict, workdir: str, build: Callable[[Any, Any], tuple]
+) -> tuple[Any, Any, int]:
+  """(train state, what `build` returned beside it, step) of the run's latest checkpoint, on
+  one device. `build(mesh, rules)` -> (state, its shardings, extra) rebuilds the state the
+  run trained, the template the checkpoint is restored into."""
+  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, async_save=False)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{workdir} has no committed checkpoint to export")
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  with sharding.activation_sharding(mesh, rules):
+    state, state_shards, extra = build(mesh, rules)
+    state, _ = checkpointer.restore(step, checkpoint.abstract_like(state, state_shards))
+  checkpointer.close()
+  return state, extra, step
+
+
 def restore_params(
   config: ml_collections.ConfigDict, workdir: str, model: Llava
 ) -> tuple[Any, Any, int]:
@@ -54,13 +74,8 @@ def restore_params(
   For a full fine-tune the trained params are the model's params; for LoRA they are the
   adapters and the base is rebuilt as the run built it (init_from, or the seed).
   """
-  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, async_save=False)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir} has no committed checkpoint to export")
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  with sharding.activation_sharding(mesh, rules):
+
+  def build(mesh, rules):
     shards = state_lib.param_shardings(model, mesh, rules)
     params = modelling.initial_params(
       model, config, "init_from" if config.init_from else "scratch", None, shards
@@ -72,8 +87,9 @@ def restore_params(
     state, state_shards = state_lib.create_train_state(
       params, shards, tx, tuple(config.trainable), 0, mesh, config.optim.state_dtype
     )
-    state, _ = checkpointer.restore(step, checkpoint.abstract_like(state, state_shards))
-  checkpointer.close()
+    return state, state_shards, base
+
+  state, base, step = restore_latest(config, workdir, build)
   return state.params, base, step
 
 

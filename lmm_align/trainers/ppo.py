@@ -500,30 +500,41 @@ def build_state(
   return state, state_shards, tx, frozen, frozen_shards
 
 
+def reward_and_value_models(ppo, policy_config) -> tuple[RewardModel, Llava, ScalarHead]:
+  """The frozen reward model (ppo.reward_model, checked against the policy) and the value
+  model built on its backbone, with the policy's LoRA."""
+  rm = load_reward_model(
+    ppo.reward_model, runtime=dataclasses.replace(policy_config.runtime, lora=None)
+  )
+  if ppo.fact_augmented != rm.fact_augmented:
+    raise ValueError(
+      f"ppo.fact_augmented={ppo.fact_augmented} but {ppo.reward_model} was trained with "
+      f"fact_augmented={rm.fact_augmented}"
+    )
+  if rm.model.config.text.vocab_size != policy_config.text.vocab_size:
+    raise ValueError("the reward model and the policy must share a tokenizer (vocab sizes differ)")
+  value_model = Llava(rm.model.config.with_runtime(lora=policy_config.runtime.lora))
+  return rm, value_model, ScalarHead(zero_init=ppo.value_head_zero_init)
+
+
 def restore_policy(
   config: ml_collections.ConfigDict, workdir: str, policy_model: Llava
 ) -> tuple[Any, Any, int]:
   """(policy params, their frozen base or None, step) of the run's latest checkpoint, on one
   device: `lmm-align export` of a PPO run writes the policy (the value model is dropped). The
   state is rebuilt as the run built it, so the reward model folder must still be there."""
-  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, async_save=False)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir} has no committed checkpoint to export")
-  rm = load_reward_model(
-    config.ppo.reward_model, runtime=dataclasses.replace(policy_model.config.runtime, lora=None)
-  )
-  value_model = Llava(rm.model.config.with_runtime(lora=policy_model.config.runtime.lora))
-  value_head = ScalarHead(zero_init=config.ppo.value_head_zero_init)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  with sharding.activation_sharding(mesh, rules):
+  from lmm_align.trainers import export
+
+  rm, value_model, value_head = reward_and_value_models(config.ppo, policy_model.config)
+
+  def build(mesh, rules):
     state, state_shards, _, frozen, _ = build_state(
       config, policy_model, value_model, value_head, rm, mesh, rules, "init_from"
     )
-    state, _ = checkpointer.restore(step, checkpoint.abstract_like(state, state_shards))
-  checkpointer.close()
-  return state.params["policy"], frozen["policy_base"], step
+    return state, state_shards, frozen["policy_base"]
+
+  state, base, step = export.restore_latest(config, workdir, build)
+  return state.params["policy"], base, step
 
 
 def updates_per_iteration(ppo) -> int:
@@ -545,18 +556,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tokenizer = sources.tokenizer_for(config, workdir)
   policy_config = modelling.model_config_for(config, tokenizer)
   policy_model = Llava(policy_config)
-  rm = load_reward_model(
-    ppo.reward_model, runtime=dataclasses.replace(policy_config.runtime, lora=None)
-  )
-  if ppo.fact_augmented != rm.fact_augmented:
-    raise ValueError(
-      f"ppo.fact_augmented={ppo.fact_augmented} but {ppo.reward_model} was trained with "
-      f"fact_augmented={rm.fact_augmented}"
-    )
-  if rm.model.config.text.vocab_size != policy_config.text.vocab_size:
-    raise ValueError("the reward model and the policy must share a tokenizer (vocab sizes differ)")
-  value_model = Llava(rm.model.config.with_runtime(lora=policy_config.runtime.lora))
-  value_head = ScalarHead(zero_init=ppo.value_head_zero_init)
+  rm, value_model, value_head = reward_and_value_models(ppo, policy_config)
   data = prompt_data(config, tokenizer, policy_config)
   image_config = sources.image_config_for(config, policy_config)
   checkpointer = checkpoint.Checkpointer.for_workdir(workdir, keep=config.keep_checkpoints)
