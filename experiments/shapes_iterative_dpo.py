@@ -296,17 +296,10 @@ def policy_claim_records(
   import numpy as np
 
   from lmm_align.data import shapes
-  from lmm_align.evals.shapes_eval import DESCRIBE_QUESTION, answer_questions
-  from lmm_align.trainers import iterative
 
-  policy = iterative.load_policy(policy_folder, template)
-  scenes = shapes.make_scenes(n, world, seed=[seed, 5])
-  images = [shapes.render(s, world.image_size) for s in scenes]
-  texts, _ = answer_questions(
-      policy.model, policy.params, policy.tokenizer, policy.image_config,
-      [DESCRIBE_QUESTION] * n, images, template=template, batch_size=64, max_new_tokens=48,
-  )  # fmt: skip
-  questions, claim_images, truths = _claims_of(texts, scenes, images)
+  questions, claim_images, truths = _policy_claims(
+    n, world, [seed, 5], policy_folder, template, batch_size=64
+  )
   rng = np.random.default_rng([seed, 6])
   false = [i for i, t in enumerate(truths) if not t]
   true = [i for i, t in enumerate(truths) if t]
@@ -444,16 +437,23 @@ def _claim_items(n: int, world) -> tuple[list[str], list, list[bool]]:
 def _policy_claim_items(n: int, world, policy_folder: str, template: str):
   """Rule questions of the claims in the policy's own greedy descriptions of held-out scenes,
   true when every object the claim mentions is in the scene (claims without one left out)."""
+  return _policy_claims(n, world, LABELER_EVAL_SEED + 2, policy_folder, template, batch_size=32)
+
+
+def _policy_claims(n: int, world, seed, policy_folder: str, template: str, batch_size: int):
+  """(rule question, image, truth) of the claims in the policy's greedy descriptions of `n`
+  scenes drawn with `seed`."""
   from lmm_align.data import shapes
   from lmm_align.evals.shapes_eval import DESCRIBE_QUESTION, answer_questions
   from lmm_align.trainers import iterative
 
   policy = iterative.load_policy(policy_folder, template)
-  scenes = shapes.make_scenes(n, world, seed=LABELER_EVAL_SEED + 2)
+  scenes = shapes.make_scenes(n, world, seed=seed)
   images = [shapes.render(s, world.image_size) for s in scenes]
   texts, _ = answer_questions(
       policy.model, policy.params, policy.tokenizer, policy.image_config,
-      [DESCRIBE_QUESTION] * n, images, template=template, batch_size=32, max_new_tokens=48,
+      [DESCRIBE_QUESTION] * n, images, template=template, batch_size=batch_size,
+      max_new_tokens=48,
   )  # fmt: skip
   return _claims_of(texts, scenes, images)
 
