@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.layers import KVCache
@@ -41,6 +43,8 @@ Array = jax.Array
 # Stop-id slots per row are padded to a multiple of this with -1 (never a token), so that
 # one more or one fewer stop id does not change the compiled shape.
 _STOP_ID_WIDTH = 4
+# The mesh axis that data-parallel sampling splits the batch over (lmm_align.sharding.MESH_AXES).
+DATA_AXIS = "data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +162,7 @@ def warp_logits(
 
 def _choose(
   logits: Array,
-  rng: Array,
+  keys: Array,
   temperature: Array,
   min_tail_mass: Array,
   *,
@@ -166,7 +170,7 @@ def _choose(
   top_k: int,
   use_top_p: bool,
 ) -> tuple[Array, Array]:
-  """logits float32[B, V] -> (token int32[B], raw logprob float32[B] of that token)."""
+  """logits float32[B, V], keys key[B] (one per row) -> (token int32[B], raw logprob float32[B])."""
   if greedy:
     # The max, then the first index that reaches it (jnp.argmax's tie rule): two plain
     # reductions, where argmax's (value, index) reduction took 4% of a CPU decode step.
@@ -175,7 +179,7 @@ def _choose(
     token = jnp.min(jnp.where(logits == best, jnp.arange(vocab), vocab - 1), axis=-1)
   else:
     warped = _warp(logits, temperature, top_k, min_tail_mass if use_top_p else None)
-    token = jax.random.categorical(rng, warped, axis=-1)
+    token = jax.vmap(jax.random.categorical)(keys, warped)
   token = token.astype(jnp.int32)
   logprobs = jax.nn.log_softmax(logits, axis=-1)
   return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
@@ -217,7 +221,6 @@ class _LoopState:
   stopped: Array
   positions: Array
   cache: KVCache
-  rng: Array
 
 
 def decode(
@@ -225,7 +228,7 @@ def decode(
   input_ids: Array,
   attention_mask: Array,
   pixel_values: Array | None,
-  rng: Array,
+  row_keys: Array,
   stop_token_ids: Array,
   row_max_new_tokens: Array,
   temperature: Array,
@@ -244,7 +247,9 @@ def decode(
   input_ids, attention_mask: int32[B, T], left-padded (all rows end at slot T - 1).
   pixel_values: float32[N, H, W, 3] (or [B, I, H, W, 3]) or None; placeholders must match
     (checked by the caller: inside jit the count cannot raise).
-  rng: a PRNG key, split once per step (unused when greedy).
+  row_keys: key[B], one PRNG key per row (`row_keys`); step t of a row draws with
+    fold_in(its key, t), so a row's samples do not depend on the rest of the batch or on how
+    the batch is split over devices. Unused when greedy.
   stop_token_ids: int32[B, E], each row's stop ids, padded with -1.
   row_max_new_tokens: int32[B], each row's limit (<= max_new_tokens).
   temperature, min_tail_mass (= 1 - top_p), pad_id: scalars, traced so they do not recompile.
@@ -283,8 +288,8 @@ def decode(
 
   def record(state: _LoopState, logits: Array) -> _LoopState:
     """Choose the token of `state.step` for every live row and fold it into the state."""
-    rng, step_rng = jax.random.split(state.rng)
-    token, logprob = choose(logits, step_rng, temperature, min_tail_mass)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, state.step)
+    token, logprob = choose(logits, step_keys, temperature, min_tail_mass)
     live = ~state.done & (state.step < row_max_new_tokens)
     token = jnp.where(live, token, pad_id)
     logprob = jnp.where(live, logprob, 0.0)
@@ -297,7 +302,6 @@ def decode(
       lengths=state.lengths + live.astype(jnp.int32),
       done=state.done | hit_stop | (state.step + 1 >= row_max_new_tokens),
       stopped=state.stopped | hit_stop,
-      rng=rng,
     )
 
   def cond(state: _LoopState) -> Array:
@@ -322,7 +326,6 @@ def decode(
     # skips a reduction over the cache's valid mask every step.
     positions=jnp.sum(attention_mask, axis=-1, dtype=jnp.int32),
     cache=prefill.cache,
-    rng=rng,
   )
   state = jax.lax.while_loop(cond, body, record(state, logits))
   return SampleOutput(
@@ -334,6 +337,47 @@ jit_decode = jax.jit(
   decode,
   static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p", "unroll_layers"),
 )
+
+
+def row_keys(rng: Array, num_rows: int) -> Array:
+  """key[num_rows]: row i samples with fold_in(rng, i), whatever the batch size."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(num_rows, dtype=jnp.uint32))
+
+
+def _without_mesh_axis(rules: Sequence[tuple[str, Any]], axis: str) -> tuple[tuple[str, Any], ...]:
+  """The logical axis rules with one mesh axis dropped (it is manual inside shard_map)."""
+  out = []
+  for name, target in rules:
+    if isinstance(target, (tuple, list)):
+      target = tuple(t for t in target if t != axis) or None
+    elif target == axis:
+      target = None
+    out.append((name, target))
+  return tuple(out)
+
+
+@functools.cache
+def _data_parallel_decode(mesh: Mesh, **static: Any) -> Callable[..., SampleOutput]:
+  """`decode` under shard_map, manual over the mesh's `data` axis only.
+
+  Each data-parallel group decodes its own rows and leaves its loop when they are done: no
+  all-reduce of the done flags per token, as one batch-sharded while_loop would need. The other
+  mesh axes stay automatic, so params keep their fsdp / tensor sharding inside a group.
+  """
+
+  def per_group(*args):
+    rules = _without_mesh_axis(nn.get_logical_axis_rules(), DATA_AXIS)
+    with nn.logical_axis_rules(rules):
+      return decode(*args, **static)
+
+  rows, same = PartitionSpec(DATA_AXIS), PartitionSpec()
+  in_specs = (same, rows, rows, rows, rows, rows, rows, same, same, same)
+  return jax.jit(
+    jax.shard_map(
+      per_group, mesh=mesh, in_specs=in_specs, out_specs=rows, axis_names={DATA_AXIS},
+      check_vma=False,
+    )
+  )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +456,22 @@ def _check_images(config: ModelConfig, input_ids: np.ndarray, pixel_values) -> N
     )
 
 
+def _row_aligned_images(
+  config: ModelConfig, input_ids: np.ndarray, pixel_values: np.ndarray | Array
+) -> np.ndarray:
+  """Placeholder-ordered images [N, H, W, 3] -> row-aligned slots [B, I, H, W, 3] (zeros in
+  unused slots), so that the batch can be split by rows."""
+  pixel_values = np.asarray(pixel_values, np.float32)
+  if pixel_values.ndim == 5:
+    return pixel_values
+  per_row = np.sum(input_ids == config.image_token_id, axis=1) // config.num_image_tokens
+  out = np.zeros((len(input_ids), max(1, per_row.max()), *pixel_values.shape[1:]), np.float32)
+  starts = np.concatenate([[0], np.cumsum(per_row)])
+  for row, count in enumerate(per_row):
+    out[row, :count] = pixel_values[starts[row] : starts[row] + count]
+  return out
+
+
 def generate(
   model_or_config: Llava | ModelConfig,
   params: dict,
@@ -426,6 +486,7 @@ def generate(
   row_max_new_tokens: Sequence[int] | np.ndarray | None = None,
   row_stop_token_ids: Sequence[Sequence[int]] | None = None,
   unroll_layers: bool = True,
+  mesh: Mesh | None = None,
 ) -> SampleOutput:
   """Sample continuations of a batch of prompts; returns a SampleOutput of numpy arrays.
 
@@ -434,13 +495,18 @@ def generate(
     already be expanded (config.num_image_tokens per image).
   pixel_values: float32[N, H, W, 3], the batch's images in placeholder order, or
     float32[B, I, H, W, 3] row-aligned image slots (unused slots ignored), or None.
-  rng: a PRNG key (may be None when greedy). The same key gives the same samples.
+  rng: a PRNG key (may be None when greedy). The same key gives the same samples; row i draws
+    with `row_keys(rng, B)[i]`.
   pad_id: the id written after a row ends and used for left padding; default config's pad or 0.
   buckets: prompt length buckets (default powers of two from 16): prompts are left-padded to
     the bucket, so jit compiles once per (bucket, batch size, image count, static settings).
   row_max_new_tokens: optional int[B] per-row limits (each <= settings.max_new_tokens).
   row_stop_token_ids: optional per-row stop ids, replacing settings.stop_token_ids.
   unroll_layers: see `decode` (faster steps for one extra copy of the decoder weights).
+  mesh: decode data-parallel over this mesh's `data` axis (`_data_parallel_decode`): the batch
+    is split by rows (topped up to a multiple of the axis size with copies of the last row that
+    generate nothing). params may be sharded over the other axes. The output is the same as on
+    one device: each row's draws depend only on its key (`row_keys`).
 
   Use `output.token_lists(strip_stop=True)` for Python lists of each row's tokens (the stop
   token dropped, or kept with strip_stop=False).
@@ -468,17 +534,8 @@ def generate(
     if not settings.greedy:
       raise ValueError("sampling (temperature > 0) needs an rng key")
     rng = jax.random.key(0)
-  output = jit_decode(
-    params,
-    jnp.asarray(input_ids),
-    jnp.asarray(mask),
-    None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32),
-    rng,
-    jnp.asarray(_stop_id_matrix(settings, config, batch, row_stop_token_ids)),
-    jnp.asarray(limits),
-    jnp.asarray(settings.temperature if not settings.greedy else 1.0, jnp.float32),
-    jnp.asarray(1.0 - settings.top_p, jnp.float32),
-    jnp.asarray(pad_id, jnp.int32),
+  stop_ids = _stop_id_matrix(settings, config, batch, row_stop_token_ids)
+  static = dict(
     config=config,
     max_new_tokens=max_new,
     greedy=settings.greedy,
@@ -486,5 +543,41 @@ def generate(
     use_top_p=settings.top_p < 1.0,
     unroll_layers=unroll_layers,
   )
+  groups = 1 if mesh is None else mesh.shape[DATA_AXIS]
+  if groups == 1:
+    run = functools.partial(jit_decode, **static)
+  else:
+    if jax.process_count() > 1:
+      raise ValueError(
+        "data-parallel sampling (mesh=...) takes host rows and runs in one process; in a "
+        "multi-process run call generate without a mesh"
+      )
+    if mesh.shape.get("fsdp", 1) > 1 and mesh.shape.get("tensor", 1) > 1:
+      # XLA's SPMD partitioner (jaxlib 0.10.2) aborts the process on the embedding gather inside
+      # a partly manual shard_map when both of these axes shard the embedding.
+      raise ValueError(
+        f"data-parallel sampling needs fsdp or tensor to be 1 in mesh {dict(mesh.shape)}; "
+        "sample on a (data, fsdp) or (data, tensor) mesh, or without a mesh"
+      )
+    run = _data_parallel_decode(mesh, **static)
+    # Top up to whole groups with copies of the last row that stop at once (limit 0).
+    take = np.concatenate([np.arange(batch), np.full(-batch % groups, batch - 1)])
+    if pixel_values is not None:
+      pixel_values = _row_aligned_images(config, input_ids, pixel_values)[take]
+    input_ids, mask, stop_ids = input_ids[take], mask[take], stop_ids[take]
+    limits = np.concatenate([limits, np.zeros(len(take) - batch, np.int32)])
+  output = run(
+    params,
+    jnp.asarray(input_ids),
+    jnp.asarray(mask),
+    None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32),
+    row_keys(rng, len(input_ids)),
+    jnp.asarray(stop_ids),
+    jnp.asarray(limits),
+    jnp.asarray(settings.temperature if not settings.greedy else 1.0, jnp.float32),
+    jnp.asarray(1.0 - settings.top_p, jnp.float32),
+    jnp.asarray(pad_id, jnp.int32),
+  )
   # np.array copies: device_get may hand back read-only views of the device buffers.
-  return jax.tree_util.tree_map(np.array, jax.device_get(output))
+  output = jax.tree_util.tree_map(np.array, jax.device_get(output))
+  return jax.tree_util.tree_map(lambda x: x[:batch], output)

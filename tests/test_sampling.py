@@ -1,6 +1,8 @@
 """The KV-cache sampler: greedy parity with an uncached loop, HF-exact logit warping, stop tokens,
 limits, reproducible keys, raw logprobs and one compilation per bucket."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,10 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from lmm_align import sampling
+from lmm_align import sampling, sharding
 from lmm_align.models import Llava, get_variant, init_params
 from lmm_align.sampling import SamplingSettings, bucket_length, generate, warp_logits
+from lmm_align.trainers.state import param_shardings
 
 NEW = 8
 
@@ -248,3 +251,47 @@ def test_scanned_decode_and_row_aligned_images(setup, greedy_out):
   row_aligned[0, 0] = pixels[0]
   out = generate(config, params, prompts, row_aligned, settings=settings, rng=None)
   np.testing.assert_array_equal(out.tokens, greedy_out.tokens)
+
+
+@pytest.mark.parametrize(
+  "mesh_sizes", [(4, 1, 1), (2, 2, 1), (2, 1, 2)], ids=["data4", "data2_fsdp2", "data2_tensor2"]
+)
+def test_data_parallel_sampling_equals_one_device(setup, mesh_sizes):
+  """Split over the mesh's data axis (3 rows topped up to whole groups with copies of the last,
+  the image row's pixels made row-aligned, params sharded by the rules over fsdp / tensor),
+  every row samples what it samples on one device: its draws depend only on its own key. Stop
+  tokens end rows per group."""
+  config, params, prompts, pixels = setup
+  prompts = prompts[1:] + prompts[:1]  # the image row last: the top-up copies it
+  mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: np.prod(mesh_sizes)])
+  settings = SamplingSettings(temperature=1.0, top_k=20, max_new_tokens=NEW)
+  one_device = generate(config, params, prompts, pixels, settings=settings, rng=jax.random.key(7))
+  # A stop id that some row emits early, so groups leave their loops at different steps.
+  stop = int(one_device.tokens[1, 1])
+  settings = dataclasses.replace(settings, stop_token_ids=(stop,))
+  one_device = generate(config, params, prompts, pixels, settings=settings, rng=jax.random.key(7))
+  assert one_device.stopped.any() and not one_device.stopped.all()
+  with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
+    sharded = jax.device_put(params, param_shardings(Llava(config), mesh, sharding.DEFAULT_RULES))
+    split = generate(
+      config, sharded, prompts, pixels, settings=settings, rng=jax.random.key(7), mesh=mesh
+    )
+  for name in ("tokens", "lengths", "stopped"):
+    np.testing.assert_array_equal(getattr(split, name), getattr(one_device, name), err_msg=name)
+  np.testing.assert_allclose(split.logprobs, one_device.logprobs, atol=1e-5)
+
+
+def test_row_keys_do_not_depend_on_batch_size():
+  keys = jax.random.key_data(sampling.row_keys(jax.random.key(3), 5))
+  np.testing.assert_array_equal(
+    jax.random.key_data(sampling.row_keys(jax.random.key(3), 3)), keys[:3]
+  )
+  assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 5
+
+
+def test_data_parallel_sampling_refuses_fsdp_and_tensor_together(setup):
+  config, params, prompts, pixels = setup
+  settings = SamplingSettings(temperature=0.0, max_new_tokens=2)
+  mesh = sharding.make_mesh((2, 2, 2))
+  with pytest.raises(ValueError, match="fsdp or tensor to be 1"):
+    generate(config, params, prompts, pixels, settings=settings, rng=None, mesh=mesh)
