@@ -45,7 +45,6 @@ import os
 import pathlib
 import re
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,6 +53,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm import tqdm
 
+from lmm_align.data import jsonl
 from lmm_align.data.images import ImageProcessorConfig, load_image, to_rgb
 from lmm_align.evals import chair, llava_bench, mmhal, pope
 from lmm_align.evals.report import Report
@@ -198,13 +198,6 @@ def model_answerer(loaded: LoadedModel, *, batch_size: int, max_new_tokens: int)
   return Answerer(answer_batch, loaded.model_id, batch_size)
 
 
-def _write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
-  """All at once through a temporary file, so a kill leaves the old file or the new one."""
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-  os.replace(path + ".tmp", path)
-
-
 def read_partial_answers(
   path: str, questions: dict[Any, Question], model_id: str
 ) -> dict[Any, dict[str, Any]]:
@@ -213,21 +206,10 @@ def read_partial_answers(
   not asked, or a repeated id, is an error naming the line."""
   if not os.path.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
   done: dict[Any, dict[str, Any]] = {}
-  for number, line in enumerate(lines, start=1):
-    if not line.strip():
-      continue
+  for number, record in jsonl.numbered_records(path, tolerate_cut_tail=True):
     where = f"{path}: line {number}"
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      if number == len(lines):  # no newline after it: the run was killed mid-write
-        warnings.warn(f"{where}: dropped a truncated last line", stacklevel=2)
-        continue
-      raise ValueError(f"{where}: not JSON ({e.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    if not isinstance(record.get("text"), str):
       raise ValueError(f"{where}: an answer needs 'question_id' and a string 'text'")
     qid = record.get("question_id")
     if qid in done:
@@ -259,7 +241,7 @@ def generate_answers(
     by_id[q.question_id] = q
   done = read_partial_answers(path, by_id, answerer.model_id)
   pending = sorted((q for q in questions if q.question_id not in done), key=lambda q: len(q.prompt))
-  _write_jsonl(path, list(done.values()))  # without a cut-off last line, before appending
+  jsonl.write_jsonl(path, list(done.values()))  # without a cut-off last line, before appending
   with (
     open(path, "a", encoding="utf-8") as f,
     tqdm(total=len(questions), initial=len(done), desc=desc, unit="q", file=sys.stderr) as bar,
@@ -276,7 +258,7 @@ def generate_answers(
       f.flush()
       bar.update(len(chunk))
   answers = [done[q.question_id] for q in questions]
-  _write_jsonl(path, answers)
+  jsonl.write_jsonl(path, answers)
   return answers
 
 
@@ -285,7 +267,7 @@ def _subset_file(path: str, records: list[dict[str, Any]], total: int, copy: str
   scored against exactly the questions it asked)."""
   if len(records) == total:
     return path
-  _write_jsonl(copy, records)
+  jsonl.write_jsonl(copy, records)
   return copy
 
 
@@ -368,7 +350,7 @@ class Outcome:
 
 
 def _records_checked(path: str, fields: Sequence[str], limit: int | None) -> list[dict[str, Any]]:
-  records = pope.read_jsonl(path)
+  records = jsonl.read_jsonl(path)
   for number, record in enumerate(records[:limit], start=1):
     for field in fields:
       if field not in record:
@@ -428,7 +410,7 @@ def run_pope(args: argparse.Namespace, answerer: Answerer | None) -> Outcome:
       questions = jsonl_questions(path, asked, args)
       generate_answers(questions, answerer, answers_path, desc=f"pope {split}")
     per_split[split] = pope.score_pope_files(scored, answers_path)
-    texts = {a["question_id"]: a["text"] for a in pope.read_jsonl(answers_path)}
+    texts = {a["question_id"]: a["text"] for a in jsonl.read_jsonl(answers_path)}
     examples += [
       {"image": _optional_image(args.images, r["image"]), "split": split, "question": r["text"],
        "label": r["label"], "answer": texts[r["question_id"]],
@@ -477,7 +459,7 @@ def run_mmhal(args: argparse.Namespace, answerer: Answerer | None) -> Outcome:
   )
   metrics, scores = mmhal.score_mmhal(filled, replies)
   if args.out:
-    _write_jsonl(os.path.join(args.out, "judgements.jsonl"), [
+    jsonl.write_jsonl(os.path.join(args.out, "judgements.jsonl"), [
       {"question_id": i, "score": s, "reply": r.text, "error": r.error}
       for i, (s, r) in enumerate(zip(scores, replies))
     ])  # fmt: skip
@@ -528,7 +510,7 @@ def _chair_question(record: dict[str, Any], index: int, path: str, args) -> Ques
 def run_chair(args: argparse.Namespace, answerer: Answerer | None) -> Outcome:
   questions: dict[Any, Question] = {}
   if answerer is not None:
-    records = pope.read_jsonl(args.questions[0])[: args.limit]
+    records = jsonl.read_jsonl(args.questions[0])[: args.limit]
     asked = [_chair_question(r, i, args.questions[0], args) for i, r in enumerate(records)]
     answers_path = os.path.join(args.out, "answers.jsonl")
     generate_answers(asked, answerer, answers_path, desc="chair")
@@ -565,8 +547,8 @@ def run_llava_bench(args: argparse.Namespace, answerer: Answerer | None) -> Outc
       questions_path = os.path.join(args.out, "questions.jsonl")
       references_path = os.path.join(args.out, "reference_answers.jsonl")
       ids = {r["question_id"] for r in asked}
-      _write_jsonl(questions_path, asked)
-      _write_jsonl(references_path, [r for r in pope.read_jsonl(args.reference_answers)
+      jsonl.write_jsonl(questions_path, asked)
+      jsonl.write_jsonl(references_path, [r for r in jsonl.read_jsonl(args.reference_answers)
                                      if r.get("question_id") in ids])  # fmt: skip
     questions = jsonl_questions(path, asked, args, copied=("category",))
     generate_answers(questions, answerer, answers_path, desc="llava_bench")
@@ -581,7 +563,7 @@ def run_llava_bench(args: argparse.Namespace, answerer: Answerer | None) -> Outc
                                           system_prompt=system)  # fmt: skip
   metrics, pairs = llava_bench.score_llava_bench(items, replies)
   if args.out:
-    _write_jsonl(os.path.join(args.out, "judgements.jsonl"), [
+    jsonl.write_jsonl(os.path.join(args.out, "judgements.jsonl"), [
       {"question_id": i.question_id, "category": i.category, "scores": list(p), "reply": r.text,
        "error": r.error} for i, p, r in zip(items, pairs, replies)
     ])  # fmt: skip

@@ -52,6 +52,7 @@ from PIL import Image
 from lmm_align.data import shapes
 from lmm_align.data.conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, render_conversation
 from lmm_align.data.images import load_image, to_rgb
+from lmm_align.data.jsonl import numbered_records as read_numbered_jsonl
 from lmm_align.data.llava_json import (
   DataError,
   ProblemLog,
@@ -538,6 +539,49 @@ def read_rlaifv_parquet(
 # ------------------------------------------------------------------------------------------
 # Shapes world.
 # ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# Pairs JSONL: what the AI-feedback stages write, read by the reward and DPO trainers.
+# ------------------------------------------------------------------------------------------
+
+PAIR_TEXT_FIELDS = ("question", "chosen", "rejected")
+
+
+def image_source(image: Any, image_folder: str | os.PathLike = "") -> Any:
+  """A record's image as the batchers take it: a path (relative to `image_folder`) becomes a
+  lazy `ImageFile`; PIL images, loaders and None pass through."""
+  if isinstance(image, str | os.PathLike):
+    return ImageFile(pathlib.Path(image_folder, image))
+  return image
+
+
+def _pair_problem(record: Mapping[str, Any]) -> tuple[str, str] | None:
+  """(field, what is wrong) of a pairs-JSONL record, or None."""
+  for field in PAIR_TEXT_FIELDS:
+    if not isinstance(record.get(field), str):
+      return field, f"missing or not a string: {record.get(field)!r}"
+  facts = record.get("facts")
+  if facts is not None and not (isinstance(facts, list) and all(isinstance(f, str) for f in facts)):
+    return "facts", f"must be a list of strings, got {facts!r}"
+  if record.get("image") is not None and not isinstance(record["image"], str):
+    return "image", f"must be a path string or null, got {record['image']!r}"
+  return None
+
+
+def read_pairs_jsonl(json_path: str, image_folder: str = "") -> list[dict[str, Any]]:
+  """Pairs written as JSON Lines: {id, image (a path or null), question, chosen, rejected[,
+  facts: list of strings]}, as the AI-feedback stages write them. Images load lazily. A record
+  whose fields have the wrong types is a DataError naming the file, line and field; empty
+  answers and chosen == rejected are left to the encoder, which skips or raises per
+  data.on_error."""
+  records = []
+  for line, record in read_numbered_jsonl(json_path):
+    if problem := _pair_problem(record):
+      record_id = None if record.get("id") is None else str(record["id"])
+      raise DataError(json_path, problem[1], index=line, record_id=record_id, field=problem[0])
+    records.append({**record, "image": image_source(record.get("image"), image_folder)})
+  return records
 
 
 def scene_facts(scene: shapes.Scene) -> list[str]:

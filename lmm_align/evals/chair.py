@@ -44,7 +44,7 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from lmm_align.evals.pope import read_jsonl
+from lmm_align.data.jsonl import read_jsonl
 from lmm_align.judges.base import Judge, JudgeReply, JudgeRequest
 
 

@@ -35,7 +35,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from lmm_align.evals.pope import read_jsonl
+from lmm_align.data.jsonl import read_jsonl
 from lmm_align.judges.base import Judge, JudgeReply, JudgeRequest
 
 LLAVA_BENCH_CATEGORIES = ("conv", "detail", "complex")

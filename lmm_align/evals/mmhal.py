@@ -34,7 +34,7 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
-from lmm_align.evals.pope import read_jsonl
+from lmm_align.data.jsonl import read_jsonl
 from lmm_align.judges.base import Judge, JudgeReply, JudgeRequest
 
 MMHAL_QUESTION_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation",

@@ -8,9 +8,10 @@ yes), and "yes" otherwise. "yes" is the positive class.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
+
+from lmm_align.data.jsonl import read_jsonl
 
 NO_WORDS = ("No", "no", "not")
 
@@ -59,23 +60,6 @@ def pope_metrics(answers: Sequence[str], labels: Sequence[str]) -> dict[str, flo
 
 class PopeDataError(ValueError):
   pass
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """Records of a JSON Lines file; a bad line is an error naming the file and line."""
-  records = []
-  with open(path) as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise PopeDataError(f"{path}: line {number}: not JSON ({error.msg})") from None
-      if not isinstance(record, dict):
-        raise PopeDataError(f"{path}: line {number}: a record must be a JSON object")
-      records.append(record)
-  return records
 
 
 def _by_id(

@@ -27,13 +27,10 @@ top_k, top_p, max_new_tokens, stop_token_ids}}.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-import json
 import os
-import pathlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -43,6 +40,7 @@ import numpy as np
 from lmm_align import sampling
 from lmm_align.data import conversation, images
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
+from lmm_align.data.jsonl import append_jsonl, numbered_records, resume_jsonl
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.llava import Llava
 
@@ -65,7 +63,7 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
   pipeline input {"ds_question_id", "image_path", "question"} (id = ds_question_id, image =
   image_path). A bad record raises ValueError naming the file, line and field."""
   out, seen = [], {}
-  for line, record in _numbered_records(path, tolerate_cut_tail=False):
+  for line, record in numbered_records(path):
     where = f"{os.fspath(path)}: line {line}"
     pid = record.get("id", record.get("ds_question_id"))
     image = record.get("image", record.get("image_path"))
@@ -80,71 +78,6 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     seen[str(pid)] = line
     out.append(Prompt(str(pid), record["question"], image))
   return out
-
-
-# --------------------------------------------------------------------------------------------
-# Resumable JSONL (shared with the labelling step).
-# --------------------------------------------------------------------------------------------
-
-
-def _numbered_records(
-  path: str | os.PathLike, tolerate_cut_tail: bool
-) -> Iterable[tuple[int, dict[str, Any]]]:
-  """(line number, record) for each non-empty line. A last line without its newline that is
-  not valid JSON is a write cut short by a kill: skipped when `tolerate_cut_tail`."""
-  text = pathlib.Path(path).read_text(encoding="utf-8")
-  lines = text.split("\n")
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      if tolerate_cut_tail and i == len(lines) - 1:
-        return
-      raise ValueError(f"{os.fspath(path)}: line {i + 1}: not valid JSON ({e})") from None
-    if not isinstance(record, dict):
-      raise ValueError(f"{os.fspath(path)}: line {i + 1}: not a JSON object")
-    yield i + 1, record
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Every record of a JSONL file (a cut-short last line is skipped)."""
-  return [record for _, record in _numbered_records(path, tolerate_cut_tail=True)]
-
-
-def resume_jsonl(
-  path: str | os.PathLike,
-  group_field: str,
-  is_complete: Callable[[str, list[dict[str, Any]], str], bool],
-) -> dict[str, list[dict[str, Any]]]:
-  """The complete groups of an existing output file; the file is rewritten to hold only them.
-
-  Records are grouped by `record[group_field]`; `is_complete(group, records, where)` decides
-  (and raises, naming `where`, on records that belong to another run). Returns {} when the
-  file does not exist.
-  """
-  path = pathlib.Path(path)
-  if not path.exists():
-    return {}
-  groups: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-  for line, record in _numbered_records(path, tolerate_cut_tail=True):
-    if group_field not in record:
-      raise ValueError(f"{path}: line {line}: field {group_field!r} missing")
-    groups[str(record[group_field])].append(record)
-  complete = {g: rs for g, rs in groups.items() if is_complete(g, rs, f"{path} ({g!r})")}
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    for records in complete.values():
-      f.writelines(json.dumps(r) + "\n" for r in records)
-  os.replace(tmp, path)
-  return complete
-
-
-def append_jsonl(f: Any, records: Sequence[dict[str, Any]]) -> None:
-  """Appends one group's records and flushes, so a kill loses at most the group in flight."""
-  f.writelines(json.dumps(r) + "\n" for r in records)
-  f.flush()
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +246,7 @@ def read_candidates(path: str | os.PathLike) -> list[dict[str, Any]]:
   """Candidate records from JSONL, checked; a bad record raises naming the file, line, id and
   field. A last line cut short by a kill is skipped (its prompt is incomplete anyway)."""
   out = []
-  for line, record in _numbered_records(path, tolerate_cut_tail=True):
+  for line, record in numbered_records(path, tolerate_cut_tail=True):
     where = f"{os.fspath(path)}: line {line} (id {record.get('id')!r})"
     for field, kind in _CANDIDATE_FIELDS.items():
       value = record.get(field)

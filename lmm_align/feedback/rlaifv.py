@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lmm_align.data import images
-from lmm_align.feedback.candidates import append_jsonl, resume_jsonl
+from lmm_align.data.jsonl import append_jsonl, resume_jsonl
 from lmm_align.feedback.claims import ClaimSplitter, QuestionMaker
 from lmm_align.feedback.labeler import YesNoScores
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from lmm_align import checkpoint, optim, preference_losses, sharding
-from lmm_align.data import preference, sources
+from lmm_align.data import preference, preference_sources, sources
 from lmm_align.models.llava import Llava
 from lmm_align.trainers import loop, modelling
 from lmm_align.trainers import state as state_lib
@@ -129,9 +129,7 @@ def preference_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]
       omission_fraction=d.shapes.omission_fraction, binding_fraction=d.shapes.binding_fraction,
     )  # fmt: skip
   if d.source == "pairs_jsonl":
-    from lmm_align.trainers.reward import read_pairs_jsonl
-
-    return read_pairs_jsonl(d.json_path, d.image_folder or "")
+    return preference_sources.read_pairs_jsonl(d.json_path, d.image_folder or "")
   raise ValueError(f"DPO data.source {d.source!r}: use 'shapes_pairs' or 'pairs_jsonl'")
 
 

@@ -65,7 +65,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lmm_align.data import preference_sources, shapes, shapes_metrics, sources
+from lmm_align.data import jsonl, preference_sources, shapes, shapes_metrics, sources
 from lmm_align.feedback import candidates as candidates_lib
 from lmm_align.feedback import rlaifv
 
@@ -193,7 +193,7 @@ def sample_candidates(
 
 
 def _scenes(prompts_dir: pathlib.Path) -> dict[str, shapes.Scene]:
-  records = candidates_lib.read_jsonl(prompts_dir / "prompts.jsonl")
+  records = jsonl.read_jsonl(prompts_dir / "prompts.jsonl", tolerate_cut_tail=True)
   return {r["id"]: shapes.Scene.from_dict(r["scene"]) for r in records}
 
 
@@ -308,7 +308,7 @@ def critic_feedback(
   groups = collections.defaultdict(list)
   for c in candidates:
     groups[c["prompt_id"]].append(c)
-  done = candidates_lib.resume_jsonl(
+  done = jsonl.resume_jsonl(
     out_path,
     "prompt_id",
     lambda pid, rs, where: {r["id"] for r in rs} == {c["id"] for c in groups[pid]},
@@ -336,7 +336,7 @@ def critic_feedback(
         }  # fmt: skip
         for i, c in enumerate(group)
       ]
-      candidates_lib.append_jsonl(f_out, records)
+      jsonl.append_jsonl(f_out, records)
       done[pid] = records
   by_id = {r["id"]: r for rs in done.values() for r in rs}
   return [by_id[c["id"]] for c in candidates]
@@ -486,7 +486,7 @@ def make_pairs(
   prompts_dir: pathlib.Path, out: pathlib.Path,
 ) -> None:  # fmt: skip
   """out/pairs.jsonl and out/stats.json (pair and feedback counts, agreement with the scene)."""
-  labelled = candidates_lib.read_jsonl(labelled_path)
+  labelled = jsonl.read_jsonl(labelled_path, tolerate_cut_tail=True)
   p = config.pairs
   method = PAIR_METHODS[config.feedback.kind] if p.method == "auto" else p.method
   if method == "rlaifv":
@@ -534,14 +534,14 @@ def dpo_config(
   c.data.template = config.data.template
   c.eval.enabled = False
   if config.epochs_per_round > 0:
-    num_pairs = len(candidates_lib.read_jsonl(pairs_dir / "pairs.jsonl"))
+    num_pairs = len(jsonl.read_jsonl(pairs_dir / "pairs.jsonl", tolerate_cut_tail=True))
     c.total_steps = max(1, math.ceil(config.epochs_per_round * num_pairs / c.batch_size))
   return c
 
 
 def too_few_pairs(config: ml_collections.ConfigDict, pairs_dir: pathlib.Path) -> str | None:
   """Why the round cannot train (fewer pairs than one DPO batch), or None."""
-  num_pairs = len(candidates_lib.read_jsonl(pairs_dir / "pairs.jsonl"))
+  num_pairs = len(jsonl.read_jsonl(pairs_dir / "pairs.jsonl", tolerate_cut_tail=True))
   if num_pairs >= config.train.batch_size:
     return None
   return f"{num_pairs} pairs, fewer than one batch (train.batch_size={config.train.batch_size})"

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from lmm_align import checkpoint, optim, sampling, sharding
-from lmm_align.data import conversation, sources
+from lmm_align.data import conversation, preference_sources, sources
 from lmm_align.data.images import preprocess_image
 from lmm_align.hf.reward import RewardModel, load_reward_model
 from lmm_align.losses import token_logprobs
@@ -48,7 +48,7 @@ from lmm_align.models.lora import merge_lora
 from lmm_align.rl import ppo_math, rewards
 from lmm_align.trainers import loop, modelling
 from lmm_align.trainers import state as state_lib
-from lmm_align.trainers.reward import image_source, init_head
+from lmm_align.trainers.reward import init_head
 from lmm_align.trainers.sft import model_variables
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
       continue
     prompts.append(
       Prompt(
-        str(r["id"]), r["question"], np.asarray(ids, np.int32), image_source(r.get("image")),
+        str(r["id"]), r["question"], np.asarray(ids, np.int32), preference_sources.image_source(r.get("image")),
         int(r.get("caption_type", rewards.GENERAL)), float(r.get("length_bonus", 1.0)),
         list(r.get("facts") or []), r.get("rationale"),
       )

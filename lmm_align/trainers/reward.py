@@ -13,7 +13,6 @@ the HF backbone (LoRA merged) plus the head (see lmm_align.hf.reward).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -24,10 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from PIL import Image
 
 from lmm_align import checkpoint, optim, preference_losses, sharding
-from lmm_align.data import preference, sources
+from lmm_align.data import preference, preference_sources, sources
 from lmm_align.models.heads import ScalarHead, sequence_scores
 from lmm_align.models.llava import Llava
 from lmm_align.trainers import loop, modelling
@@ -93,8 +91,6 @@ def reward_train_step(
 
 def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Counter]:
   """The configured preference records ({id, image, question, chosen, rejected, facts, ...})."""
-  from lmm_align.data import preference_sources
-
   d = config.data
   if d.source == "shapes_pairs":
     world = sources.shapes_world_config(config)
@@ -110,7 +106,7 @@ def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
   if d.source == "rlaifv_parquet":
     return preference_sources.read_rlaifv_parquet(list(d.parquet_paths), on_error=d.on_error)
   if d.source == "pairs_jsonl":
-    return read_pairs_jsonl(d.json_path, d.image_folder or ""), Counter()
+    return preference_sources.read_pairs_jsonl(d.json_path, d.image_folder or ""), Counter()
   if d.source in ("tfds_llava_rlhf", "tfds_rlaifv"):
     from lmm_align.data import tfds_preference
 
@@ -126,26 +122,6 @@ def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
     f"reward data.source {d.source!r}: use shapes_pairs, llava_rlhf, rlaifv_parquet, "
     "pairs_jsonl, tfds_llava_rlhf or tfds_rlaifv"
   )
-
-
-def read_pairs_jsonl(json_path: str, image_folder: str = "") -> list[dict[str, Any]]:
-  """Pairs written as JSON Lines ({id, image, question, chosen, rejected[, facts]}, as the
-  AI-feedback stages write them), image paths relative to `image_folder`, loaded lazily."""
-  from lmm_align.evals.pope import read_jsonl
-
-  records = read_jsonl(json_path)
-  for r in records:
-    if isinstance(r.get("image"), str):
-      r["image"] = image_source(os.path.join(image_folder, r["image"]))
-  return records
-
-
-def image_source(image: Any) -> Any:
-  """A record's image as the batcher takes it: PIL, a loader, or None (paths load lazily)."""
-  if isinstance(image, str | os.PathLike):
-    path = str(image)
-    return lambda: Image.open(path).convert("RGB")
-  return image
 
 
 def reward_data(
@@ -168,7 +144,7 @@ def reward_data(
 
   def build(part: list[dict], seed: int, stats: Counter):
     pairs, part_skipped = rd.encode_reward_pairs(part, rng=np.random.default_rng(seed), **kwargs)
-    pairs = [dataclasses.replace(p, image=image_source(p.image)) for p in pairs]
+    pairs = [dataclasses.replace(p, image=preference_sources.image_source(p.image)) for p in pairs]
     return preference.PreferenceData(
       pairs, image_config, max_length=config.data.max_length, buckets=tuple(config.data.buckets),
       pad_id=tokenizer.pad_token_id, seed=config.seed, skipped=stats + part_skipped,

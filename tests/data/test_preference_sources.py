@@ -404,3 +404,26 @@ def test_shapes_ppo_prompts_label_yes_no_from_the_ground_truth():
       assert record["caption_type"] == (ps.YES_IN_YESNO if present else ps.NO_IN_YESNO)
   again = ps.shapes_ppo_prompts(40, WORLD, seed=5)
   assert [r["question"] for r in again] == [r["question"] for r in records]
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (
+      {"chosen": None},
+      r"pairs.jsonl: record 2 \(id 'b'\), field 'chosen': missing or not a string",
+    ),
+    ({"facts": "A red circle."}, r"record 2 \(id 'b'\), field 'facts': must be a list of strings"),
+    ({"image": 3}, r"record 2 \(id 'b'\), field 'image': must be a path string or null"),
+  ],
+)
+def test_pairs_jsonl_refuses_wrong_types_naming_file_line_and_field(tmp_path, change, message):
+  good = {"id": "a", "image": "a.png", "question": "Q?", "chosen": "A red circle.",
+          "rejected": "A red star.", "facts": ["A red circle."]}  # fmt: skip
+  path = tmp_path / "pairs.jsonl"
+  path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "b", **change}) + "\n")
+  with pytest.raises(DataError, match=message):
+    ps.read_pairs_jsonl(str(path), str(tmp_path))
+  path.write_text(json.dumps(good) + "\n")
+  (record,) = ps.read_pairs_jsonl(str(path), str(tmp_path))
+  assert record["image"] == ps.ImageFile(tmp_path / "a.png")

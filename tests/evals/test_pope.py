@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from lmm_align.data.jsonl import read_jsonl
 from lmm_align.evals import pope
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ def test_edge_cases_of_the_rule():
 @pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
 def test_published_files_equal_the_reference_scorer(tmp_path, shared_reference_data, split):
   questions = shared_reference_data / "pope_coco_e3e3926" / f"coco_pope_{split}.json"
-  records = pope.read_jsonl(str(questions))
+  records = read_jsonl(str(questions))
   rng = np.random.default_rng(0)
   answers = [EDGE_ANSWERS[i] for i in rng.integers(len(EDGE_ANSWERS), size=len(records))]
   answer_file = tmp_path / "answers.jsonl"

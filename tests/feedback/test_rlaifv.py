@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lmm_align.data.jsonl import read_jsonl
 from lmm_align.feedback import claims, rlaifv
-from lmm_align.feedback.candidates import read_jsonl
 from lmm_align.feedback.labeler import YesNoScores
 
 # (p_yes, p_no) per question; ties (cross) count as rejections.
