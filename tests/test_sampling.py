@@ -295,3 +295,16 @@ def test_data_parallel_sampling_refuses_fsdp_and_tensor_together(setup):
   mesh = sharding.make_mesh((2, 2, 2))
   with pytest.raises(ValueError, match="fsdp or tensor to be 1"):
     generate(config, params, prompts, pixels, settings=settings, rng=None, mesh=mesh)
+
+
+def test_data_parallel_text_only_rows(setup):
+  """No images (pixel_values None) splits as well: 3 text rows over 2 groups."""
+  config, params, prompts, _ = setup
+  text_prompts = prompts[1:] + [[1, 9, 8, 7]]
+  settings = SamplingSettings(temperature=0.0, max_new_tokens=4, stop_token_ids=())
+  one_device = generate(config, params, text_prompts, None, settings=settings, rng=None)
+  split = generate(
+    config, params, text_prompts, None, settings=settings, rng=None,
+    mesh=sharding.make_mesh((2, 1, 1), jax.devices()[:2]),
+  )  # fmt: skip
+  np.testing.assert_array_equal(split.tokens, one_device.tokens)
