@@ -48,6 +48,11 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
     relative_stop_penalty=True,
     reward_bias=0.0,
     reward_buckets=(192, 256, 320),
+    # "model": the reward model scores descriptions. "scene" (shapes prompts only): the ground
+    # truth does, -(hallucinated mentions) + scene_recall_weight * (objects recalled), an oracle
+    # upper bound; the reward model then only starts the value model.
+    reward_source="model",
+    scene_recall_weight=0.5,
   )
   ppo.update(overrides)
   return ml_collections.ConfigDict(ppo)

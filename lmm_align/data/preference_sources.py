@@ -671,7 +671,8 @@ def shapes_ppo_prompts(
 
   "Describe the image." (caption_type 1) or, for a fraction `yes_no_fraction`, "Is there a
   {colour} {shape} in the image?" with caption_type 7 (yes) or 6 (no) from the ground truth.
-  Images are rendered PIL images; facts are `scene_facts`.
+  Images are rendered PIL images; facts are `scene_facts`; "scene" is the scene itself (its
+  dict), for a reward that reads the ground truth (PPO's `reward_source=scene`).
   """
   out = []
   for i, scene in enumerate(shapes.make_scenes(n, world, seed=seed)):
@@ -684,6 +685,6 @@ def shapes_ppo_prompts(
     out.append({
         "id": scene.id, "image": shapes.render(scene, world.image_size), "image_file": None,
         "question": question, "caption_type": caption_type, "length_bonus": 1.0,
-        "facts": scene_facts(scene), "facts_key": None,
+        "facts": scene_facts(scene), "facts_key": None, "scene": scene.to_dict(),
     })  # fmt: skip
   return out

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from lmm_align import checkpoint, optim, sampling, sharding
-from lmm_align.data import conversation, preference_sources, sources
+from lmm_align.data import conversation, preference_sources, shapes_metrics, sources
 from lmm_align.data.images import preprocess_image
 from lmm_align.hf.reward import RewardModel, load_reward_model
 from lmm_align.losses import token_logprobs
@@ -200,6 +200,7 @@ class Prompt:
   length_bonus: float
   facts: list[str]
   rationale: str | None
+  scene: dict[str, Any] | None = None  # the shapes scene, for reward_source="scene"
 
 
 class PromptData:
@@ -268,7 +269,7 @@ def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
       Prompt(
         str(r["id"]), r["question"], np.asarray(ids, np.int32), preference_sources.image_source(r.get("image")),
         int(r.get("caption_type", rewards.GENERAL)), float(r.get("length_bonus", 1.0)),
-        list(r.get("facts") or []), r.get("rationale"),
+        list(r.get("facts") or []), r.get("rationale"), r.get("scene"),
       )
     )  # fmt: skip
     stats["kept"] += 1
@@ -399,7 +400,10 @@ class Rollouts:
     values = self._forward_chunks(
       lambda b: self._values(value_vars, params["value"]["head"], b), batch, size
     )
-    rm_scores = self._score(prompts, cut, pixels, iteration)
+    if ppo.reward_source == "scene":
+      rm_scores = scene_scores(prompts, texts, ppo.scene_recall_weight)
+    else:
+      rm_scores = self._score(prompts, cut, pixels, iteration)
     parts = rewards.sequence_scores(
       rm_scores, texts, r_mask.sum(1), np.array([c.has_stop for c in cut]),
       np.array([p.caption_type for p in prompts]), np.array([p.length_bonus for p in prompts]),
@@ -445,6 +449,23 @@ class Rollouts:
     return self._forward_chunks(
       lambda b: self._scores(self.rm.backbone, self.rm.head, b), batch, self.ppo.forward_batch_size
     )
+
+
+def scene_scores(
+  prompts: Sequence[Prompt], texts: Sequence[str], recall_weight: float
+) -> np.ndarray:
+  """The ground truth in the reward model's place (an oracle, to tell a weak reward model from
+  a failing optimiser): for a description prompt, -(hallucinated object mentions) +
+  recall_weight * (scene objects recalled), the iterative loop's ground-truth score; 0 for
+  yes/no and multiple-choice prompts, which the symbolic correctness reward scores."""
+  out = np.zeros(len(prompts), np.float32)
+  for i, (prompt, text) in enumerate(zip(prompts, texts)):
+    if prompt.scene is None:
+      raise ValueError(f"RL prompt {prompt.record_id!r} has no scene for ppo.reward_source=scene")
+    if prompt.caption_type == rewards.GENERAL:
+      counts = shapes_metrics.response_hallucination_counts(text, prompt.scene)
+      out[i] = -counts["hallucinated_mentions"] + recall_weight * counts["recalled_objects"]
+  return out
 
 
 def plain_or(model: Llava, variables: dict) -> Llava:
@@ -550,6 +571,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(
       "PPO needs config.init_from (the SFT policy) and ppo.reward_model (an RM folder)"
     )
+  if ppo.reward_source not in ("model", "scene"):
+    raise ValueError(f"ppo.reward_source={ppo.reward_source!r}: use 'model' or 'scene'")
   loop.write_config(config, workdir)
   mesh = sharding.mesh_from_config(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)

@@ -395,6 +395,7 @@ def test_shapes_ppo_prompts_label_yes_no_from_the_ground_truth():
   assert {ps.GENERAL, ps.NO_IN_YESNO, ps.YES_IN_YESNO} <= set(types)
   for record, scene in zip(records, scenes):
     assert record["facts"] == ps.scene_facts(scene) and record["length_bonus"] == 1.0
+    assert record["scene"] == scene.to_dict()
     assert record["image"].size == (32, 32)
     if record["caption_type"] == ps.GENERAL:
       assert record["question"] == "Describe the image."

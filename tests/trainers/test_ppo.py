@@ -108,3 +108,28 @@ def test_export_writes_the_trained_policy(models, tmp_path):
     .logits
   )
   assert np.abs(np.asarray(trained) - np.asarray(untrained)).max() > 1e-4  # the LoRA moved
+
+
+def test_scene_scores_are_the_ground_truth_on_descriptions_only():
+  """-(hallucinated mentions) + w * (objects recalled), worked by hand; yes/no prompts 0."""
+  from lmm_align.data import shapes
+  from lmm_align.rl import rewards
+
+  scene = shapes.Scene(
+    (
+      shapes.SceneObject("circle", "red", "small", 0, 0),
+      shapes.SceneObject("star", "blue", "large", 1, 1),
+    )
+  ).to_dict()
+  prompt = lambda caption_type, scene=scene: ppo.Prompt(
+    "p", "q", np.zeros(1, np.int32), None, caption_type, 1.0, [], None, scene
+  )
+  texts = [
+    "A red circle and a green square.",  # 1 hallucinated, 1 recalled
+    "A red circle and a blue star.",  # 0 hallucinated, 2 recalled
+    "Yes, there is a red circle.",  # a yes/no prompt: left to the correctness reward
+  ]
+  prompts = [prompt(rewards.GENERAL), prompt(rewards.GENERAL), prompt(7)]
+  np.testing.assert_allclose(ppo.scene_scores(prompts, texts, 0.5), [-0.5, 1.0, 0.0])
+  with pytest.raises(ValueError, match="'p' has no scene"):
+    ppo.scene_scores([prompt(rewards.GENERAL, None)], texts[:1], 0.5)
