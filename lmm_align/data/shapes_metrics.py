@@ -220,6 +220,12 @@ def response_hallucination_counts(text: str, scene: Scene | Mapping[str, Any]) -
   }
 
 
+def ground_truth_score(counts: Mapping[str, int], recall_weight: float) -> float:
+  """The scene's score of one answer from its counts: -(hallucinated mentions) + recall_weight *
+  (scene objects recalled). The ground-truth judge of the iterative loop and PPO's oracle."""
+  return -counts["hallucinated_mentions"] + recall_weight * counts["recalled_objects"]
+
+
 def _ratio(num: float, den: float) -> float:
   return num / den if den else 0.0
 

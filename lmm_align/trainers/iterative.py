@@ -219,7 +219,7 @@ def ground_truth_feedback(
     counts = shapes_metrics.response_hallucination_counts(c["response"], scene)
     mentions = counts["mentions"]
     scored = mentions > 0 or recall_weight > 0
-    score = -counts["hallucinated_mentions"] + recall_weight * counts["recalled_objects"]
+    score = shapes_metrics.ground_truth_score(counts, recall_weight)
     out.append({
       "id": c["id"], "prompt_id": c["prompt_id"], "question": c["question"],
       "image": c["image"], "response": c["response"], "num_claims": mentions,

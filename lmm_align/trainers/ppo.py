@@ -464,7 +464,7 @@ def scene_scores(
       raise ValueError(f"RL prompt {prompt.record_id!r} has no scene for ppo.reward_source=scene")
     if prompt.caption_type == rewards.GENERAL:
       counts = shapes_metrics.response_hallucination_counts(text, prompt.scene)
-      out[i] = -counts["hallucinated_mentions"] + recall_weight * counts["recalled_objects"]
+      out[i] = shapes_metrics.ground_truth_score(counts, recall_weight)
   return out
 
 
