@@ -48,9 +48,9 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
     relative_stop_penalty=True,
     reward_bias=0.0,
     reward_buckets=(192, 256, 320),
-    # "model": the reward model scores descriptions. "scene" (shapes prompts only): the ground
-    # truth does, -(hallucinated mentions) + scene_recall_weight * (objects recalled), an oracle
-    # upper bound; the reward model then only starts the value model.
+    # "model": the reward model scores the responses. "scene" (shapes prompts only): the ground
+    # truth does (descriptions: -(hallucinated mentions) + scene_recall_weight * (objects
+    # recalled); yes/no: +-1), an oracle upper bound; the RM then only starts the value model.
     reward_source="model",
     scene_recall_weight=0.5,
   )

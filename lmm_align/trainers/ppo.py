@@ -455,9 +455,11 @@ def scene_scores(
   prompts: Sequence[Prompt], texts: Sequence[str], recall_weight: float
 ) -> np.ndarray:
   """The ground truth in the reward model's place (an oracle, to tell a weak reward model from
-  a failing optimiser): for a description prompt, -(hallucinated object mentions) +
-  recall_weight * (scene objects recalled), the iterative loop's ground-truth score; 0 for
-  yes/no and multiple-choice prompts, which the symbolic correctness reward scores."""
+  a failing optimiser). A description scores -(hallucinated object mentions) + recall_weight *
+  (scene objects recalled), the iterative loop's ground-truth score. A yes/no answer scores +1
+  when POPE's reading of it matches the truth and -1 when not: both answers count, where the
+  published correctness rule pays only for "no" and so, alone, teaches "always no".
+  Multiple-choice prompts score 0 (the symbolic correctness reward scores them)."""
   out = np.zeros(len(prompts), np.float32)
   for i, (prompt, text) in enumerate(zip(prompts, texts)):
     if prompt.scene is None:
@@ -465,6 +467,9 @@ def scene_scores(
     if prompt.caption_type == rewards.GENERAL:
       counts = shapes_metrics.response_hallucination_counts(text, prompt.scene)
       out[i] = shapes_metrics.ground_truth_score(counts, recall_weight)
+    elif prompt.caption_type in (rewards.YES_IN_YESNO, rewards.NO_IN_YESNO):
+      label = "yes" if prompt.caption_type == rewards.YES_IN_YESNO else "no"
+      out[i] = 1.0 if shapes_metrics.score_yes_no(text, label) else -1.0
   return out
 
 

@@ -111,7 +111,8 @@ def test_export_writes_the_trained_policy(models, tmp_path):
 
 
 def test_scene_scores_are_the_ground_truth_on_descriptions_only():
-  """-(hallucinated mentions) + w * (objects recalled), worked by hand; yes/no prompts 0."""
+  """-(hallucinated mentions) + w * (objects recalled), worked by hand; yes/no answers +-1
+  by POPE's reading against the truth."""
   from lmm_align.data import shapes
   from lmm_align.rl import rewards
 
@@ -127,9 +128,12 @@ def test_scene_scores_are_the_ground_truth_on_descriptions_only():
   texts = [
     "A red circle and a green square.",  # 1 hallucinated, 1 recalled
     "A red circle and a blue star.",  # 0 hallucinated, 2 recalled
-    "Yes, there is a red circle.",  # a yes/no prompt: left to the correctness reward
+    "Yes, there is a red circle.",
+    "No.",
+    "No, there is not.",
   ]
-  prompts = [prompt(rewards.GENERAL), prompt(rewards.GENERAL), prompt(7)]
-  np.testing.assert_allclose(ppo.scene_scores(prompts, texts, 0.5), [-0.5, 1.0, 0.0])
+  yes, no = rewards.YES_IN_YESNO, rewards.NO_IN_YESNO
+  prompts = [prompt(rewards.GENERAL), prompt(rewards.GENERAL), prompt(yes), prompt(yes), prompt(no)]
+  np.testing.assert_allclose(ppo.scene_scores(prompts, texts, 0.5), [-0.5, 1.0, 1.0, -1.0, 1.0])
   with pytest.raises(ValueError, match="'p' has no scene"):
     ppo.scene_scores([prompt(rewards.GENERAL, None)], texts[:1], 0.5)
