@@ -254,8 +254,7 @@ def generate_answers(
       for q, text in zip(chunk, texts):
         done[q.question_id] = {"question_id": q.question_id, "prompt": q.prompt, "text": text,
                                "model_id": answerer.model_id, **q.fields}  # fmt: skip
-        f.write(json.dumps(done[q.question_id], ensure_ascii=False) + "\n")
-      f.flush()
+      jsonl.append_jsonl(f, [done[q.question_id] for q in chunk])
       bar.update(len(chunk))
   answers = [done[q.question_id] for q in questions]
   jsonl.write_jsonl(path, answers)

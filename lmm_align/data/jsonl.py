@@ -48,17 +48,23 @@ def read_jsonl(path: str | os.PathLike, tolerate_cut_tail: bool = False) -> list
   return [record for _, record in numbered_records(path, tolerate_cut_tail)]
 
 
+def _lines(records: Iterable[dict[str, Any]]) -> Iterable[str]:
+  """One line per record, UTF-8 text as it is (no \\u escapes)."""
+  return (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def write_jsonl(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> None:
   """All at once through a temporary file, so a kill leaves the old file or the new one."""
   tmp = os.fspath(path) + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    f.writelines(_lines(records))
   os.replace(tmp, path)
 
 
 def append_jsonl(f: Any, records: Sequence[dict[str, Any]]) -> None:
-  """Appends one group's records and flushes, so a kill loses at most the group in flight."""
-  f.writelines(json.dumps(r) + "\n" for r in records)
+  """Appends one group's records to `f` (opened for text in UTF-8) and flushes, so a kill loses
+  at most the group in flight."""
+  f.writelines(_lines(records))
   f.flush()
 
 
@@ -82,9 +88,5 @@ def resume_jsonl(
       raise ValueError(f"{path}: line {line}: field {group_field!r} missing")
     groups[str(record[group_field])].append(record)
   complete = {g: rs for g, rs in groups.items() if is_complete(g, rs, f"{path} ({g!r})")}
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    for records in complete.values():
-      f.writelines(json.dumps(r) + "\n" for r in records)
-  os.replace(tmp, path)
+  write_jsonl(path, [r for records in complete.values() for r in records])
   return complete
