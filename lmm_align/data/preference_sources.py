@@ -52,7 +52,7 @@ from PIL import Image
 from lmm_align.data import shapes
 from lmm_align.data.conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, render_conversation
 from lmm_align.data.images import load_image, to_rgb
-from lmm_align.data.jsonl import numbered_records as read_numbered_jsonl
+from lmm_align.data.jsonl import numbered_records
 from lmm_align.data.llava_json import (
   DataError,
   ProblemLog,
@@ -576,7 +576,7 @@ def read_pairs_jsonl(json_path: str, image_folder: str = "") -> list[dict[str, A
   answers and chosen == rejected are left to the encoder, which skips or raises per
   data.on_error."""
   records = []
-  for line, record in read_numbered_jsonl(json_path):
+  for line, record in numbered_records(json_path):
     if problem := _pair_problem(record):
       record_id = None if record.get("id") is None else str(record["id"])
       raise DataError(json_path, problem[1], index=line, record_id=record_id, field=problem[0])
