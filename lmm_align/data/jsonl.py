@@ -20,11 +20,15 @@ from typing import Any
 
 
 def numbered_records(
-  path: str | os.PathLike, tolerate_cut_tail: bool = False
+  path: str | os.PathLike,
+  tolerate_cut_tail: bool = False,
+  bad_lines: list[int] | None = None,
 ) -> Iterable[tuple[int, dict[str, Any]]]:
   """(line number, record) for each non-empty line. A last line that is not valid JSON is a
   write cut short by a kill: skipped with a warning when `tolerate_cut_tail`, an error
-  otherwise."""
+  otherwise. Any other line that is not a JSON object is an error naming the file and line,
+  or, when a `bad_lines` list is given, skipped with its number appended there."""
+  where = os.fspath(path)
   lines = pathlib.Path(path).read_text(encoding="utf-8").split("\n")
   for i, line in enumerate(lines):
     if not line.strip():
@@ -33,14 +37,17 @@ def numbered_records(
       record = json.loads(line)
     except json.JSONDecodeError as e:
       if tolerate_cut_tail and i == len(lines) - 1:
-        warnings.warn(
-          f"{os.fspath(path)}: line {i + 1}: dropped a truncated last line", stacklevel=2
-        )
+        warnings.warn(f"{where}: line {i + 1}: dropped a truncated last line", stacklevel=2)
         return
-      raise ValueError(f"{os.fspath(path)}: line {i + 1}: not valid JSON ({e})") from None
-    if not isinstance(record, dict):
-      raise ValueError(f"{os.fspath(path)}: line {i + 1}: not a JSON object")
-    yield i + 1, record
+      problem = f"not valid JSON ({e})"
+    else:
+      if isinstance(record, dict):
+        yield i + 1, record
+        continue
+      problem = "not a JSON object"
+    if bad_lines is None:
+      raise ValueError(f"{where}: line {i + 1}: {problem}")
+    bad_lines.append(i + 1)
 
 
 def read_jsonl(path: str | os.PathLike, tolerate_cut_tail: bool = False) -> list[dict[str, Any]]:

@@ -33,6 +33,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from lmm_align.data import jsonl
+
 ImageLike = Image.Image | str | os.PathLike | np.ndarray
 Curves = dict[str, tuple[np.ndarray, np.ndarray]]  # metric -> (steps, values)
 
@@ -335,24 +337,16 @@ def read_metrics(workdir: str | os.PathLike, *, skip_bad_lines: bool = False) ->
 
 
 def _read_metrics_file(path: str, skip_bad_lines: bool) -> tuple[Curves, int]:
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  bad_lines: list[int] | None = [] if skip_bad_lines else None
   by_metric: dict[str, dict[int, float]] = {}
-  skipped = 0
-  for number, line in enumerate(lines, start=1):
-    if not line.strip():
-      continue
+  for number, record in jsonl.numbered_records(path, tolerate_cut_tail=True, bad_lines=bad_lines):
     try:
-      record = json.loads(line)
       step = _step_of(record)
     except ValueError as e:
-      if number == len(lines):  # no newline after it: the write was cut off
-        warnings.warn(f"{path}:{number}: dropped a truncated last line ({e})", stacklevel=3)
-        continue
-      if skip_bad_lines:
-        skipped += 1
-        continue
-      raise ValueError(f"{path}:{number}: {e}") from e
+      if bad_lines is None:
+        raise ValueError(f"{path}: line {number}: {e}") from None
+      bad_lines.append(number)
+      continue
     for name, value in record.items():
       if name != "step" and isinstance(value, int | float) and not isinstance(value, bool):
         by_metric.setdefault(name, {})[step] = float(value)
@@ -360,12 +354,10 @@ def _read_metrics_file(path: str, skip_bad_lines: bool) -> tuple[Curves, int]:
   for name, values in by_metric.items():
     steps = np.array(sorted(values), np.int64)
     curves[name] = (steps, np.array([values[s] for s in steps], np.float64))
-  return curves, skipped
+  return curves, len(bad_lines or ())
 
 
-def _step_of(record: Any) -> int:
-  if not isinstance(record, dict):
-    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+def _step_of(record: dict[str, Any]) -> int:
   step = record.get("step")
   if isinstance(step, bool) or not isinstance(step, int | float) or step != int(step):
     raise ValueError(f"field 'step' must be an integer, got {step!r}")

@@ -30,6 +30,19 @@ def test_cut_short_last_line_is_dropped_with_a_warning_only_when_tolerated(tmp_p
     assert jsonl.read_jsonl(path, tolerate_cut_tail=True) == [{"a": 1}]
 
 
+def test_bad_lines_are_skipped_and_numbered_when_asked(tmp_path):
+  path = tmp_path / "m.jsonl"
+  path.write_text('{"a": 1}\n[1]\n{"a": \n{"a": 4}\n"x"\n{"a": 6')
+  bad = []
+  with pytest.warns(UserWarning, match=r"line 6: dropped a truncated last line"):
+    got = list(jsonl.numbered_records(path, tolerate_cut_tail=True, bad_lines=bad))
+  assert got == [(1, {"a": 1}), (4, {"a": 4})]
+  assert bad == [2, 3, 5]
+  bad = []
+  assert [n for n, _ in jsonl.numbered_records(path, bad_lines=bad)] == [1, 4]
+  assert bad == [2, 3, 5, 6]  # a cut tail that is not tolerated is a bad line like the others
+
+
 def test_write_jsonl_replaces_the_file_whole(tmp_path):
   path = tmp_path / "w.jsonl"
   jsonl.write_jsonl(path, [{"t": "é"}, {"t": 2}])

@@ -256,7 +256,7 @@ def test_read_metrics_killed_and_resumed_runs(tmp_path):
     {"step": 2, "loss": 2.4},  # resumed from step 1: the rerun of step 2 wins
   ]
   write_lines(tmp_path / "metrics.jsonl", records, tail='{"step": 4, "lo')
-  with pytest.warns(UserWarning, match=r"metrics.jsonl:5: dropped a truncated last line"):
+  with pytest.warns(UserWarning, match=r"metrics.jsonl: line 5: dropped a truncated last line"):
     curves = report_lib.read_metrics(tmp_path)
   assert sorted(curves) == ["accuracy", "loss", "lr"]  # strings and booleans are not metrics
   np.testing.assert_array_equal(curves["loss"][0], [1, 2, 3])
@@ -268,13 +268,13 @@ def test_read_metrics_killed_and_resumed_runs(tmp_path):
 def test_read_metrics_names_the_bad_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo{"step": 2, "loss": 0.5}\n[1]\n')
-  with pytest.raises(ValueError, match=r"metrics.jsonl:2: Expecting"):
+  with pytest.raises(ValueError, match=r"metrics.jsonl: line 2: not valid JSON \(Expecting"):
     report_lib.read_metrics(tmp_path)
   with pytest.warns(UserWarning, match="skipped 2 unreadable lines"):
     curves = report_lib.read_metrics(tmp_path, skip_bad_lines=True)
   np.testing.assert_array_equal(curves["loss"][1], [1.0])
   write_lines(path, [{"loss": 1.0}])
-  with pytest.raises(ValueError, match=r"metrics.jsonl:1: field 'step' must be an integer"):
+  with pytest.raises(ValueError, match=r"metrics.jsonl: line 1: field 'step' must be an integer"):
     report_lib.read_metrics(tmp_path)
   with pytest.raises(FileNotFoundError):
     report_lib.read_metrics(tmp_path / "nowhere")
