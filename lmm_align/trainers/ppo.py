@@ -265,6 +265,14 @@ def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
         raise ValueError(f"RL prompt {r['id']!r}, field 'facts': none, and the RM reads facts")
       stats["skipped_no_facts"] += 1
       continue
+    if config.ppo.reward_source == "scene" and not r.get("scene"):
+      if config.data.on_error != "skip":
+        raise ValueError(
+          f"RL prompt {r['id']!r}, field 'scene': none, and ppo.reward_source=scene scores "
+          "against it"
+        )
+      stats["skipped_no_scene"] += 1
+      continue
     prompts.append(
       Prompt(
         str(r["id"]), r["question"], np.asarray(ids, np.int32), preference_sources.image_source(r.get("image")),

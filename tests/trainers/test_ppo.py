@@ -137,3 +137,29 @@ def test_scene_scores_are_the_ground_truth_on_descriptions_only():
   np.testing.assert_allclose(ppo.scene_scores(prompts, texts, 0.5), [-0.5, 1.0, 1.0, -1.0, 1.0])
   with pytest.raises(ValueError, match="'p' has no scene"):
     ppo.scene_scores([prompt(rewards.GENERAL, None)], texts[:1], 0.5)
+
+
+def test_prompts_without_a_scene_fail_or_are_counted_before_training(models, monkeypatch, tmp_path):
+  """ppo.reward_source=scene needs every prompt's scene: checked when the prompts are read,
+  naming the record and field, or skipped and counted with data.on_error=skip."""
+  from collections import Counter
+
+  from lmm_align.data import sources
+  from lmm_align.trainers import modelling
+
+  root, _ = models
+  config = _config(root, **{"ppo.reward_source": "scene"})
+  tokenizer = sources.tokenizer_for(config, str(tmp_path))
+  model_config = modelling.model_config_for(config, tokenizer)
+  records, _ = ppo.prompt_records(config)
+  assert all(r.get("scene") for r in records)  # shapes prompts carry their scene
+  without = [dict(r, scene=None) if i == 1 else r for i, r in enumerate(records[:4])]
+  monkeypatch.setattr(ppo, "prompt_records", lambda c: (without, Counter()))
+  with pytest.raises(ValueError, match=rf"{without[1]['id']!r}, field 'scene'"):
+    ppo.prompt_data(config, tokenizer, model_config)
+  config.data.on_error = "skip"
+  data = ppo.prompt_data(config, tokenizer, model_config)
+  assert data.stats == {"kept": 3, "skipped_no_scene": 1}
+  assert [p.record_id for p in data.prompts] == [r["id"] for i, r in enumerate(without) if i != 1]
+  config.ppo.reward_source = "model"  # the reward model does not read the scene
+  assert len(ppo.prompt_data(config, tokenizer, model_config)) == 4
