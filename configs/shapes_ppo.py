@@ -74,7 +74,9 @@ def get_config(arg: str | None = None):
   config.optim.lr = 1e-4 if arg.lora else 1e-5
   config.optim.warmup_steps = 5
   config.optim.weight_decay = 0.0
-  config.ppo = ppo_config(fact_augmented=not arg.vanilla)
+  # Shapes prompts are at most 53 tokens (9 image tokens): a 64-token query instead of 128
+  # cuts the columns of every PPO forward and backward pass from 176 to 112 (48 response).
+  config.ppo = ppo_config(fact_augmented=not arg.vanilla, query_len=64)
   config.eval.enabled = True
   config.eval.num_scenes = 128
   if arg.runlocal:
