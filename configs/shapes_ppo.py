@@ -48,6 +48,12 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
     relative_stop_penalty=True,
     reward_bias=0.0,
     reward_buckets=(192, 256, 320),
+    # Samples drawn per prompt in a rollout batch (consecutive rows share the prompt), and
+    # whether each sample's score is taken relative to the mean of its prompt's other samples
+    # (RLOO's baseline, ppo_math.leave_one_out_scores) before the KL penalty and GAE. Off in
+    # LLaVA-RLHF and TRL's PPO: one sample per prompt, the value model is the only baseline.
+    samples_per_prompt=1,
+    prompt_baseline=False,
     # "model": the reward model scores the responses. "scene" (shapes prompts only): the ground
     # truth does (descriptions: -(hallucinated mentions) + scene_recall_weight * (objects
     # recalled); yes/no: +-1), an oracle upper bound; the RM then only starts the value model.

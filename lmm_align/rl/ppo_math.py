@@ -129,6 +129,20 @@ KL_ESTIMATORS: dict[str, Callable[[Array, Array], Array]] = {
 # ---------------------------------------------------------------------------------------------
 
 
+def leave_one_out_scores(scores: Array, group_size: int) -> Array:
+  """Each sequence score minus the mean score of the other samples of its prompt (RLOO,
+  Ahmadian et al. 2024). `scores` [B] holds `group_size` consecutive samples per prompt.
+
+  A per-prompt baseline removes what the prompt alone decides (in the shapes world, how many
+  objects there are to recall), which the value model would otherwise have to learn from the
+  image before the advantages carry the response's own effect."""
+  if group_size < 2 or scores.shape[0] % group_size:
+    raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size} >= 2")
+  groups = scores.reshape(-1, group_size)
+  others = (groups.sum(axis=1, keepdims=True) - groups) / (group_size - 1)
+  return (groups - others).reshape(scores.shape)
+
+
 def last_token_index(mask: Array) -> Array:
   """Index of the last true entry per row of mask [B, T] (-1 for an empty row)."""
   positions = jnp.arange(mask.shape[-1])

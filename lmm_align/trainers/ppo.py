@@ -418,8 +418,11 @@ class Rollouts:
       ppo.max_new_tokens, self.symbolic,
     )  # fmt: skip
     timings["time/scoring"] = time.perf_counter() - t1
+    scores = parts["score"]
+    if ppo.prompt_baseline:
+      scores = np.asarray(ppo_math.leave_one_out_scores(scores, ppo.samples_per_prompt))
     adv = jax.device_get(
-      self._advantages(old_logps, ref_logps, values, parts["score"], r_mask.astype(np.float32))
+      self._advantages(old_logps, ref_logps, values, scores, r_mask.astype(np.float32))
     )
     batch.update(
       old_logps=old_logps.astype(np.float32), old_values=values.astype(np.float32),
@@ -571,6 +574,13 @@ def restore_policy(
   return state.params["policy"], base, step
 
 
+def rollout_prompts(data: PromptData, iteration: int, ppo) -> list[Prompt]:
+  """The iteration's rollout rows: rollout_batch_size / samples_per_prompt prompts, each
+  repeated samples_per_prompt times in consecutive rows (rows draw their own PRNG keys)."""
+  k = ppo.samples_per_prompt
+  return [p for p in data.batch(iteration, ppo.rollout_batch_size // k) for _ in range(k)]
+
+
 def updates_per_iteration(ppo) -> int:
   if ppo.rollout_batch_size % ppo.step_batch_size:
     raise ValueError("ppo.rollout_batch_size must be a multiple of ppo.step_batch_size")
@@ -586,6 +596,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
   if ppo.reward_source not in ("model", "scene"):
     raise ValueError(f"ppo.reward_source={ppo.reward_source!r}: use 'model' or 'scene'")
+  if ppo.samples_per_prompt < 1 or ppo.rollout_batch_size % ppo.samples_per_prompt:
+    raise ValueError(
+      f"ppo.samples_per_prompt={ppo.samples_per_prompt} must divide ppo.rollout_batch_size="
+      f"{ppo.rollout_batch_size}"
+    )
+  if ppo.prompt_baseline and ppo.samples_per_prompt < 2:
+    raise ValueError("ppo.prompt_baseline needs ppo.samples_per_prompt >= 2")
   loop.write_config(config, workdir)
   mesh = sharding.mesh_from_config(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -661,7 +678,7 @@ def _run_iterations(
   try:
     with loop.PreemptionGuard() as guard:
       for iteration in range(start, config.total_steps):
-        prompts = data.batch(iteration, ppo.rollout_batch_size)
+        prompts = rollout_prompts(data, iteration, ppo)
         batch, metrics, _ = rollouts.collect(
           state.params, frozen, prompts, jax.random.fold_in(key, iteration), iteration
         )

@@ -276,3 +276,15 @@ def test_entropy_from_logits_against_loop():
   np.testing.assert_allclose(
     float(ppo_math.entropy_from_logits(jnp.zeros((4,)))), math.log(4), rtol=1e-6
   )
+
+
+def test_leave_one_out_scores_by_hand():
+  scores = np.array([1.0, 2.0, 6.0, -1.0, 0.0, 4.0], np.float32)  # two prompts, 3 samples each
+  got = ppo_math.leave_one_out_scores(jnp.asarray(scores), 3)
+  want = [1 - (2 + 6) / 2, 2 - (1 + 6) / 2, 6 - (1 + 2) / 2, -1 - 4 / 2, 0 - 3 / 2, 4 - (-1) / 2]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got.reshape(2, 3).sum(1), [0.0, 0.0], atol=1e-6)  # K/(K-1) x centred
+  with pytest.raises(ValueError, match="groups of 4"):
+    ppo_math.leave_one_out_scores(jnp.asarray(scores), 4)
+  with pytest.raises(ValueError, match="groups of 1"):
+    ppo_math.leave_one_out_scores(jnp.asarray(scores), 1)

@@ -163,3 +163,18 @@ def test_prompts_without_a_scene_fail_or_are_counted_before_training(models, mon
   assert [p.record_id for p in data.prompts] == [r["id"] for i, r in enumerate(without) if i != 1]
   config.ppo.reward_source = "model"  # the reward model does not read the scene
   assert len(ppo.prompt_data(config, tokenizer, model_config)) == 4
+
+
+def test_rollout_prompts_repeat_each_prompt_in_consecutive_rows():
+  import ml_collections
+
+  prompts = [ppo.Prompt(f"p{i}", "q", np.zeros(1, np.int32), None, 0, 1.0, [], None) for i in range(8)]
+  data = ppo.PromptData(prompts, seed=0, stats={})
+  knobs = ml_collections.ConfigDict(dict(rollout_batch_size=8, samples_per_prompt=4))
+  rows = [p.record_id for p in ppo.rollout_prompts(data, 3, knobs)]
+  firsts = [p.record_id for p in data.batch(3, 2)]
+  assert rows == [firsts[0]] * 4 + [firsts[1]] * 4
+  knobs.samples_per_prompt = 1
+  assert [p.record_id for p in ppo.rollout_prompts(data, 3, knobs)] == [
+    p.record_id for p in data.batch(3, 8)
+  ]
