@@ -80,7 +80,7 @@ def test_ppo_step_trains_only_the_adapters_and_the_value_head(output):
   assert f"[ppo] trained {2 * 2 * per_layer + d + 1:,};" in output
 
   section = _section(output, "ppo_train_step")
-  query, new, image = 128, 12, 32
+  query, new, image = 64, 12, 32  # configs/shapes_ppo.py:runlocal, copied by llava_rlhf_ppo
   batch = 2 * ROWS * (query + new) * 4 + ROWS * image * image * 3 * 4 + 5 * ROWS * new * 4
   assert _bytes(section, "batch by hand") == batch
   # jit drops inputs the step never reads: the value backbone's lm_head [64, 512] float32 (its
