@@ -88,6 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="the labeler's vision input side (0: the SFT config's 48); 96 with 16-pixel patches "
     "sees each grid cell as 2x2 patches instead of one",
   )  # fmt: skip
+  p.add_argument(
+    "--labeler_tower_lr", type=float, default=0.0,
+    help="0: the labeler keeps the pretrained tower frozen; > 0: the tower trains too, at this "
+    "multiple of the labeler's learning rate (RLAIF-V's labeler sees better than its policy)",
+  )  # fmt: skip
   p.add_argument("--labeler_steps", type=int, default=1500)
   p.add_argument("--labeler_records", type=int, default=12000)
   p.add_argument(
@@ -105,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if any(k not in LOOP_FEEDBACK for k in kinds):
     p.error(f"--feedback={args.feedback!r}: use one of {LOOP_FEEDBACK} or 'all'")
   args.kinds = kinds
+  if args.labeler_tower_lr and args.tower == "none":
+    p.error("--labeler_tower_lr scales a pretrained tower's learning rate: not with --tower=none")
   if args.labeler_image_size and args.tower != "none":
     p.error("--labeler_image_size changes the tower's input: use it with --tower=none")
   if args.quick:
@@ -327,6 +334,23 @@ def _saved_records(data_dir: pathlib.Path, make_records) -> pathlib.Path:
   return data_dir / "data.json"
 
 
+def labeler_overrides(args) -> dict[str, Any]:
+  """The labeler's changes to the SFT config: steps, sequence length, and its vision."""
+  fields = {
+    "total_steps": args.labeler_steps,
+    "checkpoint_every": max(1, args.labeler_steps // 6),
+    "keep_checkpoints": 6,
+    "data.max_length": 128,
+    "data.buckets": (96, 128),
+  }
+  if args.labeler_image_size:
+    fields["model.image_size"] = args.labeler_image_size
+  if args.labeler_tower_lr:
+    fields["trainable"] = (".*",)
+    fields["optim.lr_groups"] = (("vision_tower/.*", args.labeler_tower_lr),)
+  return fields
+
+
 def ensure_labeler(args, root: pathlib.Path, sft_hf: str) -> str:
   """A labeler trained from scratch on existence questions only (shared tokenizer)."""
   if args.labeler_from:
@@ -342,12 +366,7 @@ def ensure_labeler(args, root: pathlib.Path, sft_hf: str) -> str:
     )
   )
   data_json = _saved_records(root / "labeler_data", make)
-  config = _json_sft_config(
-    args, data_json, tokenizer=sft_hf, total_steps=args.labeler_steps,
-    checkpoint_every=max(1, args.labeler_steps // 6), keep_checkpoints=6,
-    **{"data.max_length": 128, "data.buckets": (96, 128)},
-    **({"model.image_size": args.labeler_image_size} if args.labeler_image_size else {}),
-  )  # fmt: skip
+  config = _json_sft_config(args, data_json, tokenizer=sft_hf, **labeler_overrides(args))
   print(f"=== labeler -> {root / 'labeler'}")
   return _train_and_export(config, root / "labeler", root / "labeler_hf")
 

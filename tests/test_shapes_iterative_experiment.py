@@ -1,0 +1,20 @@
+"""experiments/shapes_iterative_dpo.py: the labeler's config follows its flags."""
+
+import pytest
+
+from experiments import shapes_iterative_dpo as experiment
+from lmm_align import main
+
+
+def test_labeler_tower_flag_unfreezes_the_tower_at_a_scaled_learning_rate(tmp_path):
+  args = experiment.parse_args(["--workdir=w", "--labeler_tower_lr=0.3", "--labeler_steps=60"])
+  config = main.apply_overrides(
+    experiment._load("configs/shapes_sft.py"), experiment.labeler_overrides(args)
+  )
+  assert config.total_steps == 60 and config.checkpoint_every == 10
+  assert tuple(config.trainable) == (".*",)
+  assert [tuple(g) for g in config.optim.lr_groups] == [("vision_tower/.*", 0.3)]
+  frozen = experiment.labeler_overrides(experiment.parse_args(["--workdir=w"]))
+  assert "trainable" not in frozen and "optim.lr_groups" not in frozen  # the SFT config's
+  with pytest.raises(SystemExit):
+    experiment.parse_args(["--workdir=w", "--labeler_tower_lr=0.3", "--tower=none"])
