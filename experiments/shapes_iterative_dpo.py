@@ -93,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="0: the labeler keeps the pretrained tower frozen; > 0: the tower trains too, at this "
     "multiple of the labeler's learning rate (RLAIF-V's labeler sees better than its policy)",
   )  # fmt: skip
+  p.add_argument(
+    "--labeler_variant", default="shapes", choices=("shapes", "shapes-wide"),
+    help="the labeler's model: the policy's size, or a twice-as-wide decoder on the same tower",
+  )  # fmt: skip
   p.add_argument("--labeler_steps", type=int, default=1500)
   p.add_argument("--labeler_records", type=int, default=12000)
   p.add_argument(
@@ -342,6 +346,7 @@ def labeler_overrides(args) -> dict[str, Any]:
     "keep_checkpoints": 6,
     "data.max_length": 128,
     "data.buckets": (96, 128),
+    "model.variant": args.labeler_variant,
   }
   if args.labeler_image_size:
     fields["model.image_size"] = args.labeler_image_size

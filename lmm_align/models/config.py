@@ -218,6 +218,23 @@ VARIANTS: dict[str, ModelConfig] = {
     ),
     image_token_id=4,
   ),  # fmt: skip
+  # The shapes vision tower under a twice-as-wide decoder: a shapes-world judge (labeler)
+  # larger than the policy it labels, as RLAIF-V's labeler is.
+  "shapes-wide": ModelConfig(
+    text=TextConfig(
+      vocab_size=600,
+      hidden_size=256,
+      intermediate_size=768,
+      num_layers=4,
+      num_heads=8,
+      num_kv_heads=4,
+      head_dim=32,
+    ),
+    vision=VisionConfig(
+      image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4
+    ),
+    image_token_id=4,
+  ),  # fmt: skip
   # A few million params: CPU benchmarks.
   "small": ModelConfig(
     text=TextConfig(
