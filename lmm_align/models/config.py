@@ -177,6 +177,12 @@ _CLIP_L14_336 = VisionConfig(
 )
 
 
+# The shapes world's tower: 48-pixel scenes, one 16-pixel patch per grid cell.
+_SHAPES_VISION = VisionConfig(
+  image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4
+)
+
+
 def _vicuna(hidden: int, mlp: int, layers: int, heads: int) -> TextConfig:
   return TextConfig(
       vocab_size=32064, hidden_size=hidden, intermediate_size=mlp, num_layers=layers,
@@ -213,9 +219,7 @@ VARIANTS: dict[str, ModelConfig] = {
       num_kv_heads=2,
       head_dim=32,
     ),
-    vision=VisionConfig(
-      image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4
-    ),
+    vision=_SHAPES_VISION,
     image_token_id=4,
   ),  # fmt: skip
   # The shapes vision tower under a twice-as-wide decoder: a shapes-world judge (labeler)
@@ -230,9 +234,7 @@ VARIANTS: dict[str, ModelConfig] = {
       num_kv_heads=4,
       head_dim=32,
     ),
-    vision=VisionConfig(
-      image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4
-    ),
+    vision=_SHAPES_VISION,
     image_token_id=4,
   ),  # fmt: skip
   # A few million params: CPU benchmarks.
