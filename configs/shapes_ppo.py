@@ -59,6 +59,16 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
     # recalled); yes/no: +-1), an oracle upper bound; the RM then only starts the value model.
     reward_source="model",
     scene_recall_weight=0.5,
+    # "segments": the score is also taken of each prefix that ends before a separator token
+    # (and of the whole response), and each increment is paid at the prefix's last token, so
+    # a wrong object is charged where it was named, not spread over the whole answer
+    # (potential-based shaping: a row's rewards still sum to its score). "none": the score
+    # at the score position only (LLaVA-RLHF, TRL). Costs one RM row per segment.
+    dense_reward="none",
+    segment_separators=(",", ".", ";", "and"),
+    # Shapes prompts (data.source=shapes_prompts): the share of yes/no existence questions;
+    # the rest are "Describe the image.".
+    yes_no_fraction=0.5,
   )
   ppo.update(overrides)
   return ml_collections.ConfigDict(ppo)

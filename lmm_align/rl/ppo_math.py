@@ -156,10 +156,11 @@ def token_rewards(
   kl_coef: float,
   score_position: str = "eos",
   reward_scale: float = 1.0,
+  dense: Array | None = None,
 ) -> Array:
   """Per-token shaped rewards (Ziegler et al. 2019, arXiv 1909.08593; Ouyang et al. 2022):
 
-      r_t = reward_scale * (-kl_coef * kl_t * m_t + [t == t*] * score)
+      r_t = reward_scale * (-kl_coef * kl_t * m_t + [t == t*] * score + dense_t * m_t)
 
   with t* the last response token (`score_position="eos"`, TRL) or the last column T - 1 of
   the padded response (`"last_column"`, LLaVA-RLHF). LLaVA-RLHF: kl_coef = 0.1, k1 clamped at
@@ -173,6 +174,8 @@ def token_rewards(
     kl_coef: KL penalty coefficient beta.
     score_position: "eos" or "last_column" (static).
     reward_scale: multiplies the shaped rewards (1 for TRL; 10 for LLaVA-RLHF).
+    dense: [B, T] rewards placed inside the response (segment increments,
+      `rewards.segment_rewards`), or None.
 
   Returns:
     float32 [B, T].
@@ -186,6 +189,8 @@ def token_rewards(
     raise ValueError(f"unknown score_position {score_position!r}; use 'eos' or 'last_column'")
   penalty = -kl_coef * jnp.where(mask.astype(bool), kl.astype(jnp.float32), 0.0)
   placed = jax.nn.one_hot(index, T, dtype=jnp.float32) * score.astype(jnp.float32)[:, None]
+  if dense is not None:
+    placed = placed + jnp.where(mask.astype(bool), dense.astype(jnp.float32), 0.0)
   return reward_scale * (penalty + placed)
 
 

@@ -104,3 +104,43 @@ def sequence_scores(
     "length_term": length,
     "missing_stop": missing.astype(np.float32),
   }
+
+
+# --------------------------------------------------------------------------------------------
+# Segment-level rewards: a sequence-level scorer turned dense by scoring the response's
+# prefixes (potential-based shaping, Ng et al. 1999: the increments sum to the full score).
+# --------------------------------------------------------------------------------------------
+
+
+def separator_token_ids(tokenizer, separators: Sequence[str]) -> frozenset[int]:
+  """Ids of the tokens whose decoded text, stripped, is one of `separators` (",", "and"...)."""
+  wanted = set(separators)
+  return frozenset(i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() in wanted)
+
+
+def segment_ends(tokens: Sequence[int], separator_ids: frozenset[int]) -> list[int]:
+  """Indices of the last token of each segment: every token followed by a separator token,
+  and the response's last token (so the last prefix is the whole response). A separator
+  itself opens the next segment, so a prefix ends on the words before it ("a red star", not
+  "a red star and")."""
+  if not tokens:
+    return []
+  ends = [i for i in range(len(tokens) - 1) if tokens[i + 1] in separator_ids]
+  return [*ends, len(tokens) - 1]
+
+
+def segment_rewards(
+  prefix_scores: Sequence[Sequence[float]], ends: Sequence[Sequence[int]], width: int
+) -> np.ndarray:
+  """Dense rewards [B, width]: row b gets prefix_scores[b][k] - prefix_scores[b][k - 1] at
+  ends[b][k] (the empty prefix scores 0), so a row sums to the score of its whole response and
+  a segment that lowers the score (a wrong object named) is charged where it was said."""
+  out = np.zeros((len(ends), width), np.float32)
+  for b, (scores, where) in enumerate(zip(prefix_scores, ends)):
+    if len(scores) != len(where):
+      raise ValueError(f"row {b}: {len(scores)} prefix scores for {len(where)} segment ends")
+    previous = 0.0
+    for score, t in zip(scores, where):
+      out[b, t] += float(score) - previous
+      previous = float(score)
+  return out

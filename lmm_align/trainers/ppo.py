@@ -105,8 +105,11 @@ def advantages_and_returns(
   scores: jax.Array,
   mask: jax.Array,
   ppo: ml_collections.ConfigDict,
+  dense: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Per-token shaped rewards -> GAE -> whitened advantages (see lmm_align.rl.ppo_math).
+  `scores` sit at the score position; `dense` [B, N] (segment increments) where they were
+  earned.
 
   LLaVA-RLHF: k1 clamped at 0, coef 0.1, score on the last column, rewards x10 (no
   whitening), GAE over all columns with gamma = lam = 1, advantages whitened over the whole
@@ -120,6 +123,7 @@ def advantages_and_returns(
     ppo.kl_coef,
     ppo.score_position,
     1.0 if ppo.whiten_rewards else ppo.reward_scale,
+    dense,
   )
   if ppo.whiten_rewards:
     shaped = ppo_math.masked_whiten(shaped, mask, shift_mean=False)
@@ -235,7 +239,7 @@ def prompt_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
   if d.source == "shapes_prompts":
     world = sources.shapes_world_config(config)
     return preference_sources.shapes_ppo_prompts(
-      d.shapes.num_train, world, seed=d.shapes.seed
+      d.shapes.num_train, world, seed=d.shapes.seed, yes_no_fraction=config.ppo.yes_no_fraction
     ), Counter()
   if d.source == "llava_rlhf_prompts":
     return preference_sources.read_ppo_prompts(
@@ -335,8 +339,9 @@ class Rollouts:
     self._values = jax.jit(lambda v, h, b: response_values(value_model, value_head, v, h, b))
     self._scores = jax.jit(lambda p, h, b: reward_scores(rm.model, self.rm_head, p, h, b))
     self._advantages = jax.jit(
-      lambda o, r, v, s, m: advantages_and_returns(o, r, v, s, m, self.ppo)
+      lambda o, r, v, s, m, d: advantages_and_returns(o, r, v, s, m, self.ppo, d)
     )
+    self.separator_ids = rewards.separator_token_ids(tokenizer, self.ppo.segment_separators)
 
   def sampling_params(self, params: dict, frozen: dict) -> Any:
     if frozen["policy_base"] is None:
@@ -355,12 +360,18 @@ class Rollouts:
     return np.stack(images)[:, None]
 
   def _forward_chunks(self, fn, batch: dict, size: int) -> np.ndarray:
-    """fn over row chunks of `size` (one compiled shape), concatenated on the host."""
+    """fn over row chunks of `size` (one compiled shape), concatenated on the host. A short
+    last chunk is filled with copies of its first row (and their outputs dropped), so a row
+    count that varies by iteration (scored prefixes) compiles nothing new."""
+    n = len(batch["input_ids"])
     out = []
-    for start in range(0, len(batch["input_ids"]), size):
+    for start in range(0, n, size):
       chunk = {k: v[start : start + size] for k, v in batch.items()}
+      short = size - len(chunk["input_ids"])
+      if short:
+        chunk = {k: np.concatenate([v, np.repeat(v[:1], short, 0)]) for k, v in chunk.items()}
       out.append(np.asarray(jax.device_get(fn(sharding.global_batch_from_local(chunk, self.mesh)))))
-    return np.concatenate(out)
+    return np.concatenate(out)[:n]
 
   def collect(
     self, params: dict, frozen: dict, prompts: Sequence[Prompt], rng: jax.Array, iteration: int
@@ -408,10 +419,24 @@ class Rollouts:
     values = self._forward_chunks(
       lambda b: self._values(value_vars, params["value"]["head"], b), batch, size
     )
-    if ppo.reward_source == "scene":
-      rm_scores = scene_scores(prompts, texts, ppo.scene_recall_weight)
+    responses = [c.tokens for c in cut]
+    if ppo.dense_reward == "segments":
+      # Every prefix that ends a segment is scored; the last prefix is the whole response.
+      ends = [rewards.segment_ends(r, self.separator_ids) for r in responses]
+      rows = [b for b, e in enumerate(ends) for _ in e]
+      prefixes = [responses[b][: t + 1] for b, e in enumerate(ends) for t in e]
     else:
-      rm_scores = self._score(prompts, cut, pixels, iteration)
+      ends, rows, prefixes = None, list(range(len(cut))), responses
+    flat = self._model_or_scene_scores(prompts, rows, prefixes, pixels, iteration)
+    dense = np.zeros(r_mask.shape, np.float32)
+    if ends is None:
+      rm_scores = flat
+    else:
+      splits = np.cumsum([len(e) for e in ends])[:-1]
+      per_row = np.split(flat, splits)
+      rm_scores = np.array([s[-1] for s in per_row], np.float32)
+      dense = rewards.segment_rewards(per_row, ends, ppo.max_new_tokens)
+      timings["reward/segments"] = float(np.mean([len(e) for e in ends]))
     parts = rewards.sequence_scores(
       rm_scores, texts, r_mask.sum(1), np.array([c.has_stop for c in cut]),
       np.array([p.caption_type for p in prompts]), np.array([p.length_bonus for p in prompts]),
@@ -421,8 +446,11 @@ class Rollouts:
     scores = parts["score"]
     if ppo.prompt_baseline:
       scores = np.asarray(ppo_math.leave_one_out_scores(scores, ppo.samples_per_prompt))
+    # What the segments did not already pay (symbolic terms, the baseline) goes at the end.
     adv = jax.device_get(
-      self._advantages(old_logps, ref_logps, values, scores, r_mask.astype(np.float32))
+      self._advantages(
+        old_logps, ref_logps, values, scores - dense.sum(1), r_mask.astype(np.float32), dense
+      )
     )
     batch.update(
       old_logps=old_logps.astype(np.float32), old_values=values.astype(np.float32),
@@ -439,24 +467,41 @@ class Rollouts:
     }
     return batch, metrics, texts
 
-  def _score(self, prompts, cut, pixels, iteration: int) -> np.ndarray:
-    """RM(query + response + evaluation prompt): facts shuffled per example and iteration."""
+  def _model_or_scene_scores(
+    self, prompts, rows: Sequence[int], responses: Sequence[Sequence[int]], pixels, iteration
+  ) -> np.ndarray:
+    """The score of each response (token ids) to prompts[rows[i]]: [len(responses)]."""
+    if self.ppo.reward_source == "scene":
+      eos = self.tokenizer.eos_token_id
+      texts = [
+        self.tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True)
+        for r in responses
+      ]
+      return scene_scores([prompts[b] for b in rows], texts, self.ppo.scene_recall_weight)
+    return self._score(prompts, rows, responses, pixels, iteration)
+
+  def _score(self, prompts, rows, responses, pixels, iteration: int) -> np.ndarray:
+    """RM(query + response + evaluation prompt): facts shuffled per prompt row and iteration
+    (the prefixes of one response share its order, so their differences carry no shuffle)."""
     from lmm_align.data import reward_data
 
     rng = np.random.default_rng([self.config.seed, iteration, 17])
-    rows = []
-    for p, c in zip(prompts, cut):
-      suffix = reward_data.reward_suffix(
-        self.rm.prompt, p.facts, rng, fact_augmented=self.rm.fact_augmented, rationale=p.rationale
+    suffixes = [
+      reward_data.suffix_ids(
+        reward_data.reward_suffix(
+          self.rm.prompt, p.facts, rng, fact_augmented=self.rm.fact_augmented,
+          rationale=p.rationale,
+        ),
+        self.tokenizer,
       )
-      rows.append(
-        list(p.input_ids) + list(c.tokens) + reward_data.suffix_ids(suffix, self.tokenizer)
-      )
-    length = sampling.bucket_length(max(len(r) for r in rows), tuple(self.ppo.reward_buckets))
-    ids, mask = _right_pad(rows, length, self.tokenizer.pad_token_id)
+      for p in prompts
+    ]  # fmt: skip
+    ids_rows = [list(prompts[b].input_ids) + list(r) + suffixes[b] for b, r in zip(rows, responses)]
+    length = sampling.bucket_length(max(len(r) for r in ids_rows), tuple(self.ppo.reward_buckets))
+    ids, mask = _right_pad(ids_rows, length, self.tokenizer.pad_token_id)
     batch = {"input_ids": ids, "attention_mask": mask}
     if pixels is not None:
-      batch["pixel_values"] = pixels
+      batch["pixel_values"] = pixels[np.asarray(rows)]
     return self._forward_chunks(
       lambda b: self._scores(self.rm.backbone, self.rm.head, b), batch, self.ppo.forward_batch_size
     )
@@ -603,6 +648,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
   if ppo.prompt_baseline and ppo.samples_per_prompt < 2:
     raise ValueError("ppo.prompt_baseline needs ppo.samples_per_prompt >= 2")
+  if ppo.dense_reward not in ("none", "segments"):
+    raise ValueError(f"ppo.dense_reward={ppo.dense_reward!r}: use 'none' or 'segments'")
   loop.write_config(config, workdir)
   mesh = sharding.mesh_from_config(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)

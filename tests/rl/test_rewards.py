@@ -35,11 +35,15 @@ def test_unknown_answer_type_is_an_error():
 
 def test_truncation_at_stop_and_at_question_mark():
   eos, q = 2, 7
-  assert rewards.truncate_response([5, 6, eos, 0, 0], (eos,)) == rewards.Truncated([5, 6, eos], True)
+  assert rewards.truncate_response([5, 6, eos, 0, 0], (eos,)) == rewards.Truncated(
+    [5, 6, eos], True
+  )
   assert rewards.truncate_response([5, 6, 8], (eos,)) == rewards.Truncated([5, 6, 8], False)
   # The '?' cut wins even after the stop token, and the cut response has no stop token.
   assert rewards.truncate_response([5, q, 6, eos], (eos,), (q,)) == rewards.Truncated([5, q], False)
-  assert rewards.truncate_response([5, eos, q], (eos,), (q,)) == rewards.Truncated([5, eos, q], True)
+  assert rewards.truncate_response([5, eos, q], (eos,), (q,)) == rewards.Truncated(
+    [5, eos, q], True
+  )
 
 
 def test_sequence_scores_by_hand():
@@ -69,3 +73,37 @@ def test_sequence_scores_by_hand():
     rewards.SymbolicRewardConfig(stop_penalty=-8.0, relative_stop_penalty=False),
   )  # fmt: skip
   np.testing.assert_allclose(absolute["score"], [3.0, -8.0])
+
+
+class _WordTokenizer:
+  """Token i decodes to WORDS[i] (byte-level BPE decodes a leading space the same way)."""
+
+  WORDS = ["<pad>", " a", " red", " star", ",", " and", " blue", " circle", ".", "</s>", "band"]
+
+  def __len__(self):
+    return len(self.WORDS)
+
+  def decode(self, ids):
+    return "".join(self.WORDS[i] for i in ids)
+
+
+def test_segments_end_before_each_separator_and_at_the_last_token():
+  ids = rewards.separator_token_ids(_WordTokenizer(), (",", ".", "and"))
+  assert ids == frozenset({4, 5, 8})  # "band" is not "and"
+  #          a  red star ,  a  blue circle and a  red star .  </s>
+  tokens = [1, 2, 3, 4, 1, 6, 7, 5, 1, 2, 3, 8, 9]
+  assert rewards.segment_ends(tokens, ids) == [2, 6, 10, 12]
+  assert rewards.segment_ends([1, 2], ids) == [1]
+  assert rewards.segment_ends([4, 4], ids) == [0, 1]  # back-to-back separators: an empty step
+  assert rewards.segment_ends([], ids) == []
+
+
+def test_segment_rewards_pay_each_increment_where_its_segment_ends():
+  dense = rewards.segment_rewards([[0.5, -0.5, 0.0], [1.0]], [[2, 6, 9], [0]], width=10)
+  expected = np.zeros((2, 10), np.float32)
+  expected[0, [2, 6, 9]] = [0.5, -1.0, 0.5]
+  expected[1, 0] = 1.0
+  np.testing.assert_allclose(dense, expected)
+  np.testing.assert_allclose(dense.sum(1), [0.0, 1.0])  # each row sums to its last prefix
+  with pytest.raises(ValueError, match="row 0: 2 prefix scores for 3 segment ends"):
+    rewards.segment_rewards([[0.5, 1.0]], [[1, 2, 3]], width=4)

@@ -168,7 +168,9 @@ def test_prompts_without_a_scene_fail_or_are_counted_before_training(models, mon
 def test_rollout_prompts_repeat_each_prompt_in_consecutive_rows():
   import ml_collections
 
-  prompts = [ppo.Prompt(f"p{i}", "q", np.zeros(1, np.int32), None, 0, 1.0, [], None) for i in range(8)]
+  prompts = [
+    ppo.Prompt(f"p{i}", "q", np.zeros(1, np.int32), None, 0, 1.0, [], None) for i in range(8)
+  ]
   data = ppo.PromptData(prompts, seed=0, stats={})
   knobs = ml_collections.ConfigDict(dict(rollout_batch_size=8, samples_per_prompt=4))
   rows = [p.record_id for p in ppo.rollout_prompts(data, 3, knobs)]
@@ -178,3 +180,29 @@ def test_rollout_prompts_repeat_each_prompt_in_consecutive_rows():
   assert [p.record_id for p in ppo.rollout_prompts(data, 3, knobs)] == [
     p.record_id for p in data.batch(3, 8)
   ]
+
+
+def test_segment_rewards_keep_each_score_and_change_only_where_it_is_paid(models, tmp_path):
+  """ppo.dense_reward=segments scores every prefix; the last one is the whole response with the
+  same fact order, so the sequence scores equal the sparse run's on the same rollouts, while
+  the per-token rewards, and so the update, differ."""
+  root, _ = models
+  one = {"mesh.sizes": (1, 1, 1), "mesh.num_devices": 1, "total_steps": 1}
+  ppo.train(_config(root, **one), str(tmp_path / "sparse"))
+  ppo.train(_config(root, **one, **{"ppo.dense_reward": "segments"}), str(tmp_path / "dense"))
+  (sparse,), (dense,) = _metrics(tmp_path / "sparse"), _metrics(tmp_path / "dense")
+  for key in ("reward/score", "reward/rm", "kl", "response_tokens"):
+    assert dense[key] == pytest.approx(sparse[key], rel=1e-4, abs=1e-5), key
+  assert dense["reward/segments"] >= 1.0 and "reward/segments" not in sparse
+  assert dense["policy_loss"] != pytest.approx(sparse["policy_loss"], rel=1e-3)
+  with pytest.raises(ValueError, match="dense_reward"):
+    ppo.train(_config(root, **one, **{"ppo.dense_reward": "tokens"}), str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("fraction, describe", [(0.0, 32), (1.0, 0)])
+def test_yes_no_fraction_sets_the_share_of_existence_questions(fraction, describe):
+  config = shapes_ppo.get_config("runlocal")
+  config.ppo.yes_no_fraction = fraction
+  records, _ = ppo.prompt_records(config)
+  assert sum(r["question"] == "Describe the image." for r in records) == describe
+  assert len(records) == config.data.shapes.num_train == 32

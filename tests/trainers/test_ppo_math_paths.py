@@ -20,6 +20,18 @@ def _rollout(seed=0, b=3, n=6):
   return old, ref, values, scores, mask
 
 
+def _numpy_gae(shaped, values, last, gamma, lam):
+  """GAE by its definition, token by token, each row ending at its last response token."""
+  adv = np.zeros(shaped.shape)
+  for i in range(shaped.shape[0]):
+    running = 0.0
+    for t in reversed(range(last[i] + 1)):
+      next_v = values[i, t + 1] if t < last[i] else 0.0
+      running = shaped[i, t] + gamma * next_v - values[i, t] + gamma * lam * running
+      adv[i, t] = running
+  return adv
+
+
 def test_llava_rlhf_quirks_match_a_numpy_transcription():
   ppo = llava_rlhf_ppo.get_config().ppo
   old, ref, values, scores, mask = _rollout()
@@ -44,14 +56,7 @@ def test_textbook_path_scores_at_eos_and_discounts_within_the_response():
   shaped = -ppo.kl_coef * (old - ref) * mask
   last = mask.sum(1).astype(int) - 1
   shaped[np.arange(b), last] += scores
-  adv = np.zeros((b, n))
-  for i in range(b):
-    running = 0.0
-    for t in reversed(range(last[i] + 1)):
-      next_v = values[i, t + 1] if t < last[i] else 0.0
-      delta = shaped[i, t] + ppo.gamma * next_v - values[i, t]
-      running = delta + ppo.gamma * ppo.lam * running
-      adv[i, t] = running
+  adv = _numpy_gae(shaped, values, last, ppo.gamma, ppo.lam)
   returns = (adv + values) * mask
   real = adv[mask > 0]
   whitened = (adv - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8)
@@ -60,3 +65,24 @@ def test_textbook_path_scores_at_eos_and_discounts_within_the_response():
     np.where(mask > 0, out["advantages"], 0), np.where(mask > 0, whitened, 0), rtol=1e-4, atol=1e-4
   )
   np.testing.assert_allclose(out["kl_per_sequence"], ((old - ref) * mask).sum(1), rtol=1e-5)
+
+
+def test_dense_segment_rewards_enter_gae_where_they_were_earned():
+  """ppo.dense_reward=segments: increments inside the response join the KL penalty and the
+  end score in the per-token rewards, r_t = -beta * kl_t + dense_t + [t = last] * score."""
+  ppo: ml_collections.ConfigDict = shapes_ppo.ppo_config(lam=0.9)
+  old, ref, values, scores, mask = _rollout(2)
+  b, n = mask.shape
+  dense = np.zeros((b, n), np.float32)
+  dense[0, [1, 4]] = [0.5, -1.0]
+  dense[1, 0] = 2.0
+  dense[2, 3] = 7.0  # past row 2's single token: masked out
+  out = advantages_and_returns(old, ref, values, scores, mask, ppo, dense)
+  shaped = -ppo.kl_coef * (old - ref) * mask + dense * mask
+  last = mask.sum(1).astype(int) - 1
+  shaped[np.arange(b), last] += scores
+  adv = _numpy_gae(shaped, values, last, ppo.gamma, ppo.lam)
+  np.testing.assert_allclose(out["returns"], (adv + values) * mask, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["shaped_reward_sum"], shaped.sum(1), rtol=1e-5, atol=1e-5)
+  sparse = advantages_and_returns(old, ref, values, scores, mask, ppo)
+  assert not np.allclose(sparse["returns"], out["returns"])
