@@ -465,6 +465,8 @@ class Rollouts:
       "response_tokens": float(r_mask.sum(1).mean()),
       **timings,
     }
+    if ppo.reward_source == "model" and all(p.scene is not None for p in prompts):
+      metrics.update(scene_monitor(prompts, texts, parts["rm_score"], ppo.scene_recall_weight))
     return batch, metrics, texts
 
   def _model_or_scene_scores(
@@ -527,6 +529,19 @@ def scene_scores(
       label = "yes" if prompt.caption_type == rewards.YES_IN_YESNO else "no"
       out[i] = 1.0 if shapes_metrics.score_yes_no(text, label) else -1.0
   return out
+
+
+def scene_monitor(
+  prompts: Sequence[Prompt], texts: Sequence[str], rm_scores: np.ndarray, recall_weight: float
+) -> dict[str, float]:
+  """The ground truth beside a reward model's scores, for shapes prompts: its mean score
+  (`reward/scene`; it falls while `reward/rm` rises when the RM is exploited) and the Pearson
+  correlation of the two over the batch (`reward/rm_scene_corr`). Logged, never optimised."""
+  truth = scene_scores(prompts, texts, recall_weight)
+  rm = np.asarray(rm_scores, np.float64)
+  both_vary = truth.std() > 0 and rm.std() > 0
+  corr = float(np.corrcoef(rm, truth)[0, 1]) if both_vary else 0.0
+  return {"reward/scene": float(truth.mean()), "reward/rm_scene_corr": corr}
 
 
 def plain_or(model: Llava, variables: dict) -> Llava:

@@ -135,6 +135,14 @@ def test_scene_scores_are_the_ground_truth_on_descriptions_only():
   yes, no = rewards.YES_IN_YESNO, rewards.NO_IN_YESNO
   prompts = [prompt(rewards.GENERAL), prompt(rewards.GENERAL), prompt(yes), prompt(yes), prompt(no)]
   np.testing.assert_allclose(ppo.scene_scores(prompts, texts, 0.5), [-0.5, 1.0, 1.0, -1.0, 1.0])
+  # The monitor beside a reward model: the mean of those scores and Pearson's r against it.
+  rm = np.array([2.0, 1.0, 0.0, 3.0, -1.0])
+  monitor = ppo.scene_monitor(prompts, texts, rm, 0.5)
+  assert monitor["reward/scene"] == pytest.approx(np.mean([-0.5, 1.0, 1.0, -1.0, 1.0]))
+  expected_r = np.corrcoef(rm, [-0.5, 1.0, 1.0, -1.0, 1.0])[0, 1]
+  assert monitor["reward/rm_scene_corr"] == pytest.approx(expected_r)
+  flat = ppo.scene_monitor(prompts, texts, np.ones(5), 0.5)
+  assert flat["reward/rm_scene_corr"] == 0.0  # an RM that scores all alike: no correlation
   with pytest.raises(ValueError, match="'p' has no scene"):
     ppo.scene_scores([prompt(rewards.GENERAL, None)], texts[:1], 0.5)
 
@@ -194,6 +202,8 @@ def test_segment_rewards_keep_each_score_and_change_only_where_it_is_paid(models
   for key in ("reward/score", "reward/rm", "kl", "response_tokens"):
     assert dense[key] == pytest.approx(sparse[key], rel=1e-4, abs=1e-5), key
   assert dense["reward/segments"] >= 1.0 and "reward/segments" not in sparse
+  assert dense["reward/scene"] == pytest.approx(sparse["reward/scene"])  # the monitor's
+  assert -1.0 <= sparse["reward/rm_scene_corr"] <= 1.0
   assert dense["policy_loss"] != pytest.approx(sparse["policy_loss"], rel=1e-3)
   with pytest.raises(ValueError, match="dense_reward"):
     ppo.train(_config(root, **one, **{"ppo.dense_reward": "tokens"}), str(tmp_path / "bad"))
