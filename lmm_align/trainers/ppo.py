@@ -466,7 +466,11 @@ class Rollouts:
       **timings,
     }
     if ppo.reward_source == "model" and all(p.scene is not None for p in prompts):
-      metrics.update(scene_monitor(prompts, texts, parts["rm_score"], ppo.scene_recall_weight))
+      metrics.update(
+        scene_monitor(
+          prompts, texts, parts["rm_score"], ppo.scene_recall_weight, ppo.samples_per_prompt
+        )
+      )
     return batch, metrics, texts
 
   def _model_or_scene_scores(
@@ -532,16 +536,36 @@ def scene_scores(
 
 
 def scene_monitor(
-  prompts: Sequence[Prompt], texts: Sequence[str], rm_scores: np.ndarray, recall_weight: float
+  prompts: Sequence[Prompt],
+  texts: Sequence[str],
+  rm_scores: np.ndarray,
+  recall_weight: float,
+  group_size: int = 1,
 ) -> dict[str, float]:
-  """The ground truth beside a reward model's scores, for shapes prompts: its mean score
-  (`reward/scene`; it falls while `reward/rm` rises when the RM is exploited) and the Pearson
-  correlation of the two over the batch (`reward/rm_scene_corr`). Logged, never optimised."""
+  """The ground truth beside a reward model's scores, for shapes prompts. Logged, never
+  optimised:
+    reward/scene          its mean score; it falls while reward/rm rises when the RM is
+                          exploited
+    reward/rm_scene_corr  Pearson's r of the two over the batch
+    reward/rm_pair_agreement  with several samples per prompt (consecutive rows of
+                          `group_size`): of the same-prompt pairs the scene orders, the share
+                          the RM orders the same way, the ranking that PPO's update acts on
+                          (ties in the RM count as disagreement)"""
   truth = scene_scores(prompts, texts, recall_weight)
   rm = np.asarray(rm_scores, np.float64)
   both_vary = truth.std() > 0 and rm.std() > 0
   corr = float(np.corrcoef(rm, truth)[0, 1]) if both_vary else 0.0
-  return {"reward/scene": float(truth.mean()), "reward/rm_scene_corr": corr}
+  out = {"reward/scene": float(truth.mean()), "reward/rm_scene_corr": corr}
+  if group_size > 1:
+    agree = ordered = 0
+    for start in range(0, len(truth), group_size):
+      t, r = truth[start : start + group_size], rm[start : start + group_size]
+      i, j = np.triu_indices(len(t), 1)
+      decided = t[i] != t[j]
+      ordered += int(decided.sum())
+      agree += int(((r[i] - r[j]) * (t[i] - t[j]) > 0)[decided].sum())
+    out["reward/rm_pair_agreement"] = agree / ordered if ordered else float("nan")
+  return out
 
 
 def plain_or(model: Llava, variables: dict) -> Llava:

@@ -143,6 +143,11 @@ def test_scene_scores_are_the_ground_truth_on_descriptions_only():
   assert monitor["reward/rm_scene_corr"] == pytest.approx(expected_r)
   flat = ppo.scene_monitor(prompts, texts, np.ones(5), 0.5)
   assert flat["reward/rm_scene_corr"] == 0.0  # an RM that scores all alike: no correlation
+  # Two prompts of two samples each (rows 0-1 and 2-3):
+  # the scene orders (0, 1) and (2, 3); the RM agrees on (2, 3) only.
+  rm = np.array([2.0, 1.0, 4.0, 3.0])
+  grouped = ppo.scene_monitor(prompts[:4], texts[:4], rm, 0.5, group_size=2)
+  assert grouped["reward/rm_pair_agreement"] == 0.5
   with pytest.raises(ValueError, match="'p' has no scene"):
     ppo.scene_scores([prompt(rewards.GENERAL, None)], texts[:1], 0.5)
 
