@@ -38,6 +38,18 @@ def _config(root, **overrides):
   return main.apply_overrides(config, overrides)
 
 
+@pytest.fixture(scope="module")
+def one_iteration(models, tmp_path_factory):
+  """One PPO iteration on one device: the sparse run the export and segment tests share."""
+  root, _ = models
+  workdir = tmp_path_factory.mktemp("ppo_one") / "run"
+  ppo.train(_config(root, **_ONE_ITERATION), str(workdir))
+  return workdir
+
+
+_ONE_ITERATION = {"mesh.sizes": (1, 1, 1), "mesh.num_devices": 1, "total_steps": 1}
+
+
 def _metrics(workdir):
   return [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -79,7 +91,7 @@ def test_vanilla_policy_with_a_fact_reward_model_is_refused(models, tmp_path):
     ppo.train(_config(root, **{"ppo.fact_augmented": False}), str(tmp_path / "bad"))
 
 
-def test_export_writes_the_trained_policy(models, tmp_path):
+def test_export_writes_the_trained_policy(models, one_iteration, tmp_path):
   """`lmm-align export` of a PPO run: the policy's LoRA merged into an HF folder whose logits
   are the trained policy's (the value model is not exported)."""
   from lmm_align import hf
@@ -87,14 +99,11 @@ def test_export_writes_the_trained_policy(models, tmp_path):
   from lmm_align.trainers import export, modelling
   from lmm_align.trainers.sft import model_variables
 
-  root, _ = models
-  config = _config(root, total_steps=1, **{"mesh.sizes": (1, 1, 1), "mesh.num_devices": 1})
-  ppo.train(config, str(tmp_path / "run"))
-  export.export_workdir(str(tmp_path / "run"), str(tmp_path / "hf"))
-  config = export.load_workdir_config(str(tmp_path / "run"))
-  tokenizer = export.sources.tokenizer_for(config, str(tmp_path / "run"))
+  export.export_workdir(str(one_iteration), str(tmp_path / "hf"))
+  config = export.load_workdir_config(str(one_iteration))
+  tokenizer = export.sources.tokenizer_for(config, str(one_iteration))
   policy_model = Llava(modelling.model_config_for(config, tokenizer))
-  policy, base, _ = ppo.restore_policy(config, str(tmp_path / "run"), policy_model)
+  policy, base, _ = ppo.restore_policy(config, str(one_iteration), policy_model)
   assert base is not None  # LoRA: the merge is what the folder holds
   ids, pixels = dummy_inputs(policy_model.config, batch=2)
   ids = ids.at[:, -4:].set(np.arange(4) + 10)
@@ -195,15 +204,16 @@ def test_rollout_prompts_repeat_each_prompt_in_consecutive_rows():
   ]
 
 
-def test_segment_rewards_keep_each_score_and_change_only_where_it_is_paid(models, tmp_path):
+def test_segment_rewards_keep_each_score_and_change_only_where_it_is_paid(
+  models, one_iteration, tmp_path
+):
   """ppo.dense_reward=segments scores every prefix; the last one is the whole response with the
   same fact order, so the sequence scores equal the sparse run's on the same rollouts, while
   the per-token rewards, and so the update, differ."""
   root, _ = models
-  one = {"mesh.sizes": (1, 1, 1), "mesh.num_devices": 1, "total_steps": 1}
-  ppo.train(_config(root, **one), str(tmp_path / "sparse"))
+  one = _ONE_ITERATION
   ppo.train(_config(root, **one, **{"ppo.dense_reward": "segments"}), str(tmp_path / "dense"))
-  (sparse,), (dense,) = _metrics(tmp_path / "sparse"), _metrics(tmp_path / "dense")
+  (sparse,), (dense,) = _metrics(one_iteration), _metrics(tmp_path / "dense")
   for key in ("reward/score", "reward/rm", "kl", "response_tokens"):
     assert dense[key] == pytest.approx(sparse[key], rel=1e-4, abs=1e-5), key
   assert dense["reward/segments"] >= 1.0 and "reward/segments" not in sparse
