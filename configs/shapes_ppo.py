@@ -22,7 +22,7 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
     fact_augmented=True,  # must match the reward model
     query_len=128,  # prompts are left-padded to this; longer ones are dropped (LLaVA-RLHF: 128)
     max_new_tokens=48,  # response columns (LLaVA-RLHF: 896)
-    temperature=1.0,
+    temperature=1.0,  # of the rollouts; log-probs, ratios and KL are taken under it too (TRL)
     top_p=1.0,
     top_k=0,
     truncate_at_question_mark=False,  # LLaVA-RLHF's quirk: cut after the first '?' token

@@ -67,11 +67,19 @@ def _hidden_or_logits(model: Llava, variables: dict, batch: dict, with_logits: b
   )
 
 
-def response_logps(model: Llava, variables: dict, batch: dict) -> jax.Array:
-  """log pi(response token t | query, response_<t): float32 [B, N], 0 off the response."""
+def response_logps(
+  model: Llava, variables: dict, batch: dict, temperature: float = 1.0
+) -> jax.Array:
+  """log pi(response token t | query, response_<t): float32 [B, N], 0 off the response.
+
+  pi is the distribution the rollouts were sampled from, softmax(logits / temperature), so
+  that the ratios and the KL penalty refer to it at any sampling temperature (TRL does the
+  same; top-k / top-p truncation is not modelled)."""
   n = batch["response_mask"].shape[1]
-  logits = _hidden_or_logits(model, variables, batch, True).logits
-  logp = token_logprobs(logits[:, -n - 1 : -1], batch["input_ids"][:, -n:])
+  logits = _hidden_or_logits(model, variables, batch, True).logits[:, -n - 1 : -1]
+  if temperature != 1.0:
+    logits = logits.astype(jnp.float32) / temperature
+  logp = token_logprobs(logits, batch["input_ids"][:, -n:])
   return jnp.where(batch["response_mask"] > 0, logp, 0.0)
 
 
@@ -165,7 +173,8 @@ def ppo_train_step(
 
   def loss_fn(params):
     p = optim.merge_params(params, frozen_params)
-    logp = response_logps(policy_model, model_variables(p["policy"], frozen["policy_base"]), batch)
+    policy_vars = model_variables(p["policy"], frozen["policy_base"])
+    logp = response_logps(policy_model, policy_vars, batch, ppo.temperature)
     values = response_values(
       value_model,
       value_head,
@@ -335,7 +344,9 @@ class Rollouts:
     )  # fmt: skip
     lora = policy_model.config.runtime.lora
     self._merge = jax.jit(lambda base, adapters: merge_lora(base, adapters, lora))
-    self._logps = jax.jit(lambda v, b: response_logps(plain_or(policy_model, v), v, b))
+    self._logps = jax.jit(
+      lambda v, b: response_logps(plain_or(policy_model, v), v, b, self.ppo.temperature)
+    )
     self._values = jax.jit(lambda v, h, b: response_values(value_model, value_head, v, h, b))
     self._scores = jax.jit(lambda p, h, b: reward_scores(rm.model, self.rm_head, p, h, b))
     self._advantages = jax.jit(

@@ -86,3 +86,34 @@ def test_dense_segment_rewards_enter_gae_where_they_were_earned():
   np.testing.assert_allclose(out["shaped_reward_sum"], shaped.sum(1), rtol=1e-5, atol=1e-5)
   sparse = advantages_and_returns(old, ref, values, scores, mask, ppo)
   assert not np.allclose(sparse["returns"], out["returns"])
+
+
+def test_response_logps_are_taken_under_the_sampling_temperature():
+  """log softmax(logits / T) at each response token, against numpy; T = 1 is the plain one."""
+  import jax
+  import jax.numpy as jnp
+
+  from lmm_align.models.config import get_variant
+  from lmm_align.models.llava import Llava, dummy_inputs
+  from lmm_align.trainers.ppo import response_logps
+
+  model = Llava(get_variant("tiny"))
+  ids, pixels = dummy_inputs(model.config, batch=2)
+  n = 3
+  ids = ids.at[:, -n:].set(jnp.array([[5, 6, 7], [8, 9, 10]]))
+  variables = model.init(jax.random.key(0), ids, pixel_values=pixels)
+  mask = np.array([[1, 1, 1], [1, 1, 0]], np.int32)
+  batch = {
+    "input_ids": ids,
+    "pixel_values": pixels,
+    "attention_mask": jnp.ones_like(ids),
+    "response_mask": mask,
+  }
+  logits = np.asarray(model.apply(variables, ids, pixel_values=pixels).logits, np.float64)
+  for temperature in (1.0, 0.7):
+    scaled = logits[:, -n - 1 : -1] / temperature
+    logp = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    logp -= scaled.max(-1, keepdims=True)
+    expected = np.take_along_axis(logp, np.asarray(ids[:, -n:])[..., None], -1)[..., 0] * mask
+    got = response_logps(model, variables, batch, temperature)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
