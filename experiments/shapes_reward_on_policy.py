@@ -1,0 +1,204 @@
+"""How a reward model scores the policy's own samples, against the shapes scene (CPU):
+
+  python experiments/shapes_reward_on_policy.py --reward_model=/tmp/rm_fact_hf \\
+      --round_dir=/tmp/iter/rlaifv/round_1 [--num_prompts=128] [--out=report.json]
+
+ROUND_DIR is a round of the iterative loop (lmm_align.trainers.iterative): its
+prompts/prompts.jsonl carries each scene and candidates/candidates.jsonl K samples per prompt
+from the round's starting policy, the responses PPO would score. Held-out accuracy on
+synthetic pairs says little about these (an RM at 0.88 there ranks them little better than a
+coin), so this reports what PPO acts on:
+
+  pair_agreement   of the same-prompt pairs whose scene scores differ, the share the RM
+                   orders the same way (PPO's `reward/rm_pair_agreement`, offline)
+  segments         each response cut into prefixes before separator tokens (PPO's
+                   `dense_reward=segments`): for segments that name an object the scene does
+                   not have, how often the RM's score goes down over the segment and by how
+                   much on average; the same for segments that name a present object (where it
+                   should go up) and for the rest
+
+The scene score is PPO's oracle: -(hallucinated mentions) + recall_weight * (objects recalled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SEPARATORS = (",", ".", ";", "and")
+
+
+def _segment_rows(rm, tokenizer, image_config, prompts, candidates, separators, template, seed):
+  """One RM row per (response, segment end): (rows, pixels, meta = (prompt id, sample, text))."""
+  from PIL import Image
+
+  from lmm_align.data import conversation, preference_sources, reward_data
+  from lmm_align.data.images import preprocess_image
+  from lmm_align.data.shapes import Scene
+  from lmm_align.rl import rewards
+
+  config = rm.model.config
+  separator_ids = rewards.separator_token_ids(tokenizer, separators)
+  rng = np.random.default_rng(seed)
+  rows, pixels, meta = [], [], []
+  eos = tokenizer.eos_token_id
+  for pid, samples in candidates.items():
+    prompt = prompts[pid]
+    query = conversation.encode_generation_prompt(
+      prompt["question"], tokenizer, template, config.num_image_tokens, config.image_token_id,
+      record_id=pid,
+    ).input_ids  # fmt: skip
+    facts = preference_sources.scene_facts(Scene.from_dict(prompt["scene"]))
+    suffix = reward_data.suffix_ids(
+      reward_data.reward_suffix(rm.prompt, facts, rng, fact_augmented=rm.fact_augmented),
+      tokenizer,
+    )
+    with Image.open(prompt["image_path"]) as image:
+      pixel_values = preprocess_image(image.convert("RGB"), image_config)
+    for s, sample in enumerate(samples):
+      response = [*tokenizer.encode(sample["response"], add_special_tokens=False), eos]
+      for end in rewards.segment_ends(response, separator_ids):
+        rows.append([*query, *response[: end + 1], *suffix])
+        pixels.append(pixel_values)
+        text = tokenizer.decode([t for t in response[: end + 1] if t != eos])
+        meta.append((pid, s, text))
+  return rows, pixels, meta
+
+
+def _rm_scores(rm, rows, pixels, pad_id: int, batch_size: int) -> np.ndarray:
+  import jax
+
+  from lmm_align.models.heads import ScalarHead
+  from lmm_align.sampling import bucket_length
+  from lmm_align.trainers.ppo import _right_pad, reward_scores
+
+  head = ScalarHead()
+  score = jax.jit(lambda b: reward_scores(rm.model, head, rm.backbone, rm.head, b))
+  length = bucket_length(max(len(r) for r in rows))  # one compiled shape for every chunk
+  out = []
+  for start in range(0, len(rows), batch_size):
+    chunk, chunk_pixels = rows[start : start + batch_size], pixels[start : start + batch_size]
+    short = batch_size - len(chunk)
+    ids, mask = _right_pad(chunk + [chunk[0]] * short, length, pad_id)
+    pix = np.stack(chunk_pixels + [chunk_pixels[0]] * short)[:, None]
+    scores = np.asarray(score({"input_ids": ids, "attention_mask": mask, "pixel_values": pix}))
+    out.append(scores[: len(chunk)])
+  return np.concatenate(out)
+
+
+def summarize(
+  meta: Sequence[tuple[str, int, str]],
+  rm_scores: np.ndarray,
+  scenes: dict[str, Any],
+  recall_weight: float,
+) -> dict[str, Any]:
+  """The report from per-prefix RM scores (`meta` rows in response order, each response's
+  prefixes consecutive and ending with the whole response)."""
+  from lmm_align.data import shapes_metrics
+
+  previous: dict[tuple[str, int], tuple[float, float, int]] = {}
+  full: dict[tuple[str, int], tuple[float, float]] = {}
+  kinds: dict[str, list[float]] = collections.defaultdict(list)
+  for (pid, s, text), rm in zip(meta, rm_scores):
+    counts = shapes_metrics.response_hallucination_counts(text, scenes[pid])
+    truth = shapes_metrics.ground_truth_score(counts, recall_weight)
+    rm_before, truth_before, wrong_before = previous.get((pid, s), (0.0, 0.0, 0))
+    if counts["hallucinated_mentions"] > wrong_before:
+      kinds["wrong_object"].append(float(rm) - rm_before)
+    elif truth > truth_before:
+      kinds["right_object"].append(float(rm) - rm_before)
+    else:
+      kinds["other"].append(float(rm) - rm_before)
+    previous[(pid, s)] = (float(rm), truth, counts["hallucinated_mentions"])
+    full[(pid, s)] = (float(rm), truth)
+  agree = ordered = 0
+  by_prompt = collections.defaultdict(list)
+  for (pid, _), scores in full.items():
+    by_prompt[pid].append(scores)
+  for scores in by_prompt.values():
+    for i in range(len(scores)):
+      for j in range(i + 1, len(scores)):
+        (rm_i, t_i), (rm_j, t_j) = scores[i], scores[j]
+        if t_i != t_j:
+          ordered += 1
+          agree += (rm_i - rm_j) * (t_i - t_j) > 0
+  segments = {}
+  for kind, increments in sorted(kinds.items()):
+    x = np.asarray(increments)
+    segments[kind] = {
+      "count": len(x),
+      "rm_down_share": float(np.mean(x < 0)),
+      "rm_up_share": float(np.mean(x > 0)),
+      "rm_mean_increment": float(x.mean()),
+    }
+  return {
+    "prompts": len(by_prompt),
+    "responses": len(full),
+    "prefixes": len(meta),
+    "ordered_pairs": ordered,
+    "pair_agreement": agree / ordered if ordered else float("nan"),
+    "segments": segments,
+  }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  from transformers import PreTrainedTokenizerFast
+
+  from lmm_align.data import jsonl
+  from lmm_align.evaluate import image_config_from_folder
+  from lmm_align.hf.reward import load_reward_model
+
+  round_dir = pathlib.Path(args.round_dir)
+  prompts = {}
+  for _, record in jsonl.numbered_records(round_dir / "prompts" / "prompts.jsonl"):
+    if not record.get("scene"):
+      raise ValueError(
+        f"{round_dir}/prompts/prompts.jsonl: prompt {record.get('id')!r} has no scene"
+      )
+    record["image_path"] = str(round_dir / "prompts" / record["image"])
+    prompts[record["id"]] = record
+  candidates: dict[str, list[dict]] = collections.defaultdict(list)
+  for _, record in jsonl.numbered_records(round_dir / "candidates" / "candidates.jsonl"):
+    candidates[record["prompt_id"]].append(record)
+  chosen = sorted(candidates)[: args.num_prompts]
+  candidates = {pid: candidates[pid] for pid in chosen}
+  rm = load_reward_model(args.reward_model)
+  tokenizer = PreTrainedTokenizerFast.from_pretrained(args.reward_model)
+  image_config = image_config_from_folder(args.reward_model, "crop")
+  rows, pixels, meta = _segment_rows(
+    rm, tokenizer, image_config, prompts, candidates, SEPARATORS, args.template, args.seed
+  )
+  scores = _rm_scores(rm, rows, pixels, tokenizer.pad_token_id, args.batch_size)
+  scenes = {pid: prompts[pid]["scene"] for pid in chosen}
+  report = {"reward_model": args.reward_model, "round_dir": str(round_dir)}
+  report.update(summarize(meta, scores, scenes, args.recall_weight))
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
+  return report
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--reward_model", required=True, help="an exported reward model folder")
+  p.add_argument("--round_dir", required=True, help="an iterative round with prompts/candidates")
+  p.add_argument("--num_prompts", type=int, default=128)
+  p.add_argument("--recall_weight", type=float, default=0.5, help="as ppo.scene_recall_weight")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--template", default="vicuna_v1")
+  p.add_argument("--seed", type=int, default=0, help="of the facts' order")
+  p.add_argument("--out", default="", help="also write the report here (JSON)")
+  return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+  print(json.dumps(run(parse_args(sys.argv[1:])), indent=2))
