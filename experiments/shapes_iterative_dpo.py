@@ -74,14 +74,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     "(towers trained from scratch through the language loss)",
   )  # fmt: skip
   p.add_argument(
-    "--labeler_data", default="hard", choices=("hard", "exist", "binding", "policy_claims"),
+    "--labeler_data", default="hard",
+    choices=("hard", "exist", "binding", "policy_claims", "claims"),
     help="exist: the SFT mixture's existence task alone; hard: existence questions whose "
     "negatives are as popular as the objects and near misses (see hard_existence_records); "
     "binding: hard with half the negatives a present colour on another present shape "
     "(measured: it catches 39%% of the SFT policy's false claims instead of 18%%, but accepts "
     "83%% of its true ones instead of 96%%, and three RLAIF-V rounds then do not lower the "
     "hallucination rate); policy_claims: half the claims of the SFT policy's own "
-    "descriptions of fresh scenes, answered by the scene (see policy_claim_records)",
+    "descriptions of fresh scenes, answered by the scene (see policy_claim_records); claims: "
+    "half the rule questions of caption claims the loop asks, about objects, the background "
+    "and the count, answered by the scene with false variants (see claim_records), half "
+    "binding",
+  )  # fmt: skip
+  p.add_argument(
+    "--labeler_init", default="",
+    help="an exported model the labeler is fine-tuned from (e.g. an earlier labeler) instead "
+    "of a new decoder on the pretrained tower",
   )  # fmt: skip
   p.add_argument(
     "--labeler_image_size", type=int, default=0,
@@ -282,13 +291,108 @@ def hard_existence_records(
   return records
 
 
+def scene_claim_truth(claim: str, scene) -> bool | None:
+  """Whether a claim is true of the scene, as the metrics read it: a claim naming objects is
+  true when every object it names is there (colour and shape; size and place are not
+  checked); a claim about the picture is true when the background colour and the number of
+  shapes it states are the scene's; None when it states neither (no ground truth)."""
+  import re
+
+  from lmm_align.data import shapes, shapes_metrics
+
+  counts = shapes_metrics.response_hallucination_counts(claim, scene)
+  if counts["mentions"]:
+    return counts["hallucinated_mentions"] == 0
+  text = claim.lower()
+  checks = []
+  backgrounds = "|".join(shapes.BACKGROUNDS)
+  if m := re.search(rf"\b({backgrounds})\s+(image|background|picture)\b", text):
+    checks.append(m.group(1) == scene.background)
+  numbers = "|".join(shapes.NUMBER_WORDS[1:])
+  if m := re.search(rf"\b({numbers})\s+(shape|shapes|object|objects)\b", text):
+    checks.append(shapes.NUMBER_WORDS.index(m.group(1)) == len(scene.objects))
+  return all(checks) if checks else None
+
+
+def _false_scene_question(question: str, scene, world, rng) -> str | None:
+  """The question with the scene's background or number word swapped for another (a false
+  picture claim), or None when it states neither."""
+  import re
+
+  from lmm_align.data import shapes
+
+  bg = re.search(rf"\b{scene.background}\b(?=\s+(image|background|picture))", question)
+  n_word = shapes.NUMBER_WORDS[len(scene.objects)]
+  count = re.search(rf"\b{n_word}\b(?=\s+(shape|object))", question, re.IGNORECASE)
+  options = []
+  if bg:
+    other = [b for b in world.backgrounds if b != scene.background]
+    options.append((bg, other[int(rng.integers(len(other)))]))
+  if count and n_word != "one":  # "one shape" <-> "two shapes" would need the noun changed too
+    numbers = shapes.NUMBER_WORDS[max(2, world.min_objects) : world.max_objects + 1]
+    other = [w for w in numbers if w != n_word]
+    if other:
+      options.append((count, other[int(rng.integers(len(other)))]))
+  if not options:
+    return None
+  match, word = options[int(rng.integers(len(options)))]
+  if match.group(0)[0].isupper():
+    word = word.capitalize()
+  return question[: match.start()] + word + question[match.end() :]
+
+
+def claim_records(n: int, world, seed: int) -> list[dict[str, Any]]:
+  """About `n` records whose questions are what the loop asks: the rule questions of the claims
+  in SFT-style captions of fresh scenes (half with an injected hallucination), answered by the
+  scene (`scene_claim_truth`); each true claim about the picture also gets a false variant
+  (another background or count), since captions state the picture right. Balanced yes/no."""
+  import dataclasses
+
+  import numpy as np
+
+  from lmm_align.data import shapes
+  from lmm_align.feedback import claims
+
+  caption_world = dataclasses.replace(world, task_mix=(("caption", 1.0),), hallucination_rate=0.5)
+  rng = np.random.default_rng([seed, 7])
+  yes, no = [], []
+  for r in shapes.make_sft_records(max(1, n // 2), caption_world, seed=[seed, 8]):
+    scene = shapes.Scene.from_dict(r["metadata"]["scene"])
+    for claim in claims.split_claims_rules(r["conversations"][1]["value"]):
+      truth = scene_claim_truth(claim, scene)
+      if truth is None:
+        continue
+      question = claims.claim_to_question(claim)
+      (yes if truth else no).append((question, r["image"]))
+      if truth and (false := _false_scene_question(question, scene, world, rng)):
+        no.append((false, r["image"]))
+  k = min(len(yes), len(no), n // 2)
+  picked = [(*yes[i], "Yes") for i in rng.permutation(len(yes))[:k]]
+  picked += [(*no[i], "No") for i in rng.permutation(len(no))[:k]]
+  return [
+    {
+      "id": f"claim-{i}",
+      "image": image,
+      "conversations": [
+        {"from": "human", "value": f"<image>\n{question}\n{shapes.SHORT_ANSWER_PROMPT}"},
+        {"from": "gpt", "value": answer},
+      ],
+    }
+    for i, (question, image, answer) in enumerate(picked)
+  ]
+
+
 def labeler_records(kind: str, n: int, world, seed: int) -> list[dict[str, Any]]:
-  """`n` labeler records: "exist" (task_mix exist), "hard" (`hard_existence_records`), or
-  "binding" (the same with half of the negatives binding negatives)."""
+  """`n` labeler records: "exist" (task_mix exist), "hard" (`hard_existence_records`),
+  "binding" (the same with half of the negatives binding negatives), or "claims"
+  (`claim_records`, the rest binding)."""
   import dataclasses
 
   from lmm_align.data import shapes
 
+  if kind == "claims":
+    records = claim_records(n // 2, world, seed)
+    return records + hard_existence_records(n - len(records), world, seed, binding_share=0.5)
   if kind == "exist":
     exist_world = dataclasses.replace(world, task_mix=(("exist", 1.0),))
     return shapes.make_sft_records(n, exist_world, seed=seed)
@@ -350,6 +454,9 @@ def labeler_overrides(args) -> dict[str, Any]:
   }
   if args.labeler_image_size:
     fields["model.image_size"] = args.labeler_image_size
+  if args.labeler_init:
+    fields["init_from"] = args.labeler_init
+    fields["model.vision_init"] = ""  # the tower comes with the model
   if args.labeler_tower_lr:
     fields["trainable"] = (".*",)
     fields["optim.lr_groups"] = (("vision_tower/.*", args.labeler_tower_lr),)
@@ -464,9 +571,11 @@ def _policy_claim_items(n: int, world, policy_folder: str, template: str):
   return _policy_claims(n, world, LABELER_EVAL_SEED + 2, policy_folder, template, batch_size=32)
 
 
-def _policy_claims(n: int, world, seed, policy_folder: str, template: str, batch_size: int):
+def _policy_claims(
+  n: int, world, seed, policy_folder: str, template: str, batch_size: int, about="objects"
+):
   """(rule question, image, truth) of the claims in the policy's greedy descriptions of `n`
-  scenes drawn with `seed`."""
+  scenes drawn with `seed` (`_claims_of`'s `about`)."""
   from lmm_align.data import shapes
   from lmm_align.evals.shapes_eval import DESCRIBE_QUESTION, answer_questions
   from lmm_align.trainers import iterative
@@ -479,11 +588,13 @@ def _policy_claims(n: int, world, seed, policy_folder: str, template: str, batch
       [DESCRIBE_QUESTION] * n, images, template=template, batch_size=batch_size,
       max_new_tokens=48,
   )  # fmt: skip
-  return _claims_of(texts, scenes, images)
+  return _claims_of(texts, scenes, images, about)
 
 
-def _claims_of(texts, scenes, images) -> tuple[list[str], list, list[bool]]:
-  """(rule question, image, truth) for every claim of each text that mentions an object."""
+def _claims_of(texts, scenes, images, about: str = "objects") -> tuple[list[str], list, list[bool]]:
+  """(rule question, image, truth) for every claim of each text that mentions an object
+  (about="objects"), or that states the background or the count and names no object
+  (about="picture")."""
   from lmm_align.data import shapes_metrics
   from lmm_align.feedback import claims
   from lmm_align.trainers import iterative
@@ -492,11 +603,13 @@ def _claims_of(texts, scenes, images) -> tuple[list[str], list, list[bool]]:
   questions, claim_images, truths = [], [], []
   for text, scene, image in zip(texts, scenes, images):
     for claim in splitter.split([("Describe the image.", text)])[0] or []:
-      counts = shapes_metrics.response_hallucination_counts(claim, scene)
-      if counts["mentions"]:
-        questions.append(claims.claim_to_question(claim))
-        claim_images.append(image)
-        truths.append(counts["hallucinated_mentions"] == 0)
+      names_objects = shapes_metrics.response_hallucination_counts(claim, scene)["mentions"] > 0
+      truth = scene_claim_truth(claim, scene)
+      if truth is None or names_objects != (about == "objects"):
+        continue
+      questions.append(claims.claim_to_question(claim))
+      claim_images.append(image)
+      truths.append(truth)
   return questions, claim_images, truths
 
 
@@ -533,6 +646,10 @@ def labeler_report(args, root: pathlib.Path, loop_config, labeler: str, sft_hf: 
     "hard_existence": _existence_items("hard", args.eval_items, world),
     "caption_claims": _claim_items(args.eval_items, world),
     "sft_policy_claims": _policy_claim_items(args.eval_items, world, sft_hf, template),
+    # What the loop also asks and the object sets leave out: "There is a white image."
+    "sft_policy_picture_claims": _policy_claims(
+      args.eval_items, world, LABELER_EVAL_SEED + 2, sft_hf, template, 32, about="picture"
+    ),
   }
   report = {
     who: {name: yes_no_accuracy(folder, loop_config, items) for name, items in sets.items()}

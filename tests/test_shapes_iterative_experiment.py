@@ -30,3 +30,51 @@ def test_wide_labeler_is_the_shapes_model_with_a_wider_decoder():
   assert wide.vision == narrow.vision  # the pretrained tower loads into it
   assert wide.text.hidden_size == 2 * narrow.text.hidden_size
   assert wide.text.num_layers == narrow.text.num_layers
+
+
+def test_claims_are_judged_as_the_metrics_read_them():
+  from lmm_align.data import shapes
+
+  scene = shapes.Scene((shapes.SceneObject("circle", "red", "small", 0, 0),), background="gray")
+  truth = lambda claim: experiment.scene_claim_truth(claim, scene)
+  assert truth("There is a large red circle in the top right.") is True  # size, place unchecked
+  assert truth("There is a red star.") is False
+  assert truth("There is a gray image.") is True
+  assert truth("There is one shape on a white background.") is False  # the background is wrong
+  assert truth("There are two shapes on a gray background.") is False  # the count is wrong
+  assert truth("It looks simple.") is None
+
+
+def test_claim_records_are_balanced_and_their_picture_negatives_are_false():
+  import collections
+
+  import numpy as np
+
+  from lmm_align.data import shapes
+
+  world = experiment._world(False)
+  records = experiment.claim_records(200, world, seed=3)
+  answers = collections.Counter(r["conversations"][1]["value"] for r in records)
+  assert answers == {"Yes": 100, "No": 100}
+  questions = [r["conversations"][0]["value"].split("\n")[1] for r in records]
+  assert any("background" in q or "image?" in q for q in questions)  # picture claims asked
+  assert all(q.endswith("?") for q in questions)
+  scene = shapes.Scene(
+    (shapes.SceneObject("circle", "red", "small", 0, 0), shapes.SceneObject("star", "blue", "large", 1, 1)),
+    background="white",
+  )  # fmt: skip
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    false = experiment._false_scene_question(
+      "Are there two shapes on a white background?", scene, world, rng
+    )
+    assert false != "Are there two shapes on a white background?"
+    assert experiment.scene_claim_truth(false.replace("Are there", "There are"), scene) is False
+  assert experiment._false_scene_question("Is there a red circle?", scene, world, rng) is None
+
+
+def test_labeler_init_fine_tunes_an_exported_model_with_its_own_tower():
+  args = experiment.parse_args(["--workdir=w", "--labeler_init=/models/labeler_hf"])
+  fields = experiment.labeler_overrides(args)
+  assert fields["init_from"] == "/models/labeler_hf" and fields["model.vision_init"] == ""
+  assert "init_from" not in experiment.labeler_overrides(experiment.parse_args(["--workdir=w"]))
