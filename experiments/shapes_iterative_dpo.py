@@ -345,30 +345,39 @@ def claim_records(n: int, world, seed: int) -> list[dict[str, Any]]:
   """About `n` records whose questions are what the loop asks: the rule questions of the claims
   in SFT-style captions of fresh scenes (half with an injected hallucination), answered by the
   scene (`scene_claim_truth`); each true claim about the picture also gets a false variant
-  (another background or count), since captions state the picture right. Balanced yes/no."""
+  (another background or count), since captions state the picture right. Balanced yes/no
+  within object claims and within picture claims, in the captions' proportion of the two: with
+  one pool, picture questions came out three quarters "no" and a labeler trained on them said
+  "no" to every picture claim of the policy."""
   import dataclasses
 
   import numpy as np
 
-  from lmm_align.data import shapes
+  from lmm_align.data import shapes, shapes_metrics
   from lmm_align.feedback import claims
 
   caption_world = dataclasses.replace(world, task_mix=(("caption", 1.0),), hallucination_rate=0.5)
   rng = np.random.default_rng([seed, 7])
-  yes, no = [], []
+  pools = {"objects": ([], []), "picture": ([], [])}  # (yes, no) per kind of claim
   for r in shapes.make_sft_records(max(1, n // 2), caption_world, seed=[seed, 8]):
     scene = shapes.Scene.from_dict(r["metadata"]["scene"])
     for claim in claims.split_claims_rules(r["conversations"][1]["value"]):
       truth = scene_claim_truth(claim, scene)
       if truth is None:
         continue
+      names = shapes_metrics.response_hallucination_counts(claim, scene)["mentions"] > 0
+      yes, no = pools["objects" if names else "picture"]
       question = claims.claim_to_question(claim)
       (yes if truth else no).append((question, r["image"]))
       if truth and (false := _false_scene_question(question, scene, world, rng)):
         no.append((false, r["image"]))
-  k = min(len(yes), len(no), n // 2)
-  picked = [(*yes[i], "Yes") for i in rng.permutation(len(yes))[:k]]
-  picked += [(*no[i], "No") for i in rng.permutation(len(no))[:k]]
+  balanced = {kind: min(len(yes), len(no)) for kind, (yes, no) in pools.items()}
+  scale = min(1.0, (n // 2) / max(1, sum(balanced.values())))
+  picked = []
+  for kind, (yes, no) in pools.items():
+    k = int(balanced[kind] * scale)
+    picked += [(*yes[i], "Yes") for i in rng.permutation(len(yes))[:k]]
+    picked += [(*no[i], "No") for i in rng.permutation(len(no))[:k]]
   return [
     {
       "id": f"claim-{i}",

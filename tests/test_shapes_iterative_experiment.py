@@ -54,11 +54,18 @@ def test_claim_records_are_balanced_and_their_picture_negatives_are_false():
 
   world = experiment._world(False)
   records = experiment.claim_records(200, world, seed=3)
-  answers = collections.Counter(r["conversations"][1]["value"] for r in records)
-  assert answers == {"Yes": 100, "No": 100}
+  assert 180 <= len(records) <= 200
   questions = [r["conversations"][0]["value"].split("\n")[1] for r in records]
-  assert any("background" in q or "image?" in q for q in questions)  # picture claims asked
   assert all(q.endswith("?") for q in questions)
+  picture = lambda q: (
+    "background" in q or q.endswith(("white image?", "gray image?", "black image?"))
+  )
+  answers = collections.Counter(
+    (picture(q), r["conversations"][1]["value"]) for q, r in zip(questions, records)
+  )
+  # Balanced within each kind: the picture questions are not mostly "no".
+  assert answers[(True, "Yes")] == answers[(True, "No")] > 0
+  assert answers[(False, "Yes")] == answers[(False, "No")] > 0
   scene = shapes.Scene(
     (shapes.SceneObject("circle", "red", "small", 0, 0), shapes.SceneObject("star", "blue", "large", 1, 1)),
     background="white",
