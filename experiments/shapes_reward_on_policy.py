@@ -105,6 +105,7 @@ def summarize(
   """The report from per-prefix RM scores (`meta` rows in response order, each response's
   prefixes consecutive and ending with the whole response)."""
   from lmm_align.data import shapes_metrics
+  from lmm_align.trainers.ppo import same_order_pairs
 
   previous: dict[tuple[str, int], tuple[float, float, int]] = {}
   full: dict[tuple[str, int], tuple[float, float]] = {}
@@ -121,17 +122,11 @@ def summarize(
       kinds["other"].append(float(rm) - rm_before)
     previous[(pid, s)] = (float(rm), truth, counts["hallucinated_mentions"])
     full[(pid, s)] = (float(rm), truth)
-  agree = ordered = 0
   by_prompt = collections.defaultdict(list)
   for (pid, _), scores in full.items():
     by_prompt[pid].append(scores)
-  for scores in by_prompt.values():
-    for i in range(len(scores)):
-      for j in range(i + 1, len(scores)):
-        (rm_i, t_i), (rm_j, t_j) = scores[i], scores[j]
-        if t_i != t_j:
-          ordered += 1
-          agree += (rm_i - rm_j) * (t_i - t_j) > 0
+  counts = [same_order_pairs([t for _, t in x], [r for r, _ in x]) for x in by_prompt.values()]
+  agree, ordered = sum(a for a, _ in counts), sum(o for _, o in counts)
   segments = {}
   for kind, increments in sorted(kinds.items()):
     x = np.asarray(increments)

@@ -568,15 +568,23 @@ def scene_monitor(
   corr = float(np.corrcoef(rm, truth)[0, 1]) if both_vary else 0.0
   out = {"reward/scene": float(truth.mean()), "reward/rm_scene_corr": corr}
   if group_size > 1:
-    agree = ordered = 0
-    for start in range(0, len(truth), group_size):
-      t, r = truth[start : start + group_size], rm[start : start + group_size]
-      i, j = np.triu_indices(len(t), 1)
-      decided = t[i] != t[j]
-      ordered += int(decided.sum())
-      agree += int(((r[i] - r[j]) * (t[i] - t[j]) > 0)[decided].sum())
+    counts = [
+      same_order_pairs(truth[start : start + group_size], rm[start : start + group_size])
+      for start in range(0, len(truth), group_size)
+    ]
+    agree, ordered = sum(a for a, _ in counts), sum(o for _, o in counts)
     out["reward/rm_pair_agreement"] = agree / ordered if ordered else float("nan")
   return out
+
+
+def same_order_pairs(truth: np.ndarray, rm: np.ndarray) -> tuple[int, int]:
+  """(pairs the RM orders as the truth does, pairs the truth orders) among one prompt's
+  samples; a tie in the RM counts as disagreement."""
+  truth, rm = np.asarray(truth, np.float64), np.asarray(rm, np.float64)
+  i, j = np.triu_indices(len(truth), 1)
+  decided = truth[i] != truth[j]
+  agree = ((rm[i] - rm[j]) * (truth[i] - truth[j]) > 0)[decided]
+  return int(agree.sum()), int(decided.sum())
 
 
 def plain_or(model: Llava, variables: dict) -> Llava:
