@@ -192,7 +192,8 @@ def sample_candidates(
 # --------------------------------------------------------------------------------------------
 
 
-def _scenes(prompts_dir: pathlib.Path) -> dict[str, shapes.Scene]:
+def read_scenes(prompts_dir: pathlib.Path) -> dict[str, shapes.Scene]:
+  """The scene of each prompt id in a round's prompts_dir/prompts.jsonl."""
   records = jsonl.read_jsonl(prompts_dir / "prompts.jsonl", tolerate_cut_tail=True)
   return {r["id"]: shapes.Scene.from_dict(r["scene"]) for r in records}
 
@@ -367,7 +368,7 @@ def run_feedback(
   kind, path = config.feedback.kind, out / "labelled.jsonl"
   if kind in ("ground_truth", "correction"):
     records = ground_truth_feedback(
-      candidates, _scenes(prompts_dir), config.feedback.recall_weight, kind == "correction"
+      candidates, read_scenes(prompts_dir), config.feedback.recall_weight, kind == "correction"
     )
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
   elif kind in ("rlaifv", "self"):
@@ -504,7 +505,7 @@ def make_pairs(
     raise ValueError(
       f"pairs.method {p.method!r}: use 'auto', 'rlaifv', 'best_worst' or 'correction'"
     )
-  scenes = _scenes(prompts_dir)
+  scenes = read_scenes(prompts_dir)
   for pair in pairs:  # the scene's facts: these pairs can train a fact-augmented reward model
     pair["facts"] = preference_sources.scene_facts(scenes[_prompt_id(pair)])
   stats = {**stats, "method": method, "ground_truth": ground_truth_agreement(pairs, scenes)}
