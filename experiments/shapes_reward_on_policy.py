@@ -163,7 +163,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     record["image_path"] = str(round_dir / "prompts" / record["image"])
     prompts[record["id"]] = record
   candidates: dict[str, list[dict]] = collections.defaultdict(list)
-  for _, record in jsonl.numbered_records(round_dir / "candidates" / "candidates.jsonl"):
+  candidates_path = round_dir / "candidates" / "candidates.jsonl"
+  for line, record in jsonl.numbered_records(candidates_path):
+    for field in ("prompt_id", "response"):
+      if not isinstance(record.get(field), str):
+        raise ValueError(f"{candidates_path}, line {line}: field {field!r} missing or not text")
+    if record["prompt_id"] not in prompts:
+      raise ValueError(
+        f"{candidates_path}, line {line}: prompt_id {record['prompt_id']!r} is not in prompts.jsonl"
+      )
     candidates[record["prompt_id"]].append(record)
   chosen = sorted(candidates)[: args.num_prompts]
   candidates = {pid: candidates[pid] for pid in chosen}

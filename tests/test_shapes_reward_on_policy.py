@@ -89,3 +89,11 @@ def test_end_to_end_on_a_tiny_reward_model(tmp_path, shapes_sft_policy):
   assert report["prefixes"] > report["responses"]  # captions have several segments
   assert sum(s["count"] for s in report["segments"].values()) == report["prefixes"]
   assert 0.0 <= report["pair_agreement"] <= 1.0
+  (round_dir / "candidates" / "candidates.jsonl").write_text(
+    json.dumps({"prompt_id": "elsewhere", "response": "A red circle."}) + "\n"
+  )
+  with pytest.raises(ValueError, match="line 1: prompt_id 'elsewhere' is not in prompts.jsonl"):
+    experiment.run(args)
+  (round_dir / "candidates" / "candidates.jsonl").write_text(json.dumps({"prompt_id": "x"}))
+  with pytest.raises(ValueError, match="line 1: field 'response' missing"):
+    experiment.run(args)

@@ -708,6 +708,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError("ppo.prompt_baseline needs ppo.samples_per_prompt >= 2")
   if ppo.dense_reward not in ("none", "segments"):
     raise ValueError(f"ppo.dense_reward={ppo.dense_reward!r}: use 'none' or 'segments'")
+  if ppo.dense_reward == "segments" and not ppo.segment_separators:
+    raise ValueError("ppo.dense_reward=segments needs ppo.segment_separators (e.g. ',', '.')")
+  if not 0.0 <= ppo.yes_no_fraction <= 1.0:
+    raise ValueError(f"ppo.yes_no_fraction={ppo.yes_no_fraction} must be in [0, 1]")
   loop.write_config(config, workdir)
   mesh = sharding.mesh_from_config(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)

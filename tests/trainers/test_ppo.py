@@ -220,8 +220,14 @@ def test_segment_rewards_keep_each_score_and_change_only_where_it_is_paid(
   assert dense["reward/scene"] == pytest.approx(sparse["reward/scene"])  # the monitor's
   assert -1.0 <= sparse["reward/rm_scene_corr"] <= 1.0
   assert dense["policy_loss"] != pytest.approx(sparse["policy_loss"], rel=1e-3)
-  with pytest.raises(ValueError, match="dense_reward"):
-    ppo.train(_config(root, **one, **{"ppo.dense_reward": "tokens"}), str(tmp_path / "bad"))
+  bad = (
+    ({"ppo.dense_reward": "tokens"}, "dense_reward"),
+    ({"ppo.dense_reward": "segments", "ppo.segment_separators": ()}, "segment_separators"),
+    ({"ppo.yes_no_fraction": 1.5}, "yes_no_fraction"),
+  )
+  for fields, message in bad:
+    with pytest.raises(ValueError, match=message):
+      ppo.train(_config(root, **one, **fields), str(tmp_path / "bad"))
 
 
 @pytest.mark.parametrize("fraction, describe", [(0.0, 32), (1.0, 0)])
