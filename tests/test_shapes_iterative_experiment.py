@@ -66,6 +66,14 @@ def test_claim_records_are_balanced_and_their_picture_negatives_are_false():
   # Balanced within each kind: the picture questions are not mostly "no".
   assert answers[(True, "Yes")] == answers[(True, "No")] > 0
   assert answers[(False, "Yes")] == answers[(False, "No")] > 0
+  assert all((r["metadata"]["kind"] == "picture") == picture(q) for q, r in zip(questions, records))
+  # picture_share sets the kinds' proportion; each stays balanced.
+  heavy = experiment.claim_records(200, world, seed=3, picture_share=0.8)
+  kinds = collections.Counter((r["metadata"]["kind"], r["metadata"]["answer"]) for r in heavy)
+  assert kinds[("picture", "yes")] == kinds[("picture", "no")] == 80  # of 200 records
+  assert kinds[("objects", "yes")] == kinds[("objects", "no")] == 20
+  with pytest.raises(SystemExit):
+    experiment.parse_args(["--workdir=w", "--labeler_picture_share=1.0"])
   scene = shapes.Scene(
     (shapes.SceneObject("circle", "red", "small", 0, 0), shapes.SceneObject("star", "blue", "large", 1, 1)),
     background="white",
