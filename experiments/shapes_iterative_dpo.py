@@ -443,8 +443,8 @@ def policy_claim_records(
 
   from lmm_align.data import shapes
 
-  questions, claim_images, truths = _policy_claims(
-    n, world, [seed, 5], policy_folder, template, batch_size=64
+  questions, claim_images, truths = _claims_of(
+    *_policy_descriptions(n, world, [seed, 5], policy_folder, template, batch_size=64)
   )
   rng = np.random.default_rng([seed, 6])
   false = [i for i, t in enumerate(truths) if not t]
@@ -612,17 +612,10 @@ def _picture_claim_items(n: int, world) -> tuple[list[str], list, list[bool]]:
   return _yes_no_items([r for r in records if r["metadata"]["kind"] == "picture"])
 
 
-def _policy_claim_items(n: int, world, policy_folder: str, template: str):
-  """Rule questions of the claims in the policy's own greedy descriptions of held-out scenes,
-  true when every object the claim mentions is in the scene (claims without one left out)."""
-  return _policy_claims(n, world, LABELER_EVAL_SEED + 2, policy_folder, template, batch_size=32)
-
-
-def _policy_claims(
-  n: int, world, seed, policy_folder: str, template: str, batch_size: int, about="objects"
-):
-  """(rule question, image, truth) of the claims in the policy's greedy descriptions of `n`
-  scenes drawn with `seed` (`_claims_of`'s `about`)."""
+def _policy_descriptions(
+  n: int, world, seed, policy_folder: str, template: str, batch_size: int
+) -> tuple[list[str], list, list]:
+  """(texts, scenes, images): the policy's greedy descriptions of `n` scenes drawn with `seed`."""
   from lmm_align.data import shapes
   from lmm_align.evals.shapes_eval import DESCRIBE_QUESTION, answer_questions
   from lmm_align.trainers import iterative
@@ -635,7 +628,7 @@ def _policy_claims(
       [DESCRIBE_QUESTION] * n, images, template=template, batch_size=batch_size,
       max_new_tokens=48,
   )  # fmt: skip
-  return _claims_of(texts, scenes, images, about)
+  return texts, scenes, images
 
 
 def _claims_of(texts, scenes, images, about: str = "objects") -> tuple[list[str], list, list[bool]]:
@@ -688,16 +681,18 @@ def labeler_report(args, root: pathlib.Path, loop_config, labeler: str, sft_hf: 
     return json.loads(path.read_text())
   world = _world(args.quick)
   template = loop_config.data.template
+  # The policy's own claims about held-out scenes: those naming objects, true when every object
+  # named is there; and what the object sets leave out ("There is a white image.").
+  described = _policy_descriptions(
+    args.eval_items, world, LABELER_EVAL_SEED + 2, sft_hf, template, batch_size=32
+  )
   sets = {
     "existence": _existence_items("exist", args.eval_items, world),
     "hard_existence": _existence_items("hard", args.eval_items, world),
     "caption_claims": _claim_items(args.eval_items, world),
     "picture_claims": _picture_claim_items(args.eval_items, world),
-    "sft_policy_claims": _policy_claim_items(args.eval_items, world, sft_hf, template),
-    # What the loop also asks and the object sets leave out: "There is a white image."
-    "sft_policy_picture_claims": _policy_claims(
-      args.eval_items, world, LABELER_EVAL_SEED + 2, sft_hf, template, 32, about="picture"
-    ),
+    "sft_policy_claims": _claims_of(*described),
+    "sft_policy_picture_claims": _claims_of(*described, about="picture"),
   }
   report = {
     who: {name: yes_no_accuracy(folder, loop_config, items) for name, items in sets.items()}
