@@ -80,20 +80,13 @@ def _rm_scores(rm, rows, pixels, pad_id: int, batch_size: int) -> np.ndarray:
 
   from lmm_align.models.heads import ScalarHead
   from lmm_align.sampling import bucket_length
-  from lmm_align.trainers.ppo import _right_pad, reward_scores
+  from lmm_align.trainers.ppo import forward_chunks, reward_scores, right_pad
 
   head = ScalarHead()
   score = jax.jit(lambda b: reward_scores(rm.model, head, rm.backbone, rm.head, b))
-  length = bucket_length(max(len(r) for r in rows))  # one compiled shape for every chunk
-  out = []
-  for start in range(0, len(rows), batch_size):
-    chunk, chunk_pixels = rows[start : start + batch_size], pixels[start : start + batch_size]
-    short = batch_size - len(chunk)
-    ids, mask = _right_pad(chunk + [chunk[0]] * short, length, pad_id)
-    pix = np.stack(chunk_pixels + [chunk_pixels[0]] * short)[:, None]
-    scores = np.asarray(score({"input_ids": ids, "attention_mask": mask, "pixel_values": pix}))
-    out.append(scores[: len(chunk)])
-  return np.concatenate(out)
+  ids, mask = right_pad(rows, bucket_length(max(len(r) for r in rows)), pad_id)
+  batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": np.stack(pixels)[:, None]}
+  return forward_chunks(score, batch, batch_size)
 
 
 def summarize(

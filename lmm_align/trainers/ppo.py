@@ -28,7 +28,7 @@ import dataclasses
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -302,15 +302,34 @@ def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
 # --------------------------------------------------------------------------------------------
 
 
-def _right_pad(
+def right_pad(
   rows: Sequence[Sequence[int]], length: int, pad: int
 ) -> tuple[np.ndarray, np.ndarray]:
+  """Token-id rows right-padded to `length`: (ids, attention mask), both int32 [rows, length]."""
   ids = np.full((len(rows), length), pad, np.int32)
   mask = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
     ids[i, : len(row)] = row
     mask[i, : len(row)] = 1
   return ids, mask
+
+
+def forward_chunks(fn: Callable[[dict], Any], batch: dict, size: int, mesh=None) -> np.ndarray:
+  """fn over row chunks of `size` (one compiled shape), concatenated on the host. A short last
+  chunk is filled with copies of its first row (and their outputs dropped), so a row count
+  that varies by call (scored prefixes) compiles nothing new. With a mesh each chunk is laid
+  out as a global batch over it."""
+  n = len(batch["input_ids"])
+  out = []
+  for start in range(0, n, size):
+    chunk = {k: v[start : start + size] for k, v in batch.items()}
+    short = size - len(chunk["input_ids"])
+    if short:
+      chunk = {k: np.concatenate([v, np.repeat(v[:1], short, 0)]) for k, v in chunk.items()}
+    if mesh is not None:
+      chunk = sharding.global_batch_from_local(chunk, mesh)
+    out.append(np.asarray(jax.device_get(fn(chunk))))
+  return np.concatenate(out)[:n]
 
 
 class Rollouts:
@@ -370,20 +389,6 @@ class Rollouts:
       images.append(preprocess_image(image, self.image_config))
     return np.stack(images)[:, None]
 
-  def _forward_chunks(self, fn, batch: dict, size: int) -> np.ndarray:
-    """fn over row chunks of `size` (one compiled shape), concatenated on the host. A short
-    last chunk is filled with copies of its first row (and their outputs dropped), so a row
-    count that varies by iteration (scored prefixes) compiles nothing new."""
-    n = len(batch["input_ids"])
-    out = []
-    for start in range(0, n, size):
-      chunk = {k: v[start : start + size] for k, v in batch.items()}
-      short = size - len(chunk["input_ids"])
-      if short:
-        chunk = {k: np.concatenate([v, np.repeat(v[:1], short, 0)]) for k, v in chunk.items()}
-      out.append(np.asarray(jax.device_get(fn(sharding.global_batch_from_local(chunk, self.mesh)))))
-    return np.concatenate(out)[:n]
-
   def collect(
     self, params: dict, frozen: dict, prompts: Sequence[Prompt], rng: jax.Array, iteration: int
   ) -> tuple[dict[str, np.ndarray], dict[str, float], list[str]]:
@@ -411,7 +416,7 @@ class Rollouts:
     q_ids, q_mask = sampling.left_pad(
       [p.input_ids for p in prompts], ppo.query_len, tok.pad_token_id
     )
-    r_ids, r_mask = _right_pad([c.tokens for c in cut], ppo.max_new_tokens, tok.pad_token_id)
+    r_ids, r_mask = right_pad([c.tokens for c in cut], ppo.max_new_tokens, tok.pad_token_id)
     batch = {
       "input_ids": np.concatenate([q_ids, r_ids], 1),
       "attention_mask": np.concatenate([q_mask, r_mask], 1),
@@ -425,10 +430,10 @@ class Rollouts:
       "params": frozen["reference"] if frozen["reference"] is not None else frozen["policy_base"]
     }
     value_vars = model_variables(params["value"]["backbone"], frozen["value_base"])
-    old_logps = self._forward_chunks(lambda b: self._logps(policy_vars, b), batch, size)
-    ref_logps = self._forward_chunks(lambda b: self._logps(ref_vars, b), batch, size)
-    values = self._forward_chunks(
-      lambda b: self._values(value_vars, params["value"]["head"], b), batch, size
+    old_logps = forward_chunks(lambda b: self._logps(policy_vars, b), batch, size, self.mesh)
+    ref_logps = forward_chunks(lambda b: self._logps(ref_vars, b), batch, size, self.mesh)
+    values = forward_chunks(
+      lambda b: self._values(value_vars, params["value"]["head"], b), batch, size, self.mesh
     )
     responses = [c.tokens for c in cut]
     if ppo.dense_reward == "segments":
@@ -515,13 +520,14 @@ class Rollouts:
     ]  # fmt: skip
     ids_rows = [list(prompts[b].input_ids) + list(r) + suffixes[b] for b, r in zip(rows, responses)]
     length = sampling.bucket_length(max(len(r) for r in ids_rows), tuple(self.ppo.reward_buckets))
-    ids, mask = _right_pad(ids_rows, length, self.tokenizer.pad_token_id)
+    ids, mask = right_pad(ids_rows, length, self.tokenizer.pad_token_id)
     batch = {"input_ids": ids, "attention_mask": mask}
     if pixels is not None:
       batch["pixel_values"] = pixels[np.asarray(rows)]
-    return self._forward_chunks(
-      lambda b: self._scores(self.rm.backbone, self.rm.head, b), batch, self.ppo.forward_batch_size
-    )
+    return forward_chunks(
+      lambda b: self._scores(self.rm.backbone, self.rm.head, b),
+      batch, self.ppo.forward_batch_size, self.mesh,
+    )  # fmt: skip
 
 
 def scene_scores(
