@@ -33,7 +33,8 @@ def round_pairs(
   round_dir: pathlib.Path, recall_weight: float, min_score_gap: float
 ) -> tuple[list[dict[str, Any]], collections.Counter]:
   """The scene-ordered pairs of one round's candidates, images as absolute paths."""
-  from lmm_align.data import jsonl, preference_sources
+  from lmm_align.data import preference_sources
+  from lmm_align.feedback import candidates as candidates_lib
   from lmm_align.feedback import rlaifv
   from lmm_align.trainers import iterative
 
@@ -43,19 +44,20 @@ def round_pairs(
     if not path.exists():
       raise SystemExit(f"{round_dir}: no {path.relative_to(round_dir)} (not a loop round?)")
   scenes = iterative.read_scenes(prompts_dir)
-  candidates = jsonl.read_jsonl(candidates_path)
-  missing = sorted({c["prompt_id"] for c in candidates} - set(scenes))
-  if missing:
-    raise SystemExit(f"{candidates_path}: prompt_id {missing[0]!r} has no scene in prompts.jsonl")
+  candidates = candidates_lib.read_candidates(candidates_path)
+  for c in candidates:
+    if c["prompt_id"] not in scenes:
+      raise SystemExit(
+        f"{candidates_path}: candidate {c['id']!r}, prompt_id {c['prompt_id']!r} has no scene in "
+        "prompts.jsonl"
+      )
   labelled = iterative.ground_truth_feedback(candidates, scenes, recall_weight)
-  prompt_of = {r["id"]: r["prompt_id"] for r in labelled}
   pairs, stats = rlaifv.build_preference_pairs(
     labelled, min_score_gap=min_score_gap, pairs_per_prompt=None, balance_lengths=False
   )
   for pair in pairs:
-    prompt_id = prompt_of[pair["id"].split("|")[0]]
     pair["image"] = str((prompts_dir / pair["image"]).resolve())
-    pair["facts"] = preference_sources.scene_facts(scenes[prompt_id])
+    pair["facts"] = preference_sources.scene_facts(scenes[iterative.pair_prompt_id(pair)])
   stats = collections.Counter({k: v for k, v in stats.items() if isinstance(v, int)})
   stats["candidates"] += len(candidates)
   return pairs, stats

@@ -144,26 +144,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   from lmm_align.data import jsonl
   from lmm_align.evaluate import image_config_from_folder
+  from lmm_align.feedback.candidates import read_candidates
   from lmm_align.hf.reward import load_reward_model
 
   round_dir = pathlib.Path(args.round_dir)
   prompts = {}
-  for _, record in jsonl.numbered_records(round_dir / "prompts" / "prompts.jsonl"):
+  for line, record in jsonl.numbered_records(round_dir / "prompts" / "prompts.jsonl"):
     if not record.get("scene"):
       raise ValueError(
-        f"{round_dir}/prompts/prompts.jsonl: prompt {record.get('id')!r} has no scene"
+        f"{round_dir}/prompts/prompts.jsonl: line {line}, prompt {record.get('id')!r}: field "
+        "'scene' missing"
       )
     record["image_path"] = str(round_dir / "prompts" / record["image"])
     prompts[record["id"]] = record
   candidates: dict[str, list[dict]] = collections.defaultdict(list)
   candidates_path = round_dir / "candidates" / "candidates.jsonl"
-  for line, record in jsonl.numbered_records(candidates_path):
-    for field in ("prompt_id", "response"):
-      if not isinstance(record.get(field), str):
-        raise ValueError(f"{candidates_path}, line {line}: field {field!r} missing or not text")
+  for record in read_candidates(candidates_path):  # fields checked, naming file, line and field
     if record["prompt_id"] not in prompts:
       raise ValueError(
-        f"{candidates_path}, line {line}: prompt_id {record['prompt_id']!r} is not in prompts.jsonl"
+        f"{candidates_path}: candidate {record['id']!r}, prompt_id {record['prompt_id']!r} is not "
+        "in prompts.jsonl"
       )
     candidates[record["prompt_id"]].append(record)
   chosen = sorted(candidates)[: args.num_prompts]

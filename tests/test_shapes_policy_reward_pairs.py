@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
+from experiments import shapes_policy_reward_pairs as experiment
 from lmm_align.data import preference_sources, shapes
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location(
-  "shapes_policy_reward_pairs", REPO / "experiments" / "shapes_policy_reward_pairs.py"
-)
-experiment = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(experiment)
 
 SCENE = shapes.Scene(
   (
@@ -39,7 +32,11 @@ def _round(tmp_path: pathlib.Path, responses: list[str], prompt_id: str = "p") -
         "prompt_id": prompt_id,
         "question": "Describe the image.",
         "image": "images/p.png",
+        "sample_index": k,
         "response": text,
+        "num_tokens": 9,
+        "seed": 0,
+        "sampling": {},
       }
     )  # fmt: skip
     for k, text in enumerate(responses)
@@ -74,7 +71,7 @@ def test_pairs_follow_the_scene_score(tmp_path):
 
 def test_bad_rounds_are_named(tmp_path):
   round_dir = _round(tmp_path, ["A red circle."], prompt_id="q")
-  with pytest.raises(SystemExit, match="prompt_id 'q' has no scene"):
+  with pytest.raises(SystemExit, match="candidate 'q#0', prompt_id 'q' has no scene"):
     experiment.main([str(round_dir), f"--out={tmp_path / 'x.jsonl'}"])
   with pytest.raises(SystemExit, match="no prompts/prompts.jsonl"):
     experiment.main([str(tmp_path / "nowhere"), f"--out={tmp_path / 'x.jsonl'}"])

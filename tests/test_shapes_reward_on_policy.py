@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
+from experiments import shapes_reward_on_policy as experiment
 from lmm_align.data import shapes
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location(
-  "shapes_reward_on_policy", REPO / "experiments" / "shapes_reward_on_policy.py"
-)
-experiment = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(experiment)
 
 SCENE = shapes.Scene(
   (
@@ -72,7 +64,9 @@ def test_end_to_end_on_a_tiny_reward_model(tmp_path, shapes_sft_policy):
     for k, text in enumerate(
       [shapes.scene_caption(scene, np.random.default_rng(0)), "A red circle, a green cross."]
     ):
-      candidates.append({"prompt_id": scene.id, "response": text, "sample_index": k})
+      candidates.append({"id": f"{scene.id}#{k}", "prompt_id": scene.id, "sample_index": k,
+                         "question": "Describe the image.", "response": text, "num_tokens": 9,
+                         "seed": 0, "sampling": {}})  # fmt: skip
   (round_dir / "prompts" / "prompts.jsonl").write_text(
     "".join(json.dumps(p) + "\n" for p in prompts)
   )
@@ -90,10 +84,19 @@ def test_end_to_end_on_a_tiny_reward_model(tmp_path, shapes_sft_policy):
   assert sum(s["count"] for s in report["segments"].values()) == report["prefixes"]
   assert 0.0 <= report["pair_agreement"] <= 1.0
   (round_dir / "candidates" / "candidates.jsonl").write_text(
-    json.dumps({"prompt_id": "elsewhere", "response": "A red circle."}) + "\n"
+    json.dumps({**candidates[0], "id": "c", "prompt_id": "elsewhere"}) + "\n"
   )
-  with pytest.raises(ValueError, match="line 1: prompt_id 'elsewhere' is not in prompts.jsonl"):
+  with pytest.raises(ValueError, match="candidate 'c', prompt_id 'elsewhere' is not in prompts"):
     experiment.run(args)
-  (round_dir / "candidates" / "candidates.jsonl").write_text(json.dumps({"prompt_id": "x"}))
-  with pytest.raises(ValueError, match="line 1: field 'response' missing"):
+  (round_dir / "candidates" / "candidates.jsonl").write_text(
+    json.dumps({k: v for k, v in candidates[0].items() if k != "response"}) + "\n"
+  )
+  with pytest.raises(ValueError, match=r"line 1 \(id '.*#0'\): field 'response' must be str"):
+    experiment.run(args)
+  (round_dir / "prompts" / "prompts.jsonl").write_text(
+    json.dumps({k: v for k, v in prompts[0].items() if k != "scene"}) + "\n"
+  )
+  with pytest.raises(
+    ValueError, match=r"prompts.jsonl: line 1, prompt '.*': field 'scene' missing"
+  ):
     experiment.run(args)

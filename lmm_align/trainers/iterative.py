@@ -461,7 +461,7 @@ def correction_pairs(
   return pairs, {**stats, "pairs": len(pairs), "prompts": len(groups)}
 
 
-def _prompt_id(pair: dict[str, Any]) -> str:
+def pair_prompt_id(pair: dict[str, Any]) -> str:
   """The prompt of a pair whose id starts with a candidate id ("<prompt>#<k>|...")."""
   return pair["id"].split("|")[0].rsplit("#", 1)[0]
 
@@ -473,7 +473,7 @@ def ground_truth_agreement(
   (correct), more (wrong), or as many (tie)."""
   out = {"correct": 0, "wrong": 0, "tie": 0}
   for p in pairs:
-    scene = scenes[_prompt_id(p)]
+    scene = scenes[pair_prompt_id(p)]
     counts = [
       shapes_metrics.response_hallucination_counts(p[k], scene)["hallucinated_mentions"]
       for k in ("chosen", "rejected")
@@ -507,7 +507,7 @@ def make_pairs(
     )
   scenes = read_scenes(prompts_dir)
   for pair in pairs:  # the scene's facts: these pairs can train a fact-augmented reward model
-    pair["facts"] = preference_sources.scene_facts(scenes[_prompt_id(pair)])
+    pair["facts"] = preference_sources.scene_facts(scenes[pair_prompt_id(pair)])
   stats = {**stats, "method": method, "ground_truth": ground_truth_agreement(pairs, scenes)}
   stats["feedback"] = feedback_stats(labelled)
   rlaifv.write_preference_pairs(out / "pairs.jsonl", pairs)
