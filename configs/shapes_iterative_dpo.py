@@ -70,7 +70,7 @@ def get_config(arg: str | None = None):
   # method "auto": RLAIF-V pairs for rlaifv / self / ground_truth, best vs worst for critic,
   # (correction, answer) for correction.
   config.pairs = ml_collections.ConfigDict(
-    dict(method="auto", per_prompt=2, min_score_gap=1, balance_lengths=True)
+    dict(method="auto", per_prompt=2, min_score_gap=1, balance_lengths=True, sft_on="all")
   )
   # The DPO run of each round: configs/shapes_dpo.py, its data replaced by the round's pairs.
   # With epochs_per_round > 0 the steps follow the number of pairs; else train.total_steps.

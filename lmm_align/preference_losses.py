@@ -278,10 +278,11 @@ def dpo_loss(
   sft_weight: float = 0.0,
   chosen_nll: Array | None = None,
   dpo_weight: float = 1.0,
+  sft_example_weights: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """Mean DPO-family loss plus an optional SFT term on the chosen answer.
 
-      L = dpo_weight * mean_b l_name(b) + sft_weight * mean_b nll_w(b)
+      L = dpo_weight * mean_b l_name(b) + sft_weight * mean_b s_b nll_w(b)
 
   RLAIF-V (`LLaVA15DPOTrainer.compute_loss`) writes exactly this with `DPO_weight` = 1 and
   `SFT_weight` = 0 by default (environment variables), and nll_w = -log pi(y_w), the *same*
@@ -299,6 +300,8 @@ def dpo_loss(
     sft_weight: weight of the SFT term.
     chosen_nll: optional [B] NLL of the chosen answers; defaults to -policy_chosen_logps.
     dpo_weight: weight of the preference term.
+    sft_example_weights: optional [B] s_b (default 1): which chosen answers the SFT term
+      imitates, e.g. only those no claim of which the labeler rejected.
 
   Returns:
     (loss scalar, metrics: loss parts, chosen/rejected implicit reward means, margin,
@@ -317,7 +320,10 @@ def dpo_loss(
   preference = jnp.mean(losses)
   if chosen_nll is None:
     chosen_nll = -policy_chosen_logps
-  sft = jnp.mean(chosen_nll.astype(jnp.float32))
+  chosen_nll = chosen_nll.astype(jnp.float32)
+  if sft_example_weights is not None:
+    chosen_nll = chosen_nll * sft_example_weights.astype(jnp.float32)
+  sft = jnp.mean(chosen_nll)
   loss = dpo_weight * preference + sft_weight * sft
 
   f32 = lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))

@@ -259,6 +259,14 @@ def test_dpo_loss_wrapper_metrics_and_sft_term():
   np.testing.assert_allclose(float(loss), 2.0 * per.mean() + 0.5 * 2.5, rtol=1e-6)
   np.testing.assert_allclose(float(metrics["sft_loss"]), 2.5)
 
+  # Per-example SFT weights: the term imitates only the weighted chosen answers (still / B).
+  loss, metrics = dpo_loss(
+    "sigmoid", *args, beta=beta, sft_weight=0.5, chosen_nll=nll,
+    sft_example_weights=jnp.array([1.0, 0.0, 0.0, 1.0]),
+  )  # fmt: skip
+  np.testing.assert_allclose(float(metrics["sft_loss"]), (1.0 + 4.0) / 4)
+  np.testing.assert_allclose(float(loss), per.mean() + 0.5 * 1.25, rtol=1e-6)
+
   with pytest.raises(ValueError):
     dpo_loss("kto", *args, beta=beta)
 

@@ -31,6 +31,7 @@ class PreferencePair:
   rejected_ids: np.ndarray
   rejected_labels: np.ndarray
   image: ImageSource = None
+  sft_weight: float = 1.0  # how much the DPO loss's SFT term imitates the chosen answer
 
 
 class PreferenceError(ValueError):
@@ -41,8 +42,14 @@ def encode_pair(
   record: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, image_token_id: int
 ) -> PreferencePair:
   """{"id", "image", "question", "chosen", "rejected"} -> a PreferencePair (loss masks on the
-  answers only). Refuses an empty answer or chosen == rejected, naming the record."""
+  answers only), with its optional "sft_weight" (a number >= 0, default 1). Refuses an empty
+  answer, chosen == rejected or a bad sft_weight, naming the record."""
   rid = record.get("id", "?")
+  sft_weight = record.get("sft_weight", 1.0)
+  if isinstance(sft_weight, bool) or not isinstance(sft_weight, int | float) or not sft_weight >= 0:
+    raise PreferenceError(
+      f"preference record {rid!r}, field 'sft_weight': {sft_weight!r} is not a number >= 0"
+    )
   for field in ("question", "chosen", "rejected"):
     if not isinstance(record.get(field), str) or not record[field].strip():
       raise PreferenceError(f"preference record {rid!r}, field {field!r}: empty or missing")
@@ -67,6 +74,7 @@ def encode_pair(
     encoded[1].input_ids,
     encoded[1].labels,
     record.get("image"),
+    float(sft_weight),
   )
 
 
@@ -153,6 +161,9 @@ class PreferenceData:
     self.token_weights = (
       [dense_token_weights(p, token_weight) for p in kept] if token_weight != 1.0 else None
     )
+    # Per-pair SFT weights, only when some differ from 1 (the batch then has sft_weights).
+    sft_weights = np.asarray([p.sft_weight for p in kept], np.float32)
+    self.sft_weights = sft_weights if np.any(sft_weights != 1.0) else None
 
   def __len__(self) -> int:
     return len(self.pairs)
@@ -186,6 +197,8 @@ class PreferenceData:
       batch["pixel_values"] = np.zeros((n, 2, 1, h, w, 3), np.float32)
     if self.ref_logps is not None:
       batch["ref_logps"] = self.ref_logps[indices].astype(np.float32)
+    if self.sft_weights is not None:
+      batch["sft_weights"] = self.sft_weights[indices]
     if self.token_weights is not None:
       batch["token_weights"] = np.ones((n, 2, length), np.float32)
       for row, index in enumerate(indices):

@@ -84,6 +84,7 @@ def dpo_train_step(
       dpo.beta,
       dpo.label_smoothing,
       dpo.sft_weight,
+      sft_example_weights=batch.get("sft_weights"),
     )
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
@@ -108,7 +109,11 @@ def precompute_reference_logps(
   for start in range(0, len(data), batch_size):
     indices = np.arange(start, min(start + batch_size, len(data)))
     padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
-    rows = {k: v for k, v in data.rows(padded).items() if k not in ("pair_index", "ref_logps")}
+    rows = {
+      k: v
+      for k, v in data.rows(padded).items()
+      if k not in ("pair_index", "ref_logps", "sft_weights")
+    }
     logps = fn(variables, sharding.global_batch_from_local(rows, mesh))
     out[indices] = np.asarray(jax.device_get(logps))[: len(indices)]
   return out

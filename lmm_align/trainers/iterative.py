@@ -26,6 +26,8 @@ One round r = 1..M, read top to bottom in `run_round`:
               (critic): argmax vs argmin score per prompt, LLaVA-Critic's pair; "correction":
               (corrected, original) for hallucinating answers, RLHF-V's pair. Every pair is
               also checked against the scene (`ground_truth_agreement`), a diagnostic only.
+              pairs.sft_on="unrejected" (rlaifv, self) gives the SFT term only the pairs
+              whose chosen answer has no rejected claim (pair field sft_weight 1, else 0)
   dpo         `trainers.dpo.train` on the pairs, initialised from the round's policy, which is
               also the reference (its log-probs precomputed once, as RLAIF-V does). A round
               with fewer pairs than one batch skips DPO and keeps its policy (reported in
@@ -77,6 +79,10 @@ PAIR_METHODS = {
   "critic": "best_worst",
   "correction": "correction",
 }
+# Which chosen answers the DPO run's SFT term (train.dpo.sft_weight) imitates: all, or only
+# those the labeler rejected no claim of (a chosen answer is only the better of two and may
+# still hallucinate; imitating it teaches that too).
+SFT_ON = ("all", "unrejected")
 SUMMARY_METRICS = (
   "hallucination_rate", "chair_s_refine", "mention_rate", "chair_i", "object_recall", "pope_f1",
   "mean_answer_words",
@@ -508,6 +514,10 @@ def make_pairs(
   scenes = read_scenes(prompts_dir)
   for pair in pairs:  # the scene's facts: these pairs can train a fact-augmented reward model
     pair["facts"] = preference_sources.scene_facts(scenes[pair_prompt_id(pair)])
+  if p.sft_on == "unrejected":  # RLAIF-V scores: 0 = the labeler rejected no claim
+    for pair in pairs:
+      pair["sft_weight"] = float(pair["chosen_score"] == 0)
+    stats["pairs_sft_on_chosen"] = sum(pair["sft_weight"] > 0 for pair in pairs)
   stats = {**stats, "method": method, "ground_truth": ground_truth_agreement(pairs, scenes)}
   stats["feedback"] = feedback_stats(labelled)
   rlaifv.write_preference_pairs(out / "pairs.jsonl", pairs)
@@ -629,6 +639,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"feedback.kind {config.feedback.kind!r}: use one of {FEEDBACK_KINDS}")
   if config.rounds < 1 or config.sampling.num_samples < 2 or config.prompts.num_per_round < 1:
     raise ValueError("need rounds >= 1, sampling.num_samples >= 2 and prompts.num_per_round >= 1")
+  if config.pairs.sft_on not in SFT_ON:
+    raise ValueError(f"pairs.sft_on {config.pairs.sft_on!r}: use one of {SFT_ON}")
+  if config.pairs.sft_on == "unrejected" and config.feedback.kind not in ("rlaifv", "self"):
+    raise ValueError(
+      f"pairs.sft_on 'unrejected' reads RLAIF-V scores (rejected claims): feedback.kind "
+      f"{config.feedback.kind!r} has none; use 'rlaifv' or 'self', or sft_on 'all'"
+    )
 
 
 def run_round(

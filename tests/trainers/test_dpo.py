@@ -77,6 +77,13 @@ def test_bad_pairs_are_refused_naming_the_record(sft_policy):
     )
   with pytest.raises(preference.PreferenceError, match="'r3', field 'chosen': empty"):
     preference.encode_pair(dict(good, id="r3", chosen="  "), tokenizer, "vicuna_v1", 9, 4)
+  assert pair.sft_weight == 1.0
+  assert (
+    preference.encode_pair(dict(good, sft_weight=0), tokenizer, "vicuna_v1", 9, 4).sft_weight == 0
+  )
+  for bad in (-1.0, float("nan"), "1", True):
+    with pytest.raises(preference.PreferenceError, match="'r4', field 'sft_weight'"):
+      preference.encode_pair(dict(good, id="r4", sft_weight=bad), tokenizer, "vicuna_v1", 9, 4)
 
 
 def test_dense_weighted_dpo_on_the_2x2x2_mesh_equals_one_device(tmp_path, sft_policy):
@@ -125,3 +132,50 @@ def test_pairs_jsonl_source_loads_images_and_skips_bad_pairs_when_asked(tmp_path
     dpo.preference_data(
       main.apply_overrides(config, {"data.on_error": "raise"}), tokenizer, model_config
     )
+
+
+def _write_shapes_pairs(folder: pathlib.Path, n: int, sft_weights=None) -> pathlib.Path:
+  """n ground-truth shapes pairs as a pairs JSONL with PNGs beside it."""
+  from lmm_align.data import sources
+
+  config = shapes_dpo.get_config("runlocal")
+  records = preference.shapes_preference_records(n, sources.shapes_world_config(config), seed=1)
+  folder.mkdir(parents=True, exist_ok=True)
+  lines = []
+  for i, r in enumerate(records):
+    r["image"].save(folder / f"{i}.png")
+    row = {**r, "image": f"{i}.png"}
+    if sft_weights is not None:
+      row["sft_weight"] = sft_weights[i]
+    lines.append(json.dumps(row))
+  (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+  return folder / "pairs.jsonl"
+
+
+def test_per_pair_sft_weights_select_which_chosen_answers_the_sft_term_imitates(
+  tmp_path, sft_policy
+):
+  n = 8  # one batch of the runlocal config: every step sees every pair
+
+  def run(name, sft_weight, pair_weights):
+    path = _write_shapes_pairs(tmp_path / name, n, pair_weights)
+    config = _dpo_config(sft_policy, **{
+        "data.source": "pairs_jsonl", "data.json_path": str(path),
+        "data.image_folder": str(path.parent), "dpo.sft_weight": sft_weight,
+    })  # fmt: skip
+    dpo.train(config, str(tmp_path / name / "run"))
+    return _metrics(tmp_path / name / "run")
+
+  plain = run("plain", 0.0, None)
+  none_imitated = run("none", 0.5, [0.0] * n)
+  half = run("half", 0.5, [1.0, 0.0] * (n // 2))
+  # Pairs weighted 0 leave the run exactly as without the SFT term.
+  for key in ("loss", "rewards/margin", "grad_norm"):
+    np.testing.assert_allclose(
+      [m[key] for m in none_imitated], [m[key] for m in plain], atol=1e-6, err_msg=key
+    )
+  # Half the pairs weighted 1: the SFT term is the mean over the batch of the weighted NLLs,
+  # i.e. half the mean NLL of the imitated chosen answers; at step 1 policy == reference.
+  assert half[0]["preference_loss"] == pytest.approx(math.log(2), abs=1e-5)
+  assert half[0]["loss"] == pytest.approx(math.log(2) + 0.5 * half[0]["sft_loss"], abs=1e-5)
+  assert 0 < half[0]["sft_loss"] < -half[0]["logps/chosen"]

@@ -350,6 +350,14 @@ def test_bad_configs_are_refused():
   config = shapes_iterative_dpo.get_config("runlocal")
   with pytest.raises(ValueError, match="init_from"):
     iterative.check_config(config)
+  config.init_from = "/policy"
+  config.pairs.sft_on = "best"
+  with pytest.raises(ValueError, match="sft_on 'best'"):
+    iterative.check_config(config)
+  config = shapes_iterative_dpo.get_config("feedback=ground_truth,runlocal")
+  config.init_from, config.pairs.sft_on = "/policy", "unrejected"
+  with pytest.raises(ValueError, match="'ground_truth' has none"):
+    iterative.check_config(config)
   with pytest.raises(ValueError, match="feedback=.*use one of"):
     shapes_iterative_dpo.get_config("feedback=gpt4")
 
@@ -377,6 +385,30 @@ def test_a_round_with_fewer_pairs_than_a_batch_keeps_its_policy(tmp_path, policy
     policy / "model.safetensors"
   ).read_bytes()
   assert iterative._dpo_metrics(dpo_dir) == {"skipped": skip}
+
+
+def test_sft_on_unrejected_marks_the_pairs_whose_chosen_answer_has_no_rejected_claim(tmp_path):
+  config = shapes_iterative_dpo.get_config("runlocal")
+  config.pairs.per_prompt, config.pairs.balance_lengths = 0, False
+  config.pairs.sft_on = "unrejected"
+  prompts, pairs_dir = tmp_path / "p", tmp_path / "pairs"
+  prompts.mkdir(), pairs_dir.mkdir()
+  (prompts / "prompts.jsonl").write_text(
+    json.dumps({"id": "s0", "question": "q", "image": None, "scene": SCENE.to_dict()}) + "\n"
+  )
+  responses = ["A red circle.", "A red star.", "A green star and a red star."]
+  records = [
+    {**_candidate(k, text), "score": -k, "status": "ok", "num_claims": k + 1,
+     "num_judged": k + 1}
+    for k, text in enumerate(responses)
+  ]  # fmt: skip
+  (tmp_path / "labelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  iterative.make_pairs(config, 1, tmp_path / "labelled.jsonl", prompts, pairs_dir)
+  pairs = [json.loads(x) for x in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
+  assert [(p["chosen_score"], p["rejected_score"], p["sft_weight"]) for p in pairs] == [
+    (0, -1, 1.0), (0, -2, 1.0), (-1, -2, 0.0),
+  ]  # fmt: skip
+  assert json.loads((pairs_dir / "stats.json").read_text())["pairs_sft_on_chosen"] == 2
 
 
 def test_per_item_rules_fail_one_item_not_the_run():

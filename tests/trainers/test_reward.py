@@ -95,5 +95,7 @@ def test_pairs_jsonl_reward_records_keep_facts_and_load_images_lazily(tmp_path):
      "data.image_folder": str(tmp_path)},
   )  # fmt: skip
   (record,), skipped = reward_records(config)
-  assert not skipped and record["facts"] == ["A red circle."] and record["rejected"] == "A red star."
+  assert (
+    not skipped and record["facts"] == ["A red circle."] and record["rejected"] == "A red star."
+  )
   assert record["image"]().getpixel((0, 0)) == (255, 0, 0)
