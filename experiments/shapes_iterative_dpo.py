@@ -298,18 +298,19 @@ def hard_existence_records(
   return records
 
 
-def scene_claim_truth(claim: str, scene) -> bool | None:
-  """Whether a claim is true of the scene, as the metrics read it: a claim naming objects is
-  true when every object it names is there (colour and shape; size and place are not
-  checked); a claim about the picture is true when the background colour and the number of
-  shapes it states are the scene's; None when it states neither (no ground truth)."""
+def scene_claim_truth(claim: str, scene) -> tuple[str, bool | None]:
+  """(kind, truth) of a claim, as the metrics read it. Kind "objects": it names objects, and
+  is true when every object it names is there (colour and shape; size and place are not
+  checked). Kind "picture": it names none, and is true when the background colour and the
+  number of shapes it states are the scene's; truth None when it states neither (no ground
+  truth)."""
   import re
 
   from lmm_align.data import shapes, shapes_metrics
 
   counts = shapes_metrics.response_hallucination_counts(claim, scene)
   if counts["mentions"]:
-    return counts["hallucinated_mentions"] == 0
+    return "objects", counts["hallucinated_mentions"] == 0
   text = claim.lower()
   checks = []
   backgrounds = "|".join(shapes.BACKGROUNDS)
@@ -318,7 +319,7 @@ def scene_claim_truth(claim: str, scene) -> bool | None:
   numbers = "|".join(shapes.NUMBER_WORDS[1:])
   if m := re.search(rf"\b({numbers})\s+(shape|shapes|object|objects)\b", text):
     checks.append(shapes.NUMBER_WORDS.index(m.group(1)) == len(scene.objects))
-  return all(checks) if checks else None
+  return "picture", (all(checks) if checks else None)
 
 
 def _false_scene_question(question: str, scene, world, rng) -> str | None:
@@ -365,7 +366,7 @@ def claim_records(
 
   import numpy as np
 
-  from lmm_align.data import shapes, shapes_metrics
+  from lmm_align.data import shapes
   from lmm_align.feedback import claims
 
   caption_world = dataclasses.replace(world, task_mix=(("caption", 1.0),), hallucination_rate=0.5)
@@ -375,11 +376,10 @@ def claim_records(
   for r in shapes.make_sft_records(captions, caption_world, seed=[seed, 8]):
     scene = shapes.Scene.from_dict(r["metadata"]["scene"])
     for claim in claims.split_claims_rules(r["conversations"][1]["value"]):
-      truth = scene_claim_truth(claim, scene)
+      kind, truth = scene_claim_truth(claim, scene)
       if truth is None:
         continue
-      names = shapes_metrics.response_hallucination_counts(claim, scene)["mentions"] > 0
-      yes, no = pools["objects" if names else "picture"]
+      yes, no = pools[kind]
       question = claims.claim_to_question(claim)
       (yes if truth else no).append((question, r["image"]))
       if truth and (false := _false_scene_question(question, scene, world, rng)):
@@ -608,8 +608,7 @@ def _claim_items(n: int, world) -> tuple[list[str], list, list[bool]]:
 def _picture_claim_items(n: int, world) -> tuple[list[str], list, list[bool]]:
   """Held-out questions about the picture (background, count) from `claim_records`, half
   true: the policy's own picture claims are nearly all true, so they measure only a yes rate."""
-  records = claim_records(2 * n, world, LABELER_EVAL_SEED + 3, picture_share=0.5)
-  return _yes_no_items([r for r in records if r["metadata"]["kind"] == "picture"])
+  return _yes_no_items(claim_records(n, world, LABELER_EVAL_SEED + 3, picture_share=1.0))
 
 
 def _policy_descriptions(
@@ -635,7 +634,6 @@ def _claims_of(texts, scenes, images, about: str = "objects") -> tuple[list[str]
   """(rule question, image, truth) for every claim of each text that mentions an object
   (about="objects"), or that states the background or the count and names no object
   (about="picture")."""
-  from lmm_align.data import shapes_metrics
   from lmm_align.feedback import claims
   from lmm_align.trainers import iterative
 
@@ -643,9 +641,8 @@ def _claims_of(texts, scenes, images, about: str = "objects") -> tuple[list[str]
   questions, claim_images, truths = [], [], []
   for text, scene, image in zip(texts, scenes, images):
     for claim in splitter.split([("Describe the image.", text)])[0] or []:
-      names_objects = shapes_metrics.response_hallucination_counts(claim, scene)["mentions"] > 0
-      truth = scene_claim_truth(claim, scene)
-      if truth is None or names_objects != (about == "objects"):
+      kind, truth = scene_claim_truth(claim, scene)
+      if truth is None or kind != about:
         continue
       questions.append(claims.claim_to_question(claim))
       claim_images.append(image)

@@ -36,13 +36,13 @@ def test_claims_are_judged_as_the_metrics_read_them():
   from lmm_align.data import shapes
 
   scene = shapes.Scene((shapes.SceneObject("circle", "red", "small", 0, 0),), background="gray")
-  truth = lambda claim: experiment.scene_claim_truth(claim, scene)
-  assert truth("There is a large red circle in the top right.") is True  # size, place unchecked
-  assert truth("There is a red star.") is False
-  assert truth("There is a gray image.") is True
-  assert truth("There is one shape on a white background.") is False  # the background is wrong
-  assert truth("There are two shapes on a gray background.") is False  # the count is wrong
-  assert truth("It looks simple.") is None
+  judge = lambda claim: experiment.scene_claim_truth(claim, scene)
+  assert judge("There is a large red circle in the top right.") == ("objects", True)  # size, place
+  assert judge("There is a red star.") == ("objects", False)
+  assert judge("There is a gray image.") == ("picture", True)
+  assert judge("There is one shape on a white background.") == ("picture", False)  # background
+  assert judge("There are two shapes on a gray background.") == ("picture", False)  # count
+  assert judge("It looks simple.") == ("picture", None)
 
 
 def test_claim_records_are_balanced_and_their_picture_negatives_are_false():
@@ -72,6 +72,10 @@ def test_claim_records_are_balanced_and_their_picture_negatives_are_false():
   kinds = collections.Counter((r["metadata"]["kind"], r["metadata"]["answer"]) for r in heavy)
   assert kinds[("picture", "yes")] == kinds[("picture", "no")] == 80  # of 200 records
   assert kinds[("objects", "yes")] == kinds[("objects", "no")] == 20
+  # Share 1 (the labeler report's held-out picture set; the labeler itself must see objects).
+  only = experiment.claim_records(40, world, seed=3, picture_share=1.0)
+  kinds = collections.Counter((r["metadata"]["kind"], r["metadata"]["answer"]) for r in only)
+  assert kinds == {("picture", "yes"): 20, ("picture", "no"): 20}
   with pytest.raises(SystemExit):
     experiment.parse_args(["--workdir=w", "--labeler_picture_share=1.0"])
   scene = shapes.Scene(
@@ -84,7 +88,7 @@ def test_claim_records_are_balanced_and_their_picture_negatives_are_false():
       "Are there two shapes on a white background?", scene, world, rng
     )
     assert false != "Are there two shapes on a white background?"
-    assert experiment.scene_claim_truth(false.replace("Are there", "There are"), scene) is False
+    assert experiment.scene_claim_truth(false.replace("Are there", "There are"), scene)[1] is False
   assert experiment._false_scene_question("Is there a red circle?", scene, world, rng) is None
 
 

@@ -443,7 +443,9 @@ class Rollouts:
       prefixes = [responses[b][: t + 1] for b, e in enumerate(ends) for t in e]
     else:
       ends, rows, prefixes = None, list(range(len(cut))), responses
-    flat = self._model_or_scene_scores(prompts, rows, prefixes, pixels, iteration)
+    flat = self._model_or_scene_scores(
+      prompts, rows, prefixes, pixels, iteration, texts if ends is None else None
+    )
     dense = np.zeros(r_mask.shape, np.float32)
     if ends is None:
       rm_scores = flat
@@ -490,15 +492,23 @@ class Rollouts:
     return batch, metrics, texts
 
   def _model_or_scene_scores(
-    self, prompts, rows: Sequence[int], responses: Sequence[Sequence[int]], pixels, iteration
+    self,
+    prompts,
+    rows: Sequence[int],
+    responses: Sequence[Sequence[int]],
+    pixels,
+    iteration,
+    texts: Sequence[str] | None = None,
   ) -> np.ndarray:
-    """The score of each response (token ids) to prompts[rows[i]]: [len(responses)]."""
+    """The score of each response (token ids) to prompts[rows[i]]: [len(responses)]. `texts`:
+    the responses already decoded, when the caller has them (the scene reads text)."""
     if self.ppo.reward_source == "scene":
-      eos = self.tokenizer.eos_token_id
-      texts = [
-        self.tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True)
-        for r in responses
-      ]
+      if texts is None:
+        eos = self.tokenizer.eos_token_id
+        texts = [
+          self.tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True)
+          for r in responses
+        ]
       return scene_scores([prompts[b] for b in rows], texts, self.ppo.scene_recall_weight)
     return self._score(prompts, rows, responses, pixels, iteration)
 

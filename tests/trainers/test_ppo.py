@@ -230,6 +230,21 @@ def test_segment_rewards_keep_each_score_and_change_only_where_it_is_paid(
       ppo.train(_config(root, **one, **fields), str(tmp_path / "bad"))
 
 
+def test_scene_reward_is_the_monitor_score_of_the_same_rollouts(models, one_iteration, tmp_path):
+  """reward_source=scene, sparse (scored from the rollout's decoded texts) and by segments (each
+  prefix decoded; the last is the whole response): on the same rollouts both pay what the
+  model-reward run's scene monitor measured."""
+  root, _ = models
+  scene = {**_ONE_ITERATION, "ppo.reward_source": "scene"}
+  ppo.train(_config(root, **scene), str(tmp_path / "sparse"))
+  ppo.train(_config(root, **scene, **{"ppo.dense_reward": "segments"}), str(tmp_path / "dense"))
+  (monitored,) = _metrics(one_iteration)
+  for run in ("sparse", "dense"):
+    (m,) = _metrics(tmp_path / run)
+    assert m["reward/rm"] == pytest.approx(monitored["reward/scene"], abs=1e-6), run
+    assert m["response_tokens"] == monitored["response_tokens"], run
+
+
 @pytest.mark.parametrize("fraction, describe", [(0.0, 32), (1.0, 0)])
 def test_yes_no_fraction_sets_the_share_of_existence_questions(fraction, describe):
   config = shapes_ppo.get_config("runlocal")
