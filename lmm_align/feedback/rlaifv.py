@@ -36,6 +36,7 @@ import collections
 import hashlib
 import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -59,14 +60,19 @@ class Labeler(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-def claim_rejected(p_yes: Sequence[float], p_no: Sequence[float]) -> list[bool]:
-  """Per claim: the labeler rejects it (p_no >= p_yes; a tie is a rejection)."""
-  return [bool(n >= y) for y, n in zip(p_yes, p_no, strict=True)]
+def claim_rejected(
+  p_yes: Sequence[float], p_no: Sequence[float], margin: float = 0.0
+) -> list[bool]:
+  """Per claim: the labeler rejects it, log p_no - log p_yes >= margin. RLAIF-V's rule is
+  margin 0 (p_no >= p_yes; a tie is a rejection); a margin > 0 rejects only claims the labeler
+  doubts by that much, for a labeler that says "no" too readily."""
+  scale = math.exp(margin)
+  return [bool(n >= y * scale) for y, n in zip(p_yes, p_no, strict=True)]
 
 
-def response_score(p_yes: Sequence[float], p_no: Sequence[float]) -> int:
+def response_score(p_yes: Sequence[float], p_no: Sequence[float], margin: float = 0.0) -> int:
   """-(number of rejected claims): 0 for a response whose every claim is supported."""
-  return -sum(claim_rejected(p_yes, p_no))
+  return -sum(claim_rejected(p_yes, p_no, margin))
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +97,7 @@ def _labelled_record(
   claims: list[str] | None,
   questions: list[str] | None,
   scores: YesNoScores | None,
+  reject_margin: float = 0.0,
 ) -> dict[str, Any]:
   """One response's feedback; `status` says why a response has no score."""
   status = "ok"
@@ -113,10 +120,10 @@ def _labelled_record(
     "questions": questions,
     "p_yes": p_yes,
     "p_no": p_no,
-    "claim_rejected": claim_rejected(p_yes, p_no),
+    "claim_rejected": claim_rejected(p_yes, p_no, reject_margin),
     "num_claims": len(claims or []),
     "num_judged": len(set(questions)) if labelled else 0,
-    "score": response_score(p_yes, p_no) if labelled else None,
+    "score": response_score(p_yes, p_no, reject_margin) if labelled else None,
     "status": status,
   }
 
@@ -127,6 +134,7 @@ def _label_chunk(
   question_maker: QuestionMaker,
   labeler: Labeler,
   load_image: Callable[[str], Any],
+  reject_margin: float = 0.0,
 ) -> list[dict[str, Any]]:
   """Feedback for a chunk of candidates: one batch per stage (splitter, questions, labeler)."""
   claims = splitter.split([(c["question"], c["response"]) for c in candidates])
@@ -153,7 +161,7 @@ def _label_chunk(
   for i, c in enumerate(candidates):
     mine = owners == i
     own = YesNoScores(scores.p_yes[mine], scores.p_no[mine])
-    out.append(_labelled_record(c, claims[i], questions[i], own))
+    out.append(_labelled_record(c, claims[i], questions[i], own, reject_margin))
   return out
 
 
@@ -166,13 +174,15 @@ def label_candidates(
   *,
   load_image: Callable[[str], Any] = images.load_image,
   prompts_per_chunk: int = 8,
+  reject_margin: float = 0.0,
 ) -> list[dict[str, Any]]:
   """Runs the divide-and-conquer chain over candidate records into `output_path` (JSONL).
 
   Candidates (see `candidates.py`) are grouped by prompt; `prompts_per_chunk` prompts go
   through each stage as one batch. Every prompt's records are written together, so a rerun
   skips the prompts already labelled (all their candidate ids present) and relabels the rest.
-  Returns the labelled records of `candidates`, in their order.
+  Returns the labelled records of `candidates`, in their order. `reject_margin`: see
+  `claim_rejected`.
   """
   if prompts_per_chunk < 1:
     raise ValueError(f"prompts_per_chunk={prompts_per_chunk} must be >= 1")
@@ -189,8 +199,9 @@ def label_candidates(
     for start in range(0, len(todo), prompts_per_chunk):
       chunk = todo[start : start + prompts_per_chunk]
       records = _label_chunk(
-        [c for pid in chunk for c in groups[pid]], splitter, question_maker, labeler, load_image
-      )
+        [c for pid in chunk for c in groups[pid]], splitter, question_maker, labeler,
+        load_image, reject_margin,
+      )  # fmt: skip
       for pid in chunk:
         done[pid] = [r for r in records if r["prompt_id"] == pid]
         append_jsonl(f, done[pid])

@@ -292,6 +292,7 @@ def rlaifv_feedback(
       candidates, PerItem(claims.RuleClaimSplitter()), PerItem(claims.RuleQuestionMaker()),
       labeler, out_path,
       load_image=_image_loader(prompts_dir), prompts_per_chunk=config.feedback.prompts_per_chunk,
+      reject_margin=config.feedback.reject_margin,
   )  # fmt: skip
 
 

@@ -92,6 +92,12 @@ def test_scores_by_hand(tmp_path):
     len(questions) == 9 and images[-1] == "<image other.png>" and images[0] == "<image img.png>"
   )
   assert rlaifv.response_score([0.5, 0.2], [0.5, 0.1]) == -1
+  # A margin of 1 rejects a claim only when P(no) >= e * P(yes): the tie (cross, 0.4 / 0.4)
+  # and "blue" (0.3 / 0.6, a ratio of 2) now pass; star (3.5) and diamond (8) are still out.
+  margin = _label(tmp_path / "m.jsonl", reject_margin=1.0)
+  assert [r["score"] for r in margin] == [0, -1, -2, None, 0, 0]
+  assert margin[2]["claim_rejected"] == [False, True, True]
+  assert rlaifv.claim_rejected([0.25], [0.25 * np.e * 1.0001], margin=1.0) == [True]
 
 
 def test_pairs_by_hand(tmp_path):
