@@ -109,7 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     "--labeler_picture_share", type=float, default=0.0,
     help="with --labeler_data=claims: the share of claim records about the picture (background, "
-    "count); 0: the captions' proportion",
+    "count), 0: the captions' proportion; with policy_claims: the share of records that are "
+    "such picture questions (0: none)",
   )  # fmt: skip
   p.add_argument("--labeler_steps", type=int, default=1500)
   p.add_argument("--labeler_records", type=int, default=12000)
@@ -431,11 +432,13 @@ def labeler_records(
 
 
 def policy_claim_records(
-  n: int, world, seed: int, policy_folder: str, template: str
+  n: int, world, seed: int, policy_folder: str, template: str, picture_share: float = 0.0
 ) -> list[dict[str, Any]]:
   """About `n` labeler records: half are the rule questions of the claims in the policy's own
   greedy descriptions of fresh scenes (seed [seed, 5]), answered by the scene, as many false
-  claims as true ones (or as the policy makes); the rest `hard_existence_records`. LLaVA-Critic
+  claims as true ones (or as the policy makes); `picture_share` of them balanced questions
+  about the picture (`claim_records`: the policy's own picture claims are nearly all true, so
+  they cannot teach "no"); the rest `hard_existence_records`. LLaVA-Critic
   trains its judge on model answers labelled by a stronger judge; here the scene is that judge,
   and the labeler learns the errors of the answers it will label, on scenes the loop never
   uses."""
@@ -461,7 +464,13 @@ def policy_claim_records(
     }
     for i in sorted(false + true)
   ]
-  return records + hard_existence_records(max(n - len(records), 0), world, seed)
+  pictures = (
+    claim_records(int(round(n * picture_share)), world, seed, picture_share=1.0)
+    if picture_share
+    else []
+  )
+  rest = max(n - len(records) - len(pictures), 0)
+  return records + pictures + hard_existence_records(rest, world, seed)
 
 
 def _saved_records(data_dir: pathlib.Path, make_records) -> pathlib.Path:
@@ -501,8 +510,13 @@ def ensure_labeler(args, root: pathlib.Path, sft_hf: str) -> str:
   template = _load("configs/shapes_iterative_dpo.py").data.template
   make = lambda: (
     policy_claim_records(
-      args.labeler_records, _world(args.quick), LABELER_DATA_SEED, sft_hf, template
-    )
+      args.labeler_records,
+      _world(args.quick),
+      LABELER_DATA_SEED,
+      sft_hf,
+      template,
+      args.labeler_picture_share,
+    )  # fmt: skip
     if args.labeler_data == "policy_claims"
     else labeler_records(
       args.labeler_data,

@@ -97,3 +97,20 @@ def test_labeler_init_fine_tunes_an_exported_model_with_its_own_tower():
   fields = experiment.labeler_overrides(args)
   assert fields["init_from"] == "/models/labeler_hf" and fields["model.vision_init"] == ""
   assert "init_from" not in experiment.labeler_overrides(experiment.parse_args(["--workdir=w"]))
+
+
+def test_policy_claim_records_add_the_asked_share_of_picture_questions(shapes_sft_policy):
+  import collections
+
+  world = experiment._world(True)
+  records = experiment.policy_claim_records(
+    40, world, 5, str(shapes_sft_policy), "vicuna_v1", picture_share=0.25
+  )
+  assert len(records) == 40
+  kinds = collections.Counter(
+    r["metadata"]["answer"] for r in records if r.get("metadata", {}).get("kind") == "picture"
+  )
+  assert kinds == {"yes": 5, "no": 5}
+  without = experiment.policy_claim_records(40, world, 5, str(shapes_sft_policy), "vicuna_v1")
+  assert len(without) == 40
+  assert not any(r.get("metadata", {}).get("kind") == "picture" for r in without)
