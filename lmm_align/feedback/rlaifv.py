@@ -110,6 +110,7 @@ def _labelled_record(
   labelled = status == "ok"
   p_yes = [float(x) for x in scores.p_yes] if labelled else []
   p_no = [float(x) for x in scores.p_no] if labelled else []
+  rejected = claim_rejected(p_yes, p_no, reject_margin)
   return {
     "id": candidate["id"],
     "prompt_id": str(candidate["prompt_id"]),
@@ -120,10 +121,10 @@ def _labelled_record(
     "questions": questions,
     "p_yes": p_yes,
     "p_no": p_no,
-    "claim_rejected": claim_rejected(p_yes, p_no, reject_margin),
+    "claim_rejected": rejected,
     "num_claims": len(claims or []),
     "num_judged": len(set(questions)) if labelled else 0,
-    "score": response_score(p_yes, p_no, reject_margin) if labelled else None,
+    "score": -sum(rejected) if labelled else None,  # response_score's rule
     "status": status,
   }
 

@@ -406,10 +406,7 @@ class Rollouts:
       rewards.truncate_response(row[:n], (tok.eos_token_id,), self.cut_ids)
       for row, n in zip(np.asarray(out.tokens), np.asarray(out.lengths))
     ]
-    texts = [
-      tok.decode([t for t in c.tokens if t != tok.eos_token_id], skip_special_tokens=True)
-      for c in cut
-    ]
+    texts = [self._decode(c.tokens) for c in cut]
     timings["time/rollout"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -491,6 +488,11 @@ class Rollouts:
       )
     return batch, metrics, texts
 
+  def _decode(self, tokens: Sequence[int]) -> str:
+    """A response's text: its tokens without the stop token."""
+    eos = self.tokenizer.eos_token_id
+    return self.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
+
   def _model_or_scene_scores(
     self,
     prompts,
@@ -504,11 +506,7 @@ class Rollouts:
     the responses already decoded, when the caller has them (the scene reads text)."""
     if self.ppo.reward_source == "scene":
       if texts is None:
-        eos = self.tokenizer.eos_token_id
-        texts = [
-          self.tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True)
-          for r in responses
-        ]
+        texts = [self._decode(r) for r in responses]
       return scene_scores([prompts[b] for b in rows], texts, self.ppo.scene_recall_weight)
     return self._score(prompts, rows, responses, pixels, iteration)
 
