@@ -11,9 +11,11 @@ It trains what is missing, each into WORKDIR and skipped when already there:
             (experiments/shapes_vision_tower.py) -> WORKDIR/tower; the SFT policy and the
             labeler start from it and keep it frozen, as LLaVA keeps CLIP
   sft       configs/shapes_sft.py -> WORKDIR/sft, exported to WORKDIR/sft_hf (or --sft_from)
-  labeler   (rlaifv) a separate small LLaVA trained from scratch by SFT on existence
-            questions only ("Is there a red circle in the image?" -> Yes/No; task_mix exist),
-            with the policy's tokenizer -> WORKDIR/labeler_hf (or --labeler_from). Its yes/no
+  labeler   (rlaifv) a separate small LLaVA trained by SFT on yes/no questions about scenes
+            ("Is there a red circle in the image?" -> Yes/No; --labeler_data), with the
+            policy's tokenizer, on the policy's frozen tower or (--labeler_variant=
+            shapes-judge) a larger one pretrained into WORKDIR/labeler_tower ->
+            WORKDIR/labeler_hf (or --labeler_from). Its yes/no
             accuracy is measured on held-out existence questions and on the claims of
             held-out captions (half of them with an injected hallucination), beside the SFT
             policy's own accuracy (the `self` labeler) -> WORKDIR/labeler_accuracy.json
@@ -103,8 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     "multiple of the labeler's learning rate (RLAIF-V's labeler sees better than its policy)",
   )  # fmt: skip
   p.add_argument(
-    "--labeler_variant", default="shapes", choices=("shapes", "shapes-wide"),
-    help="the labeler's model: the policy's size, or a twice-as-wide decoder on the same tower",
+    "--labeler_variant", default="shapes", choices=("shapes", "shapes-wide", "shapes-judge"),
+    help="the labeler's model: the policy's size, a twice-as-wide decoder on the same tower, or "
+    "that decoder on a larger tower of its own, pretrained into WORKDIR/labeler_tower (a "
+    "labeler that sees better than the policy: the policy's tower misreads the shapes its "
+    "false claims confuse)",
   )  # fmt: skip
   p.add_argument(
     "--labeler_picture_share", type=float, default=0.0,
@@ -497,16 +502,38 @@ def labeler_overrides(args) -> dict[str, Any]:
   if args.labeler_init:
     fields["init_from"] = args.labeler_init
     fields["model.vision_init"] = ""  # the tower comes with the model
+  elif getattr(args, "labeler_tower_dir", ""):
+    fields["model.vision_init"] = args.labeler_tower_dir
   if args.labeler_tower_lr:
     fields["trainable"] = (".*",)
     fields["optim.lr_groups"] = (("vision_tower/.*", args.labeler_tower_lr),)
   return fields
 
 
+def ensure_labeler_tower(args, root: pathlib.Path) -> str:
+  """The pretrained tower a new labeler starts from ("" when it has none: --labeler_init brings
+  its own, --tower=none trains it from scratch): the policy's tower when the labeler variant
+  has the policy's vision config, else one pretrained for the labeler's variant into
+  WORKDIR/labeler_tower."""
+  from lmm_align.models.config import get_variant
+
+  if args.labeler_init or not args.tower_dir:
+    return ""
+  sft_config = _load(f"configs/shapes_sft.py:{'runlocal' if args.quick else ''}")
+  if get_variant(args.labeler_variant).vision == get_variant(sft_config.model.variant).vision:
+    return args.tower_dir
+  from experiments import shapes_vision_tower
+
+  sft_config.model.variant = args.labeler_variant
+  shapes_vision_tower.ensure_tower(sft_config, root / "labeler_tower", args.quick)
+  return str(root / "labeler_tower")
+
+
 def ensure_labeler(args, root: pathlib.Path, sft_hf: str) -> str:
-  """A labeler trained from scratch on existence questions only (shared tokenizer)."""
+  """A labeler trained on --labeler_data's yes/no records (the policy's tokenizer)."""
   if args.labeler_from:
     return args.labeler_from
+  args.labeler_tower_dir = ensure_labeler_tower(args, root)
   template = _load("configs/shapes_iterative_dpo.py").data.template
   make = lambda: (
     policy_claim_records(

@@ -114,3 +114,40 @@ def test_policy_claim_records_add_the_asked_share_of_picture_questions(shapes_sf
   without = experiment.policy_claim_records(40, world, 5, str(shapes_sft_policy), "vicuna_v1")
   assert len(without) == 40
   assert not any(r.get("metadata", {}).get("kind") == "picture" for r in without)
+
+
+def test_judge_labeler_gets_a_larger_tower_of_its_own(tmp_path, monkeypatch):
+  from experiments import shapes_vision_tower
+  from lmm_align.models.config import get_variant
+
+  wide, judge = get_variant("shapes-wide"), get_variant("shapes-judge")
+  assert judge.text == wide.text
+  assert judge.vision.hidden_size > wide.vision.hidden_size
+  assert judge.vision.num_layers > wide.vision.num_layers
+  # The cell grid stays the patch grid, so the tower pretraining's cell heads apply.
+  assert judge.vision.image_size // judge.vision.patch_size == 3
+
+  pretrained = []
+  monkeypatch.setattr(
+    shapes_vision_tower, "ensure_tower",
+    lambda config, out, quick=False: pretrained.append((config.model.variant, out)),
+  )  # fmt: skip
+  args = experiment.parse_args([f"--workdir={tmp_path}", "--labeler_variant=shapes-judge"])
+  args.tower_dir = "/policy/tower"
+  folder = experiment.ensure_labeler_tower(args, tmp_path)
+  assert folder == str(tmp_path / "labeler_tower")
+  assert pretrained == [("shapes-judge", tmp_path / "labeler_tower")]
+  args.labeler_tower_dir = folder
+  assert experiment.labeler_overrides(args)["model.vision_init"] == folder
+  # A labeler with the policy's vision config reads the policy's tower; none is pretrained.
+  args = experiment.parse_args([f"--workdir={tmp_path}", "--labeler_variant=shapes-wide"])
+  args.tower_dir = "/policy/tower"
+  assert experiment.ensure_labeler_tower(args, tmp_path) == "/policy/tower"
+  # One fine-tuned from an exported model brings its own tower.
+  args = experiment.parse_args(
+    [f"--workdir={tmp_path}", "--labeler_variant=shapes-judge", "--labeler_init=/m"]
+  )
+  args.tower_dir = "/policy/tower"
+  assert experiment.ensure_labeler_tower(args, tmp_path) == ""
+  assert experiment.labeler_overrides(args)["model.vision_init"] == ""
+  assert len(pretrained) == 1

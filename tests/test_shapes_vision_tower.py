@@ -50,3 +50,18 @@ def test_short_pretraining_learns_and_loads_into_the_sft_model(tower_script, tmp
   model_config = tower_script._vision_model_config(config)
   params = hf.load_vision_tower(tmp_path, model_config)
   assert params["patch_embedding"]["kernel"].shape == (16, 16, 3, model_config.vision.hidden_size)
+
+
+def test_shape_confusions_count_misread_occupied_cells(tower_script):
+  world = shapes.ShapesWorldConfig(image_size=48)
+  star, triangle = 1 + world.shapes.index("star"), 1 + world.shapes.index("triangle")
+  labels = np.zeros((2, 3, 9), np.int32)
+  labels[0, 0, :3] = [star, star, triangle]
+  labels[1, 0, 4] = star
+  predicted = np.zeros((2, 9), np.int32)
+  predicted[0, :3] = [triangle, star, star]
+  predicted[0, 8] = triangle  # a shape seen in an empty cell is not a misread object
+  predicted[1, 4] = 0  # missed
+  assert tower_script.shape_confusions(predicted, labels, world) == {
+    "star->empty": 1, "star->triangle": 1, "triangle->star": 1,
+  }  # fmt: skip

@@ -182,6 +182,12 @@ _SHAPES_VISION = VisionConfig(
   image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4
 )
 
+# The shapes decoder twice as wide: the shapes-world judges' (labelers') language model.
+_SHAPES_WIDE_TEXT = TextConfig(
+  vocab_size=600, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
+  num_kv_heads=4, head_dim=32,
+)  # fmt: skip
+
 
 def _vicuna(hidden: int, mlp: int, layers: int, heads: int) -> TextConfig:
   return TextConfig(
@@ -225,16 +231,25 @@ VARIANTS: dict[str, ModelConfig] = {
   # The shapes vision tower under a twice-as-wide decoder: a shapes-world judge (labeler)
   # larger than the policy it labels, as RLAIF-V's labeler is.
   "shapes-wide": ModelConfig(
-    text=TextConfig(
-      vocab_size=600,
-      hidden_size=256,
-      intermediate_size=768,
-      num_layers=4,
-      num_heads=8,
-      num_kv_heads=4,
-      head_dim=32,
-    ),
+    text=_SHAPES_WIDE_TEXT,
     vision=_SHAPES_VISION,
+    image_token_id=4,
+  ),  # fmt: skip
+  # A shapes-world judge that also sees better than the policy: the wide decoder on a tower
+  # twice as wide and deep. The policy's pretrained tower misreads about 2% of shapes (star /
+  # triangle, cross / circle, star / diamond), the same pairs the SFT policy's false claims
+  # confuse most; a labeler on that frozen tower shares the blind spot. RLAIF-V's labelers are
+  # larger models than the policies they label.
+  "shapes-judge": ModelConfig(
+    text=_SHAPES_WIDE_TEXT,
+    vision=VisionConfig(
+      image_size=48,
+      patch_size=16,
+      hidden_size=128,
+      intermediate_size=512,
+      num_layers=4,
+      num_heads=4,
+    ),
     image_token_id=4,
   ),  # fmt: skip
   # A few million params: CPU benchmarks.
