@@ -38,6 +38,13 @@ class PreferenceError(ValueError):
   pass
 
 
+def sft_weight_problem(value: Any) -> str | None:
+  """What is wrong with a pair's "sft_weight" value (a number >= 0), or None."""
+  if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+    return f"{value!r} is not a number >= 0"
+  return None
+
+
 def encode_pair(
   record: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, image_token_id: int
 ) -> PreferencePair:
@@ -46,10 +53,8 @@ def encode_pair(
   answer, chosen == rejected or a bad sft_weight, naming the record."""
   rid = record.get("id", "?")
   sft_weight = record.get("sft_weight", 1.0)
-  if isinstance(sft_weight, bool) or not isinstance(sft_weight, int | float) or not sft_weight >= 0:
-    raise PreferenceError(
-      f"preference record {rid!r}, field 'sft_weight': {sft_weight!r} is not a number >= 0"
-    )
+  if problem := sft_weight_problem(sft_weight):
+    raise PreferenceError(f"preference record {rid!r}, field 'sft_weight': {problem}")
   for field in ("question", "chosen", "rejected"):
     if not isinstance(record.get(field), str) or not record[field].strip():
       raise PreferenceError(f"preference record {rid!r}, field {field!r}: empty or missing")

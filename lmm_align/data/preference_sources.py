@@ -62,6 +62,7 @@ from lmm_align.data.llava_json import (
   read_json_records,
   resolve_image_path,
 )
+from lmm_align.data.preference import sft_weight_problem
 
 # LLaVA-RLHF's AnswerType (caption_type); 2..5 are A-OKVQA multiple choice.
 GENERAL, A_IN_ABCD, B_IN_ABCD, C_IN_ABCD, D_IN_ABCD, NO_IN_YESNO, YES_IN_YESNO = range(1, 8)
@@ -566,12 +567,14 @@ def _pair_problem(record: Mapping[str, Any]) -> tuple[str, str] | None:
     return "facts", f"must be a list of strings, got {facts!r}"
   if record.get("image") is not None and not isinstance(record["image"], str):
     return "image", f"must be a path string or null, got {record['image']!r}"
+  if "sft_weight" in record and (problem := sft_weight_problem(record["sft_weight"])):
+    return "sft_weight", problem
   return None
 
 
 def read_pairs_jsonl(json_path: str, image_folder: str = "") -> list[dict[str, Any]]:
   """Pairs written as JSON Lines: {id, image (a path or null), question, chosen, rejected[,
-  facts: list of strings]}, as the AI-feedback stages write them. Images load lazily. A record
+  facts: list of strings][, sft_weight: a number >= 0]}, as the AI-feedback stages write them. Images load lazily. A record
   whose fields have the wrong types is a DataError naming the file, line and field; empty
   answers and chosen == rejected are left to the encoder, which skips or raises per
   data.on_error."""

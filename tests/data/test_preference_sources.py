@@ -416,6 +416,8 @@ def test_shapes_ppo_prompts_label_yes_no_from_the_ground_truth():
     ),
     ({"facts": "A red circle."}, r"record 2 \(id 'b'\), field 'facts': must be a list of strings"),
     ({"image": 3}, r"record 2 \(id 'b'\), field 'image': must be a path string or null"),
+    ({"sft_weight": -1}, r"record 2 \(id 'b'\), field 'sft_weight': -1 is not a number >= 0"),
+    ({"sft_weight": "1"}, r"record 2 \(id 'b'\), field 'sft_weight': '1' is not a number"),
   ],
 )
 def test_pairs_jsonl_refuses_wrong_types_naming_file_line_and_field(tmp_path, change, message):
