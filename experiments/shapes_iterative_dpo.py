@@ -117,6 +117,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     "count), 0: the captions' proportion; with policy_claims: the share of records that are "
     "such picture questions (0: none)",
   )  # fmt: skip
+  p.add_argument(
+    "--labeler_near_miss_share", type=float, default=0.0,
+    help="the share of labeler records that ask about a present object with its shape swapped "
+    "(or as it is): shape_near_miss_records; the rest are --labeler_data's",
+  )  # fmt: skip
   p.add_argument("--labeler_steps", type=int, default=1500)
   p.add_argument("--labeler_records", type=int, default=12000)
   p.add_argument(
@@ -130,8 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--set", action="append", default=[], help="loop config key=value overrides")
   p.add_argument("--models_only", action="store_true", help="train and measure, skip the loop")
   args = p.parse_args(argv)
-  if not 0.0 <= args.labeler_picture_share < 1.0:
-    p.error(f"--labeler_picture_share={args.labeler_picture_share}: use a share in [0, 1)")
+  for flag in ("labeler_picture_share", "labeler_near_miss_share"):
+    if not 0.0 <= getattr(args, flag) < 1.0:
+      p.error(f"--{flag}={getattr(args, flag)}: use a share in [0, 1)")
   kinds = ("rlaifv", "self", "critic") if args.feedback == "all" else (args.feedback,)
   if any(k not in LOOP_FEEDBACK for k in kinds):
     p.error(f"--feedback={args.feedback!r}: use one of {LOOP_FEEDBACK} or 'all'")
@@ -417,6 +423,46 @@ def claim_records(
   ]
 
 
+def shape_near_miss_records(n: int, world, seed: int) -> list[dict[str, Any]]:
+  """`n` yes/no questions about one object of a fresh scene each: half about the object as it
+  is, half with its shape swapped for one its colour does not come in there (a present blue
+  star asked as a blue triangle), half in the existence form and half with its size and place,
+  as the policy's claims word it. Most of the SFT policy's false claims are such swaps (93 of
+  118 name an absent shape in a present colour), and a labeler trained on the other kinds of
+  records, on a tower that reads 99.8% of shapes, still said yes to 64% of circles asked as
+  squares and 81% of stars asked as triangles: those records rarely ask about a present
+  object's shape."""
+  import numpy as np
+
+  from lmm_align.data import shapes
+
+  rng = np.random.default_rng([seed, 9])
+  records = []
+  for scene in shapes.make_scenes(n, world, seed=[seed, 9]):
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    is_yes = bool(rng.random() < 0.5)
+    shape = obj.shape
+    if not is_yes:
+      others = [s for s in world.shapes if (obj.colour, s) not in scene.pairs]
+      shape = others[int(rng.integers(len(others)))]
+    if rng.random() < 0.5:
+      question = f"Is there a {obj.colour} {shape} in the image?"
+    else:
+      place = shapes.POSITIONS[obj.row][obj.col]
+      question = f"Is there a {obj.size} {obj.colour} {shape} in the {place}?"
+    records.append({
+      "id": f"near-{scene.id}",
+      "image": shapes.render(scene, world.image_size),
+      "conversations": [
+        {"from": "human", "value": f"<image>\n{question}\n{shapes.SHORT_ANSWER_PROMPT}"},
+        {"from": "gpt", "value": "Yes" if is_yes else "No"},
+      ],
+      "metadata": {"scene": scene.to_dict(), "answer": "yes" if is_yes else "no",
+                   "object": [obj.colour, shape], "shown": [obj.colour, obj.shape]},
+    })  # fmt: skip
+  return records
+
+
 def labeler_records(
   kind: str, n: int, world, seed: int, picture_share: float | None = None
 ) -> list[dict[str, Any]]:
@@ -510,6 +556,23 @@ def labeler_overrides(args) -> dict[str, Any]:
   return fields
 
 
+def labeler_data(args, sft_hf: str) -> list[dict[str, Any]]:
+  """The labeler's records per --labeler_data, --labeler_records and the shares."""
+  world = _world(args.quick)
+  near_misses = int(round(args.labeler_records * args.labeler_near_miss_share))
+  n = args.labeler_records - near_misses
+  if args.labeler_data == "policy_claims":
+    template = _load("configs/shapes_iterative_dpo.py").data.template
+    records = policy_claim_records(
+      n, world, LABELER_DATA_SEED, sft_hf, template, args.labeler_picture_share
+    )
+  else:
+    records = labeler_records(
+      args.labeler_data, n, world, LABELER_DATA_SEED, args.labeler_picture_share or None
+    )
+  return records + shape_near_miss_records(near_misses, world, LABELER_DATA_SEED)
+
+
 def ensure_labeler_tower(args, root: pathlib.Path) -> str:
   """The pretrained tower a new labeler starts from ("" when it has none: --labeler_init brings
   its own, --tower=none trains it from scratch): the policy's tower when the labeler variant
@@ -534,26 +597,7 @@ def ensure_labeler(args, root: pathlib.Path, sft_hf: str) -> str:
   if args.labeler_from:
     return args.labeler_from
   args.labeler_tower_dir = ensure_labeler_tower(args, root)
-  template = _load("configs/shapes_iterative_dpo.py").data.template
-  make = lambda: (
-    policy_claim_records(
-      args.labeler_records,
-      _world(args.quick),
-      LABELER_DATA_SEED,
-      sft_hf,
-      template,
-      args.labeler_picture_share,
-    )  # fmt: skip
-    if args.labeler_data == "policy_claims"
-    else labeler_records(
-      args.labeler_data,
-      args.labeler_records,
-      _world(args.quick),
-      LABELER_DATA_SEED,
-      args.labeler_picture_share or None,
-    )
-  )
-  data_json = _saved_records(root / "labeler_data", make)
+  data_json = _saved_records(root / "labeler_data", lambda: labeler_data(args, sft_hf))
   config = _json_sft_config(args, data_json, tokenizer=sft_hf, **labeler_overrides(args))
   print(f"=== labeler -> {root / 'labeler'}")
   return _train_and_export(config, root / "labeler", root / "labeler_hf")

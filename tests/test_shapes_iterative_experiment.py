@@ -151,3 +151,37 @@ def test_judge_labeler_gets_a_larger_tower_of_its_own(tmp_path, monkeypatch):
   assert experiment.ensure_labeler_tower(args, tmp_path) == ""
   assert experiment.labeler_overrides(args)["model.vision_init"] == ""
   assert len(pretrained) == 1
+
+
+def test_shape_near_miss_records_swap_the_shape_of_a_present_object(tmp_path):
+  import collections
+
+  from lmm_align.data import shapes
+
+  world = experiment._world(False)
+  records = experiment.shape_near_miss_records(60, world, seed=3)
+  assert len(records) == 60
+  kinds = collections.Counter()
+  for r in records:
+    question = r["conversations"][0]["value"].split("\n")[1]
+    colour, shape = r["metadata"]["object"]
+    shown_colour, shown_shape = r["metadata"]["shown"]
+    assert shown_colour == colour and f"{colour} {shape}" in question
+    present = shapes.Scene.from_dict(r["metadata"]["scene"]).pairs
+    assert (colour, shown_shape) in present
+    is_yes = r["conversations"][1]["value"] == "Yes"
+    assert ((colour, shape) in present) == is_yes == (shape == shown_shape)
+    kinds[(is_yes, question.endswith("in the image?"))] += 1
+  assert set(kinds) == {(True, True), (True, False), (False, True), (False, False)}
+  assert 20 <= kinds[(True, True)] + kinds[(True, False)] <= 40
+  # The same records for the same seed (the labeler data is saved once, rebuilt identically).
+  again = experiment.shape_near_miss_records(60, world, seed=3)
+  assert [r["conversations"] for r in again] == [r["conversations"] for r in records]
+  # Its share of --labeler_records; the rest are --labeler_data's.
+  args = experiment.parse_args(
+    ["--workdir=w", "--labeler_data=hard", "--labeler_records=20", "--labeler_near_miss_share=0.25"]
+  )
+  mixed = experiment.labeler_data(args, sft_hf="unused")
+  assert [r["id"].startswith("near-") for r in mixed] == [False] * 15 + [True] * 5
+  with pytest.raises(SystemExit):
+    experiment.parse_args(["--workdir=w", "--labeler_near_miss_share=1"])
