@@ -361,6 +361,23 @@ def _false_scene_question(question: str, scene, world, rng) -> str | None:
   return question[: match.start()] + word + question[match.end() :]
 
 
+def _short_answer_record(
+  record_id: str, image, question: str, is_yes: bool, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
+  """A labeler record: the question in LLaVA's short-answer form, answered Yes or No."""
+  from lmm_align.data import shapes
+
+  record = {
+    "id": record_id,
+    "image": image,
+    "conversations": [
+      {"from": "human", "value": f"<image>\n{question}\n{shapes.SHORT_ANSWER_PROMPT}"},
+      {"from": "gpt", "value": "Yes" if is_yes else "No"},
+    ],
+  }
+  return record if metadata is None else {**record, "metadata": metadata}
+
+
 def claim_records(
   n: int, world, seed: int, picture_share: float | None = None
 ) -> list[dict[str, Any]]:
@@ -410,15 +427,9 @@ def claim_records(
     picked += [(*yes[i], "Yes", kind) for i in rng.permutation(len(yes))[:k]]
     picked += [(*no[i], "No", kind) for i in rng.permutation(len(no))[:k]]
   return [
-    {
-      "id": f"claim-{i}",
-      "image": image,
-      "conversations": [
-        {"from": "human", "value": f"<image>\n{question}\n{shapes.SHORT_ANSWER_PROMPT}"},
-        {"from": "gpt", "value": answer},
-      ],
-      "metadata": {"kind": kind, "answer": answer.lower()},
-    }
+    _short_answer_record(
+      f"claim-{i}", image, question, answer == "Yes", {"kind": kind, "answer": answer.lower()}
+    )
     for i, (question, image, answer, kind) in enumerate(picked)
   ]
 
@@ -450,16 +461,10 @@ def shape_near_miss_records(n: int, world, seed: int) -> list[dict[str, Any]]:
     else:
       place = shapes.POSITIONS[obj.row][obj.col]
       question = f"Is there a {obj.size} {obj.colour} {shape} in the {place}?"
-    records.append({
-      "id": f"near-{scene.id}",
-      "image": shapes.render(scene, world.image_size),
-      "conversations": [
-        {"from": "human", "value": f"<image>\n{question}\n{shapes.SHORT_ANSWER_PROMPT}"},
-        {"from": "gpt", "value": "Yes" if is_yes else "No"},
-      ],
-      "metadata": {"scene": scene.to_dict(), "answer": "yes" if is_yes else "no",
-                   "object": [obj.colour, shape], "shown": [obj.colour, obj.shape]},
-    })  # fmt: skip
+    metadata = {"scene": scene.to_dict(), "answer": "yes" if is_yes else "no",
+                "object": [obj.colour, shape], "shown": [obj.colour, obj.shape]}  # fmt: skip
+    image = shapes.render(scene, world.image_size)
+    records.append(_short_answer_record(f"near-{scene.id}", image, question, is_yes, metadata))
   return records
 
 
@@ -495,7 +500,6 @@ def policy_claim_records(
   uses."""
   import numpy as np
 
-  from lmm_align.data import shapes
 
   questions, claim_images, truths = _claims_of(
     *_policy_descriptions(n, world, [seed, 5], policy_folder, template, batch_size=64)
@@ -505,14 +509,7 @@ def policy_claim_records(
   true = [i for i, t in enumerate(truths) if t]
   true = list(rng.permutation(true)[: max(len(false), n // 2 - len(false))])
   records = [
-    {
-      "id": f"policy-claim-{i}",
-      "image": claim_images[i],
-      "conversations": [
-        {"from": "human", "value": f"<image>\n{questions[i]}\n{shapes.SHORT_ANSWER_PROMPT}"},
-        {"from": "gpt", "value": "Yes" if truths[i] else "No"},
-      ],
-    }
+    _short_answer_record(f"policy-claim-{i}", claim_images[i], questions[i], truths[i])
     for i in sorted(false + true)
   ]
   pictures = (

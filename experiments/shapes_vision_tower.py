@@ -132,12 +132,8 @@ def pretrain(config, out: pathlib.Path, steps: int, batch_size: int, lr: float, 
     return optax.apply_updates(params, updates), opt_state, loss
 
   @jax.jit
-  def evaluate(params, pixels, labels):
-    return loss_fn(params, pixels, labels)[1]
-
-  @jax.jit
-  def predict_shapes(params, pixels):
-    return model.apply({"params": params}, pixels)[0].argmax(-1)
+  def predict(params, pixels):
+    return jnp.stack([lg.argmax(-1) for lg in model.apply({"params": params}, pixels)])
 
   seed = config.data.shapes.seed
   start = time.time()
@@ -152,12 +148,13 @@ def pretrain(config, out: pathlib.Path, steps: int, batch_size: int, lr: float, 
   pixels, labels = make_batch(
     shapes.make_scenes(eval_scenes, world, seed=[seed, EVAL_SEED_TAG]), world, image_config
   )
-  correct = np.asarray(evaluate(params, pixels, labels))  # [3, N, 9]
+  predicted = np.asarray(predict(params, pixels))  # [3, N, 9]
+  correct = predicted == labels.transpose(1, 0, 2)
   occupied = labels[:, 0] > 0  # [N, 9]
   metrics = {
     **{f"{a}_accuracy": float(correct[i][occupied].mean()) for i, a in enumerate(ATTRIBUTES)},
     "empty_cell_accuracy": float(correct[0][~occupied].mean()),
-    "shape_confusions": shape_confusions(np.asarray(predict_shapes(params, pixels)), labels, world),
+    "shape_confusions": shape_confusions(predicted[0], labels, world),
     "eval_scenes": eval_scenes,
     "steps": steps,
     "final_train_loss": float(loss),

@@ -574,10 +574,10 @@ def _pair_problem(record: Mapping[str, Any]) -> tuple[str, str] | None:
 
 def read_pairs_jsonl(json_path: str, image_folder: str = "") -> list[dict[str, Any]]:
   """Pairs written as JSON Lines: {id, image (a path or null), question, chosen, rejected[,
-  facts: list of strings][, sft_weight: a number >= 0]}, as the AI-feedback stages write them. Images load lazily. A record
-  whose fields have the wrong types is a DataError naming the file, line and field; empty
-  answers and chosen == rejected are left to the encoder, which skips or raises per
-  data.on_error."""
+  facts: list of strings][, sft_weight: a number >= 0]}, as the AI-feedback stages write
+  them. Images load lazily. A record whose fields have the wrong types is a DataError naming
+  the file, line and field; empty answers and chosen == rejected are left to the encoder,
+  which skips or raises per data.on_error."""
   records = []
   for line, record in numbered_records(json_path):
     if problem := _pair_problem(record):
