@@ -42,6 +42,7 @@ import json
 import os
 import pathlib
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -122,6 +123,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="the share of labeler records that ask about a present object with its shape swapped "
     "(or as it is): shape_near_miss_records; the rest are --labeler_data's",
   )  # fmt: skip
+  p.add_argument(
+    "--labeler_claims_from", default="",
+    help="with --labeler_data=policy_claims: comma-separated exported policies whose claims "
+    "(about fresh scenes each) the labeler learns, e.g. a finished loop's later rounds, whose "
+    "remaining errors differ from the SFT policy's (default: the SFT policy)",
+  )  # fmt: skip
   p.add_argument("--labeler_steps", type=int, default=1500)
   p.add_argument("--labeler_records", type=int, default=12000)
   p.add_argument(
@@ -142,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if any(k not in LOOP_FEEDBACK for k in kinds):
     p.error(f"--feedback={args.feedback!r}: use one of {LOOP_FEEDBACK} or 'all'")
   args.kinds = kinds
+  if args.labeler_claims_from and args.labeler_data != "policy_claims":
+    p.error("--labeler_claims_from names the policies of --labeler_data=policy_claims")
   if args.labeler_tower_lr and args.tower == "none":
     p.error("--labeler_tower_lr scales a pretrained tower's learning rate: not with --tower=none")
   if args.labeler_image_size and args.tower != "none":
@@ -488,11 +497,17 @@ def labeler_records(
 
 
 def policy_claim_records(
-  n: int, world, seed: int, policy_folder: str, template: str, picture_share: float = 0.0
+  n: int,
+  world,
+  seed: int,
+  policy_folders: Sequence[str],
+  template: str,
+  picture_share: float = 0.0,
 ) -> list[dict[str, Any]]:
-  """About `n` labeler records: half are the rule questions of the claims in the policy's own
-  greedy descriptions of fresh scenes (seed [seed, 5]), answered by the scene, as many false
-  claims as true ones (or as the policy makes); `picture_share` of them balanced questions
+  """About `n` labeler records: half are the rule questions of the claims in the policies' own
+  greedy descriptions of `n` fresh scenes (split among the policies, each its own scenes: seed
+  [seed, 5], then [seed, 5, i] for the i-th policy), answered by the scene, as many false
+  claims as true ones (or as the policies make); `picture_share` of them balanced questions
   about the picture (`claim_records`: the policy's own picture claims are nearly all true, so
   they cannot teach "no"); the rest `hard_existence_records`. LLaVA-Critic
   trains its judge on model answers labelled by a stronger judge; here the scene is that judge,
@@ -500,10 +515,15 @@ def policy_claim_records(
   uses."""
   import numpy as np
 
-
-  questions, claim_images, truths = _claims_of(
-    *_policy_descriptions(n, world, [seed, 5], policy_folder, template, batch_size=64)
-  )
+  if not policy_folders:
+    raise ValueError("policy_claim_records: no policy to describe scenes")
+  questions, claim_images, truths = [], [], []
+  for i, folder in enumerate(policy_folders):
+    scenes_here = n // len(policy_folders) + (i < n % len(policy_folders))
+    scene_seed = [seed, 5] if i == 0 else [seed, 5, i]
+    described = _policy_descriptions(scenes_here, world, scene_seed, folder, template, 64)
+    for items, more in zip((questions, claim_images, truths), _claims_of(*described)):
+      items.extend(more)
   rng = np.random.default_rng([seed, 6])
   false = [i for i, t in enumerate(truths) if not t]
   true = [i for i, t in enumerate(truths) if t]
@@ -560,8 +580,9 @@ def labeler_data(args, sft_hf: str) -> list[dict[str, Any]]:
   n = args.labeler_records - near_misses
   if args.labeler_data == "policy_claims":
     template = _load("configs/shapes_iterative_dpo.py").data.template
+    policies = [f for f in args.labeler_claims_from.split(",") if f] or [sft_hf]
     records = policy_claim_records(
-      n, world, LABELER_DATA_SEED, sft_hf, template, args.labeler_picture_share
+      n, world, LABELER_DATA_SEED, policies, template, args.labeler_picture_share
     )
   else:
     records = labeler_records(

@@ -104,16 +104,52 @@ def test_policy_claim_records_add_the_asked_share_of_picture_questions(shapes_sf
 
   world = experiment._world(True)
   records = experiment.policy_claim_records(
-    40, world, 5, str(shapes_sft_policy), "vicuna_v1", picture_share=0.25
+    40, world, 5, [str(shapes_sft_policy)], "vicuna_v1", picture_share=0.25
   )
   assert len(records) == 40
   kinds = collections.Counter(
     r["metadata"]["answer"] for r in records if r.get("metadata", {}).get("kind") == "picture"
   )
   assert kinds == {"yes": 5, "no": 5}
-  without = experiment.policy_claim_records(40, world, 5, str(shapes_sft_policy), "vicuna_v1")
+  without = experiment.policy_claim_records(40, world, 5, [str(shapes_sft_policy)], "vicuna_v1")
   assert len(without) == 40
   assert not any(r.get("metadata", {}).get("kind") == "picture" for r in without)
+
+
+def test_policy_claim_records_describe_fresh_scenes_per_policy(shapes_sft_policy, monkeypatch):
+  from lmm_align.data import shapes
+
+  described = []
+  real = experiment._policy_descriptions
+
+  def recording(n, world, seed, folder, template, batch_size):
+    out = real(n, world, seed, folder, template, batch_size)
+    described.append((n, seed, folder, [s.to_dict() for s in out[1]]))
+    return out
+
+  monkeypatch.setattr(experiment, "_policy_descriptions", recording)
+  world = experiment._world(True)
+  folders = [str(shapes_sft_policy)] * 3
+  records = experiment.policy_claim_records(20, world, 5, folders, "vicuna_v1")
+  assert len(records) == 20
+  assert [(n, seed) for n, seed, _, _ in described] == [(7, [5, 5]), (7, [5, 5, 1]), (6, [5, 5, 2])]
+  # The first policy describes the scenes a single policy would (earlier data stays the same);
+  # no two policies describe the same scene.
+  assert described[0][3] == [s.to_dict() for s in shapes.make_scenes(7, world, seed=[5, 5])]
+  firsts = [scenes[0] for _, _, _, scenes in described]
+  assert firsts[0] != firsts[1] != firsts[2] != firsts[0]
+  with pytest.raises(ValueError, match="no policy"):
+    experiment.policy_claim_records(20, world, 5, [], "vicuna_v1")
+
+
+def test_labeler_claims_from_needs_policy_claims(capsys):
+  with pytest.raises(SystemExit):
+    experiment.parse_args(["--workdir=w", "--labeler_claims_from=/a,/b"])
+  assert "--labeler_claims_from" in capsys.readouterr().err
+  args = experiment.parse_args(
+    ["--workdir=w", "--labeler_data=policy_claims", "--labeler_claims_from=/a,/b"]
+  )
+  assert args.labeler_claims_from == "/a,/b"
 
 
 def test_judge_labeler_gets_a_larger_tower_of_its_own(tmp_path, monkeypatch):
