@@ -134,10 +134,10 @@ def test_policy_claim_records_describe_fresh_scenes_per_policy(shapes_sft_policy
   assert len(records) == 20
   assert [(n, seed) for n, seed, _, _ in described] == [(7, [5, 5]), (7, [5, 5, 1]), (6, [5, 5, 2])]
   # The first policy describes the scenes a single policy would (earlier data stays the same);
-  # no two policies describe the same scene.
+  # no scene draw is described twice (ids name the draw; small scenes can repeat by chance).
   assert described[0][3] == [s.to_dict() for s in shapes.make_scenes(7, world, seed=[5, 5])]
-  firsts = [scenes[0] for _, _, _, scenes in described]
-  assert firsts[0] != firsts[1] != firsts[2] != firsts[0]
+  ids = [scene["id"] for _, _, _, scenes in described for scene in scenes]
+  assert len(ids) == len(set(ids)) == 20
   with pytest.raises(ValueError, match="no policy"):
     experiment.policy_claim_records(20, world, 5, [], "vicuna_v1")
 
