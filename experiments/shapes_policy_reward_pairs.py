@@ -2,7 +2,8 @@
 
   python experiments/shapes_policy_reward_pairs.py --out=/tmp/rm_pairs.jsonl \\
       /tmp/iter/rlaifv/round_2 /tmp/iter/rlaifv/round_3 [--recall_weight=0.5] \\
-      [--prefix_pairs --tokenizer=/tmp/sft_hf] [--holdout_prompts=128] [--max_pairs=40000]
+      [--prefix_pairs --tokenizer=/tmp/sft_hf] [--holdout_prompts=128] \\
+      [--max_response_pairs=10000] [--max_pairs=40000]
   python -m lmm_align.main --config=configs/shapes_reward.py --workdir=/tmp/rm_policy \\
       --config.init_from=/tmp/sft_hf --config.data.source=pairs_jsonl \\
       --config.data.json_path=/tmp/rm_pairs.jsonl
@@ -166,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p.add_argument("--prefix_min_gap", type=float, default=0.5, help="one object found at 0.5")
   p.add_argument("--tokenizer", default="", help="a model folder; its tokenizer cuts prefixes")
   p.add_argument("--holdout_prompts", type=int, default=0, help="leave out each round's first N")
+  p.add_argument(
+    "--max_response_pairs", type=int, default=0,
+    help="a seeded subsample of the whole-answer pairs (0: all); with --prefix_pairs, so the "
+    "prefix pairs are not a small minority of what the RM learns",
+  )  # fmt: skip
   p.add_argument("--max_pairs", type=int, default=0, help="a seeded uniform subsample (0: all)")
   p.add_argument("--seed", type=int, default=0, help="of the subsample")
   args = p.parse_args(argv)
@@ -173,8 +179,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.error("--min_score_gap must be >= 1 (one hallucinated mention)")
   if args.prefix_pairs != bool(args.tokenizer):
     p.error("--prefix_pairs and --tokenizer go together (the tokenizer cuts the prefixes)")
-  if args.prefix_min_gap <= 0 or args.holdout_prompts < 0 or args.max_pairs < 0:
-    p.error("--prefix_min_gap must be > 0, --holdout_prompts and --max_pairs >= 0")
+  if args.prefix_min_gap <= 0 or min(args.holdout_prompts, args.max_pairs,
+                                     args.max_response_pairs) < 0:
+    p.error("--prefix_min_gap must be > 0; --holdout_prompts and the maxima >= 0")
   import numpy as np
 
   from lmm_align.feedback import rlaifv
@@ -195,11 +202,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.prefix_pairs:
     pairs, dropped = balance_prefix_pairs(pairs, args.seed)
     stats["prefix_pairs_over_balance"] = dropped
+  rng = np.random.default_rng(args.seed)
+  whole = [i for i, pair in enumerate(pairs) if "@" not in pair["id"]]
+  if args.max_response_pairs and len(whole) > args.max_response_pairs:
+    stats["response_pairs_over_max"] = len(whole) - args.max_response_pairs
+    dropped = set(rng.choice(whole, len(whole) - args.max_response_pairs, replace=False).tolist())
+    pairs = [pair for i, pair in enumerate(pairs) if i not in dropped]
   if args.max_pairs and len(pairs) > args.max_pairs:
     stats["pairs_over_max"] = len(pairs) - args.max_pairs
-    keep = np.sort(
-      np.random.default_rng(args.seed).choice(len(pairs), args.max_pairs, replace=False)
-    )
+    keep = np.sort(rng.choice(len(pairs), args.max_pairs, replace=False))
     pairs = [pairs[i] for i in keep]
   args.out.parent.mkdir(parents=True, exist_ok=True)
   rlaifv.write_preference_pairs(args.out, pairs)

@@ -129,6 +129,10 @@ def test_prefix_pairs_balanced_held_out_and_capped(tmp_path, tokenizer_folder):
     assert p["facts"] == preference_sources.scene_facts(SCENE)
   capped = experiment.main([*args, "--max_pairs=3"])
   assert capped["pairs"] == 3 and capped["pairs_over_max"] == 1
+  fewer_whole = experiment.main([*args, "--max_response_pairs=1"])
+  kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+  assert fewer_whole["pairs"] == 3 and fewer_whole["response_pairs_over_max"] == 1
+  assert sum("@" in i for i in kept) == 2  # the prefix pairs all kept
   held_out = experiment.main([*args, "--holdout_prompts=1"])
   assert held_out["pairs"] == 0 and held_out["held_out_prompts"] == 1
   with pytest.raises(SystemExit):  # the prefixes need the tokenizer
