@@ -18,6 +18,14 @@ coin), so this reports what PPO acts on:
                    should go up) and for the rest
 
 The scene score is PPO's oracle: -(hallucinated mentions) + recall_weight * (objects recalled).
+
+--facts=swapped is a probe of whether the RM reads its facts at all: each prompt's responses
+are scored with the facts of another prompt's scene (the next prompt id in sorted order, a
+cycle), the image unchanged. The report is still against the image's scene, and
+`against_facts_scene` adds the same report against the scene the facts describe. An RM that
+judges by the facts follows the facts' scene here; one that follows the image's scene as
+closely as with its own facts, or neither, does not use them (it scores by the image or by a
+prior over what answers usually say), and PPO is free to exploit it.
 """
 
 from __future__ import annotations
@@ -38,8 +46,11 @@ sys.path.insert(0, str(REPO))
 SEPARATORS = (",", ".", ";", "and")
 
 
-def _segment_rows(rm, tokenizer, image_config, prompts, candidates, separators, template, seed):
-  """One RM row per (response, segment end): (rows, pixels, meta = (prompt id, sample, text))."""
+def _segment_rows(
+  rm, tokenizer, image_config, prompts, candidates, separators, template, seed, facts_of
+):
+  """One RM row per (response, segment end): (rows, pixels, meta = (prompt id, sample, text)).
+  `facts_of[pid]`: the prompt whose scene's facts the RM reads (pid itself, unless swapped)."""
   from PIL import Image
 
   from lmm_align.data import conversation, preference_sources, reward_data
@@ -58,7 +69,7 @@ def _segment_rows(rm, tokenizer, image_config, prompts, candidates, separators, 
       prompt["question"], tokenizer, template, config.num_image_tokens, config.image_token_id,
       record_id=pid,
     ).input_ids  # fmt: skip
-    facts = preference_sources.scene_facts(Scene.from_dict(prompt["scene"]))
+    facts = preference_sources.scene_facts(Scene.from_dict(prompts[facts_of[pid]]["scene"]))
     suffix = reward_data.suffix_ids(
       reward_data.reward_suffix(rm.prompt, facts, rng, fact_augmented=rm.fact_augmented),
       tokenizer,
@@ -139,6 +150,18 @@ def summarize(
   }
 
 
+def facts_sources(prompt_ids: Sequence[str], facts: str) -> dict[str, str]:
+  """The prompt whose facts each prompt's rows carry: its own, or (swapped) the next one in
+  the given order, the last taking the first's; a single prompt cannot be swapped."""
+  if facts == "own":
+    return {pid: pid for pid in prompt_ids}
+  if facts != "swapped":
+    raise ValueError(f"facts={facts!r}: use 'own' or 'swapped'")
+  if len(prompt_ids) < 2:
+    raise ValueError("facts=swapped needs at least 2 prompts (another scene's facts)")
+  return {pid: prompt_ids[(i + 1) % len(prompt_ids)] for i, pid in enumerate(prompt_ids)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
   from transformers import PreTrainedTokenizerFast
 
@@ -171,13 +194,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   rm = load_reward_model(args.reward_model)
   tokenizer = PreTrainedTokenizerFast.from_pretrained(args.reward_model)
   image_config = image_config_from_folder(args.reward_model, "crop")
+  facts_of = facts_sources(chosen, args.facts)
   rows, pixels, meta = _segment_rows(
-    rm, tokenizer, image_config, prompts, candidates, SEPARATORS, args.template, args.seed
-  )
+    rm, tokenizer, image_config, prompts, candidates, SEPARATORS, args.template, args.seed,
+    facts_of,
+  )  # fmt: skip
   scores = _rm_scores(rm, rows, pixels, tokenizer.pad_token_id, args.batch_size)
   scenes = {pid: prompts[pid]["scene"] for pid in chosen}
-  report = {"reward_model": args.reward_model, "round_dir": str(round_dir)}
+  report = {"reward_model": args.reward_model, "round_dir": str(round_dir), "facts": args.facts}
   report.update(summarize(meta, scores, scenes, args.recall_weight))
+  if args.facts == "swapped":
+    facts_scenes = {pid: prompts[facts_of[pid]]["scene"] for pid in chosen}
+    report["against_facts_scene"] = summarize(meta, scores, facts_scenes, args.recall_weight)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
   return report
@@ -192,6 +220,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--template", default="vicuna_v1")
   p.add_argument("--seed", type=int, default=0, help="of the facts' order")
+  p.add_argument(
+    "--facts", default="own", choices=("own", "swapped"),
+    help="swapped: each prompt's RM rows carry another prompt's scene facts (see the doc)",
+  )  # fmt: skip
   p.add_argument("--out", default="", help="also write the report here (JSON)")
   return p.parse_args(argv)
 

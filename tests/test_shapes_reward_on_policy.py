@@ -41,6 +41,15 @@ def test_summary_by_hand():
   assert "other" not in seg
 
 
+def test_swapped_facts_come_from_the_next_prompt():
+  assert experiment.facts_sources(["a", "b", "c"], "own") == {"a": "a", "b": "b", "c": "c"}
+  assert experiment.facts_sources(["a", "b", "c"], "swapped") == {"a": "b", "b": "c", "c": "a"}
+  with pytest.raises(ValueError, match="at least 2 prompts"):
+    experiment.facts_sources(["a"], "swapped")
+  with pytest.raises(ValueError, match="use 'own' or 'swapped'"):
+    experiment.facts_sources(["a", "b"], "theirs")
+
+
 def test_end_to_end_on_a_tiny_reward_model(tmp_path, shapes_sft_policy):
   from configs import shapes_reward
   from lmm_align.trainers import reward
@@ -83,6 +92,15 @@ def test_end_to_end_on_a_tiny_reward_model(tmp_path, shapes_sft_policy):
   assert report["prefixes"] > report["responses"]  # captions have several segments
   assert sum(s["count"] for s in report["segments"].values()) == report["prefixes"]
   assert 0.0 <= report["pair_agreement"] <= 1.0
+  swapped = experiment.run(
+    experiment.parse_args([*[f"--{k}={v}" for k, v in vars(args).items() if v], "--facts=swapped"])
+  )
+  assert swapped["facts"] == "swapped" and swapped["prefixes"] == report["prefixes"]
+  # Each prompt's caption is scored against the other scene's facts: different RM inputs, so
+  # different scores, while the same responses are judged by the other scene too.
+  assert swapped["segments"] != report["segments"]
+  assert swapped["against_facts_scene"]["prefixes"] == report["prefixes"]
+  assert swapped["against_facts_scene"]["segments"] != swapped["segments"]
   (round_dir / "candidates" / "candidates.jsonl").write_text(
     json.dumps({**candidates[0], "id": "c", "prompt_id": "elsewhere"}) + "\n"
   )
