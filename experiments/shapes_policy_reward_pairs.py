@@ -89,6 +89,12 @@ def prefix_pairs(
   return pairs, stats
 
 
+def is_prefix_pair(pair: dict[str, Any]) -> bool:
+  """Whether a pair is two prefixes of one response (its id is '<candidate id>@<k>') rather
+  than two whole answers ('<id>|<id>')."""
+  return "@" in pair["id"]
+
+
 def balance_prefix_pairs(
   pairs: Sequence[dict[str, Any]], seed: int
 ) -> tuple[list[dict[str, Any]], int]:
@@ -96,7 +102,7 @@ def balance_prefix_pairs(
   were dropped); whole-answer pairs and the order of what is kept are untouched."""
   import numpy as np
 
-  is_prefix = ["@" in p["id"] for p in pairs]
+  is_prefix = [is_prefix_pair(p) for p in pairs]
   longer = [
     i for i, p in enumerate(pairs) if is_prefix[i] and len(p["chosen"]) > len(p["rejected"])
   ]
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pairs, dropped = balance_prefix_pairs(pairs, args.seed)
     stats["prefix_pairs_over_balance"] = dropped
   rng = np.random.default_rng(args.seed)
-  whole = [i for i, pair in enumerate(pairs) if "@" not in pair["id"]]
+  whole = [i for i, pair in enumerate(pairs) if not is_prefix_pair(pair)]
   if args.max_response_pairs and len(whole) > args.max_response_pairs:
     stats["response_pairs_over_max"] = len(whole) - args.max_response_pairs
     dropped = set(rng.choice(whole, len(whole) - args.max_response_pairs, replace=False).tolist())

@@ -82,19 +82,16 @@ def test_end_to_end_on_a_tiny_reward_model(tmp_path, shapes_sft_policy):
   (round_dir / "candidates" / "candidates.jsonl").write_text(
     "".join(json.dumps(c) + "\n" for c in candidates)
   )
-  args = experiment.parse_args(
-    [f"--reward_model={tmp_path / 'rm_hf'}", f"--round_dir={round_dir}", "--batch_size=4",
-     f"--out={tmp_path / 'report.json'}"]
-  )  # fmt: skip
+  argv = [f"--reward_model={tmp_path / 'rm_hf'}", f"--round_dir={round_dir}", "--batch_size=4",
+          f"--out={tmp_path / 'report.json'}"]  # fmt: skip
+  args = experiment.parse_args(argv)
   report = experiment.run(args)
   assert report == json.loads((tmp_path / "report.json").read_text())
   assert report["prompts"] == 2 and report["responses"] == 4
   assert report["prefixes"] > report["responses"]  # captions have several segments
   assert sum(s["count"] for s in report["segments"].values()) == report["prefixes"]
   assert 0.0 <= report["pair_agreement"] <= 1.0
-  swapped = experiment.run(
-    experiment.parse_args([*[f"--{k}={v}" for k, v in vars(args).items() if v], "--facts=swapped"])
-  )
+  swapped = experiment.run(experiment.parse_args([*argv, "--facts=swapped"]))
   assert swapped["facts"] == "swapped" and swapped["prefixes"] == report["prefixes"]
   # Each prompt's caption is scored against the other scene's facts: different RM inputs, so
   # different scores, while the same responses are judged by the other scene too.
