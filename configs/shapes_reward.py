@@ -42,6 +42,9 @@ def get_config(arg: str | None = None):
       # A short request of our own (the shapes tokenizer spells long prose in many tokens);
       # "" = the default wording; the published file for exact reproduction.
       prompt_path=str(PROMPTS / f"shapes_reward_{'vanilla' if arg.vanilla else 'fact'}.txt"),
+      # "after_response": in the request after the answer (LLaVA-RLHF); "before_response":
+      # under the question, where the answer's own tokens can read them.
+      facts_position="after_response",
       centering_coef=1e-3,  # LLaVA-RLHF: BCE + 1e-3 |mean(r_chosen + r_rejected)|
       centering="abs_mean",
       eval_pairs=300,

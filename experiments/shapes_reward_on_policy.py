@@ -65,15 +65,16 @@ def _segment_rows(
   eos = tokenizer.eos_token_id
   for pid, samples in candidates.items():
     prompt = prompts[pid]
+    facts = preference_sources.scene_facts(Scene.from_dict(prompts[facts_of[pid]]["scene"]))
+    question, suffix = reward_data.reward_texts(
+      prompt["question"], rm.prompt, facts, rng, fact_augmented=rm.fact_augmented,
+      facts_position=rm.facts_position,
+    )  # fmt: skip
     query = conversation.encode_generation_prompt(
-      prompt["question"], tokenizer, template, config.num_image_tokens, config.image_token_id,
+      question, tokenizer, template, config.num_image_tokens, config.image_token_id,
       record_id=pid,
     ).input_ids  # fmt: skip
-    facts = preference_sources.scene_facts(Scene.from_dict(prompts[facts_of[pid]]["scene"]))
-    suffix = reward_data.suffix_ids(
-      reward_data.reward_suffix(rm.prompt, facts, rng, fact_augmented=rm.fact_augmented),
-      tokenizer,
-    )
+    suffix = reward_data.suffix_ids(suffix, tokenizer)
     with Image.open(prompt["image_path"]) as image:
       pixel_values = preprocess_image(image.convert("RGB"), image_config)
     for s, sample in enumerate(samples):

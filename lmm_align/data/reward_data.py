@@ -20,6 +20,17 @@ prompt file to `load_reward_prompt` for an exact reproduction; by default our ow
 the same four criteria is used. An A-OKVQA multiple-choice rationale, when a record has one,
 is listed as one more fact.
 
+Where the facts go (`facts_position`): "after_response", in the request as above (LLaVA-RLHF),
+or "before_response", under the question in the human turn, the request then read without
+them:
+
+  [BOS] {system} USER: <image>\n{question}\n{lead-in}  - {caption}\n... ASSISTANT: {response}</s>
+        USER: {evaluation request} ASSISTANT: {opening of the verdict}
+
+A causal model reads the facts after the answer only at the tokens that follow it, so the
+final token alone must match every claim against every fact; read before, each claim's own
+tokens can look its fact up, as they look at the image.
+
 The two answers of a pair share one shuffle of the facts, so the reward difference the
 Bradley-Terry loss sees comes from the answers alone (the published code shuffles the list
 again for the second answer, which only adds noise to the comparison).
@@ -61,6 +72,7 @@ DEFAULT_FACT_LEAD_IN = (
   "image, taken together:\n"
 )
 ON_ERROR_MODES = ("raise", "skip")
+FACTS_POSITIONS = ("after_response", "before_response")
 
 
 class RewardRecordError(PreferenceError):
@@ -155,6 +167,38 @@ def reward_suffix(
   if FACTS_PLACEHOLDER not in prompt:
     raise ValueError(f"fact_augmented=True but the prompt has no {FACTS_PLACEHOLDER}")
   return prompt.replace(FACTS_PLACEHOLDER, fact_block(facts or [], rng, rationale, lead_in))
+
+
+def reward_texts(
+  question: str,
+  prompt: str,
+  facts: Sequence[str] | None,
+  rng: np.random.Generator,
+  *,
+  fact_augmented: bool,
+  facts_position: str = "after_response",
+  rationale: str | None = None,
+  lead_in: str = DEFAULT_FACT_LEAD_IN,
+) -> tuple[str, str]:
+  """(the question as the reward model reads it, the request appended after the answer).
+
+  "after_response": (question, `reward_suffix(...)`). "before_response": the fact block under
+  the question, and the request with its placeholder (and the space before it) removed. The
+  vanilla reward model reads (question, prompt) either way. One `rng` draw orders the facts.
+  """
+  if facts_position not in FACTS_POSITIONS:
+    raise ValueError(f"facts_position={facts_position!r}: use one of {FACTS_POSITIONS}")
+  if not fact_augmented or facts_position == "after_response":
+    suffix = reward_suffix(
+      prompt, facts, rng, fact_augmented=fact_augmented, rationale=rationale, lead_in=lead_in
+    )
+    return question, suffix
+  if FACTS_PLACEHOLDER not in prompt:
+    raise ValueError(f"fact_augmented=True but the prompt has no {FACTS_PLACEHOLDER}")
+  block = fact_block(facts or [], rng, rationale, lead_in)
+  return f"{question}\n{block}", prompt.replace(f" {FACTS_PLACEHOLDER}", "").replace(
+    FACTS_PLACEHOLDER, ""
+  )
 
 
 def suffix_ids(suffix: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -301,6 +345,7 @@ def encode_reward_pair(
   fact_augmented: bool,
   rng: np.random.Generator,
   lead_in: str = DEFAULT_FACT_LEAD_IN,
+  facts_position: str = "after_response",
 ) -> PreferencePair:
   """A reward-model pair: both answers of `record`, each followed by the same suffix.
 
@@ -313,6 +358,8 @@ def encode_reward_pair(
     fact_augmented: list the facts in the prompt.
     rng: draws the order of the facts (one draw per pair).
     lead_in: the sentence above the facts.
+    facts_position: "after_response" (in the request) or "before_response" (under the
+      question); see `reward_texts`.
 
   Returns:
     A PreferencePair (0 chosen, 1 rejected) whose labels mark each answer and its end token;
@@ -321,9 +368,9 @@ def encode_reward_pair(
   """
   template = chat_template(template)
   rid = _check_reward_record(record, fact_augmented)
-  suffix = reward_suffix(
-    prompt, record.get("facts"), rng, fact_augmented=fact_augmented,
-    rationale=record.get("rationale"), lead_in=lead_in,
+  question, suffix = reward_texts(
+    record["question"], prompt, record.get("facts"), rng, fact_augmented=fact_augmented,
+    facts_position=facts_position, rationale=record.get("rationale"), lead_in=lead_in,
   )  # fmt: skip
   has_image = record.get("image") is not None
   encoded = []
@@ -331,7 +378,7 @@ def encode_reward_pair(
     try:
       encoded.append(
         encode_reward_ids_and_labels(
-          record["question"],
+          question,
           record[field],
           tokenizer,
           template,
@@ -364,6 +411,7 @@ def encode_reward_pairs(
   rng: np.random.Generator,
   on_error: str = "raise",
   lead_in: str = DEFAULT_FACT_LEAD_IN,
+  facts_position: str = "after_response",
 ) -> tuple[list[PreferencePair], collections.Counter]:
   """`encode_reward_pair` over records, in order.
 
@@ -388,6 +436,7 @@ def encode_reward_pairs(
           fact_augmented=fact_augmented,
           rng=rng,
           lead_in=lead_in,
+          facts_position=facts_position,
         )  # fmt: skip
       )
     except RewardRecordError as e:

@@ -252,12 +252,14 @@ class RewardModelRecordScorer:
     """Token ids of conversation + answer + evaluation request; errors name the record."""
     config = self.rm.model.config
     try:
-      suffix = reward_data.reward_suffix(
-        self.rm.prompt, item.facts, np.random.default_rng([self.fact_seed, item.index]),
-        fact_augmented=self.rm.fact_augmented, lead_in=self.lead_in,
+      question, suffix = reward_data.reward_texts(
+        item.question, self.rm.prompt, item.facts,
+        np.random.default_rng([self.fact_seed, item.index]),
+        fact_augmented=self.rm.fact_augmented, facts_position=self.rm.facts_position,
+        lead_in=self.lead_in,
       )  # fmt: skip
       ids = reward_data.encode_reward_sequence(
-        item.question, item.answer, self.tokenizer, self.template, config.num_image_tokens,
+        question, item.answer, self.tokenizer, self.template, config.num_image_tokens,
         config.image_token_id, suffix, item.image is not None, history=item.history,
       )  # fmt: skip
     except ValueError as e:

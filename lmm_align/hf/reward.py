@@ -6,12 +6,13 @@ Layout (the backbone folder is a plain HF model; transformers loads it without t
   OUT/reward_head.safetensors   "weight": float32 [1, D], "bias": float32 [1]
                                 (torch.nn.Linear(D, 1) layout: `head.load_state_dict(...)`)
   OUT/reward_model.json         how the model was trained to be read: fact_augmented, the
-                                evaluation prompt appended after the response, the score
-                                position ("last_token")
+                                evaluation prompt appended after the response, where the
+                                facts go (facts_position), the score position ("last_token")
 
-To score in PyTorch: run the backbone on `conversation + response + prompt` (the prompt with
-`{factual_prompt}` filled by `lmm_align.data.reward_data.fact_block`), take the final hidden
-state (after the last norm) at the last real token, apply the Linear head.
+To score in PyTorch: run the backbone on `conversation + response + prompt`, with the question
+and the prompt as `lmm_align.data.reward_data.reward_texts` makes them (the facts under the
+question or in the prompt's `{factual_prompt}`), take the final hidden state (after the last
+norm) at the last real token, apply the Linear head.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class RewardModel:
   head: dict[str, Any]  # ScalarHead params: kernel [D], bias []
   fact_augmented: bool
   prompt: str  # the evaluation prompt appended after the response
+  # where the facts are read (reward_data.FACTS_POSITIONS); exports that predate it: after
+  facts_position: str = "after_response"
 
 
 def save_reward_model(
@@ -50,6 +53,7 @@ def save_reward_model(
   *,
   fact_augmented: bool,
   prompt: str,
+  facts_position: str = "after_response",
   tokenizer: Any = None,
   processor: Any = None,
 ) -> pathlib.Path:
@@ -63,7 +67,12 @@ def save_reward_model(
     str(out / HEAD_FILE),
     metadata={"format": "pt"},
   )
-  info = {"fact_augmented": fact_augmented, "prompt": prompt, "score_position": "last_token"}
+  info = {
+    "fact_augmented": fact_augmented,
+    "prompt": prompt,
+    "facts_position": facts_position,
+    "score_position": "last_token",
+  }
   (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
   return out
 
@@ -91,4 +100,7 @@ def load_reward_model(
     )
   head = {"kernel": tensors["weight"][0], "bias": tensors["bias"][0]}
   info = json.loads((folder / INFO_FILE).read_text())
-  return RewardModel(model, backbone, head, bool(info["fact_augmented"]), info["prompt"])
+  return RewardModel(
+    model, backbone, head, bool(info["fact_augmented"]), info["prompt"],
+    info.get("facts_position", "after_response"),
+  )  # fmt: skip

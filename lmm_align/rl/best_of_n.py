@@ -423,6 +423,12 @@ class RewardModelScorer:
       lead_in,
     )
     self.fact_augmented = rm.fact_augmented
+    if rm.fact_augmented and rm.facts_position != "after_response":
+      raise ValueError(
+        f"a reward model that reads its facts {rm.facts_position.replace('_', ' ')} cannot "
+        "score best-of-N here: its query differs from the policy's, and BestOfNPrompt carries "
+        "the policy's token ids, not the question"
+      )
 
   def suffix_ids(self, prompt: BestOfNPrompt, index: int) -> list[int]:
     """The evaluation request after prompt `index`'s responses (shared by its N candidates)."""

@@ -258,6 +258,48 @@ def prompt_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
   raise ValueError(f"PPO data.source {d.source!r}: use shapes_prompts or llava_rlhf_prompts")
 
 
+def query_ids(
+  question: str, has_image: bool, record_id: str, tokenizer: Any, template, model_config
+) -> np.ndarray:
+  """The question's tokens ending with the assistant's turn, "<image>\n" first when the record
+  has an image and the question no placeholder: what the policy is prompted with."""
+  return conversation.encode_generation_prompt(
+    question, tokenizer, template, model_config.num_image_tokens, model_config.image_token_id,
+    with_image=has_image and conversation.IMAGE_PLACEHOLDER not in question, record_id=record_id,
+  ).input_ids  # fmt: skip
+
+
+def reward_rows(
+  prompts: Sequence[Prompt],
+  rows: Sequence[int],
+  responses: Sequence[Sequence[int]],
+  rm: RewardModel,
+  tokenizer: Any,
+  template,
+  rng: np.random.Generator,
+) -> list[list[int]]:
+  """Token ids the reward model scores for each response to prompts[rows[i]]: the query as the
+  RM reads it (the policy's, or with the facts under the question), the response, the request.
+  Each prompt's facts are shuffled once (one `rng` draw per prompt, in order), so the prefixes
+  of one response, and the samples of one prompt, share an order."""
+  from lmm_align.data import reward_data
+
+  queries, suffixes = [], []
+  for p in prompts:
+    question, suffix = reward_data.reward_texts(
+      p.question, rm.prompt, p.facts, rng, fact_augmented=rm.fact_augmented,
+      facts_position=rm.facts_position, rationale=p.rationale,
+    )  # fmt: skip
+    same = question == p.question
+    queries.append(
+      list(p.input_ids) if same
+      else list(query_ids(question, p.image is not None, p.record_id, tokenizer, template,
+                          rm.model.config))
+    )  # fmt: skip
+    suffixes.append(reward_data.suffix_ids(suffix, tokenizer))
+  return [queries[b] + list(r) + suffixes[b] for b, r in zip(rows, responses)]
+
+
 def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
   """Records -> prompts ending with the assistant's turn; longer than ppo.query_len: dropped
   and counted (LLaVA-RLHF drops them too)."""
@@ -265,11 +307,8 @@ def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
   tmpl = conversation.get_template(config.data.template)
   prompts = []
   for r in records:
-    ids = conversation.encode_generation_prompt(
-      r["question"], tokenizer, tmpl, model_config.num_image_tokens, model_config.image_token_id,
-      with_image=r.get("image") is not None and conversation.IMAGE_PLACEHOLDER not in r["question"],
-      record_id=str(r["id"]),
-    ).input_ids  # fmt: skip
+    ids = query_ids(r["question"], r.get("image") is not None, str(r["id"]), tokenizer, tmpl,
+                    model_config)  # fmt: skip
     if len(ids) > config.ppo.query_len:
       stats["dropped_query_too_long"] += 1
       continue
@@ -345,6 +384,7 @@ class Rollouts:
     self.value_model, self.value_head = value_model, value_head
     self.rm: RewardModel = rm
     self.rm_head = ScalarHead()
+    self.template = conversation.get_template(config.data.template)
     self.image_config = image_config
     self.mesh = mesh
     self.settings = sampling.SamplingSettings(
@@ -511,22 +551,10 @@ class Rollouts:
     return self._score(prompts, rows, responses, pixels, iteration)
 
   def _score(self, prompts, rows, responses, pixels, iteration: int) -> np.ndarray:
-    """RM(query + response + evaluation prompt): facts shuffled per prompt row and iteration
+    """RM(query + response + evaluation prompt): facts shuffled per prompt and iteration
     (the prefixes of one response share its order, so their differences carry no shuffle)."""
-    from lmm_align.data import reward_data
-
     rng = np.random.default_rng([self.config.seed, iteration, 17])
-    suffixes = [
-      reward_data.suffix_ids(
-        reward_data.reward_suffix(
-          self.rm.prompt, p.facts, rng, fact_augmented=self.rm.fact_augmented,
-          rationale=p.rationale,
-        ),
-        self.tokenizer,
-      )
-      for p in prompts
-    ]  # fmt: skip
-    ids_rows = [list(prompts[b].input_ids) + list(r) + suffixes[b] for b, r in zip(rows, responses)]
+    ids_rows = reward_rows(prompts, rows, responses, self.rm, self.tokenizer, self.template, rng)
     length = sampling.bucket_length(max(len(r) for r in ids_rows), tuple(self.ppo.reward_buckets))
     ids, mask = right_pad(ids_rows, length, self.tokenizer.pad_token_id)
     batch = {"input_ids": ids, "attention_mask": mask}

@@ -124,6 +124,11 @@ def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
   )
 
 
+def facts_position(config: ml_collections.ConfigDict) -> str:
+  """config.reward.facts_position; workdirs written before it existed read facts after."""
+  return config.reward.get("facts_position", "after_response")
+
+
 def reward_data(
   config: ml_collections.ConfigDict, tokenizer: Any, model_config
 ) -> tuple[preference.PreferenceData, preference.PreferenceData | None]:
@@ -139,6 +144,7 @@ def reward_data(
     tokenizer=tokenizer, template=config.data.template,
     num_image_tokens=model_config.num_image_tokens, image_token_id=model_config.image_token_id,
     prompt=prompt, fact_augmented=config.reward.fact_augmented, on_error=config.data.on_error,
+    facts_position=facts_position(config),
   )  # fmt: skip
   image_config = sources.image_config_for(config, model_config)
 
@@ -308,7 +314,8 @@ def export_reward_workdir(workdir: str, out: str) -> str:
   prompt = rd.load_reward_prompt(config.reward.prompt_path or None, config.reward.fact_augmented)
   save_reward_model(
     plain, backbone, state.params["head"], out, fact_augmented=config.reward.fact_augmented,
-    prompt=prompt, tokenizer=None if processor else tokenizer, processor=processor,
+    prompt=prompt, facts_position=facts_position(config),
+    tokenizer=None if processor else tokenizer, processor=processor,
   )  # fmt: skip
   print(f"[export] reward model, step {step} of {workdir} -> {out}")
   return out

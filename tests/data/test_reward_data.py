@@ -277,3 +277,95 @@ def test_batches_end_each_row_at_the_last_suffix_token(tokenizer):
   last = batch["attention_mask"].sum(-1) - 1  # right padding: the last real position
   tokens = np.take_along_axis(batch["input_ids"], last[..., None], axis=-1)[..., 0]
   assert (tokens == rd.suffix_ids(prompt, tokenizer)[-1]).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Facts before the response.
+# ------------------------------------------------------------------------------------------
+
+
+def test_facts_before_the_response_go_under_the_question_in_the_same_order():
+  prompt = rd.load_reward_prompt(None, True)
+  question, suffix = rd.reward_texts(
+    "What is it?", prompt, FACTS, np.random.default_rng(3), fact_augmented=True,
+    facts_position="before_response", lead_in="Facts:\n",
+  )  # fmt: skip
+  # default_rng(3).permutation(3) is [2, 1, 0], as in the fact-block test above.
+  assert question == (
+    "What is it?\nFacts:\n  - One shape in total.\n  - The background is white.\n"
+    "  - A red circle sits in the middle.\n"
+  )
+  assert suffix == rd.load_reward_prompt(None, False)  # the request without its facts
+  after = rd.reward_texts(
+    "What is it?", prompt, FACTS, np.random.default_rng(3), fact_augmented=True,
+    lead_in="Facts:\n",
+  )  # fmt: skip
+  assert after == ("What is it?", rd.reward_suffix(prompt, FACTS, np.random.default_rng(3),
+                                                   fact_augmented=True, lead_in="Facts:\n"))
+  vanilla = rd.load_reward_prompt(None, False)
+  assert rd.reward_texts("Q?", vanilla, None, np.random.default_rng(0), fact_augmented=False,
+                         facts_position="before_response") == ("Q?", vanilla)  # fmt: skip
+  with pytest.raises(ValueError, match="facts_position='inside'"):
+    rd.reward_texts("Q?", prompt, FACTS, np.random.default_rng(0), fact_augmented=True,
+                    facts_position="inside")  # fmt: skip
+
+
+def test_pair_with_facts_before_reads_them_before_each_answer(tokenizer):
+  prompt = rd.load_reward_prompt(None, True)
+  pair = rd.encode_reward_pair(
+    record(), tokenizer, TEMPLATE, P, IMAGE_ID, prompt=prompt, fact_augmented=True,
+    rng=np.random.default_rng(5), facts_position="before_response",
+  )  # fmt: skip
+  question, suffix = rd.reward_texts(
+    "What is in the image?", prompt, FACTS, np.random.default_rng(5), fact_augmented=True,
+    facts_position="before_response",
+  )  # fmt: skip
+  for ids, labels, answer in (
+    (pair.chosen_ids, pair.chosen_labels, "A red circle."),
+    (pair.rejected_ids, pair.rejected_labels, "A blue square."),
+  ):
+    want = rd.encode_reward_sequence(
+      question, answer, tokenizer, TEMPLATE, P, IMAGE_ID, suffix, False
+    )
+    np.testing.assert_array_equal(ids, want)
+    answer_start = np.flatnonzero(labels != IGNORE_INDEX)[0]
+    before, after = (tokenizer.decode(part) for part in (ids[:answer_start], ids[answer_start:]))
+    assert all(fact in before for fact in FACTS) and not any(fact in after for fact in FACTS)
+
+
+@pytest.mark.parametrize("facts_position", ["after_response", "before_response"])
+def test_ppo_scores_the_ids_the_reward_model_was_trained_on(tokenizer, facts_position):
+  from types import SimpleNamespace
+
+  from lmm_align.trainers import ppo
+
+  prompt = rd.load_reward_prompt(None, True)
+  config = SimpleNamespace(num_image_tokens=P, image_token_id=IMAGE_ID)
+  rm = SimpleNamespace(model=SimpleNamespace(config=config), prompt=prompt, fact_augmented=True,
+                       facts_position=facts_position)  # fmt: skip
+  template = get_template(TEMPLATE)
+  prompts = [
+    ppo.Prompt(f"p{i}", q, ppo.query_ids(q, True, f"p{i}", tokenizer, template, config), "img",
+               0, 1.0, FACTS[i:], None)  # fmt: skip
+    for i, q in enumerate(["What is it?", "What is in the image?"])
+  ]
+  answers = ["A red circle.", "A blue square.", "A red"]
+  responses = [[*tokenizer.encode(" " + a, add_special_tokens=False), tokenizer.eos_token_id]
+               for a in answers]  # fmt: skip
+  responses[2] = responses[2][:-1]  # a prefix: no end token
+  rows = [1, 0, 1]
+  got = ppo.reward_rows(prompts, rows, responses, rm, tokenizer, template,
+                        np.random.default_rng(9))  # fmt: skip
+  rng = np.random.default_rng(9)
+  texts = [rd.reward_texts(p.question, prompt, p.facts, rng, fact_augmented=True,
+                           facts_position=facts_position) for p in prompts]  # fmt: skip
+  for b, answer, row in zip(rows[:2], answers[:2], got[:2]):
+    want = rd.encode_reward_sequence(
+      texts[b][0], answer, tokenizer, TEMPLATE, P, IMAGE_ID, texts[b][1], True
+    )
+    assert row == list(want)
+  question, suffix = texts[1]
+  query = ppo.query_ids(question, True, "p1", tokenizer, template, config)
+  assert got[2] == [*query, *responses[2], *rd.suffix_ids(suffix, tokenizer)]
+  if facts_position == "after_response":
+    assert got[1][: len(prompts[0].input_ids)] == list(prompts[0].input_ids)

@@ -276,6 +276,24 @@ def _experiment():
   return module
 
 
+def test_where_the_facts_go_round_trips_and_facts_before_cannot_score_token_ids(setup, tmp_path):
+  from lmm_align.hf.reward import INFO_FILE, load_reward_model, save_reward_model
+
+  s = setup
+  model, tok, rm = s["model"], s["tokenizer"], s["rm"]
+  folder = tmp_path / "rm"
+  save_reward_model(model, rm.backbone, rm.head, str(folder), fact_augmented=True,
+                    prompt=rm.prompt, facts_position="before_response", tokenizer=tok)  # fmt: skip
+  loaded = load_reward_model(str(folder))
+  assert loaded.facts_position == "before_response" and loaded.prompt == rm.prompt
+  with pytest.raises(ValueError, match="before response"):
+    bon.RewardModelScorer(loaded, tok)
+  info = json.loads((folder / INFO_FILE).read_text())
+  del info["facts_position"]  # an export written before the setting existed
+  (folder / INFO_FILE).write_text(json.dumps(info))
+  assert load_reward_model(str(folder)).facts_position == "after_response"
+
+
 def test_shapes_best_of_n_experiment_runs_on_exported_folders(setup, tmp_path):
   from lmm_align.hf.checkpoint import save_pretrained
   from lmm_align.hf.reward import save_reward_model

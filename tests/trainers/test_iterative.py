@@ -19,21 +19,6 @@ from lmm_align.judges.base import FunctionJudge
 from lmm_align.trainers import iterative
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The uninterrupted and the resumed runs compile the same DPO steps and samplers: a
-  persistent cache for this module compiles each once. The previous setting is restored."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache as cache
-
-  previous = jax.config.jax_compilation_cache_dir
-  cache.reset_cache()
-  cache.set_cache_dir(str(tmp_path_factory.mktemp("xla_cache")))
-  yield
-  cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", previous)
-
-
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> pathlib.Path:
   """A runlocal SFT policy trained long enough (40 steps) to describe scenes in shapes words,
