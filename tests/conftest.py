@@ -53,3 +53,25 @@ def shapes_sft_policy(tmp_path_factory) -> pathlib.Path:
   sft.train(config, str(root / "run"))
   export.export_workdir(str(root / "run"), str(root / "hf"))
   return root / "hf"
+
+
+# The modules that take longest (`pytest --durations=40`, summed per module, 2026-12-07), run
+# first. With --dist loadfile each module runs whole on one worker, in collection order
+# (--no-loadscope-reorder), so starting the long ones first keeps one worker from finishing a
+# long module alone at the end while the other idles.
+SLOWEST_MODULES = (
+  "tests/trainers/test_sft.py",
+  "tests/trainers/test_ppo.py",
+  "tests/trainers/test_iterative.py",
+  "tests/models/test_llava.py",
+  "tests/trainers/test_multiprocess.py",
+  "tests/trainers/test_dpo.py",
+  "tests/test_main.py",
+  "tests/models/test_lora.py",
+  "tests/test_aot_alignment.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {module: i for i, module in enumerate(SLOWEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
