@@ -46,7 +46,10 @@ def test_two_processes_equal_one_process(tmp_path):
   for rank in range(2):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "LMM_ALIGN_PROGRESS": "0",
            "LMM_ALIGN_COORDINATOR": f"127.0.0.1:{port}", "LMM_ALIGN_NUM_PROCESSES": "2",
-           "LMM_ALIGN_PROCESS_ID": str(rank)}  # fmt: skip
+           "LMM_ALIGN_PROCESS_ID": str(rank),
+           # Both ranks compile the same programs at once, and the cache writes files in
+           # place: one rank could read the other's half-written entry. A cache each.
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / f"xla_cache_{rank}")}  # fmt: skip
     cmd = [
       sys.executable,
       "-m",
