@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       ).input_ids,
       preprocess_image(image, policy.image_config),
       tuple(scene_facts(s)),
+      DESCRIBE_QUESTION,
     )
     for s, image in zip(scenes, images)
   ]
@@ -155,7 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng=jax.random.key(args.seed),
   )  # fmt: skip
   scorers = {
-    "bon_rm": bon.RewardModelScorer(rm, tok, fact_seed=args.seed, batch_size=args.batch_size)
+    "bon_rm": bon.RewardModelScorer(
+      rm, tok, fact_seed=args.seed, batch_size=args.batch_size, template=template
+    )
   }
   if reference is not None:
     scorers["bon_implicit"] = bon.ImplicitRewardScorer(

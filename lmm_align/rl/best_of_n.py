@@ -47,7 +47,7 @@ import jax
 import numpy as np
 
 from lmm_align import preference_losses, sampling
-from lmm_align.data import reward_data
+from lmm_align.data import conversation, reward_data
 from lmm_align.hf.reward import RewardModel
 from lmm_align.losses import IGNORE_INDEX
 from lmm_align.models.config import ModelConfig
@@ -71,12 +71,15 @@ class BestOfNPrompt:
     (`conversation.encode_generation_prompt`), image placeholders expanded.
   pixel_values: float32 [H, W, 3], the preprocessed image (`images.preprocess_image`), or None.
   facts: captions of the image; required by a fact-augmented reward model.
+  question: the question's text; required by a reward model that reads its facts under the
+    question (`facts_position="before_response"`), which re-encodes its query from it.
   """
 
   prompt_id: str
   input_ids: np.ndarray
   pixel_values: np.ndarray | None = None
   facts: tuple[str, ...] = ()
+  question: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,11 +401,14 @@ def _scatter(shape: tuple[int, int], where: list[tuple[int, int]], values: np.nd
 class RewardModelScorer:
   """Scores candidates with an exported reward model, as PPO scores rollouts.
 
-  rm: the reward model; it reads the policy's prompt ids and preprocessed image, so it must
-    share the policy's tokenizer, image placeholders and image preprocessing.
-  tokenizer: encodes the evaluation request (`reward_data.suffix_ids`).
+  rm: the reward model; it reads the policy's prompt ids (or, when it reads its facts under
+    the question, the prompt re-encoded with them) and preprocessed image, so it must share
+    the policy's tokenizer, image placeholders and image preprocessing.
+  tokenizer: encodes the evaluation request (`reward_data.suffix_ids`) and such a query.
   fact_seed: prompt p's facts are shuffled by `default_rng([fact_seed, p])`.
   lead_in: the sentence above the facts (`reward_data.fact_block`).
+  template: the chat template of the policy's prompts, for an RM that reads its facts under
+    the question (its query is the prompt re-encoded with them).
   """
 
   def __init__(
@@ -414,8 +420,9 @@ class RewardModelScorer:
     batch_size: int = DEFAULT_SCORE_BATCH,
     buckets: Sequence[int] | None = None,
     lead_in: str = reward_data.DEFAULT_FACT_LEAD_IN,
+    template: str = "vicuna_v1",
   ):
-    self.rm, self.tokenizer = rm, tokenizer
+    self.rm, self.tokenizer, self.template = rm, tokenizer, template
     self.fact_seed, self.batch_size, self.buckets, self.lead_in = (
       fact_seed,
       batch_size,
@@ -423,29 +430,43 @@ class RewardModelScorer:
       lead_in,
     )
     self.fact_augmented = rm.fact_augmented
-    if rm.fact_augmented and rm.facts_position != "after_response":
-      raise ValueError(
-        f"a reward model that reads its facts {rm.facts_position.replace('_', ' ')} cannot "
-        "score best-of-N here: its query differs from the policy's, and BestOfNPrompt carries "
-        "the policy's token ids, not the question"
-      )
 
-  def suffix_ids(self, prompt: BestOfNPrompt, index: int) -> list[int]:
-    """The evaluation request after prompt `index`'s responses (shared by its N candidates)."""
+  def query_and_suffix(self, prompt: BestOfNPrompt, index: int) -> tuple[list[int], list[int]]:
+    """Prompt `index`'s query as the RM reads it and the evaluation request after its
+    responses, shared by its N candidates: one draw of `default_rng([fact_seed, index])` orders
+    the facts."""
     if self.rm.fact_augmented and not prompt.facts:
       raise ValueError(
         f"prompt {prompt.prompt_id!r}, field 'facts': none, but the reward model is fact-augmented"
       )
-    suffix = reward_data.reward_suffix(
-      self.rm.prompt, list(prompt.facts), np.random.default_rng([self.fact_seed, index]),
-      fact_augmented=self.rm.fact_augmented, lead_in=self.lead_in,
+    before = self.rm.fact_augmented and self.rm.facts_position == "before_response"
+    if before and prompt.question is None:
+      raise ValueError(
+        f"prompt {prompt.prompt_id!r}, field 'question': none, but the reward model reads its "
+        "facts under the question"
+      )
+    question, suffix = reward_data.reward_texts(
+      prompt.question or "", self.rm.prompt, list(prompt.facts),
+      np.random.default_rng([self.fact_seed, index]), fact_augmented=self.rm.fact_augmented,
+      facts_position=self.rm.facts_position, lead_in=self.lead_in,
     )  # fmt: skip
-    return reward_data.suffix_ids(suffix, self.tokenizer)
+    query = list(prompt.input_ids)
+    if before:
+      config = self.rm.model.config
+      query = list(
+        conversation.encode_generation_prompt(
+          question, self.tokenizer, self.template, config.num_image_tokens,
+          config.image_token_id, record_id=prompt.prompt_id,
+          with_image=prompt.pixel_values is not None
+          and conversation.IMAGE_PLACEHOLDER not in question,
+        ).input_ids
+      )  # fmt: skip
+    return query, reward_data.suffix_ids(suffix, self.tokenizer)
 
   def __call__(self, prompts: Sequence[BestOfNPrompt], candidates: Candidates) -> np.ndarray:
-    suffixes = [self.suffix_ids(prompt, p) for p, prompt in enumerate(prompts)]
+    parts = [self.query_and_suffix(prompt, p) for p, prompt in enumerate(prompts)]
     where = _scorable(self.rm.model.config, candidates)
-    rows = [list(prompts[p].input_ids) + candidates.tokens[p][k] + suffixes[p] for p, k in where]
+    rows = [parts[p][0] + candidates.tokens[p][k] + parts[p][1] for p, k in where]
     scores = reward_model_scores(
       self.rm, rows, [prompts[p].pixel_values for p, _ in where],
       pad_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, buckets=self.buckets,

@@ -4,6 +4,7 @@ sampling, ties go to the first candidate, and the shapes experiment runs end to 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -276,18 +277,41 @@ def _experiment():
   return module
 
 
-def test_where_the_facts_go_round_trips_and_facts_before_cannot_score_token_ids(setup, tmp_path):
+def test_an_rm_reading_its_facts_under_the_question_scores_its_own_query(setup, tmp_path):
+  """Saved and loaded with its facts_position, it scores prompt + facts, then each candidate
+  and the request without facts, as a direct forward pass of that row does."""
   from lmm_align.hf.reward import INFO_FILE, load_reward_model, save_reward_model
 
   s = setup
-  model, tok, rm = s["model"], s["tokenizer"], s["rm"]
+  model, tok, rm, candidates = s["model"], s["tokenizer"], s["rm"], s["candidates"]
   folder = tmp_path / "rm"
   save_reward_model(model, rm.backbone, rm.head, str(folder), fact_augmented=True,
                     prompt=rm.prompt, facts_position="before_response", tokenizer=tok)  # fmt: skip
   loaded = load_reward_model(str(folder))
   assert loaded.facts_position == "before_response" and loaded.prompt == rm.prompt
-  with pytest.raises(ValueError, match="before response"):
-    bon.RewardModelScorer(loaded, tok)
+  prompts = [dataclasses.replace(p, question="Describe the image.") for p in s["prompts"][:1]]
+  scorer = bon.RewardModelScorer(loaded, tok, fact_seed=FACT_SEED, buckets=SCORE_BUCKETS)
+  one = bon.Candidates([candidates.tokens[0]], [candidates.texts[0]], candidates.stopped[:1])
+  scores = scorer(prompts, one)[0]
+  question, suffix = reward_data.reward_texts(
+    "Describe the image.", rm.prompt, list(prompts[0].facts),
+    np.random.default_rng([FACT_SEED, 0]), fact_augmented=True, facts_position="before_response",
+  )  # fmt: skip
+  assert question.startswith("Describe the image.\n") and "{factual_prompt}" not in suffix
+  config = model.config
+  query = conversation.encode_generation_prompt(
+    question, tok, TEMPLATE, config.num_image_tokens, config.image_token_id
+  ).input_ids
+  tail = reward_data.suffix_ids(suffix, tok)
+  image_id = config.image_token_id
+  expected = np.array([
+    _direct_rm_score(loaded, [*query, *tokens, *tail], prompts[0].pixel_values)
+    if _valid(candidates, 0, k, image_id) else -np.inf
+    for k, tokens in enumerate(candidates.tokens[0])
+  ])  # fmt: skip
+  np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="'question': none"):
+    scorer(s["prompts"][:1], one)
   info = json.loads((folder / INFO_FILE).read_text())
   del info["facts_position"]  # an export written before the setting existed
   (folder / INFO_FILE).write_text(json.dumps(info))
