@@ -47,13 +47,13 @@ import jax
 import numpy as np
 
 from lmm_align import preference_losses, sampling
-from lmm_align.data import conversation, reward_data
+from lmm_align.data import reward_data
 from lmm_align.hf.reward import RewardModel
 from lmm_align.losses import IGNORE_INDEX
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.heads import ScalarHead
 from lmm_align.models.llava import Llava
-from lmm_align.trainers.ppo import reward_scores
+from lmm_align.trainers.ppo import query_ids, reward_scores
 
 DEFAULT_SCORE_BATCH = 8
 
@@ -452,14 +452,9 @@ class RewardModelScorer:
     )  # fmt: skip
     query = list(prompt.input_ids)
     if before:
-      config = self.rm.model.config
       query = list(
-        conversation.encode_generation_prompt(
-          question, self.tokenizer, self.template, config.num_image_tokens,
-          config.image_token_id, record_id=prompt.prompt_id,
-          with_image=prompt.pixel_values is not None
-          and conversation.IMAGE_PLACEHOLDER not in question,
-        ).input_ids
+        query_ids(question, prompt.pixel_values is not None, prompt.prompt_id, self.tokenizer,
+                  self.template, self.rm.model.config)
       )  # fmt: skip
     return query, reward_data.suffix_ids(suffix, self.tokenizer)
 
