@@ -126,7 +126,12 @@ def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
 
 def facts_position(config: ml_collections.ConfigDict) -> str:
   """config.reward.facts_position; workdirs written before it existed read facts after."""
-  return config.reward.get("facts_position", "after_response")
+  from lmm_align.data.reward_data import FACTS_POSITIONS
+
+  position = config.reward.get("facts_position", "after_response")
+  if position not in FACTS_POSITIONS:
+    raise ValueError(f"config.reward.facts_position={position!r}: use one of {FACTS_POSITIONS}")
+  return position
 
 
 def reward_data(
@@ -135,6 +140,7 @@ def reward_data(
   """(train, held-out) pair data: a seeded split of `reward.eval_pairs` records off the end."""
   from lmm_align.data import reward_data as rd
 
+  position = facts_position(config)  # a bad setting fails before the records are read
   records, skipped = reward_records(config)
   order = np.random.default_rng([config.seed, 7]).permutation(len(records))
   records = [records[i] for i in order]
@@ -144,7 +150,7 @@ def reward_data(
     tokenizer=tokenizer, template=config.data.template,
     num_image_tokens=model_config.num_image_tokens, image_token_id=model_config.image_token_id,
     prompt=prompt, fact_augmented=config.reward.fact_augmented, on_error=config.data.on_error,
-    facts_position=facts_position(config),
+    facts_position=position,
   )  # fmt: skip
   image_config = sources.image_config_for(config, model_config)
 

@@ -99,3 +99,20 @@ def test_pairs_jsonl_reward_records_keep_facts_and_load_images_lazily(tmp_path):
     not skipped and record["facts"] == ["A red circle."] and record["rejected"] == "A red star."
   )
   assert record["image"]().getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_facts_position_is_read_from_the_config_and_a_bad_one_is_named():
+  import pytest
+
+  from configs import shapes_reward
+  from lmm_align.trainers.reward import facts_position
+
+  config = shapes_reward.get_config("runlocal")
+  assert facts_position(config) == "after_response"
+  config.reward.facts_position = "before_response"
+  assert facts_position(config) == "before_response"
+  config.reward.facts_position = "inside"
+  with pytest.raises(ValueError, match=r"config.reward.facts_position='inside'"):
+    facts_position(config)
+  del config.reward["facts_position"]  # a workdir's config written before the setting
+  assert facts_position(config) == "after_response"
