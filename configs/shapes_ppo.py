@@ -31,6 +31,11 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
     forward_batch_size=16,
     noptepochs=2,
     kl_coef=0.1,
+    # > 0: the coefficient adapts so that the rollouts' mean sequence KL tracks this many nats
+    # (Ziegler et al. 2019's proportional controller; TRL: target 6, horizon 10000); the
+    # coefficient reached is saved with each checkpoint. 0: kl_coef stays fixed (LLaVA-RLHF).
+    kl_target=0.0,
+    kl_horizon=10000,
     kl_estimator="k1",  # k1, k1_clamped (LLaVA-RLHF), k2, k3
     score_position="eos",  # or "last_column" (LLaVA-RLHF)
     whiten_rewards=False,

@@ -143,6 +143,22 @@ def leave_one_out_scores(scores: Array, group_size: int) -> Array:
   return (groups - others).reshape(scores.shape)
 
 
+def adaptive_kl_coef(
+  kl_coef: float, kl: float, target: float, horizon: float, num_samples: int
+) -> float:
+  """The next KL coefficient of Ziegler et al. (2019, arXiv 1909.08593)'s proportional
+  controller, as TRL's `AdaptiveKLController`:
+
+      e = clip(kl / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * num_samples / horizon)
+
+  `kl` is the mean sequence KL of the rollouts just scored, `num_samples` their count. A host
+  float (it is state carried between iterations, not part of a step)."""
+  if target <= 0 or horizon <= 0:
+    raise ValueError(f"KL target {target} and horizon {horizon} must be positive")
+  error = min(max(kl / target - 1.0, -0.2), 0.2)
+  return kl_coef * (1.0 + error * num_samples / horizon)
+
+
 def last_token_index(mask: Array) -> Array:
   """Index of the last true entry per row of mask [B, T] (-1 for an empty row)."""
   positions = jnp.arange(mask.shape[-1])

@@ -114,10 +114,12 @@ def advantages_and_returns(
   mask: jax.Array,
   ppo: ml_collections.ConfigDict,
   dense: jax.Array | None = None,
+  kl_coef: jax.Array | float | None = None,
 ) -> dict[str, jax.Array]:
   """Per-token shaped rewards -> GAE -> whitened advantages (see lmm_align.rl.ppo_math).
   `scores` sit at the score position; `dense` [B, N] (segment increments) where they were
-  earned.
+  earned; `kl_coef` the iteration's coefficient (ppo.kl_coef when None; adaptive runs pass
+  the controller's, traced, so a new value does not recompile).
 
   LLaVA-RLHF: k1 clamped at 0, coef 0.1, score on the last column, rewards x10 (no
   whitening), GAE over all columns with gamma = lam = 1, advantages whitened over the whole
@@ -128,7 +130,7 @@ def advantages_and_returns(
     scores,
     kl,
     mask,
-    ppo.kl_coef,
+    ppo.kl_coef if kl_coef is None else kl_coef,
     ppo.score_position,
     1.0 if ppo.whiten_rewards else ppo.reward_scale,
     dense,
@@ -409,7 +411,7 @@ class Rollouts:
     self._values = jax.jit(lambda v, h, b: response_values(value_model, value_head, v, h, b))
     self._scores = jax.jit(lambda p, h, b: reward_scores(rm.model, self.rm_head, p, h, b))
     self._advantages = jax.jit(
-      lambda o, r, v, s, m, d: advantages_and_returns(o, r, v, s, m, self.ppo, d)
+      lambda o, r, v, s, m, d, c: advantages_and_returns(o, r, v, s, m, self.ppo, d, c)
     )
     self.separator_ids = rewards.separator_token_ids(tokenizer, self.ppo.segment_separators)
 
@@ -430,9 +432,16 @@ class Rollouts:
     return np.stack(images)[:, None]
 
   def collect(
-    self, params: dict, frozen: dict, prompts: Sequence[Prompt], rng: jax.Array, iteration: int
+    self,
+    params: dict,
+    frozen: dict,
+    prompts: Sequence[Prompt],
+    rng: jax.Array,
+    iteration: int,
+    kl_coef: float,
   ) -> tuple[dict[str, np.ndarray], dict[str, float], list[str]]:
-    """(rollout batch for the update, metrics, response texts) of one iteration."""
+    """(rollout batch for the update, metrics, response texts) of one iteration; `kl_coef`
+    is the KL penalty's coefficient for this iteration."""
     ppo, tok = self.ppo, self.tokenizer
     timings = {}
     t0 = time.perf_counter()
@@ -504,7 +513,13 @@ class Rollouts:
     # What the segments did not already pay (symbolic terms, the baseline) goes at the end.
     adv = jax.device_get(
       self._advantages(
-        old_logps, ref_logps, values, scores - dense.sum(1), r_mask.astype(np.float32), dense
+        old_logps,
+        ref_logps,
+        values,
+        scores - dense.sum(1),
+        r_mask.astype(np.float32),
+        dense,
+        np.float32(kl_coef),
       )
     )
     batch.update(
@@ -517,6 +532,7 @@ class Rollouts:
       "reward/correct": float(parts["correct"].mean()),
       "reward/missing_stop": float(parts["missing_stop"].mean()),
       "kl": float(np.mean(adv["kl_per_sequence"])),
+      "kl_coef": float(kl_coef),
       "response_tokens": float(r_mask.sum(1).mean()),
       **timings,
     }
@@ -752,6 +768,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"ppo.dense_reward={ppo.dense_reward!r}: use 'none' or 'segments'")
   if ppo.dense_reward == "segments" and not ppo.segment_separators:
     raise ValueError("ppo.dense_reward=segments needs ppo.segment_separators (e.g. ',', '.')")
+  if ppo.kl_target < 0 or (ppo.kl_target > 0 and ppo.kl_horizon <= 0):
+    raise ValueError(
+      f"ppo.kl_target={ppo.kl_target} (0 = a fixed kl_coef) must be >= 0, and "
+      f"ppo.kl_horizon={ppo.kl_horizon} > 0 when it is set"
+    )
   if not 0.0 <= ppo.yes_no_fraction <= 1.0:
     raise ValueError(f"ppo.yes_no_fraction={ppo.yes_no_fraction} must be in [0, 1]")
   loop.write_config(config, workdir)
@@ -773,11 +794,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, state_shards, tx, frozen, frozen_shards = build_state(
       config, policy_model, value_model, value_head, rm, mesh, rules, source
     )
+    kl_coef = ppo.kl_coef
     if source in ("workdir", "resume"):
       state, saved = checkpoint.restore_from(
         source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
       )
       modelling.check_data_fingerprint(saved, data.fingerprint(), source)
+      # An adaptive coefficient is run state: a restart goes on with the one it had reached.
+      kl_coef = float(saved.get("kl_coef", kl_coef))
     start = int(state.step) // per_iteration
     print(
       f"[ppo] start at iteration {start} from {source}; {len(data)} prompts, {dict(data.stats)}"
@@ -790,22 +814,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       lambda s, b, f: step_fn(s, b, f), state_shards, mesh,
       {k: frozen_shards[k] for k in ("policy_base", "value_base")},
     )  # fmt: skip
-    update_frozen = {k: frozen[k] for k in ("policy_base", "value_base")}
     rollouts = Rollouts(
       config, tokenizer, policy_model, value_model, value_head, rm, image_config, mesh
     )
     state = _run_iterations(
-      config,
-      workdir,
-      mesh,
-      state,
-      data,
-      rollouts,
-      update,
-      update_frozen,
-      frozen,
-      checkpointer,
-      start,
+      config, workdir, mesh, state, data, rollouts, update, frozen, checkpointer, start, kl_coef
     )
     summary = {"final_iteration": config.total_steps}
     if config.eval.enabled:
@@ -819,20 +832,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _run_iterations(
-  config, workdir, mesh, state, data, rollouts, update, update_frozen, frozen, checkpointer, start
+  config, workdir, mesh, state, data, rollouts, update, frozen, checkpointer, start, kl_coef
 ):
   ppo = config.ppo
+  update_frozen = {k: frozen[k] for k in ("policy_base", "value_base")}
   logger = loop.MetricLogger(workdir, config.total_steps, start)
   fingerprint = data.fingerprint()
   key = jax.random.key(config.seed)
   saved = start
+
+  def run_state() -> dict:
+    return {"step": int(state.step), **fingerprint, "kl_coef": kl_coef}
+
   try:
     with loop.PreemptionGuard() as guard:
       for iteration in range(start, config.total_steps):
         prompts = rollout_prompts(data, iteration, ppo)
         batch, metrics, _ = rollouts.collect(
-          state.params, frozen, prompts, jax.random.fold_in(key, iteration), iteration
+          state.params, frozen, prompts, jax.random.fold_in(key, iteration), iteration, kl_coef
         )
+        if ppo.kl_target > 0:
+          kl_coef = ppo_math.adaptive_kl_coef(
+            kl_coef, metrics["kl"], ppo.kl_target, ppo.kl_horizon, len(prompts)
+          )
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         n = len(prompts)
@@ -858,13 +880,11 @@ def _run_iterations(
           done, {**{k: metrics[k] for k in shown}, "time/update": metrics["time/update"]}
         )
         if done % config.checkpoint_every == 0 or done == config.total_steps:
-          checkpointer.save(int(state.step), state, {"step": int(state.step), **fingerprint})
+          checkpointer.save(int(state.step), state, run_state())
           saved = done
         if guard.should_stop():
           if saved != done:
-            checkpointer.save(
-              int(state.step), state, {"step": int(state.step), **fingerprint}, force=True
-            )
+            checkpointer.save(int(state.step), state, run_state(), force=True)
           checkpointer.close()
           print(f"[ppo] preempted: saved iteration {done}, exiting")
           raise SystemExit(0)

@@ -74,6 +74,20 @@ def test_token_rewards_empty_row_drops_score_and_bad_position_raises():
     ppo_math.token_rewards(jnp.array([5.0]), jnp.ones((1, 3)), mask, 0.1, "first")
 
 
+def test_adaptive_kl_coef_by_hand():
+  # Ziegler et al.: beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon).
+  assert ppo_math.adaptive_kl_coef(0.1, 7.5, 6.0, 10000, 64) == pytest.approx(
+    0.1 * (1 + 0.2 * 64 / 10000)
+  )  # 1.25 - 1 = 0.25, clipped to 0.2
+  assert ppo_math.adaptive_kl_coef(0.1, 6.6, 6.0, 100, 50) == pytest.approx(0.1 * 1.05)
+  assert ppo_math.adaptive_kl_coef(0.1, 5.4, 6.0, 100, 50) == pytest.approx(0.1 * 0.95)
+  assert ppo_math.adaptive_kl_coef(0.2, 0.0, 6.0, 64, 64) == pytest.approx(0.2 * 0.8)
+  assert ppo_math.adaptive_kl_coef(0.2, 6.0, 6.0, 64, 64) == pytest.approx(0.2)
+  for target, horizon in ((0.0, 100), (6.0, 0)):
+    with pytest.raises(ValueError, match="positive"):
+      ppo_math.adaptive_kl_coef(0.1, 1.0, target, horizon, 8)
+
+
 # --- GAE -----------------------------------------------------------------------------------
 
 

@@ -71,14 +71,23 @@ def test_reward_run_reports_held_out_accuracy_and_exports_a_loadable_head(models
 def test_mesh_equals_one_device_and_a_restart_continues_exactly(models, tmp_path):
   root, _ = models
   one = {"mesh.sizes": (1, 1, 1), "mesh.num_devices": 1}
-  ppo.train(_config(root, total_steps=1, **one), str(tmp_path / "one"))
-  ppo.train(_config(root, total_steps=2, **one), str(tmp_path / "one"))  # restarts at iteration 1
-  ppo.train(_config(root, total_steps=2, **{"mesh.sizes": (2, 2, 2)}), str(tmp_path / "mesh"))
+  # An adaptive KL coefficient (a horizon of one rollout batch, so it moves by up to 20%) is
+  # run state the restart must carry over.
+  adaptive = {"ppo.kl_target": 0.05, "ppo.kl_horizon": 8}
+  ppo.train(_config(root, total_steps=1, **one, **adaptive), str(tmp_path / "one"))
+  ppo.train(_config(root, total_steps=2, **one, **adaptive), str(tmp_path / "one"))  # restarts
+  ppo.train(
+    _config(root, total_steps=2, **{"mesh.sizes": (2, 2, 2)}, **adaptive), str(tmp_path / "mesh")
+  )
   restarted, mesh = _metrics(tmp_path / "one"), _metrics(tmp_path / "mesh")
   assert [m["step"] for m in restarted] == [1, 2] == [m["step"] for m in mesh]
   # The policy's LoRA starts at zero and the reference is its base: no KL on the first rollout.
   assert restarted[0]["kl"] == pytest.approx(0.0, abs=1e-6)
-  for key in ("reward/score", "reward/rm", "kl", "loss", "policy_loss", "value_loss"):
+  rollouts = _config(root).ppo.rollout_batch_size
+  assert restarted[0]["kl_coef"] == pytest.approx(0.1)
+  # KL 0 is far under the target: the controller's error clips at -0.2.
+  assert restarted[1]["kl_coef"] == pytest.approx(0.1 * (1 - 0.2 * rollouts / 8))
+  for key in ("reward/score", "reward/rm", "kl", "kl_coef", "loss", "policy_loss", "value_loss"):
     np.testing.assert_allclose(
       [m[key] for m in restarted], [m[key] for m in mesh], atol=2e-4, rtol=1e-3, err_msg=key
     )
@@ -89,6 +98,13 @@ def test_vanilla_policy_with_a_fact_reward_model_is_refused(models, tmp_path):
   root, _ = models
   with pytest.raises(ValueError, match="fact_augmented"):
     ppo.train(_config(root, **{"ppo.fact_augmented": False}), str(tmp_path / "bad"))
+
+
+def test_a_bad_kl_target_is_refused_before_training(models, tmp_path):
+  root, _ = models
+  for bad in ({"ppo.kl_target": -1.0}, {"ppo.kl_target": 6.0, "ppo.kl_horizon": 0}):
+    with pytest.raises(ValueError, match="ppo.kl_target"):
+      ppo.train(_config(root, **bad), str(tmp_path / "bad_kl"))
 
 
 def test_export_writes_the_trained_policy(models, one_iteration, tmp_path):
