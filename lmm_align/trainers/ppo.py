@@ -800,8 +800,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
       )
       modelling.check_data_fingerprint(saved, data.fingerprint(), source)
-      # An adaptive coefficient is run state: a restart goes on with the one it had reached.
-      kl_coef = float(saved.get("kl_coef", kl_coef))
+      if ppo.kl_target > 0:  # run state: a restart goes on with the coefficient it reached
+        kl_coef = float(saved.get("kl_coef", kl_coef))
     start = int(state.step) // per_iteration
     print(
       f"[ppo] start at iteration {start} from {source}; {len(data)} prompts, {dict(data.stats)}"
@@ -840,10 +840,6 @@ def _run_iterations(
   fingerprint = data.fingerprint()
   key = jax.random.key(config.seed)
   saved = start
-
-  def run_state() -> dict:
-    return {"step": int(state.step), **fingerprint, "kl_coef": kl_coef}
-
   try:
     with loop.PreemptionGuard() as guard:
       for iteration in range(start, config.total_steps):
@@ -879,12 +875,13 @@ def _run_iterations(
         logger.progress(
           done, {**{k: metrics[k] for k in shown}, "time/update": metrics["time/update"]}
         )
+        data_state = {"step": int(state.step), **fingerprint, "kl_coef": kl_coef}
         if done % config.checkpoint_every == 0 or done == config.total_steps:
-          checkpointer.save(int(state.step), state, run_state())
+          checkpointer.save(int(state.step), state, data_state)
           saved = done
         if guard.should_stop():
           if saved != done:
-            checkpointer.save(int(state.step), state, run_state(), force=True)
+            checkpointer.save(int(state.step), state, data_state, force=True)
           checkpointer.close()
           print(f"[ppo] preempted: saved iteration {done}, exiting")
           raise SystemExit(0)
