@@ -9,13 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from configs import shapes_reward
 from lmm_align import optim
 from lmm_align.models import Llava, get_variant
 from lmm_align.models.heads import ScalarHead, last_token_index, sequence_scores
 from lmm_align.models.llava import dummy_inputs
 from lmm_align.trainers import state as state_lib
-from lmm_align.trainers.reward import pair_rewards, reward_train_step
+from lmm_align.trainers.reward import facts_position, pair_rewards, reward_train_step
 
 
 def test_last_token_index_for_either_padding_side():
@@ -102,11 +104,6 @@ def test_pairs_jsonl_reward_records_keep_facts_and_load_images_lazily(tmp_path):
 
 
 def test_facts_position_is_read_from_the_config_and_a_bad_one_is_named():
-  import pytest
-
-  from configs import shapes_reward
-  from lmm_align.trainers.reward import facts_position
-
   config = shapes_reward.get_config("runlocal")
   assert facts_position(config) == "after_response"
   config.reward.facts_position = "before_response"
