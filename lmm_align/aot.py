@@ -1,0 +1,764 @@
+"""`lmm-align plan`: every jitted program of a run, compiled ahead of time for a Cloud TPU slice.
+
+  lmm-align plan --config=configs/llava_sft_7b.py --topology=v5p-64 [--mesh=1,-1,1] \
+      [--config.model.remat_policy=full ...] [--save=plan.json]
+  lmm-align plan --config=configs/shapes_dpo.py:runlocal --topology=cpu-8 --mesh=2,2,2
+
+`--topology` is a Cloud TPU accelerator type (`v4-32`, `v5p-64`, `v5litepod-16` or `v5e-16`,
+`v6e-8`): compile-only TPU devices of that slice come from libtpu
+(`jax.experimental.topologies`, no TPU needed; `pip install -e '.[tpu]'`), and the TPU
+compiler itself places every buffer. `cpu-N` uses N fake CPU devices (XLA:CPU's buffer
+assignment, an estimate; for tests without libtpu).
+
+Nothing is materialised: the run's params, optimizer state, batches and RNG key are
+`ShapeDtypeStruct`s carrying the shardings the trainer gives them (abstract `eval_shape` of
+the model's init, the config's logical rules), traced under the slice's abstract mesh, and each
+program is jitted exactly as its trainer jits it (the trainers' public step functions,
+`state.jit_train_step`, the state donated). Per program and per chip the table has the
+compiler's argument, output, alias, temp and generated-code bytes, the peak (argument +
+output - alias + temp) against the chip's HBM, the compile time, and the compiler's cost
+estimates (FLOPs, bytes accessed, its step-time estimate where it gives one) against the
+model's own FLOPs. The last line is `plan: fits ...` (exit 0) or `plan: does not fit ...`
+(exit 3, also when the compiler reports RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from lmm_align import config_files, optim, sharding
+from lmm_align.models.config import ModelConfig
+from lmm_align.models.heads import ScalarHead
+from lmm_align.models.llava import Llava, dummy_inputs
+from lmm_align.trainers import dpo, modelling, reward, sft
+from lmm_align.trainers import state as state_lib
+
+GIB = 1024**3
+EXIT_DOES_NOT_FIT = 3
+EXIT_BAD_INPUT = 2
+
+# --------------------------------------------------------------------------------------------
+# Accelerators.
+# --------------------------------------------------------------------------------------------
+
+# Cloud TPU docs, "TPU versions" / system architecture pages (cloud.google.com/tpu/docs/v4,
+# v5p, v5e, v6e): HBM per chip, peak bf16 FLOP/s per chip, HBM bandwidth per chip, and the
+# accelerator types' topologies. v4 and v5p accelerator types count TensorCores (2 per chip:
+# v5p-64 is 32 chips, one megacore device each); v5e and v6e count chips.
+# (generation, HBM GiB, peak bf16 FLOP/s, HBM bytes/s, compile-only chip config)
+GENERATIONS = {
+  "v4": (32.0, 275e12, 1200e9, "megacore"),
+  "v5p": (95.0, 459e12, 2765e9, "megacore"),
+  "v5e": (16.0, 197e12, 819e9, "default"),
+  "v6e": (32.0, 918e12, 1640e9, "default"),
+}
+_CUBE_TOPOLOGIES = {  # TensorCores in the accelerator type -> chips x, y, z
+  8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8",
+  512: "4x8x8", 1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16",
+}  # fmt: skip
+_PLANE_TOPOLOGIES = {  # chips in the accelerator type -> chips x, y
+  1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16",
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """A slice: `topology` names libtpu's compile-only layout ("v5p:2x4x4"); cpu-N has none."""
+
+  name: str
+  generation: str  # "v4", "v5p", "v5e", "v6e" or "cpu"
+  topology: str
+  chips: int
+  hbm_gib: float
+  peak_flops: float | None  # bf16 FLOP/s per chip
+  hbm_bandwidth: float | None  # bytes/s per chip
+
+
+def accelerator_types() -> dict[str, Accelerator]:
+  """Every known accelerator type by name (v5e-N is an alias of v5litepod-N)."""
+  out = {}
+  for gen in ("v4", "v5p"):
+    hbm, flops, bw, _ = GENERATIONS[gen]
+    for cores, shape in _CUBE_TOPOLOGIES.items():
+      out[f"{gen}-{cores}"] = Accelerator(
+        f"{gen}-{cores}", gen, f"{gen}:{shape}", cores // 2, hbm, flops, bw
+      )
+  for gen, prefixes in (("v5e", ("v5litepod", "v5e")), ("v6e", ("v6e",))):
+    hbm, flops, bw, _ = GENERATIONS[gen]
+    for chips, shape in _PLANE_TOPOLOGIES.items():
+      for prefix in prefixes:
+        name = f"{prefix}-{chips}"
+        out[name] = Accelerator(name, gen, f"{gen}:{shape}", chips, hbm, flops, bw)
+  return out
+
+
+def resolve_accelerator(name: str) -> Accelerator:
+  """An accelerator type, or `cpu-N` (N fake CPU devices, each given 1/N of the host's RAM)."""
+  if match := re.fullmatch(r"cpu-(\d+)", name):
+    n = int(match.group(1))
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return Accelerator(name, "cpu", "", n, host / max(n, 1), None, None)
+  known = accelerator_types()
+  if name not in known:
+    raise ValueError(
+      f"--topology={name!r} is not a known accelerator type; use cpu-N or one of "
+      f"{', '.join(sorted(known, key=lambda k: (k.split('-')[0], int(k.split('-')[1]))))}"
+    )
+  return known[name]
+
+
+def devices_for(acc: Accelerator) -> list:
+  """The slice's devices: compile-only TPU devices from libtpu, or the first N CPU devices."""
+  if acc.generation == "cpu":
+    devices = jax.devices("cpu")
+    if len(devices) < acc.chips:
+      raise ValueError(
+        f"--topology={acc.name} needs {acc.chips} CPU devices but JAX has {len(devices)}: set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={acc.chips} before JAX starts"
+      )
+    return devices[: acc.chips]
+  from jax.experimental import topologies
+
+  # libtpu reads these when it starts; on a machine without a TPU they only quiet its warnings.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", acc.name)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  shape = acc.topology.split(":")[1]
+  host_bounds = (1, 1, 1) if shape == "1x1" else (2, 2, 1)
+  try:
+    desc = topologies.get_topology_desc(
+      platform="tpu",
+      topology_name=acc.topology,
+      chip_config_name=GENERATIONS[acc.generation][3],
+      chips_per_host_bounds=host_bounds,
+    )
+  except Exception as e:  # no libtpu (ImportError / RuntimeError), or a libtpu without this chip
+    raise RuntimeError(
+      f"--topology={acc.name}: no compile-only TPU devices ({type(e).__name__}: {e}); the TPU "
+      "compiler comes with `pip install -e '.[tpu]'` (libtpu)"
+    ) from e
+  if len(desc.devices) != acc.chips:
+    raise RuntimeError(f"{acc.topology} gave {len(desc.devices)} devices, not {acc.chips} chips")
+  return list(desc.devices)
+
+
+def parse_mesh(text: str) -> tuple[int, ...]:
+  try:
+    sizes = tuple(int(s) for s in text.split(","))
+  except ValueError:
+    sizes = ()
+  if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"--mesh={text!r}: give data,fsdp,tensor sizes, e.g. 1,-1,1")
+  return sizes
+
+
+def mesh_for(acc: Accelerator, sizes: Sequence[int], devices: list) -> Mesh:
+  try:
+    return sharding.make_mesh(sizes, devices)
+  except ValueError as e:
+    raise ValueError(f"--mesh={','.join(map(str, sizes))} on {acc.name}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Abstract params, state and batches.
+# --------------------------------------------------------------------------------------------
+
+
+def with_sharding(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+  )
+
+
+def _unboxed(boxed: Any) -> Any:
+  # .value, not nn.unbox: unboxing applies a sharding constraint, which needs a traced value.
+  return jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def abstract_variables(model: Llava, mesh: Mesh, rules) -> dict[str, tuple[Any, Any]]:
+  """{collection: (ShapeDtypeStructs with shardings, shardings)} of the model's init."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model.config)))
+  out = {}
+  for collection, tree in boxed.items():
+    shards = sharding.logical_shardings(tree, mesh, rules)
+    out[collection] = (with_sharding(_unboxed(tree), shards), shards)
+  return out
+
+
+def abstract_head(head: ScalarHead, hidden: int, mesh: Mesh, rules) -> tuple[Any, Any]:
+  boxed = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.zeros((1, 1, hidden))))["params"]
+  shards = sharding.logical_shardings(boxed, mesh, rules)
+  return with_sharding(_unboxed(boxed), shards), shards
+
+
+def abstract_train_state(
+  config: ml_collections.ConfigDict, params: Any, param_shards: Any, mesh: Mesh
+) -> tuple[state_lib.TrainState, state_lib.TrainState, Any]:
+  """(state, its shardings, tx) as `state.create_train_state` builds them, without values."""
+  tx = state_lib.make_optimizer(config, params)
+  trainable, _ = optim.split_trainable(params, tuple(config.trainable))
+  trainable_shards, _ = optim.split_trainable(param_shards, tuple(config.trainable))
+  dtype = config.optim.state_dtype
+  opt_shards = state_lib.opt_state_shardings(tx, trainable, trainable_shards, mesh, dtype)
+  opt_state = jax.eval_shape(lambda p: optim.init_optimizer_state(tx, p, dtype), trainable)
+  rep = sharding.replicated(mesh)
+  key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  state = state_lib.TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+    params=params,
+    opt_state=with_sharding(opt_state, opt_shards),
+    rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=rep),
+  )
+  shards = state_lib.TrainState(step=rep, params=param_shards, opt_state=opt_shards, rng=rep)
+  return state, shards, tx
+
+
+def rows(mesh: Mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+  """A batch field: leading axis over (data, fsdp), as `sharding.global_batch_from_local`."""
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+
+def sequence_batch(model_config: ModelConfig, mesh: Mesh, lead: tuple[int, ...], seq: int) -> dict:
+  """input_ids / labels / attention_mask int32[*lead, T]; pixel_values float32[*lead, 1, H, W, 3]
+  (one image per sequence, as the data pipelines batch it)."""
+  out = {k: rows(mesh, (*lead, seq), jnp.int32) for k in ("input_ids", "labels", "attention_mask")}
+  if model_config.vision is not None:
+    v = model_config.vision
+    out["pixel_values"] = rows(
+      mesh, (*lead, 1, v.image_size, v.image_size, v.num_channels), jnp.float32
+    )
+  return out
+
+
+def bytes_per_chip(tree: Any) -> int:
+  """Bytes of each leaf's largest shard (XLA pads uneven shards to ceil(dim / shards))."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = list(x.shape)
+    s = x.sharding
+    if isinstance(s, NamedSharding):
+      for i, axes in enumerate(s.spec):
+        if axes is not None:
+          names = axes if isinstance(axes, tuple) else (axes,)
+          shape[i] = -(-shape[i] // int(np.prod([s.mesh.shape[a] for a in names])))
+    total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def num_params(tree: Any) -> int:
+  return sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(tree))
+
+
+# --------------------------------------------------------------------------------------------
+# The model's own FLOPs.
+# --------------------------------------------------------------------------------------------
+
+_MODULES = ("vision_tower", "multi_modal_projector", "language_model")
+
+
+def pass_factors(trained: set[str], lora: bool) -> dict[str, tuple[int, int]]:
+  """{module: (matmul factor, attention factor)} in units of one forward pass.
+
+  A forward is 1; gradients with respect to activations add 1 where any module at or before
+  this one (tower -> projector -> LM) trains; gradients with respect to weights add 1 where
+  the module's own weights train (not LoRA's frozen base). Attention has no weights: its
+  backward is two forwards. So a trained LM is 6N per token, a frozen tower before it 2N.
+  """
+  out = {}
+  for i, module in enumerate(_MODULES):
+    activations = any(m in trained for m in _MODULES[: i + 1])
+    weights = module in trained and not lora
+    out[module] = (1 + activations + weights, 1 + 2 * activations)
+  return out
+
+
+def model_flops(
+  c: ModelConfig, sequences: int, seq: int, factors: dict[str, tuple[int, int]], lm_head=True
+) -> float:
+  """2 x matmul params per token (+ attention 4 T N H per token and layer, the full T x T the
+  kernels compute), over `sequences` rows of `seq` tokens with one image each, times the
+  per-module factors of `pass_factors`."""
+  t = c.text
+  q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+  layer = 2 * t.hidden_size * (q + kv) + 3 * t.hidden_size * t.intermediate_size
+  matmul = t.num_layers * layer + (t.hidden_size * t.vocab_size if lm_head else 0)
+  lm = factors["language_model"]
+  flops = sequences * seq * (lm[0] * 2 * matmul + lm[1] * 4 * seq * q * t.num_layers)
+  if c.vision is not None:
+    v = c.vision
+    tokens = v.num_patches + 1
+    tower = v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    embed = v.patch_size**2 * v.num_channels * v.hidden_size
+    f = factors["vision_tower"]
+    flops += sequences * (
+      f[0] * 2 * (tokens * tower + v.num_patches * embed)
+      + f[1] * 4 * tokens**2 * v.hidden_size * v.num_layers
+    )
+    proj = v.hidden_size * t.hidden_size
+    if c.projector_type == "mlp2x_gelu":
+      proj += t.hidden_size**2
+    flops += sequences * factors["multi_modal_projector"][0] * 2 * c.num_image_tokens * proj
+  return float(flops)
+
+
+def trained_modules(trainable_params: Any) -> set[str]:
+  """Top-level model modules with at least one trained leaf."""
+  paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable_params)[0]]
+  return {m for m in _MODULES if any(f"{m}/" in f"/{p}/" or p.startswith(m) for p in paths)}
+
+
+# --------------------------------------------------------------------------------------------
+# The programs each trainer runs.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Program:
+  """One jitted function and its abstract arguments; `model_flops` is its own FLOP count."""
+
+  name: str
+  jitted: Callable
+  args: tuple
+  model_flops: float
+  by_hand: dict[str, Any]  # label -> abstract tree whose bytes per chip are reported
+
+
+def _split_lora(variables: dict, lora: bool):
+  """(trained, their shardings, base, base shardings) as `modelling.with_lora_split`."""
+  params, shards = variables["params"]
+  if not lora:
+    return params, shards, None, None
+  adapters, adapter_shards = variables["lora"]
+  return adapters, adapter_shards, params, shards
+
+
+def _check_rows(config: ml_collections.ConfigDict, mesh: Mesh, accum: int = 1) -> int:
+  dp = sharding.data_parallel_size(mesh)
+  if config.batch_size % (dp * accum):
+    raise ValueError(
+      f"config.batch_size={config.batch_size} must divide by data x fsdp ({dp}) x "
+      f"optim.grad_accum_steps ({accum})"
+    )
+  return config.batch_size
+
+
+def sft_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> list[Program]:
+  """trainers/sft.py: the train step."""
+  model = Llava(model_config)
+  lora = model_config.runtime.lora is not None
+  accum = config.optim.grad_accum_steps
+  batch_rows, seq = _check_rows(config, mesh, accum), config.data.max_length
+  params, shards, base, base_shards = _split_lora(abstract_variables(model, mesh, rules), lora)
+  state, state_shards, tx = abstract_train_state(config, params, shards, mesh)
+  step_fn = jax.tree_util.Partial(
+    sft.sft_train_step, model=model, tx=tx, trainable=tuple(config.trainable),
+    grad_accum_steps=accum, state_dtype=config.optim.state_dtype,
+  )  # fmt: skip
+  jitted = state_lib.jit_train_step(
+    lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
+  )
+  batch = sequence_batch(model_config, mesh, (batch_rows,), seq)
+  trained, _ = optim.split_trainable(params, tuple(config.trainable))
+  factors = pass_factors(trained_modules(trained), lora)
+  flops = model_flops(model_config, batch_rows, seq, factors)
+  by_hand = {"params": params, "optimizer state": state.opt_state, "frozen base": base}
+  return [Program("sft_train_step", jitted, (state, batch, base), flops, by_hand)]
+
+
+def dpo_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> list[Program]:
+  """trainers/dpo.py: the reference log-prob pass (when precomputed) and the train step."""
+  if config.optim.grad_accum_steps != 1:
+    raise ValueError("optim.grad_accum_steps: the DPO trainer does not accumulate gradients")
+  model = Llava(model_config)
+  reference_model = Llava(model_config.with_runtime(lora=None))
+  lora = model_config.runtime.lora is not None
+  pairs, seq = _check_rows(config, mesh), config.data.max_length
+  variables = abstract_variables(model, mesh, rules)
+  initial, initial_shards = variables["params"]
+  params, shards, base, base_shards = _split_lora(variables, lora)
+  d = config.dpo
+  batch = sequence_batch(model_config, mesh, (pairs, 2), seq)
+  if d.get("token_weight", 1.0) != 1.0:
+    batch["token_weights"] = rows(mesh, (pairs, 2, seq), jnp.float32)
+  forward = pass_factors(set(), False)
+  programs = []
+  reference, reference_shards = None, None
+  if d.precompute_reference:
+    fn = jax.jit(lambda v, b: dpo.pair_logps(reference_model, v, b, d.average_logps))
+    ref_args = ({"params": initial}, dict(batch))
+    flops = model_flops(model_config, 2 * pairs, seq, forward)
+    programs.append(Program("dpo_reference_logps", fn, ref_args, flops, {"params": ref_args[0]}))
+    batch["ref_logps"] = rows(mesh, (pairs, 2), jnp.float32)
+  elif base is None:
+    reference, reference_shards = initial, initial_shards  # a frozen copy of the start
+  state, state_shards, tx = abstract_train_state(config, params, shards, mesh)
+  step_fn = jax.tree_util.Partial(
+    dpo.dpo_train_step, model=model, reference_model=reference_model, tx=tx,
+    trainable=tuple(config.trainable), dpo=d, state_dtype=config.optim.state_dtype,
+  )  # fmt: skip
+  frozen = {"base": base, "reference": reference}
+  frozen_shards = {"base": base_shards, "reference": reference_shards}
+  jitted = state_lib.jit_train_step(
+    lambda s, b, f: step_fn(s, b, f), state_shards, mesh, frozen_shards
+  )
+  trained, _ = optim.split_trainable(params, tuple(config.trainable))
+  flops = model_flops(model_config, 2 * pairs, seq, pass_factors(trained_modules(trained), lora))
+  if not d.precompute_reference:
+    flops += model_flops(model_config, 2 * pairs, seq, forward)
+  by_hand = {"params": params, "optimizer state": state.opt_state, "frozen": frozen}
+  programs.append(Program("dpo_train_step", jitted, (state, batch, frozen), flops, by_hand))
+  return programs
+
+
+def reward_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> list[Program]:
+  """trainers/reward.py: the train step and the held-out scoring forward."""
+  if config.optim.grad_accum_steps != 1:
+    raise ValueError("optim.grad_accum_steps: the reward trainer does not accumulate gradients")
+  model, head = Llava(model_config), ScalarHead()
+  lora = model_config.runtime.lora is not None
+  pairs, seq = _check_rows(config, mesh), config.data.max_length
+  backbone, backbone_shards, base, base_shards = _split_lora(
+    abstract_variables(model, mesh, rules), lora
+  )
+  head_params, head_shards = abstract_head(head, model_config.text.hidden_size, mesh, rules)
+  params = {"backbone": backbone, "head": head_params}
+  shards = {"backbone": backbone_shards, "head": head_shards}
+  state, state_shards, tx = abstract_train_state(config, params, shards, mesh)
+  step_fn = jax.tree_util.Partial(
+    reward.reward_train_step, model=model, head=head, tx=tx, trainable=tuple(config.trainable),
+    centering_coef=config.reward.centering_coef, centering=config.reward.centering,
+    state_dtype=config.optim.state_dtype,
+  )  # fmt: skip
+  jitted = state_lib.jit_train_step(
+    lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
+  )
+  batch = sequence_batch(model_config, mesh, (pairs, 2), seq)
+  trained, _ = optim.split_trainable(params, tuple(config.trainable))
+  factors = pass_factors(trained_modules(trained.get("backbone", {})), lora)
+  flops = model_flops(model_config, 2 * pairs, seq, factors, lm_head=False)
+  by_hand = {"params": params, "optimizer state": state.opt_state, "frozen base": base}
+  programs = [Program("reward_train_step", jitted, (state, batch, base), flops, by_hand)]
+  # The trainer closes over the LoRA base; here it is an argument (the same bytes on the chip).
+  scores = jax.jit(
+    lambda p, frozen, b: reward.pair_rewards(
+      model, head, sft.model_variables(p["backbone"], frozen), p["head"], b
+    )
+  )
+  flops = model_flops(model_config, 2 * pairs, seq, pass_factors(set(), False), lm_head=False)
+  by_hand = {"params": params, "frozen base": base}
+  programs.append(Program("reward_eval_scores", scores, (params, base, batch), flops, by_hand))
+  return programs
+
+
+# config.trainer -> the programs its run compiles (each built under the slice's abstract mesh).
+PROGRAMS: dict[str, Callable[..., list[Program]]] = {
+  "sft": sft_programs,
+  "dpo": dpo_programs,
+  "reward": reward_programs,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Compile and report.
+# --------------------------------------------------------------------------------------------
+
+
+def model_config_of(config: ml_collections.ConfigDict) -> tuple[ModelConfig, list[str]]:
+  """The run's model, sized without weights or a tokenizer; notes say what was assumed."""
+  config = config.copy_and_resolve_references()
+  notes = []
+  if config.init_from and not os.path.exists(os.path.join(config.init_from, "config.json")):
+    notes.append(f"init_from {config.init_from} is not here: sized from the variant")
+    config.init_from = ""
+  if config.model.get("vocab_from_tokenizer"):
+    notes.append("vocab_from_tokenizer: the variant's vocabulary, not the tokenizer's")
+    config.model.vocab_from_tokenizer = False
+  try:
+    model_config = modelling.model_config_for(config, None)
+  except KeyError as e:
+    raise ValueError(f"config.model.variant={config.model.variant!r}: {e.args[0]}") from e
+  return model_config, notes
+
+
+@dataclasses.dataclass
+class Measured:
+  """One program's numbers per chip (bytes; FLOPs and bytes accessed from cost_analysis)."""
+
+  name: str
+  compile_seconds: float = 0.0
+  argument: int = 0
+  output: int = 0
+  alias: int = 0
+  temp: int = 0
+  generated_code: int = 0
+  peak: int = 0
+  by_hand: dict[str, int] = dataclasses.field(default_factory=dict)
+  flops: float | None = None
+  bytes_accessed: float | None = None
+  optimal_seconds: float | None = None
+  cost_pass: str = ""
+  model_flops_per_chip: float = 0.0
+  resource_exhausted: str = ""
+
+
+def _compile(program: Program) -> tuple[Any, float]:
+  t0 = time.perf_counter()
+  compiled = program.jitted.lower(*program.args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def _cost(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # older JAX: one dict per program
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": GIB, "T": 1024**4}
+
+
+def _exhausted_peak(message: str) -> int:
+  """The bytes a RESOURCE_EXHAUSTED message says the program needed ("Used 120.5G of ..."),
+  or 0 when it does not say."""
+  match = re.search(r"Used ([\d.]+)([KMGT]?)i?B? of", message)
+  return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
+
+
+def measure(program: Program, chips: int) -> Measured:
+  """Compiles one program and reads its memory and cost analyses; a RESOURCE_EXHAUSTED
+  compile is an answer (recorded), not an error."""
+  row = Measured(program.name, model_flops_per_chip=program.model_flops / chips)
+  row.by_hand = {k: bytes_per_chip(v) for k, v in program.by_hand.items()}
+  t0 = time.perf_counter()
+  try:
+    compiled, row.compile_seconds = _compile(program)
+  except Exception as e:  # the TPU compiler raises XlaRuntimeError with the status in the text
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    row.compile_seconds = time.perf_counter() - t0
+    row.resource_exhausted = str(e).strip().splitlines()[0][:400]
+    row.peak = _exhausted_peak(str(e))
+    return row
+  stats = compiled.memory_analysis()
+  row.argument = stats.argument_size_in_bytes
+  row.output = stats.output_size_in_bytes
+  row.alias = stats.alias_size_in_bytes
+  row.temp = stats.temp_size_in_bytes
+  row.generated_code = stats.generated_code_size_in_bytes
+  row.peak = row.argument + row.output - row.alias + row.temp
+  cost = _cost(compiled)
+  row.flops, row.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
+  row.optimal_seconds = cost.get("optimal_seconds")
+  row.cost_pass = "as compiled"
+  return row
+
+
+def add_unrolled_cost(rows: list[Measured], programs: list[Program], chips: int) -> None:
+  """FLOPs and bytes from the cost pass (the same programs with scan_layers off and one micro-
+  batch, compiled only for their cost): the compiler costs a loop's body once, not per trip."""
+  for row, program in zip(rows, programs, strict=True):
+    if row.resource_exhausted:
+      continue
+    try:
+      compiled, _ = _compile(program)
+    except Exception as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      row.cost_pass = "cost pass ran out of memory: costs of the scanned program"
+      continue
+    cost = _cost(compiled)
+    row.flops, row.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
+    row.optimal_seconds = cost.get("optimal_seconds")
+    row.cost_pass = "unrolled (scan_layers off, one micro-batch)"
+
+
+def format_gib(num_bytes: float) -> str:
+  """Two decimals, or enough digits that a tiny model's peak does not print as 0.00."""
+  gib = num_bytes / GIB
+  return f"{gib:.2f}" if gib >= 0.1 or gib == 0 else f"{gib:.6f}"
+
+
+def report(row: Measured, acc: Accelerator, hbm: float) -> list[str]:
+  """The program's table, per chip."""
+  lines = [f"== {row.name}  (compile {row.compile_seconds:.1f} s)"]
+  if row.resource_exhausted:
+    lines.append(f"  RESOURCE_EXHAUSTED from the compiler: {row.resource_exhausted}")
+  else:
+    for label in ("argument", "output", "alias", "temp", "generated_code"):
+      value = getattr(row, label)
+      lines.append(f"  {label.replace('_', ' '):40s} {value / GIB:10.3f} GiB {value:16d} bytes")
+  for label, value in row.by_hand.items():
+    lines.append(f"  {label + ' by hand':40s} {value / GIB:10.3f} GiB {value:16d} bytes")
+  peak_label = "peak = argument + output - alias + temp"
+  lines.append(f"  {peak_label:40s} {row.peak / GIB:10.3f} GiB {row.peak:16d} bytes")
+  headroom = hbm * GIB - row.peak
+  lines.append(
+    f"  HBM {hbm:.2f} GiB, headroom {headroom / GIB:.3f} GiB ({100 * headroom / (hbm * GIB):.1f}%)"
+  )
+  if row.flops is not None:
+    ratio = row.flops / row.model_flops_per_chip if row.model_flops_per_chip else float("nan")
+    lines.append(
+      f"  compiler estimates ({row.cost_pass}): {row.flops:.4g} FLOPs, "
+      f"{row.bytes_accessed or 0:.4g} bytes accessed per chip"
+    )
+    lines.append(
+      f"  model FLOPs {row.model_flops_per_chip:.4g} per chip; compiled / model = {ratio:.3f}"
+    )
+    times = []
+    if row.optimal_seconds:
+      times.append(f"the compiler's optimal_seconds {row.optimal_seconds:.4g} s")
+    if acc.peak_flops and acc.hbm_bandwidth:
+      bound = max(row.flops / acc.peak_flops, (row.bytes_accessed or 0) / acc.hbm_bandwidth)
+      mfu = row.model_flops_per_chip / acc.peak_flops / bound if bound else 0.0
+      times.append(f"roofline {bound:.4g} s (model FLOP utilisation {100 * mfu:.1f}% there)")
+    if times:
+      lines.append("  step time estimate: " + "; ".join(times))
+  return lines
+
+
+def plan(
+  config: ml_collections.ConfigDict,
+  acc: Accelerator,
+  mesh_sizes: Sequence[int],
+  hbm_gib: float = 0.0,
+  cost_pass: str = "unrolled",
+) -> tuple[bool, dict[str, Any], list[str]]:
+  """(fits, the JSON table, printed lines) for the config's run on the slice."""
+  if config.trainer not in PROGRAMS:
+    raise ValueError(
+      f"config.trainer={config.trainer!r}: plan knows {sorted(PROGRAMS)} (ppo and iterative "
+      "are not planned yet)"
+    )
+  model_config, notes = model_config_of(config)
+  devices = devices_for(acc)
+  mesh = mesh_for(acc, mesh_sizes, devices)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  hbm = hbm_gib or acc.hbm_gib
+  kind = devices[0].device_kind
+  r = model_config.runtime
+  lines = [
+    f"plan for {acc.name} ({acc.chips} chips, {kind}, {hbm:.2f} GiB HBM per chip), mesh "
+    f"(data, fsdp, tensor) = {tuple(mesh.shape.values())}; trainer {config.trainer}",
+    f"model: {r.dtype} compute, {r.param_dtype} params, remat {r.remat_policy}, scan "
+    f"{r.scan_layers}, LoRA {r.lora is not None}; batch {config.batch_size} x "
+    f"{config.data.max_length} tokens, grad_accum {config.optim.grad_accum_steps}",
+    *(f"note: {n}" for n in notes),
+    "All memory and cost figures are the compiler's estimates, per chip"
+    + (" (XLA:CPU on fake devices, not the TPU compiler)." if acc.generation == "cpu" else "."),
+  ]
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
+    programs = PROGRAMS[config.trainer](config, model_config, mesh, rules)
+    rows = [measure(p, acc.chips) for p in programs]
+    looped = r.scan_layers or config.optim.grad_accum_steps > 1
+    if cost_pass == "unrolled" and looped:
+      unrolled = config.copy_and_resolve_references()
+      unrolled.optim.grad_accum_steps = 1
+      flat_model = model_config.with_runtime(scan_layers=False)
+      add_unrolled_cost(
+        rows, PROGRAMS[config.trainer](unrolled, flat_model, mesh, rules), acc.chips
+      )
+  if looped:
+    lines.append(
+      "The compiler costs a loop (the scanned layers, gradient accumulation) once, not per trip: "
+      + {
+        "unrolled": "FLOPs and bytes come from a cost pass compiled with scan_layers off and one "
+        "micro-batch (same global batch).",
+        "scanned": "the FLOPs and bytes below count one layer of the stack (--cost=scanned).",
+        "none": "no cost pass (--cost=none).",
+      }[cost_pass]
+    )
+  if cost_pass == "none":
+    for row in rows:
+      row.flops = None
+  for row in rows:
+    lines += report(row, acc, hbm)
+  peak = max(row.peak for row in rows)
+  fits = all(row.peak <= hbm * GIB and not row.resource_exhausted for row in rows)
+  lines.append(f"host max RSS {_max_rss_gib():.2f} GiB")
+  table = {
+    "accelerator": dataclasses.asdict(acc),
+    "device_kind": kind,
+    "hbm_gib": hbm,
+    "mesh": dict(mesh.shape),
+    "trainer": config.trainer,
+    "programs": [dataclasses.asdict(row) for row in rows],
+    "peak_gib": peak / GIB,
+    "fits": fits,
+  }
+  verdict = "fits" if fits else "does not fit"
+  lines.append(f"plan: {verdict} peak_gib={format_gib(peak)} hbm_gib={hbm:.2f} device={kind}")
+  return fits, table, lines
+
+
+def _max_rss_gib() -> float:
+  import resource
+
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _prepare_platforms(acc: Accelerator) -> None:
+  """Before JAX's backends start: enough fake CPU devices for cpu-N, and the CPU platform
+  (compile-only TPU devices need no TPU backend, and this machine may have no TPU)."""
+  try:
+    if acc.generation == "cpu":
+      if "device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", acc.chips)
+    elif not os.environ.get("JAX_PLATFORMS"):
+      jax.config.update("jax_platforms", "cpu")
+  except RuntimeError:  # the backends already started: keep what they have
+    pass
+
+
+def main(argv: list[str]) -> int:
+  """`lmm-align plan` with its flags (argv without the program name); returns the exit status:
+  0 fits, 3 does not fit, 2 bad input."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  for arg in argv:
+    if arg.startswith("--config="):
+      config_files.make_config_package_importable(arg.split("=", 1)[1].split(":", 1)[0])
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", None, "configs/X.py[:arg]", flag_values=fv, lock_config=True
+  )
+  flags.DEFINE_string("topology", None, "accelerator type (v5p-64, v5e-16, ...) or cpu-N", flag_values=fv)  # fmt: skip
+  flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor sizes (one may be -1)", flag_values=fv)
+  flags.DEFINE_string("save", None, "write the table as JSON here", flag_values=fv)
+  flags.DEFINE_float("hbm_gib", 0.0, "HBM per chip (default: the accelerator's)", flag_values=fv)
+  flags.DEFINE_enum(
+    "cost", "unrolled", ["unrolled", "scanned", "none"], "how loops are costed", flag_values=fv
+  )
+  try:
+    fv(["lmm-align plan", *argv])
+    if fv.config is None or not fv.topology:
+      raise ValueError("--config and --topology are required")
+    acc = resolve_accelerator(fv.topology)
+    sizes = parse_mesh(fv.mesh)
+    _prepare_platforms(acc)
+    fits, table, lines = plan(fv.config, acc, sizes, fv.hbm_gib, fv.cost)
+  except (flags.Error, ValueError, RuntimeError) as e:
+    print(f"plan: error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  print("\n".join(lines), flush=True)
+  if fv.save:
+    with open(fv.save, "w") as f:
+      json.dump(table, f, indent=2, default=str)
+  return 0 if fits else EXIT_DOES_NOT_FIT
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
