@@ -81,3 +81,75 @@ def random_pixels(n: int, seed: int = 0) -> np.ndarray:
 
 def to_torch_pixels(pixels_nhwc: np.ndarray) -> torch.Tensor:
   return torch.from_numpy(np.ascontiguousarray(pixels_nhwc.transpose(0, 3, 1, 2)))
+
+
+# --------------------------------------------------------------------------------------------
+# SigLIP and Qwen2 (the LLaVA-OneVision families).
+# --------------------------------------------------------------------------------------------
+
+
+def siglip_config(**overrides) -> transformers.SiglipVisionConfig:
+  """16 patches of 8 pixels on 32-pixel images, like `clip_config`; SigLIP's own defaults
+  (gelu_pytorch_tanh, eps 1e-6, the attention-pooling head on)."""
+  kwargs = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=3, num_attention_heads=4)  # fmt: skip
+  kwargs.update(overrides)
+  return transformers.SiglipVisionConfig(**kwargs)
+
+
+def qwen2_config(num_kv_heads: int = 2, tie: bool = False, **overrides) -> transformers.Qwen2Config:
+  kwargs = dict(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=num_kv_heads, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+      eos_token_id=2, rms_norm_eps=1e-6, tie_word_embeddings=tie, max_position_embeddings=256,
+      rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+  )  # fmt: skip
+  kwargs.update(overrides)
+  return transformers.Qwen2Config(**kwargs)
+
+
+def save_tiny_siglip(folder: pathlib.Path, seed: int = 0, **overrides):
+  torch.manual_seed(seed)
+  model = transformers.SiglipVisionModel(siglip_config(**overrides)).eval()
+  _randomize_norms(model)
+  model.save_pretrained(folder)
+  return model
+
+
+def save_tiny_qwen2(
+  folder: pathlib.Path, seed: int = 0, num_kv_heads: int = 2, tie: bool = False, **overrides
+):
+  torch.manual_seed(seed)
+  model = transformers.Qwen2ForCausalLM(qwen2_config(num_kv_heads, tie, **overrides)).eval()
+  _randomize_norms(model)
+  model.save_pretrained(folder)
+  return model
+
+
+def save_tiny_siglip_qwen2_llava(
+  folder: pathlib.Path,
+  seed: int = 0,
+  num_kv_heads: int = 2,
+  vision_feature_layer: int | list[int] = -1,
+  select_strategy: str = "full",
+  use_head: bool = False,
+) -> transformers.LlavaForConditionalGeneration:
+  """A LLaVA of a SigLIP tower (no head, as LLaVA-OneVision's) and a Qwen2 decoder."""
+  torch.manual_seed(seed)
+  config = transformers.LlavaConfig(
+    vision_config=siglip_config(vision_use_head=use_head),
+    text_config=qwen2_config(num_kv_heads),
+    image_token_index=IMAGE_TOKEN,
+    projector_hidden_act="gelu",
+    vision_feature_layer=vision_feature_layer,
+    vision_feature_select_strategy=select_strategy,
+  )
+  model = transformers.LlavaForConditionalGeneration(config).eval()
+  _randomize_norms(model)
+  model.save_pretrained(folder)
+  return model
+
+
+def siglip_image_tokens_per_image(strategy: str = "full") -> int:
+  """SigLIP has no class token: 16 patches, and "default" drops the first patch."""
+  return 16 - (1 if strategy == "default" else 0)

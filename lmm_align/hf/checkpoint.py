@@ -30,6 +30,7 @@ from lmm_align.models.config import (
   from_hf_config,
   to_hf_config,
   vision_config_from_hf,
+  vision_config_to_hf,
 )
 from lmm_align.models.llava import Llava, dummy_inputs
 
@@ -126,17 +127,19 @@ def load_pretrained(
   shardings: Any = None,
   allow_torch_bin: bool = False,
 ) -> tuple[Llava, dict]:
-  """Reads a local `LlavaForConditionalGeneration` or `LlamaForCausalLM` folder.
+  """Reads a local `LlavaForConditionalGeneration` (CLIP or SigLIP tower, LLaMA or Qwen2
+  decoder), `LlamaForCausalLM` or `Qwen2ForCausalLM` folder.
 
   dtype: the params' dtype (and the compute dtype unless `runtime` says otherwise).
   shardings: optional pytree of `jax.sharding.Sharding` matching the params; each param is
     placed with it as soon as it is complete.
   Returns (model, params): `model.apply({"params": params}, input_ids, pixel_values=...)`.
-  Raises CheckpointError listing missing, unexpected and mis-shaped tensors.
+  Raises CheckpointError listing missing, unexpected and mis-shaped tensors, or naming the
+  config.json field it cannot read (an unsupported model_type, a sliding window, ...).
   """
   folder = pathlib.Path(path)
   runtime = runtime or RuntimeConfig(dtype=dtype, param_dtype=dtype)
-  config = from_hf_config(read_config(folder), runtime)
+  config = _model_config(folder, runtime)
   model = Llava(config)
   text_only = config.vision is None
 
@@ -150,6 +153,16 @@ def load_pretrained(
   rules = name_map.rules_for(config)
   params = _read_params(folder, abstract, rules, canonical, runtime, shardings, allow_torch_bin)
   return model, params
+
+
+def _model_config(folder: pathlib.Path, runtime: RuntimeConfig) -> ModelConfig:
+  """The folder's ModelConfig; a config.json we cannot read is an error naming the file."""
+  d = read_config(folder)
+  try:
+    return from_hf_config(d, runtime)
+  except (KeyError, ValueError) as e:
+    what = f"no field {e}" if isinstance(e, KeyError) else str(e)
+    raise CheckpointError(f"{folder / 'config.json'}: {what}") from e
 
 
 def _read_params(
@@ -229,13 +242,24 @@ def _read_params(
 
 
 # --------------------------------------------------------------------------------------------
-# A vision tower alone: LLaVA's stage 1 starts from a pretrained CLIP.
+# A vision tower alone: LLaVA's stage 1 starts from a pretrained CLIP (or SigLIP).
 # --------------------------------------------------------------------------------------------
 
-# Older and CLIPModel checkpoints prefix the tower's keys with "vision_model."; transformers
-# 5 writes a CLIPVisionModel without it.
-_CLIP_VISION_PREFIX = "vision_model."
-_CLIP_VISION_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+# Older, CLIPModel and SiglipModel checkpoints prefix the tower's keys with "vision_model.";
+# transformers 5 writes a CLIPVisionModel or SiglipVisionModel without it.
+_VISION_PREFIX = "vision_model."
+_VISION_ROOTS = {
+  "clip": ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm."),
+  "siglip": ("embeddings.", "encoder.", "post_layernorm.", "head."),
+}
+# model_type of a tower alone, and of the two-tower model that holds one as "vision_config".
+_TOWER_TYPES = {
+  "clip_vision_model": ("clip", False),
+  "clip": ("clip", True),
+  "siglip_vision_model": ("siglip", False),
+  "siglip": ("siglip", True),
+}
+_TOWER_ARCHITECTURES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
 
 
 def load_vision_tower(
@@ -244,20 +268,25 @@ def load_vision_tower(
   shardings: Any = None,
   allow_torch_bin: bool = False,
 ) -> dict:
-  """The `vision_tower` params of `config`'s LLaVA from a local `CLIPVisionModel` or `CLIPModel`
-  folder (its text tower and projections are skipped).
+  """The `vision_tower` params of `config`'s LLaVA from a local `CLIPVisionModel`, `CLIPModel`,
+  `SiglipVisionModel` or `SiglipModel` folder (a text tower and projections are skipped).
 
   The folder's vision config must equal `config.vision` (a CheckpointError says which fields
   differ). shardings: optional pytree for the returned subtree (`params["vision_tower"]`).
   """
   folder = pathlib.Path(path)
   d = read_config(folder)
-  if d.get("model_type") not in ("clip_vision_model", "clip"):
+  if d.get("model_type") not in _TOWER_TYPES:
     raise CheckpointError(
       f"{folder}/config.json: model_type {d.get('model_type')!r}; a vision tower folder is a "
-      "CLIPVisionModel ('clip_vision_model') or CLIPModel ('clip')"
+      "CLIPVisionModel ('clip_vision_model'), CLIPModel ('clip'), SiglipVisionModel "
+      "('siglip_vision_model') or SiglipModel ('siglip')"
     )
-  found = vision_config_from_hf(d["vision_config"] if d["model_type"] == "clip" else d)
+  tower, nested = _TOWER_TYPES[d["model_type"]]
+  try:
+    found = vision_config_from_hf(d["vision_config"] if nested else d)
+  except (KeyError, ValueError) as e:
+    raise CheckpointError(f"{folder}/config.json: {e}") from e
   if config.vision is None:
     raise CheckpointError(f"cannot load {folder}: the model config has no vision tower")
   if found != config.vision:
@@ -271,16 +300,16 @@ def load_vision_tower(
     )
 
   def canonical(key: str) -> str | None:
-    key = key.removeprefix(_CLIP_VISION_PREFIX)
-    if not key.startswith(_CLIP_VISION_ROOTS):
-      return None  # CLIPModel's text tower, projections and logit scale
+    key = key.removeprefix(_VISION_PREFIX)
+    if not key.startswith(_VISION_ROOTS[tower]):
+      return None  # CLIPModel's / SiglipModel's text tower, projections and logit scale
     return "vision_tower." + key
 
   abstract = {
     p: s for p, s in _flat_abstract_params(Llava(config)).items() if p[0] == "vision_tower"
   }
   params = _read_params(
-    folder, abstract, name_map.vision_rules(), canonical, config.runtime,
+    folder, abstract, name_map.tower_rules(config.vision), canonical, config.runtime,
     None if shardings is None else {"vision_tower": shardings}, allow_torch_bin,
   )  # fmt: skip
   return params["vision_tower"]
@@ -289,17 +318,20 @@ def load_vision_tower(
 def save_vision_tower(
   config: ModelConfig, vision_params: dict, out_dir: str | os.PathLike
 ) -> pathlib.Path:
-  """Writes `params["vision_tower"]` as a `CLIPVisionModel` folder (config.json, safetensors),
-  with the keys transformers 5 writes."""
+  """Writes `params["vision_tower"]` as a `CLIPVisionModel` or `SiglipVisionModel` folder
+  (config.json, safetensors), with the keys transformers 5 writes."""
+  if config.vision is None:
+    raise CheckpointError("save_vision_tower: the model config has no vision tower")
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   hf_config = {
-    **to_hf_config(config)["vision_config"],
-    "architectures": ["CLIPVisionModel"],
+    **vision_config_to_hf(config.vision),
+    "architectures": [_TOWER_ARCHITECTURES[config.vision.tower]],
     "dtype": str(np.dtype(jax.tree.leaves(vision_params)[0].dtype)),
   }
   tensors = {}
-  for key, tensor in _iter_export(config, {"vision_tower": vision_params}, name_map.vision_rules()):
+  rules = name_map.tower_rules(config.vision)
+  for key, tensor in _iter_export(config, {"vision_tower": vision_params}, rules):
     tensors[key.removeprefix("vision_tower.")] = tensor
   save_file(tensors, str(out / SAFE_SINGLE), metadata={"format": "pt"})
   (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

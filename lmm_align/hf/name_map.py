@@ -1,4 +1,4 @@
-"""Declarative name maps between Hugging Face LLaVA / LLaMA checkpoints and our param trees.
+"""Declarative name maps between Hugging Face LLaVA / LLaMA / Qwen2 checkpoints and our params.
 
 One table per sub-model, read in both directions. A rule is (HF key template, our path
 template, transform); `{i}` stands for a layer index. HF keys are first brought to one
@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from lmm_align.models.config import ModelConfig
+from lmm_align.models.config import ModelConfig, VisionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,12 @@ def text_rules(config: ModelConfig) -> list[Rule]:
       for h, o, t in _TEXT_LAYER
     ],
   ]
+  if config.text.qkv_bias:  # Qwen2
+    rules += [
+      Rule(f"language_model.layers.{{i}}.self_attn.{p}_proj.bias",
+           f"language_model/layers/{{i}}/{p}_proj/bias", "bias")
+      for p in "qkv"
+    ]  # fmt: skip
   if not config.text.tie_word_embeddings:
     rules.append(Rule("lm_head.weight", "language_model/lm_head/kernel", "linear"))
   return rules
@@ -96,6 +102,42 @@ def vision_rules() -> list[Rule]:
   ]
 
 
+def siglip_vision_rules(vision: VisionConfig) -> list[Rule]:
+  """A SigLIP tower's: CLIP's encoder layers, a biased patch conv, no class token, no
+  pre-LayerNorm, and the attention-pooling head when the config has one."""
+  v = "vision_tower"
+  rules = [
+    Rule(f"{v}.embeddings.patch_embedding.weight", f"{v}/patch_embedding/kernel", "conv"),
+    Rule(f"{v}.embeddings.patch_embedding.bias", f"{v}/patch_embedding/bias", "copy"),
+    Rule(f"{v}.embeddings.position_embedding.weight", f"{v}/position_embedding", "copy"),
+    Rule(f"{v}.post_layernorm.weight", f"{v}/post_layernorm/scale", "copy"),
+    Rule(f"{v}.post_layernorm.bias", f"{v}/post_layernorm/bias", "copy"),
+    *[
+      Rule(f"{v}.encoder.layers.{{i}}.{h}", f"{v}/layers/{{i}}/{o}", t) for h, o, t in _VISION_LAYER
+    ],
+  ]
+  if vision.use_head:
+    h = f"{v}.head"
+    rules += [
+      Rule(f"{h}.probe", f"{v}/head/probe", "copy"),
+      # [3D, D] with q, k, v stacked on the output axis <-> ours [D, 3, N, H].
+      Rule(f"{h}.attention.in_proj_weight", f"{v}/head/in_proj_kernel", "linear"),
+      Rule(f"{h}.attention.in_proj_bias", f"{v}/head/in_proj_bias", "bias"),
+      Rule(f"{h}.attention.out_proj.weight", f"{v}/head/out_proj/kernel", "linear_2"),
+      Rule(f"{h}.attention.out_proj.bias", f"{v}/head/out_proj/bias", "copy"),
+      Rule(f"{h}.layernorm.weight", f"{v}/head/layernorm/scale", "copy"),
+      Rule(f"{h}.layernorm.bias", f"{v}/head/layernorm/bias", "copy"),
+      *[Rule(f"{h}.mlp.{n}.weight", f"{v}/head/{n}/kernel", "linear") for n in ("fc1", "fc2")],
+      *[Rule(f"{h}.mlp.{n}.bias", f"{v}/head/{n}/bias", "copy") for n in ("fc1", "fc2")],
+    ]
+  return rules
+
+
+def tower_rules(vision: VisionConfig) -> list[Rule]:
+  """The rules of the config's vision tower, CLIP's or SigLIP's."""
+  return siglip_vision_rules(vision) if vision.tower == "siglip" else vision_rules()
+
+
 def projector_rules(config: ModelConfig) -> list[Rule]:
   names = ["linear_1", "linear_2"] if config.projector_type == "mlp2x_gelu" else ["linear_1"]
   rules = [
@@ -113,7 +155,7 @@ def projector_rules(config: ModelConfig) -> list[Rule]:
 def rules_for(config: ModelConfig) -> list[Rule]:
   rules = text_rules(config)
   if config.vision is not None:
-    rules += vision_rules() + projector_rules(config)
+    rules += tower_rules(config.vision) + projector_rules(config)
   return rules
 
 

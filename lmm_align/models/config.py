@@ -1,8 +1,9 @@
 """Model configurations: frozen dataclasses, variant lookup tables and HF config.json conversion.
 
-The architecture fields mirror `transformers`' `CLIPVisionConfig`, `LlamaConfig` and
-`LlavaConfig` so that an HF `config.json` maps one to one; the runtime fields (dtypes,
-scan, remat) are ours. Configs are hashable so that they can be Flax module attributes.
+The architecture fields mirror `transformers`' `CLIPVisionConfig`, `SiglipVisionConfig`,
+`LlamaConfig`, `Qwen2Config` and `LlavaConfig` so that an HF `config.json` maps one to one;
+the runtime fields (dtypes, scan, remat) are ours. Configs are hashable so that they can be
+Flax module attributes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import dataclasses
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+TEXT_MODEL_TYPES = ("llama", "qwen2")
+VISION_TOWERS = ("clip", "siglip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,12 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """A LLaMA decoder (Vicuna, Llama 2, Llama 3 sizes)."""
+  """A LLaMA-architecture decoder: LLaMA (Vicuna, Llama 2, Llama 3 sizes) or Qwen2.
+
+  model_type: "llama" or "qwen2", the HF family it is read from and exported as.
+  qkv_bias: biases on the q, k and v projections (Qwen2's; o_proj never has one). This is not
+    LLaMA's `attention_bias`, which also biases o_proj.
+  """
 
   vocab_size: int
   hidden_size: int
@@ -88,8 +96,12 @@ class TextConfig:
   pad_token_id: int | None = 0
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
+  model_type: str = "llama"
+  qkv_bias: bool = False
 
   def __post_init__(self):
+    if self.model_type not in TEXT_MODEL_TYPES:
+      raise ValueError(f"text model_type {self.model_type!r} is not one of {TEXT_MODEL_TYPES}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -98,7 +110,14 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """A CLIP ViT vision tower."""
+  """A ViT vision tower: CLIP's or SigLIP's.
+
+  tower: "clip" (a class token, a pre-LayerNorm, no patch bias) or "siglip" (no class token, a
+    patch conv with bias, no pre-LayerNorm). The SigLIP defaults differ: build one with
+    `siglip_vision(...)` or from its HF config, which set `gelu_pytorch_tanh` and eps 1e-6.
+  use_head: SigLIP's attention-pooling (MAP) head; LLaVA never reads it, and LLaVA-OneVision's
+    tower is saved without it.
+  """
 
   image_size: int
   patch_size: int
@@ -109,10 +128,33 @@ class VisionConfig:
   layer_norm_eps: float = 1e-5
   hidden_act: str = "quick_gelu"
   num_channels: int = 3
+  tower: str = "clip"
+  use_head: bool = False
+
+  def __post_init__(self):
+    if self.tower not in VISION_TOWERS:
+      raise ValueError(f"vision tower {self.tower!r} is not one of {VISION_TOWERS}")
+    if self.use_head and self.tower != "siglip":
+      raise ValueError("use_head (the attention-pooling head) exists only on a SigLIP tower")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+        f"vision hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}"
+      )
 
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def has_class_token(self) -> bool:
+    return self.tower == "clip"
+
+
+def siglip_vision(**fields: Any) -> VisionConfig:
+  """A SigLIP tower with SigLIP's defaults (`SiglipVisionConfig`'s): gelu_pytorch_tanh, eps 1e-6."""
+  return VisionConfig(
+    **{"tower": "siglip", "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, **fields}
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +167,9 @@ class ModelConfig:
   projector_hidden_act: str = "gelu"
   projector_bias: bool = True
   vision_feature_layer: int | tuple[int, ...] = -2
-  vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+  # "default" drops the first token of the tower's output ("full" keeps it): the CLS token of
+  # CLIP, but a real patch of SigLIP, which has none; transformers drops it all the same.
+  vision_feature_select_strategy: str = "default"
   image_token_id: int = 32000
   runtime: RuntimeConfig = RuntimeConfig()
 
@@ -148,8 +192,8 @@ class ModelConfig:
     """How many placeholder tokens one image occupies in `input_ids`."""
     if self.vision is None:
       return 0
-    extra = 1 if self.vision_feature_select_strategy == "full" else 0
-    return self.vision.num_patches + extra
+    tokens = self.vision.num_patches + (1 if self.vision.has_class_token else 0)
+    return tokens - (1 if self.vision_feature_select_strategy == "default" else 0)
 
   @property
   def vision_feature_layers(self) -> tuple[int, ...]:
@@ -177,6 +221,35 @@ _CLIP_L14_336 = VisionConfig(
 )
 
 
+# google/siglip-so400m-patch14-384's vision tower (its config.json; the MAP head included).
+# LLaVA-OneVision's tower is this one with the last layer and the head dropped:
+# dataclasses.replace(..., num_layers=26, use_head=False).
+_SIGLIP_SO400M_14_384 = siglip_vision(
+  image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=27,
+  num_heads=16, use_head=True,
+)  # fmt: skip
+
+# Tests: 16 patches of 8 pixels, the head on.
+_SIGLIP_TINY = siglip_vision(
+  image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+  use_head=True,
+)  # fmt: skip
+
+# Vision towers alone, for a tower's own import / export and stage-1 starts.
+VISION_VARIANTS: dict[str, VisionConfig] = {
+  "clip-l-14-336": _CLIP_L14_336,
+  "siglip-so400m-14-384": _SIGLIP_SO400M_14_384,
+  "siglip-tiny": _SIGLIP_TINY,
+}
+
+
+def get_vision_variant(name: str) -> VisionConfig:
+  """The named vision tower config."""
+  if name not in VISION_VARIANTS:
+    raise KeyError(f"unknown vision variant {name!r}; known: {sorted(VISION_VARIANTS)}")
+  return VISION_VARIANTS[name]
+
+
 # The shapes world's tower: 48-pixel scenes, one 16-pixel patch per grid cell.
 _SHAPES_VISION = VisionConfig(
   image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4
@@ -195,6 +268,28 @@ def _vicuna(hidden: int, mlp: int, layers: int, heads: int) -> TextConfig:
       num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, rms_norm_eps=1e-5,
       max_position_embeddings=4096, pad_token_id=0,
   )  # fmt: skip
+
+
+def _qwen2(
+  hidden: int, mlp: int, layers: int, heads: int, kv_heads: int, vocab: int, tie: bool
+) -> TextConfig:
+  """Qwen2-*-Instruct's config.json (the LLMs of LLaVA-OneVision and LLaVA-Critic): RoPE theta
+  1e6, RMSNorm eps 1e-6, 32768 positions, <|endoftext|> 151643 as BOS, <|im_end|> 151645 as EOS.
+  The base models share the architecture (their max_position_embeddings and EOS differ)."""
+  return TextConfig(
+      vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_layers=layers,
+      num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads, rms_norm_eps=1e-6,
+      rope_theta=1_000_000.0, max_position_embeddings=32768, tie_word_embeddings=tie,
+      pad_token_id=None, bos_token_id=151643, eos_token_id=151645, model_type="qwen2",
+      qkv_bias=True,
+  )  # fmt: skip
+
+
+# Tests: a Qwen2 with GQA and q/k/v biases.
+_TINY_QWEN2 = TextConfig(
+  vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+  head_dim=16, rope_theta=1_000_000.0, pad_token_id=None, model_type="qwen2", qkv_bias=True,
+)  # fmt: skip
 
 
 VARIANTS: dict[str, ModelConfig] = {
@@ -276,6 +371,21 @@ VARIANTS: dict[str, ModelConfig] = {
     text=_vicuna(5120, 13824, 40, 40), vision=_CLIP_L14_336, image_token_id=32000
   ),
   "vicuna-7b": ModelConfig(text=_vicuna(4096, 11008, 32, 32)),
+  # Qwen/Qwen2-{0.5B,7B,72B}-Instruct (the Qwen2 technical report's table 1 and the config.json
+  # files): 0.5B ties its embeddings, 7B and 72B do not; vocab rows 151936 / 152064.
+  "qwen2-0.5b": ModelConfig(text=_qwen2(896, 4864, 24, 14, 2, 151936, tie=True)),
+  "qwen2-7b": ModelConfig(text=_qwen2(3584, 18944, 28, 28, 4, 152064, tie=False)),
+  "qwen2-72b": ModelConfig(text=_qwen2(8192, 29568, 80, 64, 8, 152064, tie=False)),
+  # Tests: a text-only Qwen2 (GQA, q/k/v biases), and a LLaVA of a SigLIP tower and that Qwen2,
+  # reading the last layer with every patch, as LLaVA-OneVision does.
+  "tiny-qwen2": ModelConfig(text=_TINY_QWEN2),
+  "tiny-siglip-qwen2": ModelConfig(
+    text=_TINY_QWEN2,
+    vision=dataclasses.replace(_SIGLIP_TINY, use_head=False),
+    vision_feature_layer=-1,
+    vision_feature_select_strategy="full",
+    image_token_id=4,
+  ),  # fmt: skip
 }
 
 
@@ -293,6 +403,9 @@ def get_variant(name: str, **runtime: Any) -> ModelConfig:
 
 
 def _text_from_hf(d: dict[str, Any]) -> TextConfig:
+  model_type = d.get("model_type", "llama")
+  if model_type not in TEXT_MODEL_TYPES:
+    raise ValueError(f"text model_type {model_type!r} is not supported (llama, qwen2)")
   heads = d["num_attention_heads"]
   rope = d.get("rope_parameters") or {}
   rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
@@ -315,8 +428,16 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
       raise ValueError(
         f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)"
       )
-  if d.get("attention_bias") or d.get("mlp_bias"):
+  if model_type == "llama" and (d.get("attention_bias") or d.get("mlp_bias")):
     raise ValueError("LLaMA checkpoints with attention_bias or mlp_bias are not supported")
+  if model_type == "qwen2" and (
+    d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or ())
+  ):
+    # Every published Qwen2 checkpoint attends over the full context; a window would need a
+    # second mask here and in the KV cache.
+    raise ValueError(
+      "Qwen2 use_sliding_window=true (layer_types with 'sliding_attention') is not supported"
+    )
   return TextConfig(
     vocab_size=d["vocab_size"],
     hidden_size=d["hidden_size"],
@@ -335,27 +456,57 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
     eos_token_id=d.get("eos_token_id")
     if not isinstance(d.get("eos_token_id"), list)
     else d["eos_token_id"][0],
+    model_type=model_type,
+    qkv_bias=model_type == "qwen2",
   )
 
 
+def _square(d: dict[str, Any], field: str) -> int:
+  """SigLIP configs may give image_size / patch_size as [height, width]; ours are square."""
+  value = d[field]
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      raise ValueError(f"vision_config.{field}={value}: only square sizes are supported")
+    value = value[0]
+  return int(value)
+
+
 def vision_config_from_hf(d: dict[str, Any]) -> VisionConfig:
-  if d.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
-    raise ValueError(f"vision tower {d.get('model_type')!r} is not supported (CLIP only)")
+  """A VisionConfig from a `CLIPVisionConfig` or `SiglipVisionConfig` dict."""
+  model_type = d.get("model_type", "clip_vision_model")
+  if model_type in ("clip_vision_model", "clip"):
+    tower, act, eps = "clip", "quick_gelu", 1e-5
+  elif model_type == "siglip_vision_model":
+    tower, act, eps = "siglip", "gelu_pytorch_tanh", 1e-6
+  else:
+    raise ValueError(
+      f"vision tower model_type {model_type!r} is not supported "
+      "(clip_vision_model, siglip_vision_model)"
+    )
+  hidden_act = d.get("hidden_act", act)
+  if hidden_act not in ("quick_gelu", "gelu", "gelu_pytorch_tanh"):
+    raise ValueError(
+      f"vision_config.hidden_act {hidden_act!r} is not supported (quick_gelu, gelu, gelu_pytorch_tanh)"
+    )
   return VisionConfig(
-    image_size=d["image_size"],
-    patch_size=d["patch_size"],
+    image_size=_square(d, "image_size"),
+    patch_size=_square(d, "patch_size"),
     hidden_size=d["hidden_size"],
     intermediate_size=d["intermediate_size"],
     num_layers=d["num_hidden_layers"],
     num_heads=d["num_attention_heads"],
-    layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-    hidden_act=d.get("hidden_act", "quick_gelu"),
+    layer_norm_eps=d.get("layer_norm_eps", eps),
+    hidden_act=hidden_act,
     num_channels=d.get("num_channels", 3),
+    tower=tower,
+    # SiglipVisionConfig's default is a head; a config.json that omits the field has one.
+    use_head=tower == "siglip" and bool(d.get("vision_use_head", True)),
   )
 
 
 def from_hf_config(d: dict[str, Any], runtime: RuntimeConfig | None = None) -> ModelConfig:
-  """A ModelConfig from the dict of a `LlavaForConditionalGeneration` or `LlamaForCausalLM` config.json."""
+  """A ModelConfig from the dict of a `LlavaForConditionalGeneration` (CLIP or SigLIP tower,
+  LLaMA or Qwen2 decoder), `LlamaForCausalLM` or `Qwen2ForCausalLM` config.json."""
   runtime = runtime or RuntimeConfig()
   model_type = d.get("model_type")
   if model_type == "llava":
@@ -375,9 +526,11 @@ def from_hf_config(d: dict[str, Any], runtime: RuntimeConfig | None = None) -> M
       image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
       runtime=runtime,
     )
-  if model_type == "llama":
+  if model_type in TEXT_MODEL_TYPES:
     return ModelConfig(text=_text_from_hf(d), runtime=runtime)
-  raise ValueError(f"config.json model_type {model_type!r} is not supported (llava, llama)")
+  raise ValueError(
+    f"config.json model_type {model_type!r} is not supported (llava, {', '.join(TEXT_MODEL_TYPES)})"
+  )
 
 
 def _text_to_hf(t: TextConfig, dtype: str) -> dict[str, Any]:
@@ -391,8 +544,21 @@ def _text_to_hf(t: TextConfig, dtype: str) -> dict[str, Any]:
         high_freq_factor=t.rope_scaling.high_freq_factor,
         original_max_position_embeddings=t.rope_scaling.original_max_position_embeddings,
       )
+  if t.model_type == "qwen2":
+    if not t.qkv_bias:
+      raise ValueError("a Qwen2 TextConfig without qkv_bias has no transformers equivalent")
+    family = {
+      "use_sliding_window": False,
+      "sliding_window": None,
+      "max_window_layers": t.num_layers,
+      "layer_types": ["full_attention"] * t.num_layers,
+    }
+  else:
+    if t.qkv_bias:
+      raise ValueError("a LLaMA TextConfig with qkv_bias has no transformers equivalent")
+    family = {"attention_bias": False, "mlp_bias": False}
   return {
-    "model_type": "llama",
+    "model_type": t.model_type,
     "vocab_size": t.vocab_size,
     "hidden_size": t.hidden_size,
     "intermediate_size": t.intermediate_size,
@@ -405,8 +571,7 @@ def _text_to_hf(t: TextConfig, dtype: str) -> dict[str, Any]:
     "rope_parameters": rope,
     "max_position_embeddings": t.max_position_embeddings,
     "tie_word_embeddings": t.tie_word_embeddings,
-    "attention_bias": False,
-    "mlp_bias": False,
+    **family,
     "pad_token_id": t.pad_token_id,
     "bos_token_id": t.bos_token_id,
     "eos_token_id": t.eos_token_id,
@@ -418,30 +583,18 @@ def to_hf_config(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
   """The config.json dict that `transformers` reads back into an equivalent model."""
   text = _text_to_hf(config.text, dtype)
   if config.vision is None:
-    return {**text, "architectures": ["LlamaForCausalLM"]}
+    architectures = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    return {**text, "architectures": [architectures[config.text.model_type]]}
   if config.projector_type != "mlp2x_gelu":
     raise ValueError(
       "transformers' LlavaForConditionalGeneration has only the mlp2x_gelu projector"
     )
-  v = config.vision
   layer = config.vision_feature_layer
   return {
     "model_type": "llava",
     "architectures": ["LlavaForConditionalGeneration"],
     "text_config": text,
-    "vision_config": {
-      "model_type": "clip_vision_model",
-      "image_size": v.image_size,
-      "patch_size": v.patch_size,
-      "hidden_size": v.hidden_size,
-      "intermediate_size": v.intermediate_size,
-      "num_hidden_layers": v.num_layers,
-      "num_attention_heads": v.num_heads,
-      "layer_norm_eps": v.layer_norm_eps,
-      "hidden_act": v.hidden_act,
-      "num_channels": v.num_channels,
-      "projection_dim": v.hidden_size,
-    },
+    "vision_config": vision_config_to_hf(config.vision),
     "image_token_index": config.image_token_id,
     "image_seq_length": config.num_image_tokens,
     "projector_hidden_act": config.projector_hidden_act,
@@ -451,3 +604,24 @@ def to_hf_config(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     "tie_word_embeddings": config.text.tie_word_embeddings,
     "dtype": dtype,
   }
+
+
+def vision_config_to_hf(v: VisionConfig) -> dict[str, Any]:
+  """The `CLIPVisionConfig` or `SiglipVisionConfig` dict of a tower."""
+  d = {
+    "model_type": "clip_vision_model" if v.tower == "clip" else "siglip_vision_model",
+    "image_size": v.image_size,
+    "patch_size": v.patch_size,
+    "hidden_size": v.hidden_size,
+    "intermediate_size": v.intermediate_size,
+    "num_hidden_layers": v.num_layers,
+    "num_attention_heads": v.num_heads,
+    "layer_norm_eps": v.layer_norm_eps,
+    "hidden_act": v.hidden_act,
+    "num_channels": v.num_channels,
+  }
+  if v.tower == "clip":
+    d["projection_dim"] = v.hidden_size
+  else:
+    d["vision_use_head"] = v.use_head
+  return d

@@ -50,6 +50,18 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
+def vision_activation(name: str):
+  """A ViT MLP activation by its HF `hidden_act` name: CLIP's quick_gelu, SigLIP's tanh GELU."""
+  activations = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+  }
+  if name not in activations:
+    raise ValueError(f"hidden_act {name!r} is not one of {sorted(activations)}")
+  return activations[name]
+
+
 def layer_norm(eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
     epsilon=eps,

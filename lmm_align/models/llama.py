@@ -1,5 +1,8 @@
 """The LLaMA decoder (Vicuna / Llama 2 / Llama 3): RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
+Qwen2 is the same decoder with biases on the q, k and v projections (`TextConfig.qkv_bias`),
+its own RoPE theta and vocabulary; both families run this code.
+
 One forward serves training (no cache) and decoding (a KVCache updated in place, one chunk
 of tokens per call), so the sampler and the trainers run the same code.
 """
@@ -46,7 +49,7 @@ class DecoderLayer(nn.Module):
 
     x = RMSNorm(c.rms_norm_eps, dtype, param_dtype, name="input_layernorm")(hidden)
     proj = lambda features, names, name: dense_general(
-      features, -1, names, dtype, param_dtype, False, name, lora=self.runtime.lora
+      features, -1, names, dtype, param_dtype, c.qkv_bias, name, lora=self.runtime.lora
     )(x)
     q = proj((c.num_heads, c.head_dim), ("embed", "heads", "kv"), "q_proj")
     k = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), "k_proj")

@@ -1,8 +1,9 @@
-"""LLaVA: CLIP vision tower -> projector -> LLaMA decoder, with image features spliced into the
-token embeddings at the image placeholder tokens (the llava-hf convention: the processor has
-already expanded each `<image>` into `num_image_tokens` placeholders).
+"""LLaVA: vision tower -> projector -> decoder, with image features spliced into the token
+embeddings at the image placeholder tokens (the llava-hf convention: the processor has already
+expanded each `<image>` into `num_image_tokens` placeholders).
 
-The same module is a text-only LLaMA when `config.vision` is None.
+The tower is CLIP's (LLaVA-1.5) or SigLIP's, the decoder LLaMA or Qwen2, as the config says;
+they compose the same way. The same module is a text-only decoder when `config.vision` is None.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lmm_align.models.clip_vit import ClipVisionTower
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.layers import KVCache, dense_general, dtype_of
 from lmm_align.models.llama import LlamaDecoder
+from lmm_align.models.siglip import SiglipVisionTower
 
 Array = jax.Array
 
@@ -77,7 +79,8 @@ class Llava(nn.Module):
   def setup(self):
     c = self.config
     if c.vision is not None:
-      self.vision_tower = ClipVisionTower(c.vision, c.runtime)
+      tower = SiglipVisionTower if c.vision.tower == "siglip" else ClipVisionTower
+      self.vision_tower = tower(c.vision, c.runtime)
       self.multi_modal_projector = Projector(c)
     self.language_model = LlamaDecoder(c.text, c.runtime)
 
@@ -87,6 +90,7 @@ class Llava(nn.Module):
     hidden_states = self.vision_tower(pixel_values)
     selected = [hidden_states[layer] for layer in c.vision_feature_layers]
     if c.vision_feature_select_strategy == "default":
+      # CLIP's class token; for SigLIP (no class token) the first patch, as transformers does.
       selected = [h[:, 1:] for h in selected]
     return self.multi_modal_projector(jnp.concatenate(selected, axis=-1))
 
