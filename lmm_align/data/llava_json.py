@@ -232,7 +232,7 @@ def resolve_image_path(image_folder: str | os.PathLike | None, image: Any) -> pa
   return pathlib.Path(real)
 
 
-def _check_placeholders(
+def check_placeholders(
   conversations: list[Any], has_image: bool, add_missing_placeholder: bool
 ) -> list[Any]:
   """The conversation with placeholders matching the image (see the module docstring)."""
@@ -298,7 +298,7 @@ def validate_record(
       raise RecordProblem("conversations", "bad_conversations", "empty conversation")
     image = raw.get("image")
     path = None if image is None else resolve_image_path(image_folder, image)
-    conversations = _check_placeholders(conversations, path is not None, add_missing_placeholder)
+    conversations = check_placeholders(conversations, path is not None, add_missing_placeholder)
     if check_turns:
       _check_turns(conversations)
   except RecordProblem as problem:

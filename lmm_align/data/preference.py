@@ -32,6 +32,8 @@ class PreferencePair:
   rejected_labels: np.ndarray
   image: ImageSource = None
   sft_weight: float = 1.0  # how much the DPO loss's SFT term imitates the chosen answer
+  # Cached reference log-probs (chosen, rejected) from the data (RLAIF-V's `logps` column).
+  ref_logps: tuple[float, float] | None = None
 
 
 class PreferenceError(ValueError):
@@ -49,8 +51,10 @@ def encode_pair(
   record: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, image_token_id: int
 ) -> PreferencePair:
   """{"id", "image", "question", "chosen", "rejected"} -> a PreferencePair (loss masks on the
-  answers only), with its optional "sft_weight" (a number >= 0, default 1). Refuses an empty
-  answer, chosen == rejected or a bad sft_weight, naming the record."""
+  answers only), with its optional "sft_weight" (a number >= 0, default 1), "history" (earlier
+  turns, put before the question, as LLaVA-RLHF's multi-turn records have) and "ref_logps"
+  ([chosen, rejected] cached reference log-probs). Refuses an empty answer, chosen ==
+  rejected or a bad sft_weight, naming the record."""
   rid = record.get("id", "?")
   sft_weight = record.get("sft_weight", 1.0)
   if problem := sft_weight_problem(sft_weight):
@@ -61,12 +65,30 @@ def encode_pair(
   if record["chosen"].strip() == record["rejected"].strip():
     raise PreferenceError(f"preference record {rid!r}: chosen and rejected are identical")
   tmpl = conversation.get_template(template)
+  history = [dict(t) for t in record.get("history") or []]
   question = record["question"]
-  if record.get("image") is not None and conversation.IMAGE_PLACEHOLDER not in question:
-    question = conversation.IMAGE_PLACEHOLDER + "\n" + question
+  placed = any(conversation.IMAGE_PLACEHOLDER in t.get("value", "") for t in history)
+  placed = placed or conversation.IMAGE_PLACEHOLDER in question
+  if record.get("image") is not None and not placed:
+    if history:  # the image belongs to the dialogue's first question
+      history[0]["value"] = conversation.IMAGE_PLACEHOLDER + "\n" + history[0]["value"]
+    else:
+      question = conversation.IMAGE_PLACEHOLDER + "\n" + question
+  ref_logps = record.get("ref_logps")
+  if ref_logps is not None:
+    ref_logps = tuple(float(x) for x in ref_logps)
+    if len(ref_logps) != 2 or not all(np.isfinite(ref_logps)):
+      raise PreferenceError(
+        f"preference record {rid!r}, field 'ref_logps': expected 2 finite numbers, got "
+        f"{record['ref_logps']!r}"
+      )
   encoded = []
   for field in ("chosen", "rejected"):
-    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": record[field]}]
+    turns = [
+      *history,
+      {"from": "human", "value": question},
+      {"from": "gpt", "value": record[field]},
+    ]
     encoded.append(
       conversation.encode_conversation(
         turns, tokenizer, tmpl, num_image_tokens, image_token_id, record_id=str(rid)
@@ -80,6 +102,7 @@ def encode_pair(
     encoded[1].labels,
     record.get("image"),
     float(sft_weight),
+    ref_logps,
   )
 
 
@@ -161,7 +184,10 @@ class PreferenceData:
     self.pad_id = pad_id
     self.seed = seed
     self.lengths = np.array([max(len(p.chosen_ids), len(p.rejected_ids)) for p in kept])
-    self.ref_logps: np.ndarray | None = None  # [N, 2] once `set_reference_logps` ran
+    # [N, 2]: cached in the data when every pair has them, else once `set_reference_logps` ran.
+    self.ref_logps: np.ndarray | None = None
+    if all(p.ref_logps is not None for p in kept):
+      self.ref_logps = np.asarray([p.ref_logps for p in kept], np.float32)
     # RLHF-V dense weights, only when they differ from 1 (the batch then has token_weights).
     self.token_weights = (
       [dense_token_weights(p, token_weight) for p in kept] if token_weight != 1.0 else None

@@ -71,6 +71,10 @@ MULTIPLE_CHOICE_TYPES = (A_IN_ABCD, B_IN_ABCD, C_IN_ABCD, D_IN_ABCD)
 AOK_PREFIX = "aok_"
 RLAIFV_COLUMNS = ("question", "chosen", "rejected", "image")
 RLAIFV_EXTRA_COLUMNS = ("ds_name", "idx", "origin_dataset", "origin_split", "image_path")
+# RLAIF-V's cached reference log-probs (`muffin/data/datasets.py`, PROTOCOLS.md §6.1): a JSON
+# list [win_logp, win_avg_logp, win_per_token_logp, rej_logp, rej_avg_logp, rej_per_token_logp]
+# (or a dict with the values in that order), summed / averaged over the answer's label tokens.
+RLAIFV_LOGPS_COLUMN = "logps"
 
 
 class RecordIssue(Exception):
@@ -142,7 +146,9 @@ class ParquetImage:
     return data
 
   def __call__(self) -> Image.Image:
-    return decode_image_bytes(self.read_bytes(), f"{self.path} row group {self.row_group}")
+    return decode_image_bytes(
+      self.read_bytes(), f"{self.path}: row group {self.row_group}, row {self.row}, field 'image'"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -454,6 +460,30 @@ def _rlaifv_id(row: Mapping[str, Any], stem: str, position: int) -> str:
   return str(row["idx"]) if row.get("ds_name") is None else f"{row['ds_name']}-{row['idx']}"
 
 
+def rlaifv_logps(value: Any) -> tuple[list[float], list[float]]:
+  """([chosen, rejected] summed, [chosen, rejected] averaged) reference log-probs of a `logps`
+  cell (see RLAIFV_LOGPS_COLUMN); raises RecordIssue on anything else."""
+  try:
+    parsed = json.loads(value) if isinstance(value, str | bytes) else value
+  except json.JSONDecodeError as e:
+    raise RecordIssue("logps", "bad_logps", f"not JSON: {e}") from e
+  if isinstance(parsed, Mapping):
+    parsed = list(parsed.values())
+  if not isinstance(parsed, list | tuple) or len(parsed) != 6:
+    raise RecordIssue(
+      "logps", "bad_logps",
+      "expected [win_logp, win_avg_logp, win_per_token_logp, rej_logp, rej_avg_logp, "
+      f"rej_per_token_logp], got {str(parsed)[:80]!r}",
+    )  # fmt: skip
+  numbers = [parsed[i] for i in (0, 3, 1, 4)]
+  if any(
+    isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) for x in numbers
+  ):
+    raise RecordIssue("logps", "bad_logps", f"log-probs must be finite numbers, got {numbers}")
+  summed, averaged = [float(x) for x in numbers[:2]], [float(x) for x in numbers[2:]]
+  return summed, averaged
+
+
 def _rlaifv_record(row: Mapping[str, Any], record_id: str, image: ParquetImage) -> dict[str, Any]:
   question = _text(row["question"], "question", "bad_question")
   chosen = _text(row["chosen"], "chosen", "empty_response")
@@ -461,6 +491,8 @@ def _rlaifv_record(row: Mapping[str, Any], record_id: str, image: ParquetImage) 
   if chosen.strip() == rejected.strip():
     raise RecordIssue("rejected", "identical_responses", "chosen and rejected are identical")
   extra = {c: row[c] for c in RLAIFV_EXTRA_COLUMNS if c in row}
+  if row.get(RLAIFV_LOGPS_COLUMN) is not None:
+    extra["ref_logps"], extra["ref_avg_logps"] = rlaifv_logps(row[RLAIFV_LOGPS_COLUMN])
   return {
     "id": record_id, "image": image, "question": question, "history": [], "chosen": chosen,
     "rejected": rejected, "facts": None, **extra,
@@ -483,7 +515,8 @@ def _read_parquet_file(
   path: str, on_error: str, mode: str
 ) -> tuple[list[dict[str, Any]], collections.Counter]:
   parquet = _open_parquet(path)
-  columns = [c for c in (*RLAIFV_COLUMNS, *RLAIFV_EXTRA_COLUMNS) if c in parquet.schema_arrow.names]
+  wanted = (*RLAIFV_COLUMNS, *RLAIFV_EXTRA_COLUMNS, RLAIFV_LOGPS_COLUMN)
+  columns = [c for c in wanted if c in parquet.schema_arrow.names]
   problems = ProblemLog(path, on_error)
   stem, records, position = pathlib.Path(path).stem, [], 0
   for group in range(parquet.num_row_groups):
@@ -524,7 +557,9 @@ def read_rlaifv_parquet(
   Returns:
     (records {"id": "{ds_name}-{idx}", "image" (ParquetImage), "question", "history": [],
     "chosen", "rejected", "facts": None, and the ds_name / idx / origin_dataset /
-    origin_split / image_path columns present}, skipped counts summed over files).
+    origin_split / image_path columns present; with a `logps` column, "ref_logps" and
+    "ref_avg_logps": [chosen, rejected] reference log-probs summed / averaged over the answer
+    tokens}, skipped counts summed over files).
   """
   if isinstance(paths, str | os.PathLike):
     paths = [paths]
@@ -578,13 +613,32 @@ def read_pairs_jsonl(json_path: str, image_folder: str = "") -> list[dict[str, A
   them. Images load lazily. A record whose fields have the wrong types is a DataError naming
   the file, line and field; empty answers and chosen == rejected are left to the encoder,
   which skips or raises per data.on_error."""
-  records = []
-  for line, record in numbered_records(json_path):
-    if problem := _pair_problem(record):
-      record_id = None if record.get("id") is None else str(record["id"])
-      raise DataError(json_path, problem[1], index=line, record_id=record_id, field=problem[0])
-    records.append({**record, "image": image_source(record.get("image"), image_folder)})
-  return records
+  return read_pairs_files([json_path], image_folder)[0]
+
+
+def read_pairs_files(
+  paths: Sequence[str | os.PathLike], image_folder: str = "", on_error: str = "raise"
+) -> tuple[list[dict[str, Any]], collections.Counter]:
+  """`read_pairs_jsonl` over shards, in order; with on_error="skip" a record whose fields have
+  the wrong types is dropped and counted as `skipped_bad_field` instead of raised."""
+  records: list[dict[str, Any]] = []
+  skipped: collections.Counter = collections.Counter()
+  for path in paths:
+    source = os.fspath(path)
+    problems = ProblemLog(source, on_error)
+    total = 0
+    for line, record in numbered_records(path):
+      total += 1
+      if problem := _pair_problem(record):
+        record_id = None if record.get("id") is None else str(record["id"])
+        if on_error == "raise":
+          raise DataError(source, problem[1], index=line, record_id=record_id, field=problem[0])
+        problems.report(RecordIssue(problem[0], "bad_field", problem[1], record_id), line)
+        continue
+      records.append({**record, "image": image_source(record.get("image"), image_folder)})
+    problems.log_summary(total)
+    skipped.update(problems.skipped)
+  return records, skipped
 
 
 def scene_facts(scene: shapes.Scene) -> list[str]:

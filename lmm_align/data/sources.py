@@ -1,9 +1,7 @@
 """Where a run's tokenizer, image preprocessing and supervised examples come from, by config.
 
-data.source:
-  shapes      the built-in synthetic world (lmm_align.data.shapes), generated from a seed;
-  llava_json  LLaVA instruction JSON + an image folder (lmm_align.data.llava_json);
-  tfds        records prepared once with `tfds build` (lmm_align.data.tfds_llava).
+data.source: any "conversations" source of `lmm_align.data.registry` (shapes, llava_json,
+tfds, llava_critic_parquet).
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from lmm_align.data import conversation, shapes
+from lmm_align.data import conversation, registry, shapes
 from lmm_align.data.images import CLIP_VIT_L14_336, ImageProcessorConfig
 from lmm_align.data.pipeline import Example, SupervisedData
 from lmm_align.data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -93,46 +91,25 @@ def image_config_for(
   )
 
 
-def _encode_records(records, tokenizer, config, model: ModelConfig) -> list[Example]:
-  template = conversation.get_template(config.data.template)
-  out = []
-  for record in records:
-    encoded = conversation.encode_conversation(
-        record["conversations"], tokenizer, template, model.num_image_tokens, model.image_token_id,
-        record_id=record["id"],
-    )  # fmt: skip
-    out.append(Example(record["id"], encoded.input_ids, encoded.labels, record.get("image")))
-  return out
+def conversation_encoding(
+  config: ml_collections.ConfigDict, tokenizer: Any, model: ModelConfig
+) -> registry.ConversationEncoding:
+  """How this run turns conversations into ids (config.data.template, the model's P and id)."""
+  return registry.ConversationEncoding(
+    tokenizer,
+    conversation.get_template(config.data.template),
+    model.num_image_tokens,
+    model.image_token_id,
+  )
 
 
 def sft_examples(
   config: ml_collections.ConfigDict, tokenizer: Any, model: ModelConfig
 ) -> tuple[list[Example], Counter]:
-  source = config.data.source
-  if source == "shapes":
-    records = shapes.make_sft_records(
-      config.data.shapes.num_train, shapes_world_config(config), seed=config.data.shapes.seed
-    )
-    return _encode_records(records, tokenizer, config, model), Counter()
-  if source == "llava_json":
-    from lmm_align.data.llava_json import read_llava_json
-
-    return read_llava_json(
-        config.data.json_path, config.data.image_folder, tokenizer,
-        template=conversation.get_template(config.data.template),
-        num_image_tokens=model.num_image_tokens, image_token_id=model.image_token_id,
-        on_error=config.data.on_error,
-    )  # fmt: skip
-  if source == "tfds":
-    from lmm_align.data.tfds_llava import examples_from_tfds
-
-    return examples_from_tfds(
-        config.data.tfds_data_dir, config.data.tfds_split, tokenizer,
-        template=conversation.get_template(config.data.template),
-        num_image_tokens=model.num_image_tokens, image_token_id=model.image_token_id,
-        on_error=config.data.on_error,
-    )  # fmt: skip
-  raise ValueError(f"data.source {source!r}: use shapes, llava_json or tfds")
+  """The encoded examples of config.data.source, any registered conversations source."""
+  return registry.read(
+    "conversations", config.data, encoding=conversation_encoding(config, tokenizer, model)
+  )
 
 
 def sft_data(
