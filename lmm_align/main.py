@@ -182,6 +182,10 @@ def run() -> None:
 
     evaluate.main(sys.argv[2:])
     return
+  if sys.argv[1:2] == ["plan"]:  # lmm_align.aot parses its own flags (--topology, --mesh, ...)
+    from lmm_align import aot
+
+    sys.exit(aot.main(sys.argv[2:]))
   app.run(main)
 
 
