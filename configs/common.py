@@ -73,10 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
       length_policy="truncate",  # or "drop"
       on_error="raise",  # or "skip": bad records are skipped and counted
       aspect_mode="pad",
-      json_path="",
+      # The source's files: a path, a glob ("/data/RLAIF-V-Dataset_*.parquet") or several,
+      # comma-separated; see lmm_align.data.registry for the sources of each record kind.
+      path="",
+      json_path="",  # the older name of `path`, read when `path` is empty
       image_folder="",
       captions_path="",  # LLaVA-RLHF image_to_caption JSON (facts for the reward model)
-      parquet_paths=(),  # RLAIF-V parquet shards
+      check_images="",  # "none" | "verify" | "decode"; empty: each reader's default
       tfds_data_dir="",
       tfds_split="train",
       shapes=shapes_data_config(),
@@ -105,5 +108,8 @@ def shapes_data_config() -> ml_collections.ConfigDict:
       # object); the rest carry an injected hallucination (shapes.caption_pair).
       omission_fraction=0.3,
       binding_fraction=0.0,
+      # shapes_pairs: "reward" (captions and yes/no questions, with facts: the reward model's
+      # ground truth) or "captions" (caption pairs only: DPO's).
+      pair_set="reward",
     )
   )

@@ -2,7 +2,7 @@
 
   python -m lmm_align.main --config=configs/llava_rlhf_ppo.py --workdir=gs://B/ppo7b \
     --config.init_from=/ckpt/llava-rlhf-7b-sft-hf --config.ppo.reward_model=/ckpt/rm13b-fact-hf \
-    --config.data.json_path=/data/llava_ppo50k-aokvqa12k-vqa10k.json \
+    --config.data.path=/data/llava_ppo50k-aokvqa12k-vqa10k.json \
     --config.data.image_folder=/data/coco/train2017 --config.data.captions_path=/data/image_to_caption.json
   python -m lmm_align.main --config=configs/llava_rlhf_ppo.py:runlocal ...   # shapes-sized check
 

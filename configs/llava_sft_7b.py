@@ -2,7 +2,7 @@
 
   python -m lmm_align.main --config=configs/llava_sft_7b.py --workdir=gs://BUCKET/llava_sft_7b \
       --config.init_from=/mnt/disks/models/llava-1.5-7b-hf \
-      --config.data.json_path=/mnt/disks/data/llava_v1_5_mix665k.json \
+      --config.data.path=/mnt/disks/data/llava_v1_5_mix665k.json \
       --config.data.image_folder=/mnt/disks/data
   python -m lmm_align.main --config=configs/llava_sft_7b.py:model=13b --workdir=...  # 13B
   python -m lmm_align.main --config=configs/llava_sft_7b.py:runlocal --workdir=/tmp/x  # CPU
@@ -71,7 +71,7 @@ def get_config(arg: str | None = None):
   config.trainable = ("multi_modal_projector/.*", "language_model/.*")
 
   config.data.source = "llava_json"
-  config.data.json_path = "/mnt/disks/data/llava_v1_5_mix665k.json"
+  config.data.path = "/mnt/disks/data/llava_v1_5_mix665k.json"
   config.data.image_folder = "/mnt/disks/data"
   config.data.template = "vicuna_v1"
   config.data.max_length = 2048
@@ -107,7 +107,7 @@ def get_config(arg: str | None = None):
     config.model.dtype = "float32"
     config.model.param_dtype = "float32"
     config.data.source = "shapes"
-    config.data.json_path = ""
+    config.data.path = ""
     config.data.image_folder = ""
     config.data.max_length = 128
     config.data.buckets = (96, 128)

@@ -19,6 +19,7 @@ def get_config(arg: str | None = None):
   config = common.base_config()
   config.trainer = "dpo"
   config.data.source = "shapes_pairs"
+  config.data.shapes.pair_set = "captions"  # caption pairs only (no yes/no questions)
   config.data.aspect_mode = "crop"
   config.data.max_length = 128
   config.data.buckets = (96, 128)

@@ -22,7 +22,7 @@ A source is a reader registered under its name: `@register(kind, name)` on a fun
 `reader(data_config, **options) -> (records, skipped)`. `data_config` is a run's `config.data`
 (source, path, image_folder, captions_path, on_error, ...); options are what the trainer of
 that kind knows and a source may need (the conversation encoding; the shapes prompt mix).
-File readers take `data.path`: a file, a glob, or a list of either (`data_paths`); images
+File readers take `data.path`: a file, a glob, or several (`data_paths`); images
 load lazily (a file's, or a parquet row's, when a batch needs it).
 """
 
@@ -97,9 +97,10 @@ def read(
 
 
 def data_paths(data_config: ml_collections.ConfigDict) -> list[str]:
-  """The files `data.path` names: a path, a glob, or a list of either, in the given order
-  (each glob's matches sorted). Raises naming the field on an empty setting, a glob with no
-  match or a missing file."""
+  """The files `data.path` names: a path, a glob, or several of either (comma-separated, as a
+  command-line override gives them, or a list), in the given order (each glob's matches
+  sorted). Raises naming the field on an empty setting, a glob with no match or a missing
+  file."""
   field, value = "path", data_config.get("path", "")
   if not value:
     for legacy in LEGACY_PATH_FIELDS:
@@ -111,7 +112,10 @@ def data_paths(data_config: ml_collections.ConfigDict) -> list[str]:
       f"data.path is empty: set it to a file, a glob or a list of shards (data.source="
       f"{data_config.get('source', '')!r})"
     )
-  items = [value] if isinstance(value, str | os.PathLike) else list(value)
+  if isinstance(value, str):
+    items = [v.strip() for v in value.split(",") if v.strip()]
+  else:
+    items = [value] if isinstance(value, os.PathLike) else list(value)
   out = []
   for item in items:
     item = os.fspath(item)

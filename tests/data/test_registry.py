@@ -88,12 +88,14 @@ def test_data_paths_a_file_a_glob_or_a_list(tmp_path):
   assert registry.data_paths(data_config(path=one)) == [one]
   shards = [str(tmp_path / "b_000.jsonl"), str(tmp_path / "b_001.jsonl")]
   assert registry.data_paths(data_config(path=str(tmp_path / "b_*.jsonl"))) == shards
-  assert registry.data_paths(data_config(path=(one, str(tmp_path / "b_*")))) == [one, *shards]
+  assert registry.data_paths(data_config(path=f"{one},{tmp_path / 'b_*'}")) == [one, *shards]
+  as_list = ml_collections.ConfigDict({"path": [one, str(tmp_path / "b_*")]})  # a Python config
+  assert registry.data_paths(as_list) == [one, *shards]
   assert registry.data_paths(data_config(json_path=one)) == [one]  # the older field name
   with pytest.raises(FileNotFoundError, match=r"data.path: no file matches '.*c_\*.jsonl'"):
     registry.data_paths(data_config(path=str(tmp_path / "c_*.jsonl")))
   with pytest.raises(FileNotFoundError, match=r"data.path: file '.*missing.jsonl' not found"):
-    registry.data_paths(data_config(path=[one, str(tmp_path / "missing.jsonl")]))
+    registry.data_paths(data_config(path=f"{one},{tmp_path / 'missing.jsonl'}"))
   with pytest.raises(ValueError, match="data.path is empty"):
     registry.data_paths(data_config(source="rlaifv_parquet"))
 
