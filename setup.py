@@ -22,6 +22,9 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["lmm_align", "lmm_align.*"]),
     install_requires=_requirements("requirements.txt"),
-    extras_require={"test": _requirements("requirements-test.txt")},
+    extras_require={
+        "test": _requirements("requirements-test.txt"),
+        "tpu": _requirements("requirements-tpu.txt"),
+    },
     entry_points={"console_scripts": ["lmm-align=lmm_align.main:run"]},
 )
