@@ -192,7 +192,7 @@ def _llava_json(data, *, encoding: ConversationEncoding):
     lambda path: read_llava_json(
       path, _optional(data, "image_folder"), encoding.tokenizer, template=encoding.template,
       num_image_tokens=encoding.num_image_tokens, image_token_id=encoding.image_token_id,
-      on_error=data.on_error, check_images=_check_images(data, True),
+      on_error=data.get("on_error", "raise"), check_images=_check_images(data, True),
     ),
     data_paths(data),
   )  # fmt: skip
@@ -205,7 +205,7 @@ def _tfds_conversations(data, *, encoding: ConversationEncoding):
   return examples_from_tfds(
     data.tfds_data_dir, data.tfds_split, encoding.tokenizer, template=encoding.template,
     num_image_tokens=encoding.num_image_tokens, image_token_id=encoding.image_token_id,
-    on_error=data.on_error,
+    on_error=data.get("on_error", "raise"),
   )  # fmt: skip
 
 
@@ -216,7 +216,7 @@ def _llava_critic(data, *, encoding: ConversationEncoding):
   return read_llava_critic_parquet(
     data_paths(data), encoding.tokenizer, template=encoding.template,
     num_image_tokens=encoding.num_image_tokens, image_token_id=encoding.image_token_id,
-    on_error=data.on_error, check_images=_check_images(data, False),
+    on_error=data.get("on_error", "raise"), check_images=_check_images(data, False),
   )  # fmt: skip
 
 
@@ -255,7 +255,7 @@ def _llava_rlhf(data, **_options):
   return _read_each(
     lambda path: preference_sources.read_llava_rlhf_preferences(
       path, image_folder=_optional(data, "image_folder"),
-      captions_path=_optional(data, "captions_path"), on_error=data.on_error,
+      captions_path=_optional(data, "captions_path"), on_error=data.get("on_error", "raise"),
       check_images=_check_images(data, False),
     ),
     data_paths(data),
@@ -267,7 +267,9 @@ def _rlaifv_parquet(data, **_options):
   from lmm_align.data import preference_sources
 
   return preference_sources.read_rlaifv_parquet(
-    data_paths(data), on_error=data.on_error, check_images=_check_images(data, False)
+    data_paths(data),
+    on_error=data.get("on_error", "raise"),
+    check_images=_check_images(data, False),
   )
 
 
@@ -276,7 +278,7 @@ def _pairs_jsonl(data, **_options):
   from lmm_align.data import preference_sources
 
   return preference_sources.read_pairs_files(
-    data_paths(data), data.get("image_folder") or "", on_error=data.on_error
+    data_paths(data), data.get("image_folder") or "", on_error=data.get("on_error", "raise")
   )
 
 
@@ -317,7 +319,7 @@ def _llava_rlhf_prompts(data, **_options):
   return _read_each(
     lambda path: preference_sources.read_ppo_prompts(
       path, image_folder=_optional(data, "image_folder"),
-      captions_path=_optional(data, "captions_path"), on_error=data.on_error,
+      captions_path=_optional(data, "captions_path"), on_error=data.get("on_error", "raise"),
       check_images=_check_images(data, False),
     ),
     data_paths(data),
@@ -329,7 +331,7 @@ def _rlaifv_jsonl(data, **_options):
   from lmm_align.data import prompt_sources
 
   return prompt_sources.read_rlaifv_prompts(
-    data_paths(data), image_folder=_optional(data, "image_folder"), on_error=data.on_error,
+    data_paths(data), image_folder=_optional(data, "image_folder"), on_error=data.get("on_error", "raise"),
     check_images=_check_images(data, False),
   )  # fmt: skip
 
@@ -339,6 +341,6 @@ def _prompts_jsonl(data, **_options):
   from lmm_align.data import prompt_sources
 
   return prompt_sources.read_prompts_jsonl(
-    data_paths(data), image_folder=_optional(data, "image_folder"), on_error=data.on_error,
+    data_paths(data), image_folder=_optional(data, "image_folder"), on_error=data.get("on_error", "raise"),
     check_images=_check_images(data, False),
   )  # fmt: skip

@@ -430,3 +430,14 @@ def test_pairs_jsonl_refuses_wrong_types_naming_file_line_and_field(tmp_path, ch
   path.write_text(json.dumps(good) + "\n")
   (record,) = ps.read_pairs_jsonl(str(path), str(tmp_path))
   assert record["image"] == ps.ImageFile(tmp_path / "a.png")
+
+
+def test_rlaifv_logps_cell_list_or_dict_in_published_order():
+  per_token_c, per_token_r = [-1.0, -2.0], [-3.0, -4.0]
+  values = [-3.0, -1.5, per_token_c, -7.0, -3.5, per_token_r]
+  assert ps.rlaifv_logps(json.dumps(values)) == ([-3.0, -7.0], [-1.5, -3.5])
+  keys = ("ref_win_logp", "ref_win_avg_logp", "ref_win_per_token_logp", "ref_rej_logp",
+          "ref_rej_avg_logp", "ref_rej_per_token_logp")  # fmt: skip
+  assert ps.rlaifv_logps(json.dumps(dict(zip(keys, values)))) == ([-3.0, -7.0], [-1.5, -3.5])
+  with pytest.raises(ps.RecordIssue, match="finite numbers"):
+    ps.rlaifv_logps(json.dumps([float("nan"), 0, [], 0, 0, []]).replace("NaN", '"x"'))
