@@ -91,7 +91,8 @@ class AnyresPackingConfig:
 
   image_grid_pinpoints: candidate (height, width) resolutions, multiples of tile_size.
   tile_size: the vision tower's input side (`vision_config.image_size`).
-  patch_size: the vision tower's patch side; s = tile_size // patch_size features per side.
+  patch_size: the vision tower's patch side; s = tile_size // patch_size features per side
+    (floored, as the tower's strided conv does).
   max_num_tiles: OneVision's N in `anyres_max_N` (downsampling); None for LLaVA-NeXT.
   """
 
@@ -103,10 +104,11 @@ class AnyresPackingConfig:
   def __post_init__(self):
     object.__setattr__(self, "tile_size", int(self.tile_size))
     object.__setattr__(self, "patch_size", int(self.patch_size))
-    if self.patch_size <= 0 or self.tile_size <= 0 or self.tile_size % self.patch_size:
+    # Not necessarily a multiple: SigLIP-so400m/14 at 384 sees 27 x 27 patches (the conv
+    # drops the last 6 pixels), and transformers takes image_size // patch_size too.
+    if self.patch_size <= 0 or self.tile_size < self.patch_size:
       raise ValueError(
-        f"vision image_size {self.tile_size} is not a positive multiple of patch_size "
-        f"{self.patch_size}"
+        f"vision image_size {self.tile_size} must be at least patch_size {self.patch_size} > 0"
       )
     pins = parse_pinpoints(self.image_grid_pinpoints, self.tile_size)
     object.__setattr__(self, "image_grid_pinpoints", pins)

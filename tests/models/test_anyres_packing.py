@@ -218,8 +218,9 @@ def test_bad_input_names_the_field():
     anyres.AnyresPackingConfig([[32, 48]], TILE, PATCH)
   with pytest.raises(ValueError, match="image_grid_pinpoints is empty"):
     anyres.AnyresPackingConfig([], TILE, PATCH)
-  with pytest.raises(ValueError, match="patch_size 7"):
-    anyres.AnyresPackingConfig(NEXT_PINPOINTS, TILE, 7)
+  with pytest.raises(ValueError, match="at least patch_size 33"):
+    anyres.AnyresPackingConfig(NEXT_PINPOINTS, TILE, 33)
+  assert anyres.AnyresPackingConfig(NEXT_PINPOINTS, TILE, 7).features_per_tile == 16  # floored
   with pytest.raises(ValueError, match="vision_aspect_ratio 'anyres'"):
     anyres.AnyresPackingConfig.from_hf_config(
       {"model_type": "llava_onevision", "vision_aspect_ratio": "anyres"}
