@@ -62,7 +62,7 @@ def world_and_template(workdir: str) -> tuple[Any, int, str]:
   from lmm_align.data import sources
 
   if workdir:
-    from lmm_align.trainers.export import load_workdir_config
+    from lmm_align.run_config import load_workdir_config
 
     config = load_workdir_config(workdir)
   else:
@@ -94,8 +94,8 @@ def oracle_scores(candidates, scenes) -> Any:
 def _load(args: argparse.Namespace, template: str):
   from lmm_align import hf
   from lmm_align.data.tokenizer import load_tokenizer
-  from lmm_align.evaluate import image_config_from_folder, load_model_folder
   from lmm_align.hf.reward import load_reward_model
+  from lmm_align.inference import image_config_from_folder, load_model_folder
   from lmm_align.models.config import RuntimeConfig
 
   policy = load_model_folder(args.policy, template=template, dtype=args.dtype)

@@ -91,8 +91,9 @@ def _rm_scores(rm, rows, pixels, pad_id: int, batch_size: int) -> np.ndarray:
   import jax
 
   from lmm_align.models.heads import ScalarHead
+  from lmm_align.rl.scoring import reward_scores
   from lmm_align.sampling import bucket_length
-  from lmm_align.trainers.ppo import forward_chunks, reward_scores, right_pad
+  from lmm_align.trainers.ppo import forward_chunks, right_pad
 
   head = ScalarHead()
   score = jax.jit(lambda b: reward_scores(rm.model, head, rm.backbone, rm.head, b))
@@ -167,9 +168,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from transformers import PreTrainedTokenizerFast
 
   from lmm_align.data import jsonl
-  from lmm_align.evaluate import image_config_from_folder
   from lmm_align.feedback.candidates import read_candidates
   from lmm_align.hf.reward import load_reward_model
+  from lmm_align.inference import image_config_from_folder
 
   round_dir = pathlib.Path(args.round_dir)
   prompts = {}

@@ -182,11 +182,11 @@ def ensure_tower(sft_config, out: pathlib.Path, quick: bool = False) -> dict:
 
 def _vision_model_config(config) -> ModelConfig:
   """The SFT model's config without its tokenizer: only the vision side is used here."""
-  from lmm_align.trainers import modelling
+  from lmm_align import run_config
 
   config = config.copy_and_resolve_references()
   config.model.vocab_from_tokenizer = False
-  return modelling.model_config_for(config, None)
+  return run_config.model_config_for(config, None)
 
 
 def main(argv=None) -> dict:

@@ -54,9 +54,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from lmm_align.data import jsonl
-from lmm_align.data.images import ImageProcessorConfig, load_image, to_rgb
+from lmm_align.data.images import load_image, to_rgb
 from lmm_align.evals import chair, llava_bench, mmhal, pope
 from lmm_align.evals.report import Report
+from lmm_align.inference import (
+  DEFAULT_CONV_TEMPLATE,
+  LoadedModel,
+  load_model_folder,
+)
 from lmm_align.judges.base import Judge, JudgeReply, JudgeRequest
 
 BENCHMARKS = ("pope", "mmhal", "chair", "llava_bench", "shapes")
@@ -65,7 +70,6 @@ LLAVA_SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase
 # LLaVA's model_vqa default (128) for POPE; long answers for the free-form benchmarks.
 DEFAULT_MAX_NEW_TOKENS = {"pope": 128, "mmhal": 512, "chair": 512, "llava_bench": 1024}
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_CONV_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's evaluation conversation
 POPE_MAIN_METRICS = ("f1", "accuracy", "precision", "recall", "yes_ratio")
 SHAPES_MAIN_METRICS = ("hallucination_rate", "chair_i", "object_recall", "attribute_error_rate",
                        "pope_f1")  # fmt: skip
@@ -73,70 +77,6 @@ NUM_EXAMPLES = 8
 JUDGE_CHUNK = 32  # requests per judge call: the progress bar's step
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _IMAGE_FILE_NAME = re.compile(r"[^\n]{1,255}\.(?:jpe?g|png|bmp|gif|webp)", re.IGNORECASE)
-
-# --------------------------------------------------------------------------------------------
-# The model: a local HF folder with its tokenizer and image processor.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-  model: Any  # lmm_align.models.llava.Llava
-  params: Any  # on the default local device
-  tokenizer: Any
-  image_config: ImageProcessorConfig | None  # None for a text-only model (a judge)
-  template: str  # conversation template name
-  model_id: str
-
-
-def image_config_from_folder(folder: str, aspect_mode: str | None = None) -> ImageProcessorConfig:
-  """The preprocessing saved with a model folder (preprocessor_config.json, or a
-  processor_config.json nesting it); `aspect_mode` ('crop' or 'pad') replaces the saved one."""
-  for name in ("preprocessor_config.json", "processor_config.json"):
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-      continue
-    try:
-      with open(path) as f:
-        config = ImageProcessorConfig.from_hf_dict(json.load(f))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"{path}: {e}") from None
-    return config if aspect_mode is None else dataclasses.replace(config, aspect_mode=aspect_mode)
-  raise FileNotFoundError(
-    f"{folder} has no preprocessor_config.json: the image preprocessing is not known "
-    "(export the model with `lmm-align export`, which writes it)"
-  )
-
-
-def load_model_folder(
-  path: str,
-  *,
-  template: str = DEFAULT_CONV_TEMPLATE,
-  dtype: str = "float32",
-  aspect_mode: str | None = None,
-  model_id: str | None = None,
-) -> LoadedModel:
-  """A local LlavaForConditionalGeneration (or Llama) folder: weights, tokenizer, processor."""
-  from lmm_align import hf
-  from lmm_align.data import conversation
-  from lmm_align.data.tokenizer import load_tokenizer
-
-  conversation.get_template(template)  # an unknown name fails before the weights load
-  tokenizer = load_tokenizer(path)
-  model, params = hf.load_pretrained(path, dtype=dtype)
-  image_config = None
-  if model.config.has_vision:
-    image_config = image_config_from_folder(path, aspect_mode)
-    side = model.config.vision.image_size
-    if image_config.crop_size != (side, side):
-      raise ValueError(
-        f"{path}: the processor crops {image_config.crop_size}, the vision tower takes {side}"
-      )
-  name = model_id or os.path.basename(os.path.normpath(path))
-  return LoadedModel(model, params, tokenizer, image_config, template, name)
-
 
 # --------------------------------------------------------------------------------------------
 # Questions and answers files: incremental writes, resume.
@@ -589,7 +529,7 @@ def run_shapes(args: argparse.Namespace) -> Outcome:
   from lmm_align.evals.shapes_eval import evaluate_shapes
 
   if args.workdir:
-    from lmm_align.trainers.export import load_workdir_config
+    from lmm_align.run_config import load_workdir_config
 
     config = load_workdir_config(args.workdir)
   else:

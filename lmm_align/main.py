@@ -45,32 +45,11 @@ flags.DEFINE_string("tpu_accelerator", "v4-32", "sweep --print_launch: accelerat
 COMMANDS = ("train", "sweep", "export")
 
 
-def trainer_for(name: str):
-  if name == "sft":
-    from lmm_align.trainers import sft
-
-    return sft.train
-  if name == "dpo":
-    from lmm_align.trainers import dpo
-
-    return dpo.train
-  if name == "reward":
-    from lmm_align.trainers import reward
-
-    return reward.train
-  if name == "ppo":
-    from lmm_align.trainers import ppo
-
-    return ppo.train
-  if name == "iterative":
-    from lmm_align.trainers import iterative
-
-    return iterative.run
-  raise ValueError(f"config.trainer {name!r} is not known (sft, dpo, reward, ppo, iterative)")
-
-
 def train(config, workdir: str) -> dict:
-  return trainer_for(config.trainer)(config, workdir)
+  """Runs the trainer registered as config.trainer."""
+  from lmm_align.trainers import registry
+
+  return registry.get(config.trainer).train(config, workdir)
 
 
 def apply_overrides(config, overrides: dict):
@@ -133,19 +112,6 @@ def _quote(arg: str) -> str:
   return shlex.quote(arg)
 
 
-def export(workdir: str, out: str, peft: bool) -> None:
-  from lmm_align.trainers import export as export_lib
-
-  if export_lib.load_workdir_config(workdir).trainer == "reward":
-    if peft:
-      raise app.UsageError("--peft: a reward model is exported merged, with its head")
-    from lmm_align.trainers import reward
-
-    reward.export_reward_workdir(workdir, out)
-    return
-  export_lib.export_workdir(workdir, out, peft=peft)
-
-
 def main(argv) -> None:
   command = argv[1] if len(argv) > 1 else "train"
   if command not in COMMANDS or len(argv) > 2:
@@ -156,7 +122,12 @@ def main(argv) -> None:
   if command == "export":
     if not FLAGS.workdir or not FLAGS.out:
       raise app.UsageError("export needs --workdir and --out")
-    export(FLAGS.workdir, FLAGS.out, FLAGS.peft)
+    from lmm_align.trainers import export
+
+    try:
+      export.export_workdir(FLAGS.workdir, FLAGS.out, peft=FLAGS.peft)
+    except ValueError as e:  # a refused export is a usage error, not a traceback
+      raise app.UsageError(str(e)) from None
     return
   if FLAGS.config is None or not FLAGS.workdir:
     raise app.UsageError("--config and --workdir are required")

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lmm_align import evaluate, hf, sampling
+from lmm_align import evaluate, hf, inference, sampling
 from lmm_align.data import conversation
 from lmm_align.data.images import ImageProcessorConfig
 from lmm_align.data.tokenizer import train_bpe_tokenizer
@@ -428,11 +428,11 @@ def test_flags_need_a_model_or_answers():
 
 
 def test_image_config_from_folder(model_dir, tmp_path):
-  config = evaluate.image_config_from_folder(model_dir)
+  config = inference.image_config_from_folder(model_dir)
   assert config == ImageProcessorConfig(size=32, crop_size=32, aspect_mode="crop")
-  assert evaluate.image_config_from_folder(model_dir, "pad").aspect_mode == "pad"
+  assert inference.image_config_from_folder(model_dir, "pad").aspect_mode == "pad"
   with pytest.raises(FileNotFoundError, match="no preprocessor_config.json"):
-    evaluate.image_config_from_folder(str(tmp_path))
+    inference.image_config_from_folder(str(tmp_path))
 
 
 def test_scoring_the_published_pope_files_by_split(shared_reference_data, tmp_path):

@@ -35,7 +35,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
-from lmm_align import evaluate, hf  # noqa: E402
+from lmm_align import evaluate, hf, inference  # noqa: E402
 from lmm_align.data import conversation, shapes  # noqa: E402
 from lmm_align.data.images import ImageProcessorConfig  # noqa: E402
 from lmm_align.data.shapes_benchmarks import POPE_STRATEGIES, make_pope_probes  # noqa: E402
@@ -48,7 +48,7 @@ SCENE_SEED = 12345  # the shapes configs' held-out eval seed
 
 def export_random_model(folder: pathlib.Path, texts: list[str]) -> str:
   """A random "shapes"-sized LLaVA with a tokenizer trained on `texts`, as an HF folder."""
-  template = conversation.get_template(evaluate.DEFAULT_CONV_TEMPLATE)
+  template = conversation.get_template(inference.DEFAULT_CONV_TEMPLATE)
   tokenizer = train_bpe_tokenizer([template.system, *texts], vocab_size=600)
   base = get_variant("shapes")
   text = dataclasses.replace(
@@ -109,7 +109,7 @@ def main() -> None:
     f"--batch_size={flags.batch_size}", f"--max_new_tokens={flags.max_new_tokens}",
   ])  # fmt: skip
   start = time.perf_counter()
-  loaded = evaluate.load_model_folder(args.model, template=evaluate.DEFAULT_CONV_TEMPLATE)
+  loaded = inference.load_model_folder(args.model, template=inference.DEFAULT_CONV_TEMPLATE)
   answerer = evaluate.model_answerer(
     loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
   )

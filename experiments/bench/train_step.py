@@ -46,10 +46,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmm_align import config_files, sharding  # noqa: E402
+from lmm_align import config_files, run_config, sharding  # noqa: E402
 from lmm_align.models.config import ModelConfig, get_variant  # noqa: E402
 from lmm_align.models.llava import Llava  # noqa: E402
-from lmm_align.trainers import modelling, sft  # noqa: E402
+from lmm_align.trainers import sft  # noqa: E402
 from lmm_align.trainers import state as state_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   if args.remat:
     config.model.remat_policy = args.remat
   model_config = get_variant(args.variant or config.model.variant).replace(
-    runtime=modelling.runtime_for(config)
+    runtime=run_config.runtime_for(config)
   )
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   r = model_config.runtime

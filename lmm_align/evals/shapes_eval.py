@@ -124,11 +124,11 @@ def evaluate_workdir_model(
   config: ml_collections.ConfigDict, workdir: str, params: Any
 ) -> dict[str, Any]:
   """The shapes evaluation of a trainer's final params, with the run's tokenizer and model."""
+  from lmm_align import run_config
   from lmm_align.data import sources
-  from lmm_align.trainers import modelling
 
   tokenizer = sources.tokenizer_for(config, workdir)
-  model = Llava(modelling.model_config_for(config, tokenizer).with_runtime(lora=None))
+  model = Llava(run_config.model_config_for(config, tokenizer).with_runtime(lora=None))
   if jax.process_count() > 1:
     # Params sharded across hosts cannot be read by one host: gather full copies (every host
     # then runs the small evaluation on its own device; process 0 writes the summary).

@@ -17,7 +17,7 @@ position only, never on the other prompts, and N = 1 is exactly plain sampling w
 Scorers (any `Scorer` works, e.g. a stub in tests):
   * `RewardModelScorer`: an exported reward model (`hf.reward.RewardModel`) on
     `query + response + evaluation request`, read at the last real token, as PPO scores its
-    rollouts (`trainers.ppo.reward_scores`). A fact-augmented model lists the prompt's facts in
+    rollouts (`rl.scoring.reward_scores`). A fact-augmented model lists the prompt's facts in
     the request: the N candidates of a prompt share one shuffle of the facts, so their
     scores differ by the answers alone.
   * `ImplicitRewardScorer`: RLAIF-V's inference-time ranking, the DPO implicit reward
@@ -53,7 +53,7 @@ from lmm_align.losses import IGNORE_INDEX
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.heads import ScalarHead
 from lmm_align.models.llava import Llava
-from lmm_align.trainers.ppo import query_ids, reward_scores
+from lmm_align.rl.scoring import query_ids, reward_scores
 
 DEFAULT_SCORE_BATCH = 8
 

@@ -17,12 +17,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from lmm_align import checkpoint, optim, preference_losses, sharding
+from lmm_align import optim, preference_losses, sharding
 from lmm_align.data import preference, preference_sources, sources
 from lmm_align.models.llava import Llava
-from lmm_align.trainers import loop, modelling
+from lmm_align.models.lora import merge_lora, model_variables
+from lmm_align.trainers import export, loop, registry, run_setup
 from lmm_align.trainers import state as state_lib
-from lmm_align.trainers.sft import model_variables
 
 # --------------------------------------------------------------------------------------------
 # The step.
@@ -169,80 +169,67 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
   if config.optim.grad_accum_steps != 1:
     raise ValueError("the DPO trainer does not accumulate gradients; use a smaller batch_size")
-  loop.write_config(config, workdir)
-  mesh = sharding.mesh_from_config(config.mesh)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  tokenizer = sources.tokenizer_for(config, workdir)
-  model_config = modelling.model_config_for(config, tokenizer)
-  model = Llava(model_config)
-  reference_model = Llava(model_config.with_runtime(lora=None))
-  data = preference_data(config, tokenizer, model_config)
-  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, keep=config.keep_checkpoints)
-  source, where = checkpoint.restore_precedence(
-    workdir, config.resume, config.init_from, checkpointer
-  )
+  run = run_setup.start_run(config, workdir)
+  model = Llava(run.model_config)
+  reference_model = Llava(run.model_config.with_runtime(lora=None))
+  data = preference_data(config, run.tokenizer, run.model_config)
 
-  with sharding.activation_sharding(mesh, rules):
-    param_shards = state_lib.param_shardings(model, mesh, rules)
-    initial = modelling.initial_params(model, config, "init_from", config.init_from, param_shards)
-    params, param_shards, base, base_shards = modelling.with_lora_split(
-      model, initial, param_shards, mesh, rules, jax.random.key(config.seed)
-    )
-    reference, reference_shards = None, None
+  with run.activation_sharding():
+    # The policy always starts from init_from: a restore then replaces what it trains.
+    params = run_setup.split_params(run, model, source="init_from")
+    trained, reference, reference_shards = params.trained, None, None
     if config.dpo.precompute_reference:
       # Always from the starting policy, also on a restart: the reference never moves.
       data.set_reference_logps(
         precompute_reference_logps(
           reference_model,
-          {"params": initial},
+          {"params": params.initial},
           data,
           config.batch_size,
           config.dpo.average_logps,
-          mesh,
+          run.mesh,
         )
       )
-    elif base is None:
-      reference, reference_shards = initial, param_shards  # a frozen copy; the state's params move
-      params = jax.tree.map(jnp.copy, initial)
-    tx = state_lib.make_optimizer(config, params)
+    elif params.base is None:
+      # A frozen copy of the starting policy; the state's params move.
+      reference, reference_shards = params.initial, params.trained_shardings
+      trained = jax.tree.map(jnp.copy, params.initial)
+    tx = state_lib.make_optimizer(config, trained)
     state, state_shards = state_lib.create_train_state(
-      params, param_shards, tx, tuple(config.trainable), config.seed, mesh, config.optim.state_dtype
-    )
-    if source in ("workdir", "resume"):
-      state, saved = checkpoint.restore_from(
-        source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
-      )
-      modelling.check_data_fingerprint(saved, data.fingerprint(), source)
+      trained, params.trained_shardings, tx, tuple(config.trainable), config.seed, run.mesh,
+      config.optim.state_dtype,
+    )  # fmt: skip
+    state, _ = run_setup.restore_state(run, state, state_shards, data.fingerprint())
     print(
-      f"[dpo] start at step {int(state.step)} from {source}; {len(data)} pairs, {dict(data.stats)}"
+      f"[dpo] start at step {int(state.step)} from {run.source}; {len(data)} pairs, "
+      f"{dict(data.stats)}"
     )
-
     step_fn = jax.tree_util.Partial(
       dpo_train_step, model=model, reference_model=reference_model, tx=tx,
       trainable=tuple(config.trainable), dpo=config.dpo, state_dtype=config.optim.state_dtype,
     )  # fmt: skip
-    frozen = {"base": base, "reference": reference}
-    frozen_shards = {"base": base_shards, "reference": reference_shards}
-    jitted = state_lib.jit_train_step(
-      lambda s, b, f: step_fn(s, b, f), state_shards, mesh, frozen_shards
+    train_step = run_setup.jit_step(
+      step_fn,
+      state_shards,
+      run.mesh,
+      frozen={"base": params.base, "reference": reference},
+      frozen_shardings={"base": params.base_shardings, "reference": reference_shards},
+      drop_keys=("pair_index",),
     )
-    train_step = lambda s, b: jitted(s, _without_index(b), frozen)
 
     def evaluate(final):
       if not config.eval.enabled:
         return {}
       from lmm_align.evals import shapes_eval
-      from lmm_align.models.lora import merge_lora
 
-      policy = (
-        final.params if base is None else merge_lora(base, final.params, model_config.runtime.lora)
-      )
+      policy = final.params
+      if params.base is not None:
+        policy = merge_lora(params.base, final.params, run.model_config.runtime.lora)
       return shapes_eval.evaluate_workdir_model(config, workdir, policy)
 
     return loop.run_loop(
-      config, workdir, mesh, state, train_step, data, checkpointer, evaluate, "dpo"
+      config, workdir, run.mesh, state, train_step, data, run.checkpointer, evaluate, "dpo"
     )
 
 
-def _without_index(batch: dict) -> dict:
-  return {k: v for k, v in batch.items() if k != "pair_index"}
+registry.register(registry.Trainer("dpo", train, restore_policy=export.restore_params))

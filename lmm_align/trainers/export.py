@@ -15,19 +15,13 @@ import jax
 import ml_collections
 from safetensors.numpy import save_file
 
-from lmm_align import checkpoint, hf, sharding
+from lmm_align import checkpoint, hf, run_config, sharding
 from lmm_align.data import sources
+from lmm_align.hf.peft import peft_adapter_config, peft_tensors
 from lmm_align.models.llava import Llava
-from lmm_align.models.lora import merge_lora, peft_adapter_config, peft_tensors
-from lmm_align.trainers import modelling
+from lmm_align.models.lora import merge_lora
+from lmm_align.trainers import modelling, registry
 from lmm_align.trainers import state as state_lib
-
-
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-  return ml_collections.ConfigDict(json.loads(open(path).read()))
 
 
 def hf_processor(tokenizer: Any, model: Llava, image_config) -> Any:
@@ -94,23 +88,25 @@ def restore_params(
 
 
 def export_workdir(workdir: str, out: str, peft: bool = False) -> str:
-  """Writes the run's latest checkpoint as an HF folder: LoRA merged, or with `peft` the base
-  model plus a PEFT adapter (adapter_config.json, adapter_model.safetensors) beside it. Of a
-  PPO run, the policy."""
-  config = load_workdir_config(workdir)
+  """Writes the run's latest checkpoint as an HF folder, as its trainer's registration says:
+  the policy (LoRA merged, or with `peft` the base model plus a PEFT adapter:
+  adapter_config.json, adapter_model.safetensors) or the trainer's own export."""
+  config = run_config.load_workdir_config(workdir)
+  trainer = registry.get(config.trainer)
+  if trainer.export is not None:
+    return trainer.export(workdir, out, peft)
+  if trainer.restore_policy is None:
+    raise ValueError(
+      f"{workdir}: a {config.trainer!r} run has no checkpoint to export (config.trainer)"
+    )
   tokenizer = sources.tokenizer_for(config, workdir)
-  model = Llava(modelling.model_config_for(config, tokenizer))
+  model = Llava(run_config.model_config_for(config, tokenizer))
   lora = model.config.runtime.lora
   if peft and lora is None:
     raise ValueError(
       "--peft needs a LoRA run; this run trained full params (config.lora.rank is 0)"
     )
-  if config.trainer == "ppo":
-    from lmm_align.trainers import ppo
-
-    trained, base, step = ppo.restore_policy(config, workdir, model)
-  else:
-    trained, base, step = restore_params(config, workdir, model)
+  trained, base, step = trainer.restore_policy(config, workdir, model)
   plain = Llava(model.config.with_runtime(lora=None))
   if lora is None:
     params = trained

@@ -70,6 +70,7 @@ import numpy as np
 from lmm_align.data import jsonl, preference_sources, shapes, shapes_metrics, sources
 from lmm_align.feedback import candidates as candidates_lib
 from lmm_align.feedback import rlaifv
+from lmm_align.trainers import export, registry
 
 FEEDBACK_KINDS = ("rlaifv", "self", "critic", "ground_truth", "correction")
 PAIR_METHODS = {
@@ -127,9 +128,9 @@ def _stage(
 
 @functools.lru_cache(maxsize=4)
 def load_policy(path: str, template: str) -> Any:
-  """An HF folder as `evaluate.LoadedModel` (model, params, tokenizer, image_config), cached:
+  """An HF folder as `inference.LoadedModel` (model, params, tokenizer, image_config), cached:
   a round reads its starting policy in several stages."""
-  from lmm_align.evaluate import load_model_folder
+  from lmm_align.inference import load_model_folder
 
   return load_model_folder(path, template=template)
 
@@ -562,10 +563,8 @@ def too_few_pairs(config: ml_collections.ConfigDict, pairs_dir: pathlib.Path) ->
 def train_or_skip(train_config: ml_collections.ConfigDict, skip: str | None, out: pathlib.Path):
   """DPO in `out`, or (too few pairs) out/skipped.json: the round keeps its starting policy.
   A skipped round is reported, not an error, so one poor round does not end a long run."""
-  from lmm_align.trainers import dpo
-
   if skip is None:
-    dpo.train(train_config, str(out))
+    registry.get("dpo").train(train_config, str(out))
   else:
     print(f"[iterative] DPO skipped: {skip}")
     _write_json(out / "skipped.json", {"reason": skip})
@@ -574,8 +573,6 @@ def train_or_skip(train_config: ml_collections.ConfigDict, skip: str | None, out
 def export_policy(dpo_dir: pathlib.Path, start_policy: str, out: pathlib.Path) -> None:
   """The DPO run's last checkpoint as an HF folder; a copy of the starting policy when the
   round's DPO was skipped (the next round then starts from the same weights)."""
-  from lmm_align.trainers import export
-
   if (dpo_dir / "skipped.json").exists():
     shutil.copytree(start_policy, out, dirs_exist_ok=True)
   else:
@@ -749,6 +746,10 @@ def main(argv: Sequence[str]) -> None:
 
   logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the round table
   run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+# The rounds export their policies as HF folders themselves (round_<r>/policy): no export.
+registry.register(registry.Trainer("iterative", run))
 
 
 if __name__ == "__main__":

@@ -2,64 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import ml_collections
 
 from lmm_align import hf
-from lmm_align.models.config import LoraConfig, ModelConfig, RuntimeConfig, get_variant
 from lmm_align.models.llava import Llava
 from lmm_align.trainers import state as state_lib
-
-
-def lora_for(config: ml_collections.ConfigDict) -> LoraConfig | None:
-  """config.lora as a LoraConfig, or None when rank is 0 (full fine-tuning)."""
-  lora = config.get("lora")
-  if lora is None or lora.rank == 0:
-    return None
-  return LoraConfig(
-    rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets)
-  )
-
-
-def runtime_for(config: ml_collections.ConfigDict) -> RuntimeConfig:
-  m = config.model
-  return RuntimeConfig(
-    dtype=m.dtype,
-    param_dtype=m.param_dtype,
-    scan_layers=m.scan_layers,
-    remat_policy=m.remat_policy,
-    lora=lora_for(config),
-  )
-
-
-def model_config_for(config: ml_collections.ConfigDict, tokenizer: Any) -> ModelConfig:
-  """config.init_from's config.json when set, else the variant; vocab and image token from
-  the tokenizer when `model.vocab_from_tokenizer` (a model trained from scratch)."""
-  runtime = runtime_for(config)
-  if config.init_from:
-    from lmm_align.models.config import from_hf_config
-
-    return from_hf_config(hf.read_config(config.init_from), runtime)
-  model = get_variant(config.model.variant).replace(runtime=runtime)
-  if config.model.image_size and model.vision is not None:
-    model = model.replace(
-      vision=dataclasses.replace(model.vision, image_size=config.model.image_size)
-    )
-  if config.model.vocab_from_tokenizer:
-    if tokenizer is None:
-      raise ValueError("model.vocab_from_tokenizer needs a tokenizer")
-    text = dataclasses.replace(
-      model.text,
-      vocab_size=len(tokenizer),
-      pad_token_id=tokenizer.pad_token_id,
-      bos_token_id=tokenizer.bos_token_id,
-      eos_token_id=tokenizer.eos_token_id,
-    )
-    model = model.replace(text=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-  return model
 
 
 def initial_params(

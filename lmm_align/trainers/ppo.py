@@ -37,34 +37,23 @@ import ml_collections
 import numpy as np
 import optax
 
-from lmm_align import checkpoint, optim, sampling, sharding
+from lmm_align import optim, sampling, sharding
 from lmm_align.data import conversation, preference_sources, shapes_metrics, sources
 from lmm_align.data.images import preprocess_image
 from lmm_align.hf.reward import RewardModel, load_reward_model
 from lmm_align.losses import token_logprobs
-from lmm_align.models.heads import ScalarHead, sequence_scores
+from lmm_align.models.heads import ScalarHead
 from lmm_align.models.llava import Llava
-from lmm_align.models.lora import merge_lora
+from lmm_align.models.lora import merge_lora, model_variables
 from lmm_align.rl import ppo_math, rewards
-from lmm_align.trainers import loop, modelling
+from lmm_align.rl.scoring import hidden_or_logits, query_ids, reward_scores
+from lmm_align.trainers import export, loop, modelling, registry, run_setup
 from lmm_align.trainers import state as state_lib
-from lmm_align.trainers.reward import init_head
-from lmm_align.trainers.sft import model_variables
 
 # --------------------------------------------------------------------------------------------
 # Forward passes over a rollout batch: input_ids [B, Q + N] = left-padded query (Q columns)
 # then the right-padded response (N columns); response_mask [B, N].
 # --------------------------------------------------------------------------------------------
-
-
-def _hidden_or_logits(model: Llava, variables: dict, batch: dict, with_logits: bool):
-  return model.apply(
-    variables,
-    batch["input_ids"],
-    pixel_values=batch.get("pixel_values"),
-    attention_mask=batch["attention_mask"],
-    with_logits=with_logits,
-  )
 
 
 def response_logps(
@@ -76,7 +65,7 @@ def response_logps(
   that the ratios and the KL penalty refer to it at any sampling temperature (TRL does the
   same; top-k / top-p truncation is not modelled)."""
   n = batch["response_mask"].shape[1]
-  logits = _hidden_or_logits(model, variables, batch, True).logits[:, -n - 1 : -1]
+  logits = hidden_or_logits(model, variables, batch, True).logits[:, -n - 1 : -1]
   if temperature != 1.0:
     logits = logits.astype(jnp.float32) / temperature
   logp = token_logprobs(logits, batch["input_ids"][:, -n:])
@@ -88,17 +77,8 @@ def response_values(
 ) -> jax.Array:
   """V(state before response token t): the head on the hidden state that predicts token t."""
   n = batch["response_mask"].shape[1]
-  hidden = _hidden_or_logits(model, variables, batch, False).hidden_states
+  hidden = hidden_or_logits(model, variables, batch, False).hidden_states
   return head.apply({"params": head_params}, hidden[:, -n - 1 : -1])
-
-
-def reward_scores(
-  model: Llava, head: ScalarHead, backbone: Any, head_params: Any, batch: dict
-) -> jax.Array:
-  """The reward model's score of each (query, response, evaluation prompt) row: [B]."""
-  out = _hidden_or_logits(model, {"params": backbone}, batch, False)
-  per_position = head.apply({"params": head_params}, out.hidden_states)
-  return sequence_scores(per_position, batch["attention_mask"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,17 +238,6 @@ def prompt_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
       on_error=d.on_error,
     )  # fmt: skip
   raise ValueError(f"PPO data.source {d.source!r}: use shapes_prompts or llava_rlhf_prompts")
-
-
-def query_ids(
-  question: str, has_image: bool, record_id: str, tokenizer: Any, template, model_config
-) -> np.ndarray:
-  """The question's tokens ending with the assistant's turn, "<image>\n" first when the record
-  has an image and the question no placeholder: what the policy is prompted with."""
-  return conversation.encode_generation_prompt(
-    question, tokenizer, template, model_config.num_image_tokens, model_config.image_token_id,
-    with_image=has_image and conversation.IMAGE_PLACEHOLDER not in question, record_id=record_id,
-  ).input_ids  # fmt: skip
 
 
 def reward_rows(
@@ -660,7 +629,7 @@ def build_state(
 ):
   """(state, shardings, tx, frozen, frozen shardings) before any workdir restore."""
   p_shards = state_lib.param_shardings(policy_model, mesh, rules)
-  initial = modelling.initial_params(policy_model, config, source, config.init_from, p_shards)
+  initial = modelling.initial_params(policy_model, config, source, None, p_shards)
   frozen = {"policy_base": None, "reference": None, "value_base": None}
   frozen_shards = dict(frozen)
   if policy_model.config.runtime.lora is None:
@@ -681,7 +650,7 @@ def build_state(
       value_model, rm_backbone, v_shards, mesh, rules, jax.random.key(config.seed + 1)
     )
   )
-  head, h_shards = init_head(
+  head, h_shards = state_lib.init_head(
     value_head, value_model.config.text.hidden_size, mesh, rules, jax.random.key(config.seed + 2)
   )
   params = {"policy": policy, "value": {"backbone": value_backbone, "head": head}}
@@ -721,8 +690,6 @@ def restore_policy(
   """(policy params, their frozen base or None, step) of the run's latest checkpoint, on one
   device: `lmm-align export` of a PPO run writes the policy (the value model is dropped). The
   state is rebuilt as the run built it, so the reward model folder must still be there."""
-  from lmm_align.trainers import export
-
   rm, value_model, value_head = reward_and_value_models(config.ppo, policy_model.config)
 
   def build(mesh, rules):
@@ -775,41 +742,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
   if not 0.0 <= ppo.yes_no_fraction <= 1.0:
     raise ValueError(f"ppo.yes_no_fraction={ppo.yes_no_fraction} must be in [0, 1]")
-  loop.write_config(config, workdir)
-  mesh = sharding.mesh_from_config(config.mesh)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  tokenizer = sources.tokenizer_for(config, workdir)
-  policy_config = modelling.model_config_for(config, tokenizer)
+  run = run_setup.start_run(config, workdir)
+  mesh, tokenizer, checkpointer = run.mesh, run.tokenizer, run.checkpointer
+  policy_config = run.model_config
   policy_model = Llava(policy_config)
   rm, value_model, value_head = reward_and_value_models(ppo, policy_config)
   data = prompt_data(config, tokenizer, policy_config)
   image_config = sources.image_config_for(config, policy_config)
-  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, keep=config.keep_checkpoints)
-  source, where = checkpoint.restore_precedence(
-    workdir, config.resume, config.init_from, checkpointer
-  )
   per_iteration = updates_per_iteration(ppo)
 
-  with sharding.activation_sharding(mesh, rules):
+  with run.activation_sharding():
     state, state_shards, tx, frozen, frozen_shards = build_state(
-      config, policy_model, value_model, value_head, rm, mesh, rules, source
+      config, policy_model, value_model, value_head, rm, mesh, run.rules, run.source
     )
+    state, saved = run_setup.restore_state(run, state, state_shards, data.fingerprint())
     kl_coef = ppo.kl_coef
-    if source in ("workdir", "resume"):
-      state, saved = checkpoint.restore_from(
-        source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
-      )
-      modelling.check_data_fingerprint(saved, data.fingerprint(), source)
-      if ppo.kl_target > 0:  # run state: a restart goes on with the coefficient it reached
-        kl_coef = float(saved.get("kl_coef", kl_coef))
+    if run.restores and ppo.kl_target > 0:
+      kl_coef = float(saved.get("kl_coef", kl_coef))  # a restart goes on with the one reached
     start = int(state.step) // per_iteration
     print(
-      f"[ppo] start at iteration {start} from {source}; {len(data)} prompts, {dict(data.stats)}"
+      f"[ppo] start at iteration {start} from {run.source}; {len(data)} prompts, "
+      f"{dict(data.stats)}"
     )
     step_fn = jax.tree_util.Partial(
       ppo_train_step, policy_model=policy_model, value_model=value_model, value_head=value_head,
       tx=tx, trainable=tuple(config.trainable), ppo=ppo, state_dtype=config.optim.state_dtype,
     )  # fmt: skip
+    # The frozen params are passed at each call (`update(state, batch, frozen)`), not bound.
     update = state_lib.jit_train_step(
       lambda s, b, f: step_fn(s, b, f), state_shards, mesh,
       {k: frozen_shards[k] for k in ("policy_base", "value_base")},
@@ -889,3 +848,6 @@ def _run_iterations(
     logger.close()
   checkpointer.wait()
   return state
+
+
+registry.register(registry.Trainer("ppo", train, restore_policy=restore_policy))

@@ -17,20 +17,20 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from lmm_align import checkpoint, optim, preference_losses, sharding
+from lmm_align import optim, preference_losses, run_config, sharding
 from lmm_align.data import preference, preference_sources, sources
+from lmm_align.data import reward_data as reward_data_lib
+from lmm_align.hf.reward import save_reward_model
 from lmm_align.models.heads import ScalarHead, sequence_scores
 from lmm_align.models.llava import Llava
-from lmm_align.trainers import loop, modelling
+from lmm_align.models.lora import merge_lora, model_variables
+from lmm_align.trainers import export, loop, registry, run_setup
 from lmm_align.trainers import state as state_lib
-from lmm_align.trainers.sft import model_variables
 
 
 def pair_rewards(
@@ -205,62 +205,35 @@ def evaluate_pairs(
 # --------------------------------------------------------------------------------------------
 
 
-def init_head(head: ScalarHead, hidden: int, mesh, rules, key: jax.Array) -> tuple[Any, Any]:
-  """(params, shardings) of a scalar head over hidden states of width `hidden`."""
-  boxed = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 1, hidden)))["params"]
-  shardings = sharding.logical_shardings(boxed, mesh, rules)
-  params = jax.jit(
-    lambda k: nn.unbox(head.init(k, jnp.zeros((1, 1, hidden))))["params"], out_shardings=shardings
-  )(key)
-  return params, shardings
-
-
-def build_state(config, model: Llava, head: ScalarHead, mesh, rules, source: str):
-  """(state, state shardings, LoRA base or None, base shardings): the backbone from init_from
-  (or the seed), the head from the seed; the workdir / resume restore happens afterwards."""
-  shards = state_lib.param_shardings(model, mesh, rules)
-  initial = modelling.initial_params(model, config, source, config.init_from, shards)
-  backbone, shards, base, base_shards = modelling.with_lora_split(
-    model, initial, shards, mesh, rules, jax.random.key(config.seed)
+def build_state(config, run: run_setup.RunSetup, model: Llava, head: ScalarHead, source: str):
+  """(state, state shardings, tx, LoRA base or None): the backbone from init_from (or the
+  seed), the head from the seed; the workdir / resume restore happens afterwards."""
+  backbone = run_setup.split_params(run, model, source)
+  head_params, head_shards = state_lib.init_head(
+    head, model.config.text.hidden_size, run.mesh, run.rules, jax.random.key(config.seed + 1)
   )
-  head_params, h_shards = init_head(
-    head, model.config.text.hidden_size, mesh, rules, jax.random.key(config.seed + 1)
-  )
-  params = {"backbone": backbone, "head": head_params}
-  param_shards = {"backbone": shards, "head": h_shards}
+  params = {"backbone": backbone.trained, "head": head_params}
+  param_shards = {"backbone": backbone.trained_shardings, "head": head_shards}
   tx = state_lib.make_optimizer(config, params)
   state, state_shards = state_lib.create_train_state(
-    params, param_shards, tx, tuple(config.trainable), config.seed, mesh, config.optim.state_dtype
-  )
-  return state, state_shards, tx, base, base_shards
+    params, param_shards, tx, tuple(config.trainable), config.seed, run.mesh,
+    config.optim.state_dtype,
+  )  # fmt: skip
+  return state, state_shards, tx, backbone
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the reward model as configured; summary.json gets held-out accuracy and margin."""
   if config.optim.grad_accum_steps != 1:
     raise ValueError("the reward trainer does not accumulate gradients; use a smaller batch_size")
-  loop.write_config(config, workdir)
-  mesh = sharding.mesh_from_config(config.mesh)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  tokenizer = sources.tokenizer_for(config, workdir)
-  model_config = modelling.model_config_for(config, tokenizer)
-  model, head = Llava(model_config), ScalarHead()
-  data, eval_data = reward_data(config, tokenizer, model_config)
-  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, keep=config.keep_checkpoints)
-  source, where = checkpoint.restore_precedence(
-    workdir, config.resume, config.init_from, checkpointer
-  )
-  with sharding.activation_sharding(mesh, rules):
-    state, state_shards, tx, base, base_shards = build_state(
-      config, model, head, mesh, rules, source
-    )
-    if source in ("workdir", "resume"):
-      state, saved = checkpoint.restore_from(
-        source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
-      )
-      modelling.check_data_fingerprint(saved, data.fingerprint(), source)
+  run = run_setup.start_run(config, workdir)
+  model, head = Llava(run.model_config), ScalarHead()
+  data, eval_data = reward_data(config, run.tokenizer, run.model_config)
+  with run.activation_sharding():
+    state, state_shards, tx, backbone = build_state(config, run, model, head, run.source)
+    state, _ = run_setup.restore_state(run, state, state_shards, data.fingerprint())
     print(
-      f"[reward] start at step {int(state.step)} from {source}; {len(data)} train pairs, "
+      f"[reward] start at step {int(state.step)} from {run.source}; {len(data)} train pairs, "
       f"{len(eval_data) if eval_data else 0} held out, {dict(data.stats)}; "
       f"fact_augmented={config.reward.fact_augmented}"
     )
@@ -269,55 +242,53 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       centering_coef=config.reward.centering_coef, centering=config.reward.centering,
       state_dtype=config.optim.state_dtype,
     )  # fmt: skip
-    jitted = state_lib.jit_train_step(
-      lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
+    train_step = run_setup.jit_step(
+      step_fn, state_shards, run.mesh, backbone.base, backbone.base_shardings, ("pair_index",)
     )
-    train_step = lambda s, b: jitted(s, {k: v for k, v in b.items() if k != "pair_index"}, base)
 
     def evaluate(final) -> dict[str, Any]:
       if eval_data is None:
         return {}
+      base = backbone.base
       rewards_fn = jax.jit(
         lambda p, b: pair_rewards(model, head, model_variables(p["backbone"], base), p["head"], b)
       )
       return evaluate_pairs(
-        lambda b: rewards_fn(final.params, b), eval_data, config.batch_size, mesh
+        lambda b: rewards_fn(final.params, b), eval_data, config.batch_size, run.mesh
       )
 
     return loop.run_loop(
-      config, workdir, mesh, state, train_step, data, checkpointer, evaluate, "reward"
+      config, workdir, run.mesh, state, train_step, data, run.checkpointer, evaluate, "reward"
     )
 
 
-def export_reward_workdir(workdir: str, out: str) -> str:
+def export_reward_workdir(workdir: str, out: str, peft: bool = False) -> str:
   """The run's latest checkpoint as an HF backbone (LoRA merged) plus the head."""
-  from lmm_align.data import reward_data as rd
-  from lmm_align.hf.reward import save_reward_model
-  from lmm_align.models.lora import merge_lora
-  from lmm_align.trainers import export as export_lib
-
-  config = export_lib.load_workdir_config(workdir)
+  if peft:
+    raise ValueError("--peft: a reward model is exported merged, with its head")
+  config = run_config.load_workdir_config(workdir)
   tokenizer = sources.tokenizer_for(config, workdir)
-  model_config = modelling.model_config_for(config, tokenizer)
+  model_config = run_config.model_config_for(config, tokenizer)
   model, head = Llava(model_config), ScalarHead()
-  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, async_save=False)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir} has no committed checkpoint to export")
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  rules = tuple(tuple(r) for r in config.mesh.rules)
   source = "init_from" if config.init_from else "scratch"
-  with sharding.activation_sharding(mesh, rules):
-    state, state_shards, _, base, _ = build_state(config, model, head, mesh, rules, source)
-    state, _ = checkpointer.restore(step, checkpoint.abstract_like(state, state_shards))
-  checkpointer.close()
+
+  def build(mesh, rules):
+    run = run_setup.RunSetup(
+      config, workdir, mesh, rules, tokenizer, model_config, None, source, None
+    )
+    state, state_shards, _, backbone = build_state(config, run, model, head, source)
+    return state, state_shards, backbone.base
+
+  state, base, step = export.restore_latest(config, workdir, build)
   backbone = state.params["backbone"]
   if base is not None:
     backbone = merge_lora(base, backbone, model_config.runtime.lora)
   plain = Llava(model_config.with_runtime(lora=None))
   image_config = sources.image_config_for(config, model_config)
-  processor = export_lib.hf_processor(tokenizer, plain, image_config)
-  prompt = rd.load_reward_prompt(config.reward.prompt_path or None, config.reward.fact_augmented)
+  processor = export.hf_processor(tokenizer, plain, image_config)
+  prompt = reward_data_lib.load_reward_prompt(
+    config.reward.prompt_path or None, config.reward.fact_augmented
+  )
   save_reward_model(
     plain, backbone, state.params["head"], out, fact_augmented=config.reward.fact_augmented,
     prompt=prompt, facts_position=facts_position(config),
@@ -325,3 +296,6 @@ def export_reward_workdir(workdir: str, out: str) -> str:
   )  # fmt: skip
   print(f"[export] reward model, step {step} of {workdir} -> {out}")
   return out
+
+
+registry.register(registry.Trainer("reward", train, export=export_reward_workdir))

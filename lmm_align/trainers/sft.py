@@ -14,22 +14,16 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from lmm_align import checkpoint, losses, optim, sharding
+from lmm_align import losses, optim, run_config, sharding
 from lmm_align.data import sources
 from lmm_align.models.llava import Llava
-from lmm_align.trainers import loop, modelling
+from lmm_align.models.lora import model_variables
+from lmm_align.trainers import export, loop, registry, run_setup
 from lmm_align.trainers import state as state_lib
 
 # --------------------------------------------------------------------------------------------
 # The step.
 # --------------------------------------------------------------------------------------------
-
-
-def model_variables(trained: Any, base_params: Any) -> dict[str, Any]:
-  """{"params": ...} for a full fine-tune; {"params": base, "lora": adapters} for LoRA."""
-  if base_params is None:
-    return {"params": trained}
-  return {"params": base_params, "lora": trained}
 
 
 def _micro_batches(batch: dict, accum: int) -> dict:
@@ -103,45 +97,28 @@ def sft_train_step(
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs SFT as configured; returns (and writes to workdir/summary.json) the final summary."""
-  loop.write_config(config, workdir)
-  mesh = sharding.mesh_from_config(config.mesh)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  tokenizer = sources.tokenizer_for(config, workdir)
-  model_config = modelling.model_config_for(config, tokenizer)
-  model = Llava(model_config)
-  data = sources.sft_data(config, tokenizer, model_config)
+  run = run_setup.start_run(config, workdir)
+  model = Llava(run.model_config)
+  data = sources.sft_data(config, run.tokenizer, run.model_config)
   global_batch = config.batch_size
-  if global_batch % (sharding.data_parallel_size(mesh) * config.optim.grad_accum_steps):
+  if global_batch % (sharding.data_parallel_size(run.mesh) * config.optim.grad_accum_steps):
     raise ValueError(
-      f"batch_size {global_batch} must divide by data x fsdp ({sharding.data_parallel_size(mesh)}) "
-      f"x grad_accum_steps ({config.optim.grad_accum_steps})"
+      f"batch_size {global_batch} must divide by data x fsdp "
+      f"({sharding.data_parallel_size(run.mesh)}) x grad_accum_steps "
+      f"({config.optim.grad_accum_steps})"
     )
-
-  checkpointer = checkpoint.Checkpointer.for_workdir(workdir, keep=config.keep_checkpoints)
-  source, where = checkpoint.restore_precedence(
-    workdir, config.resume, config.init_from, checkpointer
-  )
-  with sharding.activation_sharding(mesh, rules):
-    param_shards = state_lib.param_shardings(model, mesh, rules)
-    params = modelling.initial_params(model, config, source, where, param_shards)
-    params, param_shards, base_params, base_shards = modelling.with_lora_split(
-      model, params, param_shards, mesh, rules, jax.random.key(config.seed)
-    )
-    tx = state_lib.make_optimizer(config, params)
+  with run.activation_sharding():
+    params = run_setup.split_params(run, model)
+    tx = state_lib.make_optimizer(config, params.trained)
     state, state_shards = state_lib.create_train_state(
-      params, param_shards, tx, tuple(config.trainable), config.seed, mesh, config.optim.state_dtype
-    )
-    data_state = {"step": 0, **data.fingerprint()}
-    if source in ("workdir", "resume"):
-      state, data_state = checkpoint.restore_from(
-        source, where, checkpointer, checkpoint.abstract_like(state, state_shards)
-      )
-      modelling.check_data_fingerprint(data_state, data.fingerprint(), source)
-    start_step = int(state.step)
+      params.trained, params.trained_shardings, tx, tuple(config.trainable), config.seed,
+      run.mesh, config.optim.state_dtype,
+    )  # fmt: skip
+    state, _ = run_setup.restore_state(run, state, state_shards, data.fingerprint())
     print(
-      f"[sft] start at step {start_step} from {source}; {len(data)} examples, data stats {dict(data.stats)}"
+      f"[sft] start at step {int(state.step)} from {run.source}; {len(data)} examples, "
+      f"data stats {dict(data.stats)}"
     )
-
     step_fn = jax.tree_util.Partial(
       sft_train_step,
       model=model,
@@ -150,15 +127,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       grad_accum_steps=config.optim.grad_accum_steps,
       state_dtype=config.optim.state_dtype,
     )
-    jitted = state_lib.jit_train_step(
-      lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
+    train_step = run_setup.jit_step(
+      step_fn, state_shards, run.mesh, params.base, params.base_shardings
     )
-    train_step = lambda s, b: jitted(s, b, base_params)
-    evaluate = lambda final: _evaluate(config, workdir, final, base_params)
-    summary = loop.run_loop(
-      config, workdir, mesh, state, train_step, data, checkpointer, evaluate, "sft"
+    evaluate = lambda final: _evaluate(config, workdir, final, params.base)
+    return loop.run_loop(
+      config, workdir, run.mesh, state, train_step, data, run.checkpointer, evaluate, "sft"
     )
-  return summary
 
 
 def _evaluate(config, workdir, state, base_params) -> dict[str, Any]:
@@ -169,5 +144,8 @@ def _evaluate(config, workdir, state, base_params) -> dict[str, Any]:
 
   params = state.params
   if base_params is not None:  # evaluate the merged model: one matmul per layer, as exported
-    params = merge_lora(base_params, state.params, modelling.lora_for(config))
+    params = merge_lora(base_params, state.params, run_config.lora_for(config))
   return shapes_eval.evaluate_workdir_model(config, workdir, params)
+
+
+registry.register(registry.Trainer("sft", train, restore_policy=export.restore_params))

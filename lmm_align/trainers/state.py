@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from lmm_align import optim, sharding
+from lmm_align.models.heads import ScalarHead
 from lmm_align.models.llava import Llava, dummy_inputs
 
 
@@ -148,3 +149,13 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
   trainable_params, _ = optim.split_trainable(params, tuple(config.trainable))
   optim.check_patterns_match(params, tuple(config.trainable), "config.trainable")
   return optim.build_optimizer(config.optim, trainable_params, config.total_steps)
+
+
+def init_head(head: ScalarHead, hidden: int, mesh, rules, key: jax.Array) -> tuple[Any, Any]:
+  """(params, shardings) of a scalar head over hidden states of width `hidden`."""
+  boxed = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 1, hidden)))["params"]
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  params = jax.jit(
+    lambda k: nn.unbox(head.init(k, jnp.zeros((1, 1, hidden))))["params"], out_shardings=shardings
+  )(key)
+  return params, shardings

@@ -337,6 +337,7 @@ def test_pair_with_facts_before_reads_them_before_each_answer(tokenizer):
 def test_ppo_scores_the_ids_the_reward_model_was_trained_on(tokenizer, facts_position):
   from types import SimpleNamespace
 
+  from lmm_align.rl import scoring
   from lmm_align.trainers import ppo
 
   prompt = rd.load_reward_prompt(None, True)
@@ -345,7 +346,7 @@ def test_ppo_scores_the_ids_the_reward_model_was_trained_on(tokenizer, facts_pos
                        facts_position=facts_position)  # fmt: skip
   template = get_template(TEMPLATE)
   prompts = [
-    ppo.Prompt(f"p{i}", q, ppo.query_ids(q, True, f"p{i}", tokenizer, template, config), "img",
+    ppo.Prompt(f"p{i}", q, scoring.query_ids(q, True, f"p{i}", tokenizer, template, config), "img",
                0, 1.0, FACTS[i:], None)  # fmt: skip
     for i, q in enumerate(["What is it?", "What is in the image?"])
   ]
@@ -365,7 +366,7 @@ def test_ppo_scores_the_ids_the_reward_model_was_trained_on(tokenizer, facts_pos
     )
     assert row == list(want)
   question, suffix = texts[1]
-  query = ppo.query_ids(question, True, "p1", tokenizer, template, config)
+  query = scoring.query_ids(question, True, "p1", tokenizer, template, config)
   assert got[2] == [*query, *responses[2], *rd.suffix_ids(suffix, tokenizer)]
   if facts_position == "after_response":
     assert got[1][: len(prompts[0].input_ids)] == list(prompts[0].input_ids)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from lmm_align import hf
+from lmm_align.hf.peft import peft_tensors
 from lmm_align.models import Llava, get_variant
 from lmm_align.models.config import LoraConfig
 from lmm_align.models.llava import dummy_inputs
-from lmm_align.models.lora import merge_lora, peft_tensors
+from lmm_align.models.lora import merge_lora
 
 LORA = LoraConfig(
   rank=4,

@@ -110,15 +110,15 @@ def test_a_bad_kl_target_is_refused_before_training(models, tmp_path):
 def test_export_writes_the_trained_policy(models, one_iteration, tmp_path):
   """`lmm-align export` of a PPO run: the policy's LoRA merged into an HF folder whose logits
   are the trained policy's (the value model is not exported)."""
-  from lmm_align import hf
+  from lmm_align import hf, run_config
   from lmm_align.models.llava import Llava, dummy_inputs
-  from lmm_align.trainers import export, modelling
-  from lmm_align.trainers.sft import model_variables
+  from lmm_align.models.lora import model_variables
+  from lmm_align.trainers import export
 
   export.export_workdir(str(one_iteration), str(tmp_path / "hf"))
-  config = export.load_workdir_config(str(one_iteration))
+  config = run_config.load_workdir_config(str(one_iteration))
   tokenizer = export.sources.tokenizer_for(config, str(one_iteration))
-  policy_model = Llava(modelling.model_config_for(config, tokenizer))
+  policy_model = Llava(run_config.model_config_for(config, tokenizer))
   policy, base, _ = ppo.restore_policy(config, str(one_iteration), policy_model)
   assert base is not None  # LoRA: the merge is what the folder holds
   ids, pixels = dummy_inputs(policy_model.config, batch=2)
@@ -182,13 +182,13 @@ def test_prompts_without_a_scene_fail_or_are_counted_before_training(models, mon
   naming the record and field, or skipped and counted with data.on_error=skip."""
   from collections import Counter
 
+  from lmm_align import run_config
   from lmm_align.data import sources
-  from lmm_align.trainers import modelling
 
   root, _ = models
   config = _config(root, **{"ppo.reward_source": "scene"})
   tokenizer = sources.tokenizer_for(config, str(tmp_path))
-  model_config = modelling.model_config_for(config, tokenizer)
+  model_config = run_config.model_config_for(config, tokenizer)
   records, _ = ppo.prompt_records(config)
   assert all(r.get("scene") for r in records)  # shapes prompts carry their scene
   without = [dict(r, scene=None) if i == 1 else r for i, r in enumerate(records[:4])]

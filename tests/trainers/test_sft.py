@@ -46,15 +46,14 @@ def test_sharded_2x2x2_equals_one_device(tmp_path):
 
 
 def test_params_are_sharded_as_the_rules_say(tmp_path):
-  from lmm_align import sharding
+  from lmm_align import run_config, sharding
   from lmm_align.data import sources
   from lmm_align.models.llava import Llava
-  from lmm_align.trainers import modelling
   from lmm_align.trainers import state as state_lib
 
   config = _config()
   tokenizer = sources.tokenizer_for(config, str(tmp_path))
-  model = Llava(modelling.model_config_for(config, tokenizer))
+  model = Llava(run_config.model_config_for(config, tokenizer))
   mesh = sharding.make_mesh((2, 2, 2))
   rules = sharding.DEFAULT_RULES
   with sharding.activation_sharding(mesh, rules):
@@ -96,12 +95,13 @@ def _cli(workdir, *extra, wait=True):
 
 
 def _final_params(workdir):
+  from lmm_align import run_config
   from lmm_align.data import sources
   from lmm_align.models.llava import Llava
-  from lmm_align.trainers import export, modelling
+  from lmm_align.trainers import export
 
-  config = export.load_workdir_config(str(workdir))
-  model = Llava(modelling.model_config_for(config, sources.tokenizer_for(config, str(workdir))))
+  config = run_config.load_workdir_config(str(workdir))
+  model = Llava(run_config.model_config_for(config, sources.tokenizer_for(config, str(workdir))))
   params, _, step = export.restore_params(config, str(workdir), model)
   return jax.tree.map(np.asarray, params), step
 

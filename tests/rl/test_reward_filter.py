@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lmm_align.data import conversation, reward_data, shapes
-from lmm_align.data import reward_filter as rf
+from lmm_align.rl import reward_filter as rf
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.data.llava_json import DataError, read_llava_json
 from lmm_align.data.preference_sources import scene_facts

@@ -224,7 +224,7 @@ class RewardModelRecordScorer:
   """A `RecordScorer` that runs an exported reward model on each record's judged round.
 
   rm: the reward model; tokenizer: its tokenizer; image_config: its image preprocessing
-  (`evaluate.image_config_from_folder(RM_DIR)`); template: the conversation template the RM
+  (`inference.image_config_from_folder(RM_DIR)`); template: the conversation template the RM
   was trained with; fact_seed: seeds each record's fact order with its index; batch_size,
   buckets: the fixed-shape chunks of `best_of_n.score_rows_in_chunks`.
   """
