@@ -40,11 +40,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from lmm_align import config_files, optim, sharding
+from lmm_align import config_files, optim, run_config, sharding
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.heads import ScalarHead
 from lmm_align.models.llava import Llava, dummy_inputs
-from lmm_align.trainers import dpo, modelling, reward, sft
+from lmm_align.models.lora import model_variables
+from lmm_align.trainers import dpo, reward, sft
 from lmm_align.trainers import state as state_lib
 
 GIB = 1024**3
@@ -454,7 +455,7 @@ def reward_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> lis
   # The trainer closes over the LoRA base; here it is an argument (the same bytes on the chip).
   scores = jax.jit(
     lambda p, frozen, b: reward.pair_rewards(
-      model, head, sft.model_variables(p["backbone"], frozen), p["head"], b
+      model, head, model_variables(p["backbone"], frozen), p["head"], b
     )
   )
   flops = model_flops(model_config, 2 * pairs, seq, pass_factors(set(), False), lm_head=False)
@@ -487,7 +488,7 @@ def model_config_of(config: ml_collections.ConfigDict) -> tuple[ModelConfig, lis
     notes.append("vocab_from_tokenizer: the variant's vocabulary, not the tokenizer's")
     config.model.vocab_from_tokenizer = False
   try:
-    model_config = modelling.model_config_for(config, None)
+    model_config = run_config.model_config_for(config, None)
   except KeyError as e:
     raise ValueError(f"config.model.variant={config.model.variant!r}: {e.args[0]}") from e
   return model_config, notes
@@ -732,8 +733,10 @@ def main(argv: list[str]) -> int:
     if arg.startswith("--config="):
       config_files.make_config_package_importable(arg.split("=", 1)[1].split(":", 1)[0])
   fv = flags.FlagValues()
+  argv = ["lmm-align plan", *argv]
+  # sys_argv: the --config.x=y override flags are defined from the command line being parsed.
   config_flags.DEFINE_config_file(
-    "config", None, "configs/X.py[:arg]", flag_values=fv, lock_config=True
+    "config", None, "configs/X.py[:arg]", flag_values=fv, lock_config=True, sys_argv=argv
   )
   flags.DEFINE_string("topology", None, "accelerator type (v5p-64, v5e-16, ...) or cpu-N", flag_values=fv)  # fmt: skip
   flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor sizes (one may be -1)", flag_values=fv)
@@ -743,7 +746,7 @@ def main(argv: list[str]) -> int:
     "cost", "unrolled", ["unrolled", "scanned", "none"], "how loops are costed", flag_values=fv
   )
   try:
-    fv(["lmm-align plan", *argv])
+    fv(argv)
     if fv.config is None or not fv.topology:
       raise ValueError("--config and --topology are required")
     acc = resolve_accelerator(fv.topology)

@@ -1,0 +1,215 @@
+"""lmm_align/aot.py (`lmm-align plan`): the SFT and DPO programs compiled for fake CPU devices
+with byte counts that add up by hand, the compile-only TPU path (libtpu) with params and
+optimizer bytes per chip checked against shapes and shardings, `does not fit` as exit 3, and
+bad input named by its flag or field."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from lmm_align import aot, config_files
+from lmm_align.models.llava import Llava, dummy_inputs
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAST_LINE = re.compile(
+  r"plan: (fits|does not fit) peak_gib=(\d+\.\d+) hbm_gib=(\d+\.\d+) device=(.+)"
+)
+
+
+def _shapes_config(name: str) -> str:
+  """configs/shapes_<name>.py, or configs/shapes/<name>.py where the configs moved."""
+  for path in (REPO / "configs" / f"shapes_{name}.py", REPO / "configs" / "shapes" / f"{name}.py"):
+    if path.exists():
+      return str(path)
+  raise FileNotFoundError(f"no shapes {name} config under {REPO / 'configs'}")
+
+
+def _plan(capsys, *argv: str) -> tuple[int, str, str]:
+  status = aot.main(list(argv))
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+def _program(table: dict, name: str) -> dict:
+  return next(p for p in table["programs"] if p["name"] == name)
+
+
+# --------------------------------------------------------------------------------------------
+# The accelerator table.
+# --------------------------------------------------------------------------------------------
+
+
+def test_accelerator_types_count_cores_for_v4_v5p_and_chips_for_v5e_v6e():
+  v5p = aot.resolve_accelerator("v5p-64")
+  assert (v5p.topology, v5p.chips, v5p.hbm_gib) == ("v5p:2x4x4", 32, 95.0)
+  v4 = aot.resolve_accelerator("v4-32")
+  assert (v4.topology, v4.chips, v4.hbm_gib) == ("v4:2x2x4", 16, 32.0)
+  alias = dataclasses.replace(aot.resolve_accelerator("v5e-16"), name="v5litepod-16")
+  assert alias == aot.resolve_accelerator("v5litepod-16")
+  v5e = aot.resolve_accelerator("v5litepod-16")
+  assert (v5e.topology, v5e.chips, v5e.hbm_gib) == ("v5e:4x4", 16, 16.0)
+  v6e = aot.resolve_accelerator("v6e-8")
+  assert (v6e.topology, v6e.chips, v6e.peak_flops) == ("v6e:2x4", 8, 918e12)
+  for acc in aot.accelerator_types().values():  # the topology's chips are the count's
+    dims = [int(d) for d in acc.topology.split(":")[1].split("x")]
+    assert int(np.prod(dims)) == acc.chips, acc
+  assert aot.resolve_accelerator("cpu-8").chips == 8
+
+
+# --------------------------------------------------------------------------------------------
+# Fake CPU devices.
+# --------------------------------------------------------------------------------------------
+
+SFT_ARGS = ("--topology=cpu-8", "--mesh=2,2,2", "--cost=none")
+
+
+def test_sft_plan_on_cpu8_fits_and_its_arguments_add_up(capsys, tmp_path):
+  config = _shapes_config("sft") + ":runlocal"
+  save = tmp_path / "plan.json"
+  status, out, err = _plan(capsys, f"--config={config}", *SFT_ARGS, f"--save={save}")
+  assert status == 0, err
+  match = LAST_LINE.fullmatch(out.strip().splitlines()[-1])
+  assert match and match.group(1) == "fits" and match.group(4) == "cpu", out[-2000:]
+  table = json.loads(save.read_text())
+  row = _program(table, "sft_train_step")
+  assert float(match.group(2)) == pytest.approx(row["peak"] / aot.GIB, rel=1e-3)
+  assert row["peak"] == row["argument"] + row["output"] - row["alias"] + row["temp"] > 0
+  # argument = params + optimizer state + this chip's batch rows + step (int32) + rng key:
+  # 8 rows over data x fsdp = 4, 128 tokens, one 48 px image each (shapes_sft's image_size).
+  loaded = config_files.load_config(config)
+  rows, seq, image = 8 // 4, loaded.data.max_length, loaded.model.image_size
+  batch = 3 * rows * seq * 4 + rows * image * image * 3 * 4
+  state = row["by_hand"]["params"] + row["by_hand"]["optimizer state"]
+  assert row["argument"] == state + batch + 4 + 8
+  assert row["alias"] == state + 4 + 8  # the whole state is donated
+  assert "peak = argument + output - alias + temp" in out and "XLA:CPU" in out
+
+
+def test_does_not_fit_is_exit_3_with_the_table(capsys):
+  config = _shapes_config("sft") + ":runlocal"
+  status, out, _ = _plan(capsys, f"--config={config}", *SFT_ARGS, "--hbm_gib=0.001")
+  assert status == aot.EXIT_DOES_NOT_FIT
+  assert "== sft_train_step" in out and "headroom -" in out
+  match = LAST_LINE.fullmatch(out.strip().splitlines()[-1])
+  assert match and match.group(1) == "does not fit" and match.group(3) == "0.00"
+
+
+def test_dpo_plan_on_cpu8_compiles_the_reference_pass_and_the_step(capsys, tmp_path):
+  save = tmp_path / "plan.json"
+  config = _shapes_config("dpo") + ":runlocal"
+  status, out, err = _plan(capsys, f"--config={config}", *SFT_ARGS, f"--save={save}")
+  assert status == 0, err
+  table = json.loads(save.read_text())
+  assert [p["name"] for p in table["programs"]] == ["dpo_reference_logps", "dpo_train_step"]
+  # 8 pairs over 4 data-parallel chips: 2 pairs x (chosen, rejected) x 128 tokens, 32 px images.
+  pairs, seq, image = 2, 128, 32
+  batch = 3 * pairs * 2 * seq * 4 + pairs * 2 * image * image * 3 * 4
+  step = _program(table, "dpo_train_step")
+  state = step["by_hand"]["params"] + step["by_hand"]["optimizer state"]
+  assert step["by_hand"]["frozen"] == 0  # reference log-probs precomputed: no frozen copy
+  assert step["argument"] == state + batch + pairs * 2 * 4 + 4 + 8  # + ref_logps [B, 2]
+  reference = _program(table, "dpo_reference_logps")
+  # jit drops the inputs a forward never reads: the CLIP tower's post-layernorm (2 x [32] f32).
+  assert reference["argument"] == reference["by_hand"]["params"] + batch - 2 * 32 * 4
+  assert reference["output"] == pairs * 2 * 4  # this chip's [B, 2] float32 log-probs
+
+
+# --------------------------------------------------------------------------------------------
+# Compile-only TPU devices.
+# --------------------------------------------------------------------------------------------
+
+
+def _bytes_by_hand(config, fsdp: int) -> tuple[int, int]:
+  """(params, Adam moments) bytes per chip: every float32 leaf with an `embed` axis split over
+  fsdp (DEFAULT_RULES; the tensor axis is 1), the rest whole; moments for the trained leaves."""
+  model_config, _ = aot.model_config_of(config)
+  model = Llava(model_config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model_config)))
+  specs = flax.traverse_util.flatten_dict(nn.get_partition_spec(boxed["params"]), sep="/")
+  shapes = flax.traverse_util.flatten_dict(nn.unbox(boxed["params"]), sep="/")
+  params = moments = 0
+  for path, spec in specs.items():
+    n = int(np.prod(shapes[path].shape))
+    if "embed" in (spec or ()):
+      assert n % fsdp == 0
+      n //= fsdp
+    params += 4 * n
+    if any(re.fullmatch(p, path) for p in config.trainable):
+      moments += 2 * 4 * n
+  return params, moments
+
+
+def test_tpu_v5p8_plan_matches_bytes_by_hand(capsys, tmp_path):
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+  save = tmp_path / "plan.json"
+  config = str(REPO / "configs" / "llava_sft_7b.py") + ":runlocal"
+  status, out, err = _plan(capsys, f"--config={config}", "--topology=v5p-8", f"--save={save}")
+  assert status == 0, err
+  match = LAST_LINE.fullmatch(out.strip().splitlines()[-1])
+  assert match and match.group(1) == "fits" and match.group(4) == "TPU v5", out[-2000:]
+  assert match.group(3) == "95.00"
+  table = json.loads(save.read_text())
+  assert table["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  row = _program(table, "sft_train_step")
+  params, moments = _bytes_by_hand(config_files.load_config(config), fsdp=4)
+  assert row["by_hand"]["params"] == params
+  # Adam's moments plus a few int32 step counters (replicated scalars).
+  assert 0 <= row["by_hand"]["optimizer state"] - moments <= 4 * 4
+  # The TPU compiler pads small arrays to its tiles, so its buffers are at least these.
+  assert row["alias"] >= params + moments
+  assert row["argument"] >= params + moments + 8 * 128 * 3 * 4 // 4
+  assert row["generated_code"] > 0
+  # The unrolled cost pass: compiled FLOPs within a small factor of the model's own count
+  # (remat dots_no_batch recomputes some of the forward), and the compiler's time estimate.
+  assert 1.0 <= row["flops"] / row["model_flops_per_chip"] < 1.6
+  assert row["optimal_seconds"] > 0
+  assert "unrolled" in row["cost_pass"]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "extra, named",
+  [
+    (("--topology=v9-8",), "--topology='v9-8'"),
+    (("--topology=cpu-8", "--mesh=3,1,1"), "--mesh=3,1,1"),
+    (("--topology=cpu-8", "--mesh=1,x,1"), "--mesh='1,x,1'"),
+    (("--topology=cpu-8", "--mesh=1,8,1", "--config.batch_size=6"), "config.batch_size=6"),
+    (("--topology=cpu-8", "--config.model.variant=nope"), "config.model.variant='nope'"),
+  ],
+)
+def test_bad_input_is_exit_2_naming_the_flag_or_field(capsys, extra, named):
+  config = _shapes_config("sft") + ":runlocal"
+  status, out, err = _plan(capsys, f"--config={config}", *extra)
+  assert status == aot.EXIT_BAD_INPUT and out == ""
+  assert err.startswith("plan: error:") and named in err, err
+
+
+def test_lmm_align_plan_dispatches_to_aot():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  code = (
+    "import sys; from lmm_align.main import run; sys.argv = ['lmm-align', *sys.argv[1:]]; run()"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code, "plan", "--config=configs/llava_sft_7b.py", "--topology=v5p-7"],
+    cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  assert result.returncode == aot.EXIT_BAD_INPUT, result.stderr[-2000:]
+  assert "--topology='v5p-7' is not a known accelerator type" in result.stderr
