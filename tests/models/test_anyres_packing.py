@@ -233,5 +233,8 @@ def test_bad_input_names_the_field():
   newline = np.zeros(4, np.float32)
   with pytest.raises(ValueError, match="features have 17 per tile"):
     anyres.pack_image_features(np.zeros((5, 17, 4), np.float32), (30, 40), config, newline)
+  with pytest.raises(ValueError, match=r"plan reads feature 63 but features hold 3 tiles x 16"):
+    plan = anyres.pack_plan([(90, 30)], config)
+    anyres.apply_pack_plan(np.zeros((1, 3, 16, 4), np.float32), newline, plan)
   with pytest.raises(ValueError, match=r"needs 4 tiles, features have 2"):
     anyres.pack_image_features(np.zeros((2, 16, 4), np.float32), (90, 30), config, newline)
