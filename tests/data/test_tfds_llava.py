@@ -165,3 +165,18 @@ def test_default_config_uses_llavas_playground_layout(tokenizer, tmp_path):
   got, _ = tfds_llava.examples_from_tfds(tmp_path / "tfds", "train", tokenizer, **kw)
   want, _ = read_llava_json(manual / "llava_v1_5_mix665k.json", manual, tokenizer, **kw)
   _assert_same_examples(got, want)
+
+
+def test_tfds_source_through_the_registry(tokenizer, tmp_path):
+  from configs import common
+  from lmm_align.data import registry
+  from lmm_align.data.conversation import get_template
+
+  builder, manual = _build(tmp_path, good_records())
+  (want, _), _ = _read_both(tokenizer, builder, manual)
+  data = common.base_config().data
+  data.update(source="tfds", tfds_data_dir=str(builder.data_dir), tfds_split="train")
+  encoding = registry.ConversationEncoding(tokenizer, get_template(TEMPLATE), P, IMAGE_ID)
+  got, skipped = registry.read("conversations", data, encoding=encoding)
+  assert not skipped
+  _assert_same_examples(got, want)

@@ -114,3 +114,21 @@ def test_examples_of_pil_images_are_stored_as_png():
   assert example["has_image"] and example["image"].startswith(b"\x89PNG")
   back = tfds_preference.from_tfds_example(example, record["image"])
   assert back == {**record, "history": []}
+
+
+def test_tfds_pair_sources_through_the_registry(tmp_path):
+  from configs import common
+  from lmm_align.data import registry
+
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  rows = rlaifv_rows(3)
+  pq.write_table(rlaifv_table(rows), manual / "RLAIF-V-Dataset_000.parquet")
+  config = tfds_preference.RlaifvPreferenceConfig(name="test")
+  built = tfds_preference.prepare(tfds_preference.RLAIFV_NAME, manual, tmp_path / "d", config)
+  data = common.base_config().data
+  data.update(source="tfds_rlaifv", tfds_data_dir=str(built), tfds_split="train")
+  got, skipped = registry.read("pairs", data)
+  want, _ = ps.read_rlaifv_parquet(manual / "RLAIF-V-Dataset_000.parquet")
+  assert not skipped
+  assert_same_records(got, want)
