@@ -238,3 +238,46 @@ def test_bad_input_names_the_field():
     anyres.apply_pack_plan(np.zeros((1, 3, 16, 4), np.float32), newline, plan)
   with pytest.raises(ValueError, match=r"needs 4 tiles, features have 2"):
     anyres.pack_image_features(np.zeros((2, 16, 4), np.float32), (90, 30), config, newline)
+
+
+@pytest.mark.parametrize("family", ["next", "onevision"])
+def test_bucketed_batch_through_the_tower_packs_like_get_image_features(next_model, family):
+  """The composition's route: preprocess to a tile bucket, run the tower on every tile (padding
+  included), pack by the plan; equal to transformers' get_image_features on the same pixels."""
+  from lmm_align.data import anyres as data_anyres
+
+  model = next_model if family == "next" else _llava_onevision("anyres_max_2")
+  config = anyres.AnyresPackingConfig.from_hf_config(model.config.to_dict())
+  image_config = data_anyres.AnyresImageConfig(
+    model.config.image_grid_pinpoints,
+    size=TILE if family == "next" else (TILE, TILE),
+    crop_size=(TILE, TILE) if family == "next" else None,
+    do_center_crop=family == "next",
+    processor_type="LlavaNextImageProcessor"
+    if family == "next"
+    else "LlavaOnevisionImageProcessor",
+  )
+  rng = np.random.default_rng(4)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(37, 53), (120, 40)]]
+  batch = data_anyres.preprocess_anyres_batch(
+    images, image_config, tile_buckets=(config.max_tiles_per_image,)
+  )
+  b, t = batch.pixel_values.shape[:2]
+  assert batch.num_tiles.min() < t  # some tiles are padding, run through the tower too
+  pixels = torch.from_numpy(batch.pixel_values.transpose(0, 1, 4, 2, 3).copy())
+  sizes = torch.from_numpy(batch.image_sizes)
+  with torch.no_grad():
+    want = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+    hidden = model.model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
+    selected = hidden.hidden_states[model.config.vision_feature_layer]
+    if model.config.vision_feature_select_strategy == "default":
+      selected = selected[:, 1:]
+    features = model.model.multi_modal_projector(selected).numpy().reshape(b, t, -1, HIDDEN)
+  plan = anyres.pack_plan([tuple(s) for s in batch.image_sizes.tolist()], config)
+  packed = np.asarray(
+    anyres.apply_pack_plan(features, model.model.image_newline.detach().numpy(), plan)
+  )
+  for i in range(b):
+    n = plan.num_tokens[i]
+    assert n == len(want[i]) == anyres.num_image_tokens(tuple(batch.image_sizes[i]), config)
+    np.testing.assert_allclose(packed[i, :n], want[i].numpy(), atol=1e-5)
