@@ -15,7 +15,8 @@ response_len; correctness +2. Rollout 512 / step 256, 2 PPO epochs, lr 3e-5 cosi
 steps, grad norm 1.0, LoRA r=64 on policy and value.
 """
 
-from configs import common, shapes_ppo
+from configs import common
+from configs.shapes import ppo as shapes_ppo
 
 
 def get_config(arg: str | None = None):

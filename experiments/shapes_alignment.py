@@ -73,13 +73,13 @@ def stage_configs(quick: bool, tower: str = "") -> dict[str, object]:
   load = lambda spec: config_files.load_config(spec, str(REPO))
   join = lambda *a: ",".join(x for x in a if x)
   return {
-    "sft": load(f"configs/shapes_sft.py:{join(arg, f'tower={tower}' if tower else '')}"),
-    "rm_fact": load(f"configs/shapes_reward.py:{arg}"),
-    "rm_vanilla": load(f"configs/shapes_reward.py:{join(arg, 'vanilla')}"),
-    "ppo_fact": load(f"configs/shapes_ppo.py:{arg}"),
-    "ppo_vanilla": load(f"configs/shapes_ppo.py:{join(arg, 'vanilla')}"),
-    "dpo": load(f"configs/shapes_dpo.py:{arg}"),
-    "dpo_corrections": load(f"configs/shapes_iterative_dpo.py:{join(arg, 'feedback=correction')}"),
+    "sft": load(f"configs/shapes/sft.py:{join(arg, f'tower={tower}' if tower else '')}"),
+    "rm_fact": load(f"configs/shapes/reward.py:{arg}"),
+    "rm_vanilla": load(f"configs/shapes/reward.py:{join(arg, 'vanilla')}"),
+    "ppo_fact": load(f"configs/shapes/ppo.py:{arg}"),
+    "ppo_vanilla": load(f"configs/shapes/ppo.py:{join(arg, 'vanilla')}"),
+    "dpo": load(f"configs/shapes/dpo.py:{arg}"),
+    "dpo_corrections": load(f"configs/shapes/iterative_dpo.py:{join(arg, 'feedback=correction')}"),
   }
 
 

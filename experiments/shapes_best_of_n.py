@@ -17,7 +17,7 @@ All best-of-N rows choose among the *same* N samples per scene, so they differ b
 alone. For each row the table gives the hallucination rate (share of answers with a
 hallucinated mention), CHAIR-i, object recall and the mean answer length (tokens, words), from
 `shapes_metrics.hallucination_metrics` against the exact scenes. The shapes world (image size,
-object counts, the held-out seed) is configs/shapes_sft.py's, or that of `--workdir`, a
+object counts, the held-out seed) is configs/shapes/sft.py's, or that of `--workdir`, a
 training run whose config.json sets it. `--out` writes the table and a few examples as JSON.
 """
 
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def world_and_template(workdir: str) -> tuple[Any, int, str]:
-  """(ShapesWorldConfig, held-out seed, template) of a run, or of configs/shapes_sft.py."""
+  """(ShapesWorldConfig, held-out seed, template) of a run, or of configs/shapes/sft.py."""
   from lmm_align import config_files
   from lmm_align.data import sources
 
@@ -66,7 +66,7 @@ def world_and_template(workdir: str) -> tuple[Any, int, str]:
 
     config = load_workdir_config(workdir)
   else:
-    config = config_files.load_config("configs/shapes_sft.py", str(REPO))
+    config = config_files.load_config("configs/shapes/sft.py", str(REPO))
   return sources.shapes_world_config(config), config.data.shapes.eval_seed, config.data.template
 
 

@@ -10,7 +10,7 @@ It trains what is missing, each into WORKDIR and skipped when already there:
   tower     (--tower=auto, the default) the shapes world's vision tower, pretrained
             (experiments/shapes_vision_tower.py) -> WORKDIR/tower; the SFT policy and the
             labeler start from it and keep it frozen, as LLaVA keeps CLIP
-  sft       configs/shapes_sft.py -> WORKDIR/sft, exported to WORKDIR/sft_hf (or --sft_from)
+  sft       configs/shapes/sft.py -> WORKDIR/sft, exported to WORKDIR/sft_hf (or --sft_from)
   labeler   (rlaifv) a separate small LLaVA trained by SFT on yes/no questions about scenes
             ("Is there a red circle in the image?" -> Yes/No; --labeler_data), with the
             policy's tokenizer, on the policy's frozen tower or (--labeler_variant=
@@ -27,7 +27,7 @@ It trains what is missing, each into WORKDIR and skipped when already there:
             on held-out pairs, with and without ties, one order and both orders (MT-Bench's
             swap rule) -> WORKDIR/critic_accuracy.json
 
-then runs `lmm_align.trainers.iterative` (configs/shapes_iterative_dpo.py) into
+then runs `lmm_align.trainers.iterative` (configs/shapes/iterative_dpo.py) into
 WORKDIR/<feedback>/ for each feedback kind asked and prints the hallucination rate per round.
 WORKDIR/summary.json gathers the round tables and the labeler and critic accuracies (results of
 earlier commands into the same WORKDIR are kept). A killed command rerun as it was resumes
@@ -182,11 +182,11 @@ def _load(spec: str):
 
 
 def _sft_spec(args) -> str:
-  """configs/shapes_sft.py with runlocal and the pretrained tower as asked."""
+  """configs/shapes/sft.py with runlocal and the pretrained tower as asked."""
   parts = ["runlocal"] if args.quick else []
   if getattr(args, "tower_dir", ""):
     parts.append(f"tower={args.tower_dir}")
-  return f"configs/shapes_sft.py:{','.join(parts)}"
+  return f"configs/shapes/sft.py:{','.join(parts)}"
 
 
 def ensure_tower(args, root: pathlib.Path) -> str:
@@ -197,7 +197,7 @@ def ensure_tower(args, root: pathlib.Path) -> str:
     return args.tower
   from experiments import shapes_vision_tower
 
-  sft_config = _load(f"configs/shapes_sft.py:{'runlocal' if args.quick else ''}")
+  sft_config = _load(f"configs/shapes/sft.py:{'runlocal' if args.quick else ''}")
   shapes_vision_tower.ensure_tower(sft_config, root / "tower", args.quick)
   return str(root / "tower")
 
@@ -205,7 +205,7 @@ def ensure_tower(args, root: pathlib.Path) -> str:
 def _world(quick: bool):
   from lmm_align.data import sources
 
-  return sources.shapes_world_config(_load(f"configs/shapes_sft.py:{'runlocal' if quick else ''}"))
+  return sources.shapes_world_config(_load(f"configs/shapes/sft.py:{'runlocal' if quick else ''}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def ensure_sft(args, root: pathlib.Path) -> str:
 
 
 def _json_sft_config(args, data_json: pathlib.Path, **fields):
-  """configs/shapes_sft.py reading a saved LLaVA JSON (its images beside it), no evaluation."""
+  """configs/shapes/sft.py reading a saved LLaVA JSON (its images beside it), no evaluation."""
   from lmm_align import main
 
   config = _load(_sft_spec(args))
@@ -579,7 +579,7 @@ def labeler_data(args, sft_hf: str) -> list[dict[str, Any]]:
   near_misses = int(round(args.labeler_records * args.labeler_near_miss_share))
   n = args.labeler_records - near_misses
   if args.labeler_data == "policy_claims":
-    template = _load("configs/shapes_iterative_dpo.py").data.template
+    template = _load("configs/shapes/iterative_dpo.py").data.template
     policies = [f for f in args.labeler_claims_from.split(",") if f] or [sft_hf]
     records = policy_claim_records(
       n, world, LABELER_DATA_SEED, policies, template, args.labeler_picture_share
@@ -600,7 +600,7 @@ def ensure_labeler_tower(args, root: pathlib.Path) -> str:
 
   if args.labeler_init or not args.tower_dir:
     return ""
-  sft_config = _load(f"configs/shapes_sft.py:{'runlocal' if args.quick else ''}")
+  sft_config = _load(f"configs/shapes/sft.py:{'runlocal' if args.quick else ''}")
   if get_variant(args.labeler_variant).vision == get_variant(sft_config.model.variant).vision:
     return args.tower_dir
   from experiments import shapes_vision_tower
@@ -856,7 +856,7 @@ def loop_config(args, kind: str, sft_hf: str, labeler: str = "", critic_folder: 
   from lmm_align import main
 
   config = _load(
-    f"configs/shapes_iterative_dpo.py:feedback={kind}{',runlocal' if args.quick else ''}"
+    f"configs/shapes/iterative_dpo.py:feedback={kind}{',runlocal' if args.quick else ''}"
   )
   fields = {"init_from": sft_hf, "feedback.labeler": labeler, "feedback.critic": critic_folder}
   if critic_folder:

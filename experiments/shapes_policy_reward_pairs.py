@@ -4,7 +4,7 @@
       /tmp/iter/rlaifv/round_2 /tmp/iter/rlaifv/round_3 [--recall_weight=0.5] \\
       [--prefix_pairs --tokenizer=/tmp/sft_hf] [--holdout_prompts=128] \\
       [--max_response_pairs=10000] [--max_pairs=40000]
-  python -m lmm_align.main --config=configs/shapes_reward.py --workdir=/tmp/rm_policy \\
+  python -m lmm_align.main --config=configs/shapes/reward.py --workdir=/tmp/rm_policy \\
       --config.init_from=/tmp/sft_hf --config.data.source=pairs_jsonl \\
       --config.data.json_path=/tmp/rm_pairs.jsonl
 

@@ -1,7 +1,7 @@
 """A pretrained vision tower for the shapes world: the stand-in for LLaVA's CLIP.
 
   python experiments/shapes_vision_tower.py --out=/tmp/tower          # about 1.5 minutes on CPU
-  python -m lmm_align.main --config=configs/shapes_sft.py --workdir=W --config.model.vision_init=/tmp/tower
+  python -m lmm_align.main --config=configs/shapes/sft.py --workdir=W --config.model.vision_init=/tmp/tower
   python experiments/shapes_vision_tower.py --out=/tmp/judge_tower --variant=shapes-judge
 
 LLaVA never trains its vision tower from nothing: stage 1 starts from CLIP, pretrained on
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--out", required=True, help="the CLIPVisionModel folder to write")
-  p.add_argument("--config", default="configs/shapes_sft.py", help="the SFT config to match")
+  p.add_argument("--config", default="configs/shapes/sft.py", help="the SFT config to match")
   p.add_argument(
     "--variant", default="", help="the model variant whose tower to train (default: the config's)"
   )

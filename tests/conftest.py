@@ -43,7 +43,7 @@ def shared_reference_data() -> pathlib.Path:
 def shapes_sft_policy(tmp_path_factory) -> pathlib.Path:
   """A shapes-world SFT policy trained for 2 steps and exported as an HF folder (with its
   tokenizer and processor): the starting point of the DPO, reward and PPO tests."""
-  from configs import shapes_sft
+  from configs.shapes import sft as shapes_sft
   from lmm_align.trainers import export, sft
 
   root = tmp_path_factory.mktemp("shapes_sft")

@@ -410,7 +410,7 @@ def test_shapes_scene_seed_flag(model_dir, tmp_path, monkeypatch):
   flags = ["shapes", f"--model={model_dir}", f"--out={tmp_path}", "--limit=2", *FAST]
   evaluate.cli(flags)
   evaluate.cli([*flags, "--scene_seed=777"])
-  assert seeds == [12345, 777]  # configs/shapes_sft.py's eval_seed, then the flag's
+  assert seeds == [12345, 777]  # configs/shapes/sft.py's eval_seed, then the flag's
 
 
 def test_suffix_flag():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from configs import shapes_sft
+from configs.shapes import sft as shapes_sft
 from lmm_align import main
 from lmm_align.trainers import loop, sft
 
@@ -49,12 +49,12 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
 
 def test_sweep_prints_tpu_commands(tmp_path, capsys):
   launch = dict(
-    name="tpu", zone="us-central2-b", accelerator="v4-32", config_arg="configs/shapes_sft.py"
+    name="tpu", zone="us-central2-b", accelerator="v4-32", config_arg="configs/shapes/sft.py"
   )
   assert main.sweep(_config(), "gs://bucket/root", launch) == []
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[0] == (
     "launch/tpu_run.sh --name tpu-clean_data --zone us-central2-b --accelerator v4-32 -- "
-    "--config=configs/shapes_sft.py --workdir=gs://bucket/root/clean_data --config.data.shapes.hallucination_rate=0.0"
+    "--config=configs/shapes/sft.py --workdir=gs://bucket/root/clean_data --config.data.shapes.hallucination_rate=0.0"
   )
   assert len(lines) == 2

@@ -9,7 +9,7 @@ from lmm_align import main
 def test_labeler_tower_flag_unfreezes_the_tower_at_a_scaled_learning_rate(tmp_path):
   args = experiment.parse_args(["--workdir=w", "--labeler_tower_lr=0.3", "--labeler_steps=60"])
   config = main.apply_overrides(
-    experiment._load("configs/shapes_sft.py"), experiment.labeler_overrides(args)
+    experiment._load("configs/shapes/sft.py"), experiment.labeler_overrides(args)
   )
   assert config.total_steps == 60 and config.checkpoint_every == 10
   assert config.model.variant == "shapes"

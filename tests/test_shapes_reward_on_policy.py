@@ -51,7 +51,7 @@ def test_swapped_facts_come_from_the_next_prompt():
 
 
 def test_end_to_end_on_a_tiny_reward_model(tmp_path, shapes_sft_policy):
-  from configs import shapes_reward
+  from configs.shapes import reward as shapes_reward
   from lmm_align.trainers import reward
 
   config = shapes_reward.get_config("runlocal")

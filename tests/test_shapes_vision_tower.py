@@ -37,7 +37,7 @@ def test_cell_labels_follow_the_grid(tower_script):
 
 
 def test_short_pretraining_learns_and_loads_into_the_sft_model(tower_script, tmp_path):
-  config = config_files.load_config("configs/shapes_sft.py:runlocal", str(REPO))
+  config = config_files.load_config("configs/shapes/sft.py:runlocal", str(REPO))
   metrics = tower_script.pretrain(
     config, tmp_path, steps=60, batch_size=32, lr=3e-3, eval_scenes=64
   )

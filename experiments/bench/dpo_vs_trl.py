@@ -200,8 +200,8 @@ def to_trl(batch: dict[str, np.ndarray]) -> dict:
 
 
 def ours_config(lr: float, remat: bool):
-  """configs/shapes_dpo.py's DPO block: sigmoid, beta 0.1, reference on the fly, full FT."""
-  config = config_files.load_config("configs/shapes_dpo.py:runlocal", str(REPO))
+  """configs/shapes/dpo.py's DPO block: sigmoid, beta 0.1, reference on the fly, full FT."""
+  config = config_files.load_config("configs/shapes/dpo.py:runlocal", str(REPO))
   config.dpo.precompute_reference = False
   config.trainable = (".*",)
   config.model.remat_policy = "full" if remat else "none"

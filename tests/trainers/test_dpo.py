@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs import shapes_dpo
+from configs.shapes import dpo as shapes_dpo
 from lmm_align import main
 from lmm_align.data import preference
 from lmm_align.trainers import dpo

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from configs import shapes_iterative_dpo
+from configs.shapes import iterative_dpo as shapes_iterative_dpo
 from lmm_align.data import preference_sources, shapes
 from lmm_align.feedback import rlaifv
 from lmm_align.judges.base import FunctionJudge
@@ -23,7 +23,7 @@ from lmm_align.trainers import iterative
 def policy(tmp_path_factory) -> pathlib.Path:
   """A runlocal SFT policy trained long enough (40 steps) to describe scenes in shapes words,
   so sampled descriptions mention objects and ground-truth feedback can rank them."""
-  from configs import shapes_sft
+  from configs.shapes import sft as shapes_sft
   from lmm_align.trainers import export, sft
 
   root = tmp_path_factory.mktemp("policy")

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from configs import shapes_sft
+from configs.shapes import sft as shapes_sft
 from lmm_align.trainers import sft
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ def test_two_processes_equal_one_process(tmp_path):
       sys.executable,
       "-m",
       "lmm_align.main",
-      "--config=configs/shapes_sft.py:runlocal",
+      "--config=configs/shapes/sft.py:runlocal",
       f"--workdir={workdir}",
       *OVERRIDES,
     ]

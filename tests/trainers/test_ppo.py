@@ -9,7 +9,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs import shapes_ppo, shapes_reward
+from configs.shapes import ppo as shapes_ppo
+from configs.shapes import reward as shapes_reward
 from lmm_align import main
 from lmm_align.hf.reward import load_reward_model
 from lmm_align.trainers import ppo, reward

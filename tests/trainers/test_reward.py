@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import shapes_reward
+from configs.shapes import reward as shapes_reward
 from lmm_align import optim
 from lmm_align.models import Llava, get_variant
 from lmm_align.models.heads import ScalarHead, last_token_index, sequence_scores
@@ -83,7 +83,7 @@ def test_bradley_terry_step_raises_the_margin():
 def test_pairs_jsonl_reward_records_keep_facts_and_load_images_lazily(tmp_path):
   from PIL import Image
 
-  from configs import shapes_reward
+  from configs.shapes import reward as shapes_reward
   from lmm_align import main
   from lmm_align.trainers.reward import reward_records
 

@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shapes_sft
+from configs.shapes import sft as shapes_sft
 from lmm_align import main
 from lmm_align.trainers import sft
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-CONFIG = "configs/shapes_sft.py:runlocal"
+CONFIG = "configs/shapes/sft.py:runlocal"
 
 
 def _config(**overrides):

@@ -1,8 +1,8 @@
 """PPO on shapes-world prompts with a (fact-augmented) reward model, from an exported SFT policy.
 
-  python -m lmm_align.main --config=configs/shapes_ppo.py --workdir=/tmp/ppo_fact \
+  python -m lmm_align.main --config=configs/shapes/ppo.py --workdir=/tmp/ppo_fact \
     --config.init_from=/tmp/sft_hf --config.ppo.reward_model=/tmp/rm_fact_hf
-  python -m lmm_align.main --config=configs/shapes_ppo.py:vanilla --workdir=/tmp/ppo_vanilla \
+  python -m lmm_align.main --config=configs/shapes/ppo.py:vanilla --workdir=/tmp/ppo_vanilla \
     --config.init_from=/tmp/sft_hf --config.ppo.reward_model=/tmp/rm_vanilla_hf
 
 Textbook defaults (KL k1 at the EOS score position, whitened advantages over response tokens);

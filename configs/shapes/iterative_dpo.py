@@ -2,7 +2,7 @@
 
   python experiments/shapes_iterative_dpo.py --workdir=/tmp/iter --sft_from=/tmp/chain/sft_hf
   python -m lmm_align.trainers.iterative --workdir=/tmp/iter_gt \\
-      --config=configs/shapes_iterative_dpo.py:feedback=ground_truth \\
+      --config=configs/shapes/iterative_dpo.py:feedback=ground_truth \\
       --config.init_from=/tmp/chain/sft_hf
 
 The first command also trains what is missing (the SFT policy, the labeler, the critic); the
@@ -21,7 +21,8 @@ the note below).
 
 import ml_collections
 
-from configs import common, shapes_dpo
+from configs import common
+from configs.shapes import dpo as shapes_dpo
 from lmm_align.data import shapes
 from lmm_align.trainers.iterative import FEEDBACK_KINDS
 
@@ -76,7 +77,7 @@ def get_config(arg: str | None = None):
   config.pairs = ml_collections.ConfigDict(
     dict(method="auto", per_prompt=2, min_score_gap=1, balance_lengths=True, sft_on="all")
   )
-  # The DPO run of each round: configs/shapes_dpo.py, its data replaced by the round's pairs.
+  # The DPO run of each round: configs/shapes/dpo.py, its data replaced by the round's pairs.
   # With epochs_per_round > 0 the steps follow the number of pairs; else train.total_steps.
   config.train = shapes_dpo.get_config("runlocal" if arg.runlocal else None)
   config.train.eval.enabled = False

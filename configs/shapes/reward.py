@@ -1,7 +1,7 @@
 """Reward model on shapes-world pairs (LLaVA-RLHF's Fact-RLHF RM), from an exported SFT policy.
 
-  python -m lmm_align.main --config=configs/shapes_reward.py --workdir=/tmp/rm_fact --config.init_from=/tmp/sft_hf
-  python -m lmm_align.main --config=configs/shapes_reward.py:vanilla --workdir=/tmp/rm_vanilla --config.init_from=/tmp/sft_hf
+  python -m lmm_align.main --config=configs/shapes/reward.py --workdir=/tmp/rm_fact --config.init_from=/tmp/sft_hf
+  python -m lmm_align.main --config=configs/shapes/reward.py:vanilla --workdir=/tmp/rm_vanilla --config.init_from=/tmp/sft_hf
   python -m lmm_align.main export --workdir=/tmp/rm_fact --out=/tmp/rm_fact_hf
 
 Pairs: a truthful answer (chosen) vs the same answer with an injected hallucination. The

@@ -1,8 +1,8 @@
 """SFT of a tiny LLaVA on the synthetic shapes world: CPU, about 11 minutes, ground-truth metrics.
 
-  python -m lmm_align.main --config=configs/shapes_sft.py --workdir=/tmp/shapes_sft
-  python -m lmm_align.main --config=configs/shapes_sft.py:runlocal --workdir=/tmp/t   # seconds
-  python -m lmm_align.main --config=configs/shapes_sft.py:tower=DIR --workdir=/tmp/shapes_sft
+  python -m lmm_align.main --config=configs/shapes/sft.py --workdir=/tmp/shapes_sft
+  python -m lmm_align.main --config=configs/shapes/sft.py:runlocal --workdir=/tmp/t   # seconds
+  python -m lmm_align.main --config=configs/shapes/sft.py:tower=DIR --workdir=/tmp/shapes_sft
 
 `tower=DIR` starts the vision tower from a pretrained CLIPVisionModel folder
 (experiments/shapes_vision_tower.py writes one for this world) and keeps it frozen, as LLaVA

@@ -1,8 +1,8 @@
 """DPO on shapes-world ground-truth pairs, from an SFT policy exported to HF format.
 
-  python -m lmm_align.main --config=configs/shapes_sft.py --workdir=/tmp/sft
+  python -m lmm_align.main --config=configs/shapes/sft.py --workdir=/tmp/sft
   python -m lmm_align.main export --workdir=/tmp/sft --out=/tmp/sft_hf
-  python -m lmm_align.main --config=configs/shapes_dpo.py --workdir=/tmp/dpo --config.init_from=/tmp/sft_hf
+  python -m lmm_align.main --config=configs/shapes/dpo.py --workdir=/tmp/dpo --config.init_from=/tmp/sft_hf
 
 Pairs: the scene's truthful caption (chosen) vs the same caption with an injected
 hallucination (rejected). The reference is the starting policy, its log-probs precomputed
