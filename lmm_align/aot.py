@@ -710,7 +710,13 @@ def _max_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def _prepare_platforms(acc: Accelerator) -> None:
+def save_table(table: dict[str, Any], path: str) -> None:
+  """The plan's JSON (`--save`): the accelerator, mesh and every program's row."""
+  with open(path, "w") as f:
+    json.dump(table, f, indent=2, default=str)
+
+
+def prepare_platforms(acc: Accelerator) -> None:
   """Before JAX's backends start: enough fake CPU devices for cpu-N, and the CPU platform
   (compile-only TPU devices need no TPU backend, and this machine may have no TPU)."""
   try:
@@ -751,15 +757,14 @@ def main(argv: list[str]) -> int:
       raise ValueError("--config and --topology are required")
     acc = resolve_accelerator(fv.topology)
     sizes = parse_mesh(fv.mesh)
-    _prepare_platforms(acc)
+    prepare_platforms(acc)
     fits, table, lines = plan(fv.config, acc, sizes, fv.hbm_gib, fv.cost)
   except (flags.Error, ValueError, RuntimeError) as e:
     print(f"plan: error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
   print("\n".join(lines), flush=True)
   if fv.save:
-    with open(fv.save, "w") as f:
-      json.dump(table, f, indent=2, default=str)
+    save_table(table, fv.save)
   return 0 if fits else EXIT_DOES_NOT_FIT
 
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from lmm_align import aot, config_files
+from lmm_align import aot, config_files, sharding
 from lmm_align.models.llava import Llava, dummy_inputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,12 +29,20 @@ LAST_LINE = re.compile(
 )
 
 
+def _config(*candidates: str) -> str:
+  """The first of the candidate config paths that exists (the configs moved into folders)."""
+  for path in candidates:
+    if (REPO / path).exists():
+      return str(REPO / path)
+  raise FileNotFoundError(f"none of {candidates} under {REPO}")
+
+
 def _shapes_config(name: str) -> str:
-  """configs/shapes_<name>.py, or configs/shapes/<name>.py where the configs moved."""
-  for path in (REPO / "configs" / f"shapes_{name}.py", REPO / "configs" / "shapes" / f"{name}.py"):
-    if path.exists():
-      return str(path)
-  raise FileNotFoundError(f"no shapes {name} config under {REPO / 'configs'}")
+  return _config(f"configs/shapes/{name}.py", f"configs/shapes_{name}.py")
+
+
+def _llava_sft_config() -> str:
+  return _config("configs/llava15/sft.py", "configs/llava_sft_7b.py")
 
 
 def _plan(capsys, *argv: str) -> tuple[int, str, str]:
@@ -156,7 +164,7 @@ def test_tpu_v5p8_plan_matches_bytes_by_hand(capsys, tmp_path):
   if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
   save = tmp_path / "plan.json"
-  config = str(REPO / "configs" / "llava_sft_7b.py") + ":runlocal"
+  config = _llava_sft_config() + ":runlocal"
   status, out, err = _plan(capsys, f"--config={config}", "--topology=v5p-8", f"--save={save}")
   assert status == 0, err
   match = LAST_LINE.fullmatch(out.strip().splitlines()[-1])
@@ -208,8 +216,49 @@ def test_lmm_align_plan_dispatches_to_aot():
     "import sys; from lmm_align.main import run; sys.argv = ['lmm-align', *sys.argv[1:]]; run()"
   )
   result = subprocess.run(
-    [sys.executable, "-c", code, "plan", "--config=configs/llava_sft_7b.py", "--topology=v5p-7"],
+    [sys.executable, "-c", code, "plan", f"--config={_llava_sft_config()}", "--topology=v5p-7"],
     cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
   )  # fmt: skip
   assert result.returncode == aot.EXIT_BAD_INPUT, result.stderr[-2000:]
   assert "--topology='v5p-7' is not a known accelerator type" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Abstract state vs real arrays, and the published 7B size.
+# --------------------------------------------------------------------------------------------
+
+
+def _abstract_state(config, mesh):
+  model_config, _ = aot.model_config_of(config)
+  model = Llava(model_config)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
+    params, shards = aot.abstract_variables(model, mesh, rules)["params"]
+    state, _, _ = aot.abstract_train_state(config, params, shards, mesh)
+  return model, rules, state
+
+
+def test_llava_7b_param_count_and_bytes_by_hand():
+  config = config_files.load_config(_llava_sft_config())
+  model_config, notes = aot.model_config_of(config)
+  assert any("sized from the variant" in n for n in notes)  # no HF folder here
+  _, _, state = _abstract_state(config, sharding.make_mesh((1, 8, 1)))
+
+  d, f, layers, vocab = 4096, 11008, 32, 32064
+  text = 2 * vocab * d + layers * (4 * d * d + 3 * d * f + 2 * d) + d
+  dv, fv, lv, patches = 1024, 4096, 24, 576
+  vision = (
+    14 * 14 * 3 * dv  # patch embedding (no bias)
+    + dv  # class embedding
+    + (patches + 1) * dv  # position embedding
+    + 2 * 2 * dv  # pre and post layer norms
+    + lv * (4 * (dv * dv + dv) + dv * fv + fv + fv * dv + dv + 2 * 2 * dv)
+  )
+  projector = dv * d + d + d * d + d
+  assert text + vision + projector == 7_063_427_072  # llava-hf/llava-1.5-7b-hf
+  assert aot.num_params(state.params) == 7_063_427_072
+
+  # bf16 params; the fp32 Adam moments cover the projector and the language model only.
+  per_chip = aot.bytes_per_chip(state.params)
+  assert 2 * 7_063_427_072 / 8 < per_chip < 2 * 7_063_427_072 / 8 * 1.01
+  assert np.isclose(aot.bytes_per_chip(state.opt_state), 2 * 4 * (text + projector) / 8, rtol=1e-3)
