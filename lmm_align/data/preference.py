@@ -153,6 +153,23 @@ def shapes_preference_records(
   return out
 
 
+def compact_pair(pair: PreferencePair) -> PreferencePair:
+  """The pair with its ids and labels as int16 when every value fits (LLaVA-1.5's 32k
+  vocabulary does): half the host memory of int32, which matters because each sequence holds
+  P image ids (576 for LLaVA-1.5: about 10 kB per pair in int32, 0.8 GB for RLAIF-V's 83k
+  pairs). Batches are int32 whatever the pair holds."""
+  arrays = (pair.chosen_ids, pair.chosen_labels, pair.rejected_ids, pair.rejected_labels)
+  if any(a.dtype == np.int16 for a in arrays):
+    return pair
+  info = np.iinfo(np.int16)
+  if any(a.size and (a.min() < info.min or a.max() > info.max) for a in arrays):
+    return pair
+  ids_c, labels_c, ids_r, labels_r = (a.astype(np.int16) for a in arrays)
+  return dataclasses.replace(
+    pair, chosen_ids=ids_c, chosen_labels=labels_c, rejected_ids=ids_r, rejected_labels=labels_r
+  )
+
+
 class PreferenceData:
   """Encoded pairs served as global batches by step; optional cached reference log-probs."""
 
@@ -174,7 +191,7 @@ class PreferenceData:
       if max(len(pair.chosen_ids), len(pair.rejected_ids)) > max_length:
         self.stats["dropped_too_long"] += 1
       else:
-        kept.append(pair)
+        kept.append(compact_pair(pair))
         self.stats["kept"] += 1
     if not kept:
       raise ValueError(f"no preference pair left after the length limit: {dict(self.stats)}")
