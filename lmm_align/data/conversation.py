@@ -21,6 +21,26 @@ the answer, where sentencepiece and byte-level BPE both attach it (to the answer
 The ids can differ from tokenizing the whole string in one call at piece boundaries; training,
 sampling and scoring all go through these functions, so they agree with each other.
 
+The LLaVA-NeXT / OneVision checkpoints' templates (LLaVA-NeXT `llava/conversation.py`):
+
+  qwen_1_5 (LLaVA-OneVision, LLaVA-Critic; SeparatorStyle.CHATML):
+    "<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n"
+    "<|im_start|>user\\n<image>\\n{q1}<|im_end|>\\n<|im_start|>assistant\\n{a1}<|im_end|>\\n" ...
+  chatml_direct (llava-v1.6-34b, Nous-Hermes-2-Yi-34B; SeparatorStyle.MPT, no newline between
+    turns): "<|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n<image>\\n{q1}"
+    "<|im_end|><|im_start|>assistant\\n{a1}<|im_end|>" ...
+  mistral_instruct (llava-v1.6-mistral-7b; SeparatorStyle.LLAMA_2 with an empty system):
+    "[INST] <image>\\n{q1} [/INST] {a1} </s>[INST] {q2} [/INST] {a2} </s>"
+
+Their markup tokens ("<|im_start|>", "<|im_end|>") are looked up as one id each, while the
+turns' own text is always tokenized as text (a literal "<|im_end|>" typed in the data stays
+text). The loss covers each answer and the token that closes it (<|im_end|>, or </s> for
+mistral_instruct, whose answers keep the space LLaVA-NeXT puts before </s>). LLaVA-NeXT's
+`preprocess_qwen` also trains on every "\\n", <|im_start|> and <|im_end|> of the prompt and on
+the "<|im_start|>assistant\\n" header: tokens fixed by the template, which only teach the model
+the markup it is always given; here they are context, as the `{% generation %}` span of the
+llava-hf chat templates has it. Qwen and Yi tokenizers add no BOS (`add_bos` False).
+
 Images: each `<image>` becomes `num_image_tokens` copies of `image_token_id` (the HF Llava
 convention, e.g. 576 for CLIP ViT-L/14-336), not LLaVA's single -200 sentinel.
 """
@@ -28,6 +48,7 @@ convention, e.g. 576 for CLIP ViT-L/14-336), not LLaVA's single -200 sentinel.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,19 +60,30 @@ if TYPE_CHECKING:  # transformers is only needed for the annotation; importing i
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 HUMAN, GPT = "human", "gpt"
+STYLES = ("two", "plain", "chatml", "mpt", "llama_2")
+IMAGE_RULES = ("llava", "next")
 
 
 @dataclasses.dataclass(frozen=True)
 class ConversationTemplate:
-  """How turns are rendered to text.
+  """How turns are rendered to text (LLaVA's `Conversation` and its `SeparatorStyle`s).
 
-  style: "two" (LLaVA's SeparatorStyle.TWO: "ROLE: message" turns) or "plain" (LLaVA's
-    pretraining format: the image placeholders, then the caption, nothing else).
-  system: text before the first turn ("two" only), followed by `sep`.
-  roles: display names of the (human, gpt) roles.
+  style: "two" ("ROLE: message" turns, LLaVA's TWO), "plain" (LLaVA's pretraining format: the
+    image placeholders, then the caption), "chatml" (LLaVA-NeXT's CHATML: "role\\n" headers,
+    turns closed by `sep` + "\\n"), "mpt" (LLaVA-NeXT's MPT: roles carry their "\\n", turns
+    closed by `sep` alone) or "llama_2" ("[INST] q [/INST] a </s>").
+  system: the system message ("" for none), without its markup; the style wraps it.
+  roles: display names of the (human, gpt) roles, as LLaVA writes them.
   sep: text after each human turn (and after the system prompt).
   sep2: text after each answer; the answer's end token, which is trained on.
   sep2_is_eos: encode `sep2` as the tokenizer's eos id instead of tokenizing its text.
+  special_tokens: markup strings that are one token each in the model's vocabulary.
+  add_bos: whether sequences start with the tokenizer's BOS (LLaVA's `tokenizer_image_token`
+    keeps the tokenizer's own BOS: Llama / Mistral add one, Qwen2 and Yi do not).
+  image_rule: where `<image>` goes in a human turn: "llava" (LLaVA-1.5's preprocess_multimodal:
+    every placeholder moved to the front, each followed by "\\n", the text stripped) or "next"
+    (LLaVA-NeXT's: a single placeholder not already first is moved to the front the same way;
+    a turn that starts with it, or holds several, is kept verbatim).
   """
 
   name: str
@@ -61,10 +93,21 @@ class ConversationTemplate:
   sep: str
   sep2: str
   sep2_is_eos: bool
+  special_tokens: tuple[str, ...] = ()
+  add_bos: bool = True
+  image_rule: str = "llava"
+
+  def __post_init__(self):
+    if self.style not in STYLES:
+      raise ValueError(f"template {self.name!r}: style {self.style!r} is not one of {STYLES}")
+    if self.image_rule not in IMAGE_RULES:
+      raise ValueError(
+        f"template {self.name!r}: image_rule {self.image_rule!r} not in {IMAGE_RULES}"
+      )
 
   @property
   def stop_str(self) -> str:
-    """Where sampling stops (LLaVA's `stop_str`)."""
+    """Where sampling stops (LLaVA's `stop_str`): the text that closes an answer."""
     return self.sep2
 
 
@@ -76,9 +119,11 @@ _LLAVA_SYSTEM = (
   "A chat between a curious human and an artificial intelligence assistant. "
   "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 TEMPLATES: dict[str, ConversationTemplate] = {
-  # LLaVA-1.5 training (`--version v1`) and evaluation (`--conv-mode vicuna_v1`).
+  # LLaVA-1.5 training (`--version v1`) and evaluation (`--conv-mode vicuna_v1`); also the
+  # template of llava-v1.6-vicuna-7b/13b.
   "vicuna_v1": ConversationTemplate(
     "vicuna_v1", "two", _VICUNA_SYSTEM, ("USER", "ASSISTANT"), " ", "</s>", True
   ),
@@ -89,8 +134,47 @@ TEMPLATES: dict[str, ConversationTemplate] = {
   # LLaVA stage-1 pretraining (`preprocess_plain`): "<image>" + caption + "\n"; the human
   # text is dropped and the caption ends with "\n", not </s>.
   "plain": ConversationTemplate("plain", "plain", "", ("", ""), "\n", "\n", False),
+  # The next three are LLaVA-NeXT's `conv_qwen`, `conv_chatml_direct` and
+  # `conv_mistral_instruct` (LLaVA-VL/LLaVA-NeXT llava/conversation.py), trained through
+  # `preprocess_qwen`, `preprocess_mpt` and `preprocess_llama_2` (llava/train/train.py).
+  "qwen_1_5": ConversationTemplate(
+    "qwen_1_5",
+    "chatml",
+    "You are a helpful assistant.",
+    (f"{IM_START}user", f"{IM_START}assistant"),
+    IM_END,
+    IM_END,
+    False,
+    special_tokens=(IM_START, IM_END),
+    add_bos=False,
+    image_rule="next",
+  ),  # fmt: skip
+  "chatml_direct": ConversationTemplate(
+    "chatml_direct",
+    "mpt",
+    "Answer the questions.",
+    (f"{IM_START}user\n", f"{IM_START}assistant\n"),
+    IM_END,
+    IM_END,
+    False,
+    special_tokens=(IM_START, IM_END),
+    add_bos=False,
+    image_rule="next",
+  ),  # fmt: skip
+  "mistral_instruct": ConversationTemplate(
+    "mistral_instruct",
+    "llama_2",
+    "",
+    ("USER", "ASSISTANT"),
+    "",
+    "</s>",
+    True,
+    image_rule="next",
+  ),  # fmt: skip
 }
 TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]  # LLaVA registers the vicuna template under both names
+# LLaVA-NeXT's other names for the same formats.
+TEMPLATES["llava_mistral_instruct"] = TEMPLATES["mistral_instruct"]
 
 
 def get_template(name: str) -> ConversationTemplate:
@@ -104,7 +188,8 @@ def get_template(name: str) -> ConversationTemplate:
 class EncodedConversation:
   """One tokenized conversation.
 
-  input_ids: int32 [T], starting with BOS; each image is `num_image_tokens` image ids.
+  input_ids: int32 [T], starting with BOS where the template adds one; each image is
+    `num_image_tokens` image ids.
   labels: int32 [T], equal to input_ids on trained positions and IGNORE_INDEX elsewhere. Not
     shifted: the loss at position t compares logits[t - 1] with labels[t].
   num_images: how many `<image>` placeholders were expanded.
@@ -124,10 +209,21 @@ def _where(record_id: str | None) -> str:
   return f"record {record_id!r}: " if record_id is not None else ""
 
 
+def _place_images(value: str, image_rule: str) -> str:
+  n = value.count(IMAGE_PLACEHOLDER)
+  if n == 0:
+    return value
+  if image_rule == "next" and (n > 1 or value.startswith(IMAGE_PLACEHOLDER)):
+    return value  # LLaVA-NeXT's preprocess_multimodal moves only a lone, not-leading image
+  # LLaVA's preprocess_multimodal: "<image>\n" + rest.strip(). LLaVA-1.5 collapses several
+  # placeholders in one turn into one; we keep the count so multi-image data stays aligned.
+  return (IMAGE_PLACEHOLDER + "\n") * n + value.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
 def _normalise_turns(
-  conversation: Any, record_id: str | None, ends_with: str
+  conversation: Any, record_id: str | None, ends_with: str, image_rule: str = "llava"
 ) -> list[tuple[str, str]]:
-  """Validates turns and returns (role, value) pairs with each turn's images moved first.
+  """Validates turns and returns (role, value) pairs with each turn's images placed.
 
   A leading non-human turn is dropped, as LLaVA's `preprocess` does (`if roles[source[0]
   ["from"]] != conv.roles[0]: source = source[1:]`); some ShareGPT-derived records open with
@@ -162,30 +258,23 @@ def _normalise_turns(
   if turns[-1][1] != ends_with:
     what = "an answer (gpt turn)" if ends_with == GPT else "a question (human turn)"
     raise ValueError(f"{where}the conversation must end with {what}")
-
-  normalised = []
-  for _, role, value in turns:
-    n = value.count(IMAGE_PLACEHOLDER)
-    if n:
-      # LLaVA's preprocess_multimodal: "<image>\n" + rest.strip(). LLaVA collapses several
-      # placeholders in one turn into one; we keep the count so multi-image data stays aligned.
-      value = (IMAGE_PLACEHOLDER + "\n") * n + value.replace(IMAGE_PLACEHOLDER, "").strip()
-    normalised.append((role, value))
-  return normalised
+  return [(role, _place_images(value, image_rule)) for _, role, value in turns]
 
 
 # ------------------------------------------------------------------------------------------
-# Rendering to text pieces.
+# Rendering to segments: (kind, text) whose texts concatenate to LLaVA's `get_prompt()`.
 # ------------------------------------------------------------------------------------------
 
+MARKUP, CONTENT, ANSWER, END = "markup", "content", "answer", "end"
 
-def _render_pieces(
+
+def _render_segments(
   turns: list[tuple[str, str]], template: ConversationTemplate, record_id: str | None
-) -> list[tuple[str, bool]]:
-  """(text, is_answer) pieces whose concatenation is LLaVA's `get_prompt()`.
-
-  An answer piece excludes its end token `sep2`, which `_encode_pieces` appends. A trailing
-  human turn yields a prompt ending with "ASSISTANT:" (the generation prompt).
+) -> list[tuple[str, str]]:
+  """(kind, text) segments. kind: MARKUP (the template's own text; its special tokens are one
+  id each), CONTENT (a human turn's text), ANSWER (a gpt turn's text, trained) or END (`sep2`
+  after an answer, trained). A trailing human turn ends with the assistant header (the
+  generation prompt).
   """
   if template.style == "plain":
     if len(turns) > 2:
@@ -193,20 +282,42 @@ def _render_pieces(
     images = turns[0][1].count(IMAGE_PLACEHOLDER)
     if images == 0:
       raise ValueError(f"{_where(record_id)}the plain template needs an {IMAGE_PLACEHOLDER}")
-    pieces = [(IMAGE_PLACEHOLDER * images, False)]
+    segments = [(CONTENT, IMAGE_PLACEHOLDER * images)]
     if len(turns) == 2:
-      pieces.append((turns[1][1], True))
-    return pieces
+      segments += [(ANSWER, turns[1][1]), (END, template.sep2)]
+    return segments
 
   user, assistant = template.roles
-  pieces = []
+  system, sep, style = template.system, template.sep, template.style
+  segments: list[tuple[str, str]] = []
+  if style == "two":
+    segments.append((MARKUP, system + sep))
+  elif style == "chatml" and system:
+    segments.append((MARKUP, f"{IM_START}system\n{system}{sep}\n"))
+  elif style == "mpt" and system:
+    segments.append((MARKUP, f"{IM_START}system\n{system}{sep}"))
   for k in range(0, len(turns), 2):
-    prefix = template.system + template.sep if k == 0 else ""
     question = turns[k][1]
-    pieces.append((f"{prefix}{user}: {question}{template.sep}{assistant}:", False))
+    if style == "two":
+      segments += [(MARKUP, f"{user}: "), (CONTENT, question), (MARKUP, f"{sep}{assistant}:")]
+    elif style == "chatml":
+      segments += [(MARKUP, f"{user}\n"), (CONTENT, question), (MARKUP, f"{sep}\n{assistant}\n")]
+    elif style == "mpt":
+      segments += [(MARKUP, user), (CONTENT, question), (MARKUP, sep + assistant)]
+    else:  # llama_2: the system block opens the first instruction (LLaVA's wrap_sys)
+      sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if k == 0 and system else ""
+      opening = ("" if k == 0 else sep) + "[INST] " + sys_block
+      segments += [(MARKUP, opening), (CONTENT, question), (MARKUP, " [/INST]")]
     if k + 1 < len(turns):
-      pieces.append((" " + turns[k + 1][1], True))
-  return pieces
+      answer = turns[k + 1][1]
+      if style == "two":
+        answer = " " + answer
+      elif style == "llama_2":
+        answer = f" {answer} "  # LLaVA-NeXT: " " + message + " " + sep2
+      segments += [(ANSWER, answer), (END, template.sep2)]
+      if style == "chatml":
+        segments.append((MARKUP, "\n"))
+  return segments
 
 
 def _check_image_args(num_image_tokens: int, image_token_id: int) -> None:
@@ -233,32 +344,75 @@ def _encode_text(
   return ids
 
 
-def _encode_pieces(
-  pieces: list[tuple[str, bool]],
+def special_token_id(tokenizer: PreTrainedTokenizerBase, token: str, template_name: str) -> int:
+  """The id of a template markup token, which must be one token of the vocabulary."""
+  token_id = tokenizer.convert_tokens_to_ids(token)
+  if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+    raise ValueError(
+      f"template {template_name!r} needs {token!r} as one token; the tokenizer has no such token"
+    )
+  return int(token_id)
+
+
+def _end_ids(
+  tokenizer: PreTrainedTokenizerBase, template: ConversationTemplate, image_token_id: int
+) -> list[int]:
+  if template.sep2_is_eos:
+    if tokenizer.eos_token_id is None:
+      raise ValueError(f"template {template.name!r} ends answers with eos; tokenizer has none")
+    return [tokenizer.eos_token_id]
+  if template.sep2 in template.special_tokens:
+    return [special_token_id(tokenizer, template.sep2, template.name)]
+  return _encode_text(tokenizer, template.sep2, 1, image_token_id)
+
+
+def _encode_segments(
+  segments: list[tuple[str, str]],
   tokenizer: PreTrainedTokenizerBase,
   template: ConversationTemplate,
   num_image_tokens: int,
   image_token_id: int,
   add_bos: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-  if template.sep2_is_eos:
-    if tokenizer.eos_token_id is None:
-      raise ValueError(f"template {template.name!r} ends answers with eos; tokenizer has none")
-    end_ids = [tokenizer.eos_token_id]
-  else:
-    end_ids = _encode_text(tokenizer, template.sep2, num_image_tokens, image_token_id)
-  input_ids, labels = [], []
+  """Token ids and labels. Consecutive markup and content texts are tokenized in one call (so
+  "{system} USER: {q} ASSISTANT:" is one piece, as before the NeXT templates existed); the
+  template's special tokens split that text and become their own ids."""
+  specials = {t: special_token_id(tokenizer, t, template.name) for t in template.special_tokens}
+  split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+  input_ids: list[int] = []
+  labels: list[int] = []
+  pending: list[str] = []
+
+  def emit(ids: list[int], trained: bool) -> None:
+    input_ids.extend(ids)
+    labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+
+  def flush() -> None:
+    if pending:
+      emit(_encode_text(tokenizer, "".join(pending), num_image_tokens, image_token_id), False)
+      pending.clear()
+
   if add_bos:
     if tokenizer.bos_token_id is None:
-      raise ValueError("add_bos=True but the tokenizer has no bos_token_id")
-    input_ids.append(tokenizer.bos_token_id)
-    labels.append(IGNORE_INDEX)
-  for text, is_answer in pieces:
-    ids = _encode_text(tokenizer, text, num_image_tokens, image_token_id)
-    if is_answer:
-      ids = ids + end_ids
-    input_ids.extend(ids)
-    labels.extend(ids if is_answer else [IGNORE_INDEX] * len(ids))
+      raise ValueError(f"template {template.name!r} adds BOS but the tokenizer has no bos_token_id")
+    emit([tokenizer.bos_token_id], False)
+  for kind, text in segments:
+    if kind == CONTENT or (kind == MARKUP and split is None):
+      pending.append(text)
+    elif kind == MARKUP:
+      for part in split.split(text):
+        if part in specials:
+          flush()
+          emit([specials[part]], False)
+        elif part:
+          pending.append(part)
+    elif kind == ANSWER:
+      flush()
+      emit(_encode_text(tokenizer, text, num_image_tokens, image_token_id), True)
+    else:  # END
+      flush()
+      emit(_end_ids(tokenizer, template, image_token_id), True)
+  flush()
   return np.asarray(input_ids, np.int32), np.asarray(labels, np.int32)
 
 
@@ -289,20 +443,21 @@ def encode_conversation(
   *,
   num_images: int | None = None,
   record_id: str | None = None,
-  add_bos: bool = True,
+  add_bos: bool | None = None,
 ) -> EncodedConversation:
   """Token ids and SFT labels for a LLaVA conversation that ends with an answer.
 
   Args:
     conversation: LLaVA turns, `[{"from": "human" | "gpt", "value": str}, ...]`.
-    tokenizer: an HF tokenizer (needs `encode`, `bos_token_id`, `eos_token_id`).
+    tokenizer: an HF tokenizer (needs `encode`, `bos_token_id`, `eos_token_id`, and the
+      template's special tokens).
     template: a ConversationTemplate or its registered name.
     num_image_tokens: ids per image (P, e.g. 576); the vision tower's patch count.
     image_token_id: the id standing for one image patch (HF `image_token_index`).
     num_images: images supplied with the record; when given, the placeholder count must
       equal it (a missing placeholder would leave an image unused, as LLaVA silently does).
     record_id: named in error messages.
-    add_bos: prepend the tokenizer's BOS (LLaVA always does).
+    add_bos: prepend the tokenizer's BOS; None takes the template's `add_bos`.
 
   Returns:
     EncodedConversation with input_ids / labels int32 [T]; labels are IGNORE_INDEX except on
@@ -310,11 +465,12 @@ def encode_conversation(
   """
   template = get_template(template) if isinstance(template, str) else template
   _check_image_args(num_image_tokens, image_token_id)
-  turns = _normalise_turns(conversation, record_id, ends_with=GPT)
+  turns = _normalise_turns(conversation, record_id, GPT, template.image_rule)
   found = _count_images(turns, num_images, record_id)
-  pieces = _render_pieces(turns, template, record_id)
-  input_ids, labels = _encode_pieces(
-    pieces, tokenizer, template, num_image_tokens, image_token_id, add_bos
+  segments = _render_segments(turns, template, record_id)
+  bos = template.add_bos if add_bos is None else add_bos
+  input_ids, labels = _encode_segments(
+    segments, tokenizer, template, num_image_tokens, image_token_id, bos
   )
   return EncodedConversation(input_ids, labels, found)
 
@@ -329,9 +485,10 @@ def encode_generation_prompt(
   with_image: bool = True,
   num_images: int | None = None,
   record_id: str | None = None,
-  add_bos: bool = True,
+  add_bos: bool | None = None,
 ) -> EncodedConversation:
-  """Token ids of a prompt to sample from, ending with "ASSISTANT:" (no trailing space).
+  """Token ids of a prompt to sample from, ending where the answer starts ("ASSISTANT:" with
+  no trailing space, "<|im_start|>assistant\\n", "[/INST]").
 
   `conversation` is a question string (an `<image>` is put first when `with_image`) or LLaVA
   turns ending with a human turn (earlier answers are context). Labels are all IGNORE_INDEX.
@@ -342,13 +499,32 @@ def encode_generation_prompt(
   _check_image_args(num_image_tokens, image_token_id)
   if isinstance(conversation, str):
     conversation = [{"from": HUMAN, "value": _question(conversation, with_image)}]
-  turns = _normalise_turns(conversation, record_id, ends_with=HUMAN)
+  turns = _normalise_turns(conversation, record_id, HUMAN, template.image_rule)
   found = _count_images(turns, num_images, record_id)
-  pieces = _render_pieces(turns, template, record_id)
-  input_ids, _ = _encode_pieces(
-    pieces, tokenizer, template, num_image_tokens, image_token_id, add_bos
+  segments = _render_segments(turns, template, record_id)
+  bos = template.add_bos if add_bos is None else add_bos
+  input_ids, _ = _encode_segments(
+    segments, tokenizer, template, num_image_tokens, image_token_id, bos
   )
   return EncodedConversation(input_ids, np.full_like(input_ids, IGNORE_INDEX), found)
+
+
+def answer_stop_ids(
+  tokenizer: PreTrainedTokenizerBase, template: ConversationTemplate | str
+) -> tuple[int, ...]:
+  """Token ids that end a sampled answer: the template's end token (eos, <|im_end|>, or the
+  single id of its end text) and the tokenizer's eos."""
+  template = get_template(template) if isinstance(template, str) else template
+  ids = []
+  if not template.sep2_is_eos:
+    end = _end_ids(tokenizer, template, image_token_id=0)
+    if len(end) == 1:
+      ids.append(end[0])
+  if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+    ids.append(int(tokenizer.eos_token_id))
+  if not ids:
+    raise ValueError(f"template {template.name!r}: no single token ends an answer, and no eos")
+  return tuple(ids)
 
 
 def _question(question: str, with_image: bool) -> str:
@@ -362,15 +538,14 @@ def render_conversation(
 ) -> str:
   """The prompt text, identical to LLaVA's `conv.get_prompt()` after `preprocess_multimodal`.
 
-  For the plain template it is `preprocess_plain`'s "<image>" + caption + "\\n".
+  For the plain template it is `preprocess_plain`'s "<image>" + caption + "\\n". No BOS.
   """
   template = get_template(template) if isinstance(template, str) else template
   # Rendering serves both finished conversations and generation prompts.
   last = conversation[-1] if isinstance(conversation, Sequence) and conversation else None
   ends_with = HUMAN if isinstance(last, Mapping) and last.get("from") == HUMAN else GPT
-  turns = _normalise_turns(conversation, None, ends_with=ends_with)
-  pieces = _render_pieces(turns, template, None)
-  return "".join(text + (template.sep2 if is_answer else "") for text, is_answer in pieces)
+  turns = _normalise_turns(conversation, None, ends_with, template.image_rule)
+  return "".join(text for _, text in _render_segments(turns, template, None))
 
 
 def generation_prompt(
