@@ -47,7 +47,7 @@ import numpy as np
 
 from lmm_align.data import conversation
 from lmm_align.data.conversation import GPT, HUMAN, IGNORE_INDEX, IMAGE_PLACEHOLDER
-from lmm_align.data.preference import PreferenceError, PreferencePair
+from lmm_align.data.preference import PreferenceError, PreferencePair, compact_pair
 
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerBase
@@ -394,8 +394,10 @@ def encode_reward_pair(
       field = "history" if record.get("history") else "question"
       raise RewardRecordError(rid, field, "bad_conversation", str(e)) from e
   (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = encoded
-  return PreferencePair(
-    rid, chosen_ids, chosen_labels, rejected_ids, rejected_labels, record.get("image")
+  return compact_pair(
+    PreferencePair(
+      rid, chosen_ids, chosen_labels, rejected_ids, rejected_labels, record.get("image")
+    )
   )
 
 
