@@ -137,6 +137,9 @@ def devices_for(acc: Accelerator) -> list:
   # libtpu reads these when it starts; on a machine without a TPU they only quiet its warnings.
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", acc.name)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Compile-only devices touch no TPU, so two plans (or a plan beside a test) may load libtpu
+  # at once; without this the second stops at libtpu's process lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   shape = acc.topology.split(":")[1]
   host_bounds = (1, 1, 1) if shape == "1x1" else (2, 2, 1)
   try:
