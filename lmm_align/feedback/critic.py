@@ -5,8 +5,14 @@ from shapes-world ground truth.
 Prompts. LLaVA-Critic takes "<image>\\n" + a judging prompt and answers with a reason, then a
 verdict: "The better response: [first|second]" (or "... equally good" for a tie) pairwise, and
 "Final Score: N" pointwise. The builders here use our own wording with the same verdict lines,
-so `lmm_align.judges.verdicts` reads the replies. A published prompt (the model card's, for
-exact reproduction) is loaded from a file with `{placeholder}` fields (`PromptTemplate`).
+so `lmm_align.judges.verdicts` reads the replies. A published prompt is a `PromptTemplate`
+with `{placeholder}` fields, loaded from a file or given here: `LLAVA_CRITIC_PAIRWISE` and
+`LLAVA_CRITIC_POINTWISE` are the released critic's own.
+
+The released LLaVA-Critic (lmms-lab/llava-critic-7b / -72b, LLaVA-OneVision models) as an
+in-process judge: `llava_critic_judge` runs it greedily with its conversation template,
+qwen_1_5, on "<image>\n" + one of its prompts; its replies are read by `parse_pairwise` /
+`parse_pointwise` whatever format the 113k training data taught it (the last verdict wins).
 
 Pairwise reward (LLaVA-Critic's preference-learning recipe). For K responses y_1..y_K to one
 prompt, all K(K-1) ordered pairs are judged. Let a_ij be the credit the critic gives the
@@ -40,7 +46,9 @@ from typing import Any
 import numpy as np
 
 from lmm_align.data import shapes, shapes_metrics
+from lmm_align.data.images import ImageProcessorConfig
 from lmm_align.judges.base import Judge, JudgeReply, JudgeRequest
+from lmm_align.judges.model import ModelJudge
 from lmm_align.judges.verdicts import (
   INVALID,
   PairwiseVerdict,
@@ -142,6 +150,56 @@ class PromptTemplate:
   def fill(self, **fields: str) -> str:
     """The prompt with every placeholder replaced (values are inserted verbatim, once)."""
     return _PLACEHOLDER.sub(lambda m: fields[_FIELD_ALIASES[m[1]]], self.text)
+
+
+# LLaVA-Critic's prompts as its model card's Quick Start writes them (lmms-lab/llava-critic-7b
+# README; the same in LLaVA-NeXT's critic examples). "answer answers" and the space after the
+# pointwise "ASSISTANT:\n" are the card's: the prompt the critic was trained with, verbatim.
+LLAVA_CRITIC_PAIRWISE = PromptTemplate(
+  "Given an image and a corresponding question, please serve as an unbiased and fair judge to "
+  "evaluate the quality of the answers provided by a Large Multimodal Model (LMM). Determine "
+  "which answer is better and explain your reasoning with specific details. Your task is "
+  "provided as follows:\nQuestion: [{question}]\nThe first response: [{first}]\n"
+  "The second response: [{second}]\nASSISTANT:\n",
+  "pairwise",
+  "LLaVA-Critic model card (pairwise)",
+)
+LLAVA_CRITIC_POINTWISE = PromptTemplate(
+  "Given an image and a corresponding question, please serve as an unbiased and fair judge to "
+  "evaluate the quality of answer answers provided by a Large Multimodal Model (LMM). Score "
+  "the response out of 100 and explain your reasoning with specific details. Your task is "
+  "provided as follows:\nQuestion: [{question}]\nThe LMM response: [{response}]\n"
+  "ASSISTANT:\n ",
+  "pointwise",
+  "LLaVA-Critic model card (pointwise)",
+)
+LLAVA_CRITIC_TEMPLATE = "qwen_1_5"  # the conversation template of its model card
+LLAVA_CRITIC_MAX_NEW_TOKENS = 4096  # the card's generate(max_new_tokens=4096)
+
+
+def llava_critic_judge(
+  model: Any,
+  params: Any,
+  tokenizer: Any,
+  image_config: ImageProcessorConfig,
+  *,
+  batch_size: int = 8,
+  max_new_tokens: int = LLAVA_CRITIC_MAX_NEW_TOKENS,
+  buckets: Sequence[int] | None = None,
+) -> ModelJudge:
+  """The released LLaVA-Critic (or a critic trained here) as an in-process judge: greedy
+  decoding (the card's do_sample=False, temperature 0) in the qwen_1_5 template, each reply
+  ending at <|im_end|>. Pass its prompts to `rank_responses` / `judge_both_orders` /
+  `pointwise_scores` as `template=LLAVA_CRITIC_PAIRWISE` / `LLAVA_CRITIC_POINTWISE`.
+
+  model, params, tokenizer: a loaded LLaVA-OneVision checkpoint (lmms-lab/llava-critic-7b).
+  image_config: the image preprocessing its tower takes.
+  """
+  return ModelJudge(
+    model, params, tokenizer, image_config,
+    template=LLAVA_CRITIC_TEMPLATE, batch_size=batch_size, max_new_tokens=max_new_tokens,
+    buckets=buckets, name="llava-critic",
+  )  # fmt: skip
 
 
 def _with_image(prompt: str, with_image: bool) -> str:

@@ -10,7 +10,9 @@ Shapes stay fixed so that jit compiles once per prompt-length bucket: every batc
 `batch_size` rows (a short last batch is padded with copies of its last row, whose replies
 are dropped), images go in row-aligned slots float32[B, 1, H, W, 3] (zeros for a text-only
 row, whose slot is ignored), and each row's `max_tokens` is a per-row limit under the static
-`max_new_tokens`. A request that cannot be prepared (unreadable image, an "<image>" without
+`max_new_tokens`. A reply ends at the template's end-of-answer token (`</s>` for vicuna_v1,
+`<|im_end|>` for qwen_1_5, as `conversation.answer_stop_ids` gives) or the tokenizer's eos.
+A request that cannot be prepared (unreadable image, an "<image>" without
 an image, an image for a text-only model) gets `JudgeReply(None, error=...)`; the rest of the
 batch is answered.
 """
@@ -48,8 +50,9 @@ class ModelJudge:
     params: its params (unboxed).
     tokenizer: the model's HF tokenizer (eos ends a reply).
     image_config: preprocessing for the vision tower; None for a text-only model.
-    template: conversation template name ("vicuna_v1", "llava_v1", ...). A request's
-      `system` replaces the template's system prompt.
+    template: conversation template name ("vicuna_v1", "llava_v1", "qwen_1_5" for
+      LLaVA-OneVision and LLaVA-Critic, ...). A request's `system` replaces the template's
+      system message.
     batch_size: rows per sampler call.
     max_new_tokens: the static reply budget; a request's max_tokens is capped by it.
     buckets: prompt-length buckets passed to `sampling.generate` (None: powers of two).
@@ -77,6 +80,8 @@ class ModelJudge:
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.image_config = image_config
     self.template = conversation.get_template(template)
+    # Fails here, not mid-run, when the tokenizer lacks the template's end token.
+    self.stop_token_ids = conversation.answer_stop_ids(tokenizer, self.template)
     self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
     self.buckets = None if buckets is None else tuple(buckets)
     self.name = name
@@ -138,7 +143,7 @@ class ModelJudge:
     settings = sampling.SamplingSettings(
       temperature=0.0,
       max_new_tokens=self.max_new_tokens,
-      stop_token_ids=(self.tokenizer.eos_token_id,),
+      stop_token_ids=self.stop_token_ids,
     )
     out = sampling.generate(
       self.model,

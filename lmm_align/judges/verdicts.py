@@ -4,7 +4,8 @@ Judges write a reason and a verdict, in formats that differ by source:
 
   pairwise (which of two responses is better)
     better_response  LLaVA-Critic:  "The better response: [first]" (first|second|1|2|A|B, with or
-                     without brackets; tie|equal|both|neither mean a tie)
+                     without brackets, also "[The second response]"; tie|equal|both|neither
+                     mean a tie)
     equally_good     LLaVA-Critic ties: "... are equally good" (good|bad|helpful|accurate|...)
     mt_bench         FastChat pair-v2: "[[A]]", "[[B]]", "[[C]]" (C is a tie)
     arena            arena-hard / critic data: "[[A>>B]]", "[[A>B]]", "[[A=B]]", "[[B>A]]",
@@ -52,7 +53,7 @@ _CHOICE_WINNER = {
 # Letters A/B must be upper case: "The better response: a detailed one" is not a verdict.
 _BETTER_RESPONSE = re.compile(
   r"(?i:the\s+better\s+(?:response|answer))[ \t]*(?i:is\b)?[ \t]*[:：]?[ \t]*(?i:the[ \t]+)?"
-  r"\[?[ \t]*(?i:(?:response|answer)[ \t]*)?"
+  r"\[?[ \t]*(?i:the[ \t]+)?(?i:(?:response|answer)[ \t]*)?"
   r"(?P<choice>(?i:first|second|tie|equal|both|neither)|[12AB])(?![A-Za-z0-9])"
 )
 _EQUALLY = re.compile(

@@ -282,3 +282,109 @@ def test_critic_records_read_back_through_the_llava_json_reader(records, tokeniz
     num_workers=1,
   )  # fmt: skip
   assert not skipped and [e.record_id for e in examples] == [r["id"] for r in records[:4]]
+
+
+# ------------------------------------------------------------------------------------------
+# The released LLaVA-Critic's prompts and replies.
+# ------------------------------------------------------------------------------------------
+
+# The model card's Quick Start example (lmms-lab/llava-critic-7b README), written out.
+CARD_QUESTION = "What this image presents?"
+CARD_FIRST = (
+  "The image is a black and white sketch of a line that appears to be in the shape of a cross. "
+  "The line is a simple and straightforward representation of the cross shape, with two "
+  "straight lines intersecting at a point."
+)
+CARD_SECOND = "This is a handwritten number seven."
+CARD_PAIRWISE = (
+  "Given an image and a corresponding question, please serve as an unbiased and fair judge to "
+  "evaluate the quality of the answers provided by a Large Multimodal Model (LMM). Determine "
+  "which answer is better and explain your reasoning with specific details. Your task is "
+  f"provided as follows:\nQuestion: [{CARD_QUESTION}]\nThe first response: [{CARD_FIRST}]\n"
+  f"The second response: [{CARD_SECOND}]\nASSISTANT:\n"
+)
+CARD_POINTWISE = (
+  "Given an image and a corresponding question, please serve as an unbiased and fair judge to "
+  "evaluate the quality of answer answers provided by a Large Multimodal Model (LMM). Score the "
+  "response out of 100 and explain your reasoning with specific details. Your task is provided "
+  f"as follows:\nQuestion: [{CARD_QUESTION}]\nThe LMM response: [{CARD_SECOND}]\nASSISTANT:\n "
+)
+
+
+def test_llava_critic_prompts_are_the_model_cards():
+  pair = critic.pairwise_prompt(
+    CARD_QUESTION, CARD_FIRST, CARD_SECOND, template=critic.LLAVA_CRITIC_PAIRWISE
+  )
+  assert pair == "<image>\n" + CARD_PAIRWISE  # the card's DEFAULT_IMAGE_TOKEN + "\n" + prompt
+  point = critic.pointwise_prompt(
+    CARD_QUESTION, CARD_SECOND, template=critic.LLAVA_CRITIC_POINTWISE
+  )
+  assert point == "<image>\n" + CARD_POINTWISE
+  # In the card's conv_templates["qwen_1_5"], with the prompt kept verbatim (trailing space too).
+  assert conversation.generation_prompt(point, critic.LLAVA_CRITIC_TEMPLATE) == (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
+    + CARD_POINTWISE
+    + "<|im_end|>\n<|im_start|>assistant\n"
+  )
+
+
+REASON = "The first response misreads the sketch; the second names the digit correctly. "
+
+
+@pytest.mark.parametrize(
+  "original, swapped, winner",
+  [
+    # Each format the 113k data holds, as the critic ends its reasoning with it.
+    (REASON + "The better response: [second]", REASON + "The better response: [first]", "second"),
+    (REASON + "The better response: 1", REASON + "The better response: 2", "first"),
+    (REASON + "The better response: [B]", REASON + "The better response: [A]", "second"),
+    (REASON + "Both responses are equally good.", REASON + "The two are equally good.", "tie"),
+    ("Reasons.\n[[A>>B]]", "Reasons.\n[[B>A]]", "first"),
+    ("Reasons.\n[[A=B]]", "Reasons.\n[[A=B]]", "tie"),
+    ("3 8\nAssistant 2 is right about the digit.", "8 3\nAssistant 1 is right.", "second"),
+    # The last verdict wins over one quoted in the reasons.
+    (
+      "One could argue 'The better response: [first]', but it is wrong. The better response: "
+      "[second]",
+      REASON + "The better response: [first]",
+      "second",
+    ),
+    # Position bias: the first shown wins in both orders -> a tie (MT-Bench's rule).
+    (REASON + "The better response: [first]", REASON + "The better response: [first]", "tie"),
+    ("No verdict here.", REASON + "The better response: [first]", "invalid"),
+  ],
+)
+def test_llava_critic_replies_both_orders(original, swapped, winner):
+  shown = {}
+
+  def reply(request):
+    assert request.prompt.startswith("<image>\nGiven an image") and request.image == "img.png"
+    first = request.prompt.split("The first response: [", 1)[1].split("]", 1)[0]
+    shown[first] = True
+    return original if first == CARD_FIRST else swapped
+
+  got, a, b = critic.judge_both_orders(
+    FunctionJudge(reply), CARD_QUESTION, CARD_FIRST, CARD_SECOND, image="img.png",
+    template=critic.LLAVA_CRITIC_PAIRWISE,
+  )  # fmt: skip
+  assert set(shown) == {CARD_FIRST, CARD_SECOND}  # both orders were asked
+  assert (got, a, b) == (winner, parse_pairwise(original), parse_pairwise(swapped))
+
+
+def test_llava_critic_pointwise_replies():
+  replies = {
+    "a": "The response names the digit.\nFinal Score: 85",
+    "b": "It misreads the sketch. Final Score: 20.5",
+    "c": "I would give it [[7]]",  # a 1-10 style score is still in range
+    "d": "Final Score: 120",  # out of 100: invalid
+  }
+
+  def reply(request):
+    assert "Score the response out of 100" in request.prompt
+    return replies[request.prompt.split("The LMM response: [", 1)[1].split("]", 1)[0]]
+
+  result = critic.pointwise_scores(
+    FunctionJudge(reply), CARD_QUESTION, list(replies), image="img.png",
+    template=critic.LLAVA_CRITIC_POINTWISE,
+  )  # fmt: skip
+  assert result.scores == [85.0, 20.5, 7.0, None] and result.invalid == 1

@@ -25,6 +25,8 @@ PAIRWISE_CASES = [
   ("the better response is B", "second", None, "better_response"),
   ("The better response is the second one.", "second", None, "better_response"),
   ("The better response: Response 1", "first", None, "better_response"),
+  ("The better response: [The second response]", "second", None, "better_response"),
+  ("Overall, the better response is [the first one].", "first", None, "better_response"),
   ("The better response: [Tie]", "tie", None, "better_response"),
   ("Both responses are equally good.", "tie", None, "equally_good"),
   ("The two answers are Equally  helpful", "tie", None, "equally_good"),
