@@ -26,6 +26,7 @@ The LLaVA-NeXT / OneVision checkpoints' templates (LLaVA-NeXT `llava/conversatio
   qwen_1_5 (LLaVA-OneVision, LLaVA-Critic; SeparatorStyle.CHATML):
     "<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n"
     "<|im_start|>user\\n<image>\\n{q1}<|im_end|>\\n<|im_start|>assistant\\n{a1}<|im_end|>\\n" ...
+    (a conversation's text stops at its last <|im_end|>, where sampling stops)
   chatml_direct (llava-v1.6-34b, Nous-Hermes-2-Yi-34B; SeparatorStyle.MPT, no newline between
     turns): "<|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n<image>\\n{q1}"
     "<|im_end|><|im_start|>assistant\\n{a1}<|im_end|>" ...
@@ -301,7 +302,11 @@ def _render_segments(
     if style == "two":
       segments += [(MARKUP, f"{user}: "), (CONTENT, question), (MARKUP, f"{sep}{assistant}:")]
     elif style == "chatml":
-      segments += [(MARKUP, f"{user}\n"), (CONTENT, question), (MARKUP, f"{sep}\n{assistant}\n")]
+      # The "\n" after an answer's <|im_end|> opens the next turn here, so a conversation ends
+      # at its last <|im_end|>, where a sampled answer stops (the reference's get_prompt adds
+      # that "\n" at the very end too).
+      opening = f"{user}\n" if k == 0 else f"\n{user}\n"
+      segments += [(MARKUP, opening), (CONTENT, question), (MARKUP, f"{sep}\n{assistant}\n")]
     elif style == "mpt":
       segments += [(MARKUP, user), (CONTENT, question), (MARKUP, sep + assistant)]
     else:  # llama_2: the system block opens the first instruction (LLaVA's wrap_sys)
@@ -315,8 +320,6 @@ def _render_segments(
       elif style == "llama_2":
         answer = f" {answer} "  # LLaVA-NeXT: " " + message + " " + sep2
       segments += [(ANSWER, answer), (END, template.sep2)]
-      if style == "chatml":
-        segments.append((MARKUP, "\n"))
   return segments
 
 

@@ -288,7 +288,10 @@ def chat_tok():
 
 @pytest.mark.parametrize("name", sorted(NEXT_PROMPTS))
 def test_next_templates_render_the_reference_prompt(name):
-  assert conv.render_conversation(TWO_ROUNDS, name) == NEXT_PROMPTS[name]
+  rendered = conv.render_conversation(TWO_ROUNDS, name)
+  # qwen_1_5 stops at the last <|im_end|>, where a sampled answer stops; the reference's
+  # get_prompt writes one more "\n" after it.
+  assert rendered + ("\n" if name == "qwen_1_5" else "") == NEXT_PROMPTS[name]
   assert conv.generation_prompt("Is it red?", name) == NEXT_GENERATION_PROMPTS[name]
   history = conv.render_conversation(TWO_ROUNDS[:3], name)
   assert NEXT_PROMPTS[name].startswith(history) and history.endswith("Where is it?" + {
@@ -325,7 +328,6 @@ def _next_spec(tok, name):
       ("assistant\n", False), ("The circle is red.", True), (IM_END, True), ("\n", False),
       (IM_START, False), ("user\nWhere is it?", False), (IM_END, False), ("\n", False),
       (IM_START, False), ("assistant\n", False), ("It is on the left.", True), (IM_END, True),
-      ("\n", False),
     ]  # fmt: skip
   if name == "chatml_direct":
     return [
@@ -352,7 +354,8 @@ def test_next_templates_ids_and_labels(chat_tok, name):
   assert enc.labels.tolist() == expected_labels
   # The ids decode to the reference prompt; the trained tokens are the answers and their ends.
   decoded = tok.decode(enc.input_ids).replace("<image>" * NUM_IMAGE_TOKENS, "<image>")
-  assert decoded == ("<s>" if name == "mistral_instruct" else "") + NEXT_PROMPTS[name]
+  bos = "<s>" if name == "mistral_instruct" else ""
+  assert decoded == bos + conv.render_conversation(TWO_ROUNDS, name)
   answers = ("The circle is red.", "It is on the left.")
   if name == "mistral_instruct":
     answers = tuple(f" {a} </s>" for a in answers)
@@ -391,6 +394,9 @@ def test_qwen_ids_equal_llava_next_preprocess_qwen(chat_tok):
   ref_labels = [i if i in markup else label for i, label in zip(ref_ids, ref_labels)]
 
   enc = conv.encode_conversation(TWO_ROUNDS, tok, "qwen_1_5", 1, tok.image_token_id)
+  # The reference's last token is the "\n" after the final <|im_end|>, where ours stop.
+  assert ref_ids[-1:] == _ids(tok, "\n")
+  ref_ids, ref_labels = ref_ids[:-1], ref_labels[:-1]
   assert enc.input_ids.tolist() == ref_ids
   # Ours trains a subset of the reference's positions; the rest is only template markup.
   ours = enc.labels != IGNORE
