@@ -539,7 +539,8 @@ def _question(question: str, with_image: bool) -> str:
 def render_conversation(
   conversation: Sequence[Mapping[str, str]], template: ConversationTemplate | str
 ) -> str:
-  """The prompt text, identical to LLaVA's `conv.get_prompt()` after `preprocess_multimodal`.
+  """The prompt text, identical to LLaVA's `conv.get_prompt()` after `preprocess_multimodal`
+  (for qwen_1_5, less the "\\n" the reference writes after the last <|im_end|>).
 
   For the plain template it is `preprocess_plain`'s "<image>" + caption + "\\n". No BOS.
   """
