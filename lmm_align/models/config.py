@@ -528,6 +528,11 @@ def from_hf_config(d: dict[str, Any], runtime: RuntimeConfig | None = None) -> M
     )
   if model_type in TEXT_MODEL_TYPES:
     return ModelConfig(text=_text_from_hf(d), runtime=runtime)
+  if model_type in ("clip_vision_model", "clip", "siglip_vision_model", "siglip"):
+    raise ValueError(
+      f"config.json model_type {model_type!r} is a vision tower alone; read it into a LLaVA's "
+      "tower with lmm_align.hf.load_vision_tower"
+    )
   raise ValueError(
     f"config.json model_type {model_type!r} is not supported (llava, {', '.join(TEXT_MODEL_TYPES)})"
   )

@@ -9,6 +9,7 @@ import json
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_hf
@@ -168,6 +169,43 @@ def test_siglip_qwen2_llava_export_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
+def test_scan_and_remat_give_the_same_loss_and_grads():
+  """The tower scanned vs unrolled under full remat: the same loss and gradients."""
+  vision = get_vision_variant("siglip-tiny")
+  pixels = tiny_hf.random_pixels(2)
+  params = jax.jit(SiglipVisionTower(vision, RuntimeConfig()).init)(jax.random.key(0), pixels)
+  params = flax.linen.unbox(params["params"])
+
+  def loss(p, runtime):
+    hidden = SiglipVisionTower(vision, runtime).apply({"params": p}, pixels)
+    return jnp.mean(hidden[-1] ** 2) + jnp.mean(jnp.tanh(hidden[-2]))
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  ref_loss, ref_grads = value_and_grad(params, RuntimeConfig())
+  unrolled = RuntimeConfig(scan_layers=False, remat_policy="full")
+  got_loss, got_grads = value_and_grad(_unstack(params), unrolled)
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+  assert set(got_grads) == {"patch_embedding", "position_embedding", "layers_0", "layers_1",
+                            "post_layernorm", "head"}  # fmt: skip
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), _unstack(ref_grads),
+    got_grads,
+  )  # fmt: skip
+
+
+def _unstack(params):
+  """Scanned params -> the unrolled layout (layers_i)."""
+  out = {}
+  for path, value in flax.traverse_util.flatten_dict(params).items():
+    if "layers" in path:
+      k = path.index("layers")
+      for i in range(value.shape[0]):
+        out[path[:k] + (f"layers_{i}",) + path[k + 1 :]] = value[i]
+    else:
+      out[path] = value
+  return flax.traverse_util.unflatten_dict(out)
+
+
 def test_image_token_counts_follow_transformers():
   config = get_variant("tiny-siglip-qwen2")
   assert config.num_image_tokens == 16  # "full": every patch, no class token
@@ -251,6 +289,8 @@ def test_bad_siglip_folders_are_named(tmp_path, siglip_folder):
   two_layers = ModelConfig(text=TEXT, vision=get_vision_variant("siglip-tiny"))  # the folder: 3
   with pytest.raises(CheckpointError, match=r"vision config differs.*'num_layers': \(3, 2\)"):
     hf.load_vision_tower(folder, two_layers)
+  with pytest.raises(CheckpointError, match=r"'siglip_vision_model' is a vision tower alone"):
+    hf.load_pretrained(folder)
 
 
 def test_siglip_qwen2_llava_greedy_generation_matches_transformers(tmp_path):
