@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.layers import KVCache
@@ -45,6 +45,7 @@ Array = jax.Array
 _STOP_ID_WIDTH = 4
 # The mesh axis that data-parallel sampling splits the batch over (lmm_align.sharding.MESH_AXES).
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +224,28 @@ class _LoopState:
   cache: KVCache
 
 
+# The KV cache's logical axes: rows like the activations' batch, kv heads like the k / v
+# projections' heads (tensor), so a model sharded over fsdp / tensor keeps its cache sharded too.
+_CACHE_KEY_AXES = ("activation_batch", "activation_kv_heads", None, None)  # [B, K, H, S]
+_CACHE_VALUE_AXES = ("activation_batch", "activation_kv_heads", None, None)  # [B, K, S, H]
+
+
+def shard_cache(cache: KVCache) -> KVCache:
+  """The cache constrained to its logical sharding (a no-op outside a mesh context): without
+  it XLA may replicate the while_loop's carry, a full copy of the cache on every device."""
+
+  def constrain(x: Array, axes: tuple) -> Array:
+    axes = (("layers",) if x.ndim == 5 else ()) + axes  # a scanned model's stacked cache
+    return nn.with_logical_constraint(x, axes)
+
+  per_layer = lambda xs, axes: (
+    tuple(constrain(x, axes) for x in xs) if isinstance(xs, tuple) else constrain(xs, axes)
+  )
+  return cache.replace(
+    key=per_layer(cache.key, _CACHE_KEY_AXES), value=per_layer(cache.value, _CACHE_VALUE_AXES)
+  )
+
+
 def decode(
   params: dict,
   input_ids: Array,
@@ -311,7 +334,7 @@ def decode(
     out = step_model.apply(
       step_variables, state.token[:, None], None, step_mask, state.positions[:, None], state.cache
     )
-    state = state.replace(cache=out.cache, positions=state.positions + 1)
+    state = state.replace(cache=shard_cache(out.cache), positions=state.positions + 1)
     return record(state, out.logits[:, 0])
 
   state = _LoopState(
@@ -325,7 +348,7 @@ def decode(
     # Positions count each row's real tokens, as the model's default does; carrying them
     # skips a reduction over the cache's valid mask every step.
     positions=jnp.sum(attention_mask, axis=-1, dtype=jnp.int32),
-    cache=prefill.cache,
+    cache=shard_cache(prefill.cache),
   )
   state = jax.lax.while_loop(cond, body, record(state, logits))
   return SampleOutput(
@@ -378,6 +401,28 @@ def _data_parallel_decode(mesh: Mesh, **static: Any) -> Callable[..., SampleOutp
       check_vma=False,
     )
   )  # fmt: skip
+
+
+@functools.cache
+def _model_sharded_decode(mesh: Mesh, **static: Any) -> Callable[..., SampleOutput]:
+  """`decode` jitted over the whole mesh with automatic partitioning: params keep their fsdp /
+  tensor sharding, the KV cache follows the rules (`shard_cache`), the rows are split over data
+  x fsdp. One loop for the whole batch: it runs until every row is done (the done flags are
+  all-reduced each step). For models too large to replicate per data group when fsdp and
+  tensor are both > 1, where `_data_parallel_decode`'s partly manual shard_map cannot go."""
+  rows = NamedSharding(mesh, PartitionSpec((DATA_AXIS, FSDP_AXIS)))
+  same = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(functools.partial(decode, **static), out_shardings=rows)
+
+  def run(params: dict, *args: Any) -> SampleOutput:
+    # The 6 per-row inputs split over data x fsdp, the 3 scalars replicated; the params stay
+    # as the caller placed them.
+    placed = [
+      None if x is None else jax.device_put(x, rows if i < 6 else same) for i, x in enumerate(args)
+    ]
+    return jitted(params, *placed)
+
+  return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,10 +548,12 @@ def generate(
   row_max_new_tokens: optional int[B] per-row limits (each <= settings.max_new_tokens).
   row_stop_token_ids: optional per-row stop ids, replacing settings.stop_token_ids.
   unroll_layers: see `decode` (faster steps for one extra copy of the decoder weights).
-  mesh: decode data-parallel over this mesh's `data` axis (`_data_parallel_decode`): the batch
-    is split by rows (topped up to a multiple of the axis size with copies of the last row that
-    generate nothing). params may be sharded over the other axes. The output is the same as on
-    one device: each row's draws depend only on its key (`row_keys`).
+  mesh: decode over this mesh. With fsdp or tensor of size 1, data-parallel over its `data`
+    axis (`_data_parallel_decode`, params sharded over the other axis); with both > 1, model-
+    sharded over the whole mesh (`_model_sharded_decode`: params and KV cache sharded over
+    fsdp / tensor, rows over data x fsdp), for models one group cannot hold. The batch is split
+    by rows, topped up to whole groups with copies of the last row that generate nothing. The
+    output is the same as on one device: each row's draws depend only on its key (`row_keys`).
 
   Use `output.token_lists(strip_stop=True)` for Python lists of each row's tokens (the stop
   token dropped, or kept with strip_stop=False).
@@ -543,23 +590,23 @@ def generate(
     use_top_p=settings.top_p < 1.0,
     unroll_layers=unroll_layers,
   )
-  groups = 1 if mesh is None else mesh.shape[DATA_AXIS]
+  # XLA's SPMD partitioner (jaxlib 0.10.2) aborts the process on the embedding gather inside a
+  # partly manual shard_map when fsdp and tensor both shard the embedding: such a mesh
+  # samples with the automatic partitioner instead (`_model_sharded_decode`).
+  model_sharded = mesh is not None and mesh.shape[FSDP_AXIS] > 1 and mesh.shape["tensor"] > 1
+  if model_sharded:
+    groups = mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
+  else:
+    groups = 1 if mesh is None else mesh.shape[DATA_AXIS]
   if groups == 1:
     run = functools.partial(jit_decode, **static)
   else:
     if jax.process_count() > 1:
       raise ValueError(
-        "data-parallel sampling (mesh=...) takes host rows and runs in one process; in a "
+        "sampling over a mesh (mesh=...) takes host rows and runs in one process; in a "
         "multi-process run call generate without a mesh"
       )
-    if mesh.shape.get("fsdp", 1) > 1 and mesh.shape.get("tensor", 1) > 1:
-      # XLA's SPMD partitioner (jaxlib 0.10.2) aborts the process on the embedding gather inside
-      # a partly manual shard_map when both of these axes shard the embedding.
-      raise ValueError(
-        f"data-parallel sampling needs fsdp or tensor to be 1 in mesh {dict(mesh.shape)}; "
-        "sample on a (data, fsdp) or (data, tensor) mesh, or without a mesh"
-      )
-    run = _data_parallel_decode(mesh, **static)
+    run = (_model_sharded_decode if model_sharded else _data_parallel_decode)(mesh, **static)
     # Top up to whole groups with copies of the last row that stop at once (limit 0).
     take = np.concatenate([np.arange(batch), np.full(-batch % groups, batch - 1)])
     if pixel_values is not None:

@@ -30,6 +30,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("activation_embed", None),
   ("activation_mlp", "tensor"),
   ("activation_heads", "tensor"),
+  ("activation_kv_heads", "tensor"),
   ("activation_vocab", "tensor"),
   ("embed", "fsdp"),
   ("mlp", "tensor"),

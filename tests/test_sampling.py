@@ -12,6 +12,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from lmm_align import sampling, sharding
 from lmm_align.models import Llava, get_variant, init_params
+from lmm_align.models.llava import init_cache
 from lmm_align.sampling import SamplingSettings, bucket_length, generate, warp_logits
 from lmm_align.trainers.state import param_shardings
 
@@ -289,12 +290,32 @@ def test_row_keys_do_not_depend_on_batch_size():
   assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 5
 
 
-def test_data_parallel_sampling_refuses_fsdp_and_tensor_together(setup):
+def test_model_sharded_sampling_equals_one_device(setup):
+  """A 2x2x2 mesh (fsdp and tensor both 2): params sharded over fsdp x tensor, the KV cache over
+  the kv heads, rows over data x fsdp (3 rows topped up to 4); greedy and sampled tokens and
+  log-probs equal one device's."""
   config, params, prompts, pixels = setup
-  settings = SamplingSettings(temperature=0.0, max_new_tokens=2)
+  prompts = prompts[1:] + prompts[:1]  # the image row last: the top-up copies it
   mesh = sharding.make_mesh((2, 2, 2))
-  with pytest.raises(ValueError, match="fsdp or tensor to be 1"):
-    generate(config, params, prompts, pixels, settings=settings, rng=None, mesh=mesh)
+  settings = SamplingSettings(temperature=1.0, top_k=20, max_new_tokens=NEW)
+  one_device = generate(config, params, prompts, pixels, settings=settings, rng=jax.random.key(7))
+  with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
+    shards = param_shardings(Llava(config), mesh, sharding.DEFAULT_RULES)
+    sharded = jax.device_put(params, shards)
+    split = generate(
+      config, sharded, prompts, pixels, settings=settings, rng=jax.random.key(7), mesh=mesh
+    )
+    # The cache the loop carries: rows over data x fsdp, kv heads over tensor.
+    cache = jax.jit(lambda: sampling.shard_cache(init_cache(config, 4, 8)))()
+  for name in ("tokens", "lengths", "stopped"):
+    np.testing.assert_array_equal(getattr(split, name), getattr(one_device, name), err_msg=name)
+  np.testing.assert_allclose(split.logprobs, one_device.logprobs, atol=1e-5)
+  embed = shards["language_model"]["embed_tokens"]["embedding"].spec
+  assert set(embed) == {"fsdp", "tensor"}, embed  # the params are model-sharded
+  for buffer in jax.tree.leaves((cache.key, cache.value)):
+    spec = tuple(buffer.sharding.spec) + (None,) * buffer.ndim
+    rows, kv_heads = buffer.ndim - 4, buffer.ndim - 3
+    assert spec[rows] == ("data", "fsdp") and spec[kv_heads] == "tensor", buffer.sharding.spec
 
 
 def test_data_parallel_text_only_rows(setup):
