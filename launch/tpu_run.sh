@@ -2,7 +2,7 @@
 # Runs `python -m lmm_align.main ARGS` on every worker of a Cloud TPU VM (single host or pod).
 #
 #   launch/tpu_run.sh --name llava-sft --zone us-central2-b --accelerator v4-32 -- \
-#     --config=configs/llava_sft_7b.py --workdir=gs://BUCKET/runs/llava-sft-7b
+#     --config=configs/llava15/sft.py --workdir=gs://BUCKET/runs/llava-sft-7b
 #
 # Phases: (1) create or reuse the TPU VM (or a queued resource with --queued), recreating it
 # when it was preempted; (2) pack this checkout and scp it to all workers; (3) on all workers,

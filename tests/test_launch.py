@@ -22,7 +22,7 @@ import pytest
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "launch" / "tpu_run.sh"
 BASE = ["--name", "node", "--zone", "us-central2-b", "--accelerator", "v4-32"]
 TRAINER_ARGS = [
-  "--config=configs/llava_sft_7b.py:7b",
+  "--config=configs/llava15/sft.py:model=7b",
   "--workdir=gs://bucket/runs/sft 7b",
   "--config.optim.lr=2e-5",
   "--config.note=hello world",

@@ -6,7 +6,7 @@
     --config.init_from=/tmp/sft_hf --config.ppo.reward_model=/tmp/rm_vanilla_hf
 
 Textbook defaults (KL k1 at the EOS score position, whitened advantages over response tokens);
-configs/llava_rlhf_ppo.py carries LLaVA-RLHF's published values and quirks. LoRA on policy and
+configs/llava_rlhf/ppo.py carries LLaVA-RLHF's published values and quirks. LoRA on policy and
 value over shared frozen bases (lora=0 in the arg for full fine-tuning).
 """
 

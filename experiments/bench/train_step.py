@@ -1,6 +1,6 @@
 """SFT train-step throughput and model FLOPs utilisation on CPU, against this CPU's own peak.
 
-  python experiments/bench/train_step.py [--config=configs/llava_sft_7b.py:runlocal]
+  python experiments/bench/train_step.py [--config=configs/llava15/sft.py:runlocal]
       [--variant=small] [--batch=8] [--seq=256] [--steps=10]
 
 The step is the trainer's own: `sft.sft_train_step`, jitted by `state.jit_train_step` with the
@@ -162,7 +162,7 @@ def build_step(config, model_config: ModelConfig, mesh):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--config", default="configs/llava_sft_7b.py:runlocal")
+  p.add_argument("--config", default="configs/llava15/sft.py:runlocal")
   p.add_argument("--variant", default="small", help="model variant ('' = the config's)")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)

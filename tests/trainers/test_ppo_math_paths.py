@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from configs import llava_rlhf_ppo
+from configs.llava_rlhf import ppo as llava_rlhf_ppo
 from configs.shapes import ppo as shapes_ppo
 from lmm_align.trainers.ppo import advantages_and_returns
 
