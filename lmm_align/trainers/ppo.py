@@ -358,9 +358,11 @@ class Rollouts:
     self.template = conversation.get_template(config.data.template)
     self.image_config = image_config
     self.mesh = mesh
+    # An answer ends at the template's end token (eos, or e.g. ChatML's <|im_end|>).
+    self.stop_ids = conversation.answer_stop_ids(tokenizer, self.template)
     self.settings = sampling.SamplingSettings(
       temperature=self.ppo.temperature, top_p=self.ppo.top_p, top_k=self.ppo.top_k,
-      max_new_tokens=self.ppo.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
+      max_new_tokens=self.ppo.max_new_tokens, stop_token_ids=self.stop_ids,
     )  # fmt: skip
     self.cut_ids = tuple(
       i
@@ -421,7 +423,7 @@ class Rollouts:
       pad_id=tok.pad_token_id, buckets=(ppo.query_len,),
     )  # fmt: skip
     cut = [
-      rewards.truncate_response(row[:n], (tok.eos_token_id,), self.cut_ids)
+      rewards.truncate_response(row[:n], self.stop_ids, self.cut_ids)
       for row, n in zip(np.asarray(out.tokens), np.asarray(out.lengths))
     ]
     texts = [self._decode(c.tokens) for c in cut]
@@ -515,8 +517,9 @@ class Rollouts:
 
   def _decode(self, tokens: Sequence[int]) -> str:
     """A response's text: its tokens without the stop token."""
-    eos = self.tokenizer.eos_token_id
-    return self.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
+    return self.tokenizer.decode(
+      [t for t in tokens if t not in self.stop_ids], skip_special_tokens=True
+    )
 
   def _model_or_scene_scores(
     self,
