@@ -188,6 +188,26 @@ def test_tpu_v5p8_plan_matches_bytes_by_hand(capsys, tmp_path):
   assert "unrolled" in row["cost_pass"]
 
 
+def test_tpu_reward_plan_with_lora_keeps_the_base_frozen_outside_the_state(capsys, tmp_path):
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+  save = tmp_path / "plan.json"
+  config = _shapes_config("reward") + ":runlocal,lora=8"
+  argv = (f"--config={config}", "--topology=v5p-8", "--cost=none", f"--save={save}")
+  status, _, err = _plan(capsys, *argv)
+  assert status == 0, err
+  table = json.loads(save.read_text())
+  assert [p["name"] for p in table["programs"]] == ["reward_train_step", "reward_eval_scores"]
+  step = _program(table, "reward_train_step")
+  params, _ = _bytes_by_hand(config_files.load_config(config), fsdp=4)
+  assert step["by_hand"]["frozen base"] == params  # the whole float32 backbone, not trained
+  # The state trains the adapters and the head only: their Adam moments plus a few counters.
+  assert 0 < step["by_hand"]["params"] < params / 2  # r=8 on a 64-wide model: a quarter
+  assert 0 <= step["by_hand"]["optimizer state"] - 2 * step["by_hand"]["params"] <= 4 * 4
+  scores = _program(table, "reward_eval_scores")
+  assert scores["by_hand"] == {k: step["by_hand"][k] for k in ("params", "frozen base")}
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input.
 # --------------------------------------------------------------------------------------------
