@@ -13,6 +13,7 @@ import pytest
 import tiny_hf
 import torch
 import transformers
+from jax.sharding import PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 from lmm_align import hf
@@ -20,6 +21,7 @@ from lmm_align.hf import CheckpointError, name_map
 from lmm_align.models import Llava, RuntimeConfig, get_variant, to_hf_config
 from lmm_align.models.llava import dummy_inputs
 from lmm_align.sampling import SamplingSettings, generate
+from lmm_align.sharding import DEFAULT_RULES, logical_shardings, make_mesh
 
 
 def _batch(seed: int = 0):
@@ -184,3 +186,21 @@ def test_bad_folders_are_named(tmp_path, qwen2_folder):
   # A LLaMA folder carrying Qwen2's biases: the biases are tensors LLaMA has no place for.
   with pytest.raises(CheckpointError, match=r"unexpected 6 tensor.*q_proj\.bias"):
     hf.load_pretrained(write("llama", dict(config, model_type="llama"), tensors))
+
+
+def test_72b_shards_on_a_fsdp_tensor_mesh():
+  """Qwen2-72B initialised abstractly on the fake 8-device mesh: every param has a sharding,
+  the q/k/v biases split their heads over `tensor` like their kernels, and each device's share
+  of the weights is an eighth."""
+  config = get_variant("qwen2-72b", param_dtype="bfloat16")
+  boxed = jax.eval_shape(Llava(config).init, jax.random.key(0), *dummy_inputs(config))
+  mesh = make_mesh((1, 2, 4))
+  shardings = logical_shardings(boxed["params"], mesh, DEFAULT_RULES)
+  layer = shardings["language_model"]["layers"]
+  assert layer["q_proj"]["bias"].spec == PartitionSpec(None, "tensor", None)
+  assert layer["k_proj"]["kernel"].spec == PartitionSpec(None, "fsdp", "tensor", None)
+  shapes = flax.traverse_util.flatten_dict(flax.linen.unbox(boxed["params"]))
+  flat = flax.traverse_util.flatten_dict(shardings)
+  total = sum(int(np.prod(s.shape)) for s in shapes.values())
+  per_device = sum(int(np.prod(flat[p].shard_shape(s.shape))) for p, s in shapes.items())
+  assert per_device < total / 8 * 1.001
