@@ -1,0 +1,102 @@
+"""LLaVA-OneVision-Chat's iterative DPO with LLaVA-Critic as the reward (arXiv 2410.02712):
+rounds of sample k answers -> the critic judges every ordered pair -> best vs worst -> DPO.
+
+  python -m lmm_align.main --config=configs/llava_critic/iterative_dpo.py \
+      --workdir=gs://B/ov_chat7b \
+      --config.init_from=/mnt/disks/models/llava-onevision-qwen2-7b-ov-hf \
+      --config.feedback.critic=/mnt/disks/models/llava-critic-7b-hf \
+      --config.prompts.source=prompts_jsonl --config.prompts.path=/mnt/disks/data/ov_chat_prompts.jsonl \
+      --config.prompts.image_folder=/mnt/disks/data/coco/train2017
+  python -m lmm_align.main --config=configs/llava_critic/iterative_dpo.py:model=72b ...
+  python -m lmm_align.main --config=configs/llava_critic/iterative_dpo.py:runlocal \
+      --workdir=/tmp/x --config.init_from=TINY_HF_DIR --config.feedback.critic=TINY_CRITIC_DIR
+
+Published settings (LLaVA-NeXT `docs/LLaVA_OneVision_Chat.md`, `scripts/train/dpo_ov7b.sh`; the
+LLaVA-Critic paper and blog; PROTOCOLS.md §7, ALGORITHM_DETAILS.md):
+  policy      LLaVA-OneVision-7B (72B) after its SFT (`lmms-lab/llava-onevision-qwen2-7b-ov`),
+              the qwen_1_5 template.
+  prompts     about 9.4k prompts of LLaVA-RLHF's data, the last question of each conversation
+              [S: LLaVA-NeXT issue #467]; here any RL-prompt source (`prompts.source`:
+              prompts_jsonl {id, image, question}, rlaifv_jsonl or llava_rlhf_prompts).
+  candidates  k = 5 per prompt at temperature 0.7, top-p 0.9 (up to 1024 new tokens: ours).
+  feedback    LLaVA-Critic judges all k(k-1) = 20 ordered pairs with its pairwise prompt; each
+              answer's reward is its wins minus its losses over both orders (`critic` feedback,
+              `critic.aggregate_pairwise`); both orders count, no swap-agreement filter.
+              The critic decodes greedily, up to 4096 new tokens, asked with the model
+              card's pairwise prompt (prompts/pairwise.txt, = feedback.critic's
+              LLAVA_CRITIC_PAIRWISE).
+  pairs       the best against the worst answer of each prompt.
+  DPO         beta 0.1, `dpo_alpha` 1 and `gamma` 0 (the DPO loss alone, no SFT term), lr 5e-7
+              cosine with 10% warmup, no weight decay, 1 epoch per round, batch 1 x 8
+              accumulation per GPU (the GPU count is the launcher's; 8 here), every part
+              trained (`mm_tunable_parts` = vision tower, projector, LLM); the reference is the
+              round's starting policy, its log-probs computed once.
+  rounds      3, each from the previous round's model.
+OneVision folders and anyres tiling come with the LLaVA-family work (issue #22).
+
+`runlocal` is the shapes-world loop with critic feedback at tiny sizes (rendered scenes as
+prompts, the loop's per-round evaluation the shapes world's); the critic is any exported LLaVA
+folder given on the command line.
+
+Args: `model=7b|72b` (the policy); `runlocal`.
+"""
+
+import pathlib
+
+from configs import common
+from configs.llava15 import sft as llava15_sft
+from configs.llava_critic import critic as critic_recipe
+from configs.rlaifv import dpo as rlaifv_dpo
+from configs.shapes import iterative_dpo as shapes_loop
+
+PROMPTS = pathlib.Path(__file__).resolve().parent / "prompts"
+CRITIC = {
+  "7b": "/mnt/disks/models/llava-critic-7b-hf",
+  "72b": "/mnt/disks/models/llava-critic-72b-hf",
+}
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, runlocal=False, model="7b")
+  llava15_sft.check_model(arg.model, critic_recipe.VARIANTS)
+  # The loop's fields, from the shapes loop; every published number is set below.
+  config = shapes_loop.get_config("feedback=critic" + (",runlocal" if arg.runlocal else ""))
+  config.sampling.num_samples = 5
+  config.sampling.temperature = 0.7
+  config.sampling.top_p = 0.9
+  config.sampling.top_k = 0
+  config.feedback.critic_debias = False  # LLaVA-Critic sums both orders' verdicts
+  config.pairs.method = "best_worst"
+  if arg.runlocal:
+    config.feedback.critic = ""  # from the command line
+    return config
+
+  config.rounds = 3
+  config.init_from = critic_recipe.INIT_FROM[arg.model]
+  config.data.template = "qwen_1_5"
+  config.prompts.num_per_round = 9_400
+  config.prompts.source = "prompts_jsonl"
+  config.prompts.path = "/mnt/disks/data/ov_chat_prompts.jsonl"
+  config.prompts.image_folder = "/mnt/disks/data/coco/train2017"
+  config.prompts.on_error = "raise"
+  config.sampling.max_new_tokens = 1024
+  f = config.feedback
+  f.critic = CRITIC[arg.model]
+  f.critic_max_tokens = 4096
+  f.critic_prompt = str(PROMPTS / "pairwise.txt")  # the model card's, verbatim
+  f.batch_size = 16
+
+  train = rlaifv_dpo.get_config()  # the DPO block; the rest is OneVision's
+  train.init_from = config.init_from
+  train.model.variant = critic_recipe.VARIANTS[arg.model]
+  train.data.template = "qwen_1_5"
+  train.data.max_length = 8192
+  train.data.buckets = (2048, 4096, 8192)
+  train.dpo = rlaifv_dpo.dpo_config(beta=0.1, sft_weight=0.0)
+  train.optim.lr = 5e-7
+  train.optim.warmup_ratio = 0.1
+  train.optim.weight_decay = 0.0
+  train.batch_size = 8
+  config.train = train
+  config.epochs_per_round = 1.0
+  return config

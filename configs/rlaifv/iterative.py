@@ -1,0 +1,89 @@
+"""RLAIF-V's iterative alignment (arXiv 2405.17220): rounds of sample -> divide-and-conquer AI
+feedback -> pairs -> DPO, each round starting from the last one's policy.
+
+  python -m lmm_align.main --config=configs/rlaifv/iterative.py \
+      --workdir=gs://B/rlaifv_loop7b \
+      --config.init_from=/mnt/disks/models/llava-1.5-7b-hf \
+      --config.feedback.labeler=/mnt/disks/models/llava-v1.6-34b-hf \
+      --config.prompts.source=rlaifv_jsonl --config.prompts.path=/mnt/disks/data/rlaifv_prompts.jsonl \
+      --config.prompts.image_folder=/mnt/disks/data/rlaifv_images
+  python -m lmm_align.main --config=configs/rlaifv/iterative.py:feedback=self ...
+  python -m lmm_align.main --config=configs/rlaifv/iterative.py:runlocal \
+      --workdir=/tmp/x --config.init_from=TINY_HF_DIR
+
+Published settings (RLAIF-V `script/data_gen/*`, `utils/pair_construction.py`,
+`utils/get_pairs_filter_shorten.py`, `script/train/llava15_train.sh`; PROTOCOLS.md §6,
+ALGORITHM_DETAILS.md):
+  candidates  10 per prompt (`--repeat 10`) at temperature 0.7, one decoding setting, different
+              seeds, up to 512 new tokens, the llava_v1 template; about 4k prompts per round [S].
+  feedback    each answer's claims become yes/no questions ("... Please answer yes or no.");
+              the labeler's p(yes)+p(Yes) against p(no)+p(No), a claim rejected iff
+              p_no >= p_yes; score = -(rejected claims). The labeler is LLaVA-NeXT-34B for the
+              7B policy (`feedback=rlaifv`, `feedback.labeler`), or the policy itself
+              (`feedback=self`, RLAIF-V's self-alignment of OmniLMM-12B). RLAIF-V splits claims
+              and writes the questions with two fine-tuned Llama-3-8B models; the loop uses its
+              rule-based splitter and question maker.
+  pairs       every pair of a prompt's answers whose scores differ by >= 1, at most 2 per
+              prompt, then length balancing (drop pairs whose rejected answer is longer by more
+              than a ratio chosen to even the average lengths).
+  DPO         configs/rlaifv/dpo.py's: sigmoid, beta 0.1, summed log-probs, lr 5e-7 cosine, 5%
+              warmup, weight decay 0.01, batch 8, a full fine-tune; the reference is the round's
+              starting policy, its log-probs computed once. About 4 epochs per round.
+  rounds      4. RLAIF-V keeps the checkpoint best on Object HalBench / MMHal after each round;
+              this loop keeps each round's last checkpoint.
+
+`prompts.source` is an RL-prompt source of lmm_align.data.registry: `rlaifv_jsonl` (the
+pipeline's input, {ds_question_id, image_path, question, metainfos}), `prompts_jsonl`
+({id, image, question}) or `llava_rlhf_prompts`; each round draws `prompts.num_per_round` of
+them. `runlocal` is the shapes-world loop (rendered scenes as prompts, the policy as its own
+labeler) at tiny sizes: the loop's per-round evaluation is the shapes world's.
+
+Args: `feedback=rlaifv|self` (default rlaifv); `model=7b|13b` (the policy); `runlocal`.
+"""
+
+from configs import common
+from configs.llava15 import sft as llava15_sft
+from configs.rlaifv import dpo as rlaifv_dpo
+from configs.shapes import iterative_dpo as shapes_loop
+
+FEEDBACK = ("rlaifv", "self")
+LABELER = "/mnt/disks/models/llava-v1.6-34b-hf"  # LLaVA-NeXT-34B, RLAIF-V's 7B labeler
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, runlocal=False, model="7b", feedback="rlaifv")
+  llava15_sft.check_model(arg.model)
+  if arg.feedback not in FEEDBACK:
+    raise ValueError(f"feedback={arg.feedback!r}: use one of {FEEDBACK}")
+  # The loop's fields, from the shapes loop; every published number is set below.
+  config = shapes_loop.get_config(
+    f"feedback={arg.feedback}" + (",runlocal" if arg.runlocal else "")
+  )
+  if arg.runlocal:
+    return config
+
+  config.rounds = 4
+  config.init_from = rlaifv_dpo.INIT_FROM[arg.model]
+  config.data.template = "llava_v1"
+  config.prompts.num_per_round = 4000
+  config.prompts.source = "rlaifv_jsonl"
+  config.prompts.path = "/mnt/disks/data/rlaifv_prompts.jsonl"
+  config.prompts.image_folder = "/mnt/disks/data/rlaifv_images"
+  config.prompts.on_error = "raise"
+  config.sampling.num_samples = 10
+  config.sampling.temperature = 0.7
+  config.sampling.top_k = 0
+  config.sampling.top_p = 1.0
+  config.sampling.max_new_tokens = 512
+  f = config.feedback
+  f.labeler = LABELER if arg.feedback == "rlaifv" else ""
+  f.reject_margin = 0.0  # rejected iff log p_no - log p_yes >= 0
+  f.yes_words, f.no_words = ("yes", "Yes"), ("no", "No")
+  f.question_suffix = " Please answer yes or no."
+  config.pairs.per_prompt = 2
+  config.pairs.min_score_gap = 1
+  config.pairs.balance_lengths = True
+  config.pairs.sft_on = "all"  # no effect: the DPO has no SFT term (sft_weight 0)
+  config.train = rlaifv_dpo.get_config(f"model={arg.model}")
+  config.epochs_per_round = 4.0
+  return config
