@@ -518,6 +518,11 @@ class Measured:
   resource_exhausted: str = ""
 
 
+def _progress(message: str) -> None:
+  """A line on stderr as each compile ends (a 7B program takes minutes); stdout is the table."""
+  print(f"[plan] {message} (host max RSS {_max_rss_gib():.2f} GiB)", file=sys.stderr, flush=True)
+
+
 def _compile(program: Program) -> tuple[Any, float]:
   t0 = time.perf_counter()
   compiled = program.jitted.lower(*program.args).compile()
@@ -535,10 +540,12 @@ _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": GIB, "T": 1024**4}
 
 
 def _exhausted_peak(message: str) -> int:
-  """The bytes a RESOURCE_EXHAUSTED message says the program needed ("Used 120.5G of ..."),
-  or 0 when it does not say."""
-  match = re.search(r"Used ([\d.]+)([KMGT]?)i?B? of", message)
-  return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
+  """The bytes a RESOURCE_EXHAUSTED message says the program needs ("Used 120.5G of 95.7G
+  hbm", "memory required for HLO temporaries (54.34G) exceeds available HBM"), else 0."""
+  for pattern in (r"Used ([\d.]+)([KMGT]?)i?B? of", r"required [^(]*\(([\d.]+)([KMGT]?)i?B?\)"):
+    if match := re.search(pattern, message):
+      return int(float(match.group(1)) * _UNITS[match.group(2)])
+  return 0
 
 
 def measure(program: Program, chips: int) -> Measured:
@@ -567,6 +574,7 @@ def measure(program: Program, chips: int) -> Measured:
   row.flops, row.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
   row.optimal_seconds = cost.get("optimal_seconds")
   row.cost_pass = "as compiled"
+  _progress(f"{row.name}: compiled in {row.compile_seconds:.1f} s, peak {format_gib(row.peak)} GiB")
   return row
 
 
@@ -587,6 +595,7 @@ def add_unrolled_cost(rows: list[Measured], programs: list[Program], chips: int)
     row.flops, row.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
     row.optimal_seconds = cost.get("optimal_seconds")
     row.cost_pass = "unrolled (scan_layers off, one micro-batch)"
+    _progress(f"{row.name}: cost pass compiled")
 
 
 def format_gib(num_bytes: float) -> str:
@@ -607,6 +616,8 @@ def report(row: Measured, acc: Accelerator, hbm: float) -> list[str]:
   for label, value in row.by_hand.items():
     lines.append(f"  {label + ' by hand':40s} {value / GIB:10.3f} GiB {value:16d} bytes")
   peak_label = "peak = argument + output - alias + temp"
+  if row.resource_exhausted:
+    peak_label = "peak, as the compiler's error states it"
   lines.append(f"  {peak_label:40s} {row.peak / GIB:10.3f} GiB {row.peak:16d} bytes")
   headroom = hbm * GIB - row.peak
   lines.append(

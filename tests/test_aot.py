@@ -208,6 +208,20 @@ def test_tpu_reward_plan_with_lora_keeps_the_base_frozen_outside_the_state(capsy
   assert scores["by_hand"] == {k: step["by_hand"][k] for k in ("params", "frozen base")}
 
 
+def test_tpu_resource_exhausted_is_exit_3_with_the_table_not_a_traceback(capsys):
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+  # 256 rows x 2048 tokens on one 16 GiB v5e chip: the float32 logits alone are 1 GiB a row.
+  argv = (f"--config={_llava_sft_config()}:runlocal", "--topology=v5e-1", "--cost=none",
+          "--config.batch_size=256", "--config.data.max_length=2048")  # fmt: skip
+  status, out, _ = _plan(capsys, *argv)
+  assert status == aot.EXIT_DOES_NOT_FIT
+  assert "RESOURCE_EXHAUSTED from the compiler" in out and "params by hand" in out
+  match = LAST_LINE.fullmatch(out.strip().splitlines()[-1])
+  assert match and match.group(1) == "does not fit" and match.group(3) == "16.00"
+  assert float(match.group(2)) > 16  # the compiler's own figure for what it needed
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input.
 # --------------------------------------------------------------------------------------------
