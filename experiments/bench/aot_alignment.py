@@ -8,7 +8,7 @@ A caller of lmm_align/aot.py (`lmm-align plan`): the same compile-only TPU devic
 devices, abstract state and batches, per-chip table and last line. `lmm-align plan` compiles
 the SFT, DPO (with its reference log-prob pass) and reward-model programs from their configs;
 PPO is not planned there yet (its reward model is an HF folder the plan cannot size), so this
-script registers the PPO programs itself, as aot_alignment did before plan existed:
+script registers the PPO programs with aot.py itself, its reward model sized as below:
   ppo_train_step     `trainers.ppo.ppo_train_step` as ppo.train jits it: policy = LoRA r=64 over
                      a frozen llava-1.5-7b, value = LoRA r=64 over the frozen llava-1.5-13b
                      reward-model backbone plus a scalar head (configs/llava_rlhf/ppo.py), rows
