@@ -169,12 +169,12 @@ def test_siglip_qwen2_llava_export_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
-def test_scan_and_remat_give_the_same_loss_and_grads():
+def test_scan_and_remat_give_the_same_loss_and_grads(siglip_folder):
   """The tower scanned vs unrolled under full remat: the same loss and gradients."""
-  vision = get_vision_variant("siglip-tiny")
+  folder, _ = siglip_folder
+  vision = vision_config_from_hf(json.loads((folder / "config.json").read_text()))
+  params = hf.load_vision_tower(folder, ModelConfig(text=TEXT, vision=vision))
   pixels = tiny_hf.random_pixels(2)
-  params = jax.jit(SiglipVisionTower(vision, RuntimeConfig()).init)(jax.random.key(0), pixels)
-  params = flax.linen.unbox(params["params"])
 
   def loss(p, runtime):
     hidden = SiglipVisionTower(vision, runtime).apply({"params": p}, pixels)
@@ -185,8 +185,7 @@ def test_scan_and_remat_give_the_same_loss_and_grads():
   unrolled = RuntimeConfig(scan_layers=False, remat_policy="full")
   got_loss, got_grads = value_and_grad(_unstack(params), unrolled)
   np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
-  assert set(got_grads) == {"patch_embedding", "position_embedding", "layers_0", "layers_1",
-                            "post_layernorm", "head"}  # fmt: skip
+  assert float(jnp.abs(got_grads["layers_0"]["fc1"]["kernel"]).max()) > 0
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), _unstack(ref_grads),
     got_grads,
