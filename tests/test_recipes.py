@@ -1,0 +1,306 @@
+"""The recipe configs of the published systems (configs/llava15, llava_rlhf, rlaifv, llava_critic):
+every get_config builds with the paper's numbers, and each `:runlocal` trains end to end on
+small files in the published layout (written here) from a tiny exported HF model given on the
+command line, as a user would; its export loads in transformers.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from lmm_align import config_files, main
+from lmm_align.data import conversation, registry
+from lmm_align.trainers import export
+from lmm_align.trainers import registry as trainers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Every recipe and the args it takes (each arg alone, and with runlocal).
+RECIPES = {
+  "configs/llava15/sft.py": ("", "stage=1", "model=13b", "stage=1,model=13b"),
+  "configs/llava_rlhf/sft.py": ("", "stage=rl_init", "model=13b", "model=13b,stage=rl_init"),
+  "configs/llava_rlhf/rm.py": ("", "vanilla", "model=7b"),
+  "configs/llava_rlhf/ppo.py": ("", "vanilla", "model=13b"),
+  "configs/rlaifv/dpo.py": ("", "model=13b"),
+  "configs/llava_critic/critic.py": ("", "mode=pointwise", "mode=pairwise", "model=72b"),
+  "configs/rlaifv/iterative.py": ("", "feedback=self", "model=13b"),
+  "configs/llava_critic/iterative_dpo.py": ("", "model=72b"),
+}
+KIND = {"sft": "conversations", "dpo": "pairs", "reward": "pairs", "ppo": "prompts"}
+TIMINGS: dict[str, float] = {}
+
+
+def _load(spec: str):
+  return config_files.load_config(spec, str(REPO))
+
+
+def _specs():
+  for path, args in RECIPES.items():
+    for arg in args:
+      yield f"{path}:{arg}" if arg else path
+      yield f"{path}:{','.join(filter(None, (arg, 'runlocal')))}"
+
+
+# --------------------------------------------------------------------------------------------
+# Every config builds, names registered things and carries the published numbers.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", list(_specs()))
+def test_every_recipe_builds_with_registered_trainer_and_source(spec):
+  config = _load(spec)
+  runlocal = spec.endswith("runlocal")
+  assert config.trainer in trainers.BUILTIN
+  if config.trainer == "iterative":
+    # The loop: its prompts from an RL-prompt source (runlocal: rendered shapes scenes), each
+    # round a DPO run of config.train.
+    train = config.train
+    assert train.trainer == "dpo"
+    if not runlocal:
+      assert config.prompts.source in registry.names("prompts") and config.prompts.path
+  else:
+    train = config
+    assert config.data.source in registry.names(KIND[config.trainer])
+  if runlocal:
+    # Runs from what the command line gives: nothing points at the pod's disks.
+    assert config.init_from == "" and train.total_steps == 2
+    assert config.trainer == "iterative" or config.data.path == ""
+    assert train.model.dtype == "float32"
+    conversation.get_template(config.data.template)
+  else:
+    assert config.init_from.startswith("/mnt/disks/models/")
+    assert train.model.dtype == "bfloat16" and train.optim.state_dtype == "float32"
+    conversation.get_template(config.data.template)
+
+
+@pytest.mark.parametrize("path", list(RECIPES))
+def test_docstring_starts_with_the_command(path):
+  doc = ast.get_docstring(ast.parse((REPO / path).read_text()))
+  command = doc.split("\n\n")[1].strip()
+  assert command.startswith(f"python -m lmm_align.main --config={path}")
+
+
+def test_unknown_args_are_refused():
+  with pytest.raises(ValueError, match="model='30b'"):
+    _load("configs/rlaifv/dpo.py:model=30b")
+  with pytest.raises(ValueError, match="stage=3"):
+    _load("configs/llava15/sft.py:stage=3")
+  with pytest.raises(ValueError, match="mode='listwise'"):
+    _load("configs/llava_critic/critic.py:mode=listwise")
+  with pytest.raises(KeyError, match="unknown config arg 'stages'"):
+    _load("configs/llava_rlhf/sft.py:stages=1")
+
+
+def test_published_hyperparameters():
+  s1, s2 = _load("configs/llava15/sft.py:stage=1"), _load("configs/llava15/sft.py")
+  assert (s1.optim.lr, s1.batch_size, s1.total_steps, s1.data.template) == (
+    1e-3,
+    256,
+    2181,
+    "plain",
+  )
+  assert tuple(s1.trainable) == ("multi_modal_projector/.*",)
+  assert (s2.optim.lr, s2.batch_size, s2.total_steps, s2.data.template) == (
+    2e-5,
+    128,
+    5198,
+    "vicuna_v1",
+  )
+  assert "language_model/.*" in s2.trainable and "vision_tower/.*" not in s2.trainable
+  assert _load("configs/llava15/sft.py:model=13b").init_from.endswith("llava-1.5-13b-hf")
+
+  rm = _load("configs/llava_rlhf/rm.py")
+  assert (rm.lora.rank, rm.optim.lr, rm.batch_size, rm.optim.schedule) == (64, 2e-5, 32, "constant")
+  assert rm.reward.fact_augmented and rm.reward.centering_coef == 1e-3 and rm.data.captions_path
+  vanilla = _load("configs/llava_rlhf/rm.py:vanilla")
+  assert not vanilla.reward.fact_augmented and vanilla.data.captions_path == ""
+  rl_init = _load("configs/llava_rlhf/sft.py:stage=rl_init")
+  assert (rl_init.lora.rank, rl_init.optim.lr, rl_init.data.max_length) == (64, 1e-4, 2048)
+
+  ppo7, ppo13 = _load("configs/llava_rlhf/ppo.py"), _load("configs/llava_rlhf/ppo.py:model=13b")
+  assert ppo7.model.variant == "llava-1.5-7b" and ppo13.model.variant == "llava-1.5-13b"
+  assert ppo7.init_from != ppo13.init_from and ppo7.ppo.reward_model == ppo13.ppo.reward_model
+  p = ppo7.ppo
+  assert (p.query_len, p.max_new_tokens, p.rollout_batch_size, p.step_batch_size) == (
+    128,
+    896,
+    512,
+    256,
+  )
+  assert (p.kl_coef, p.reward_scale, p.lam, p.length_coef, p.stop_penalty) == (
+    0.1,
+    10.0,
+    1.0,
+    -10.0,
+    -8.0,
+  )
+
+  dpo = _load("configs/rlaifv/dpo.py")
+  assert (dpo.dpo.beta, dpo.dpo.loss, dpo.dpo.average_logps) == (0.1, "sigmoid", False)
+  assert (dpo.optim.lr, dpo.optim.warmup_ratio, dpo.optim.weight_decay) == (5e-7, 0.05, 0.01)
+  assert tuple(dpo.trainable) == (".*",) and dpo.lora.rank == 0  # full fine-tune, tower too
+  assert dpo.data.template == "llava_v1"
+
+  both = _load("configs/llava_critic/critic.py")
+  assert both.data.path.split(",") == [
+    "/mnt/disks/data/llava-critic-113k/pointwise/*.parquet",
+    "/mnt/disks/data/llava-critic-113k/pairwise/*.parquet",
+  ]
+  assert _load("configs/llava_critic/critic.py:mode=pairwise").data.path.endswith(
+    "pairwise/*.parquet"
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# Small files in the published layouts.
+# --------------------------------------------------------------------------------------------
+
+N = 8  # records per file: one global batch
+COLOURS = ("red", "green", "blue", "white")
+
+
+def _png(i: int) -> bytes:
+  pixels = np.random.default_rng(i).integers(0, 256, (40, 52, 3), np.uint8)
+  pixels[..., i % 3] = 255
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
+def _turns(*values: str) -> list[dict]:
+  return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
+
+
+def _coco_images(folder: pathlib.Path) -> list[str]:
+  """N COCO-named image files (PNG bytes; the readers go by content, not by extension)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  names = [f"{i + 1:012d}.jpg" for i in range(N)]
+  for i, name in enumerate(names):
+    (folder / name).write_bytes(_png(i))
+  return names
+
+
+def write_llava_json(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """LLaVA instruction JSON (PROTOCOLS.md §1.1), images relative to the folder."""
+  names = _coco_images(root / "coco" / "train2017")
+  records = [
+    {"id": f"s{i}", "image": f"coco/train2017/{name}",
+     "conversations": _turns("<image>\nWhat is in the image?", f"A {COLOURS[i % 4]} circle.")}
+    for i, name in enumerate(names)
+  ]  # fmt: skip
+  path = root / "llava_instruct.json"
+  path.write_text(json.dumps(records))
+  return path, root
+
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def write_llava_critic_parquet(path: pathlib.Path) -> pathlib.Path:
+  """LLaVA-Critic-113k columns (§7): a pointwise and a pairwise critique per image."""
+  pointwise = "Score the response out of 100.\nQuestion: [Describe it.]\nThe LMM response: [{}]"
+  pairwise = ("Which answer is better?\nQuestion: [Describe it.]\nThe first response: [{}]\n"
+              "The second response: [{}]")  # fmt: skip
+  rows = []
+  for i in range(N):
+    good, bad = f"A {COLOURS[i % 4]} circle.", f"A {COLOURS[(i + 1) % 4]} star."
+    if i % 2:
+      prompt, verdict = (
+        pairwise.format(bad, good),
+        "The second one is right. The better response: second",
+      )
+    else:
+      prompt, verdict = pointwise.format(good), "It is right. Final Score: 90"
+    rows.append((f"critic_{i}", _turns(f"<image>\n{prompt}", verdict)))
+  turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+  table = pa.table({
+    "id": pa.array([r[0] for r in rows]),
+    "source": pa.array(["vlfeedback"] * N),
+    "conversations": pa.array([r[1] for r in rows], pa.list_(turn)),
+    "image": pa.array([{"bytes": _png(i), "path": f"{i}.png"} for i in range(N)], IMAGE_TYPE),
+  })  # fmt: skip
+  pq.write_table(table, path)
+  return path
+
+
+# --------------------------------------------------------------------------------------------
+# Runs.
+# --------------------------------------------------------------------------------------------
+
+
+def _train(spec: str, workdir: pathlib.Path, **overrides) -> dict:
+  """`lmm-align train --config=<spec> --config.<key>=<value> ...`, in process."""
+  config = main.apply_overrides(_load(spec), overrides)
+  start = time.perf_counter()
+  summary = main.train(config, str(workdir))
+  TIMINGS[spec] = time.perf_counter() - start
+  print(f"[recipes] {spec}: {TIMINGS[spec]:.1f} s")
+  return summary
+
+
+def _steps(workdir: pathlib.Path) -> list[dict]:
+  return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_export_loads(workdir: pathlib.Path, out: pathlib.Path, model_dir: pathlib.Path):
+  """The run's export is a folder transformers loads; its logits on a prompt with an image
+  are finite and differ from the starting model's (the run trained)."""
+  export.export_workdir(str(workdir), str(out))
+  logits = []
+  for folder in (out, model_dir):
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    image = Image.open(io.BytesIO(_png(0)))
+    prompt = "USER: <image>\nWhat is in the image? ASSISTANT:"
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+      logits.append(model(**inputs).logits.numpy())
+  assert np.isfinite(logits[0]).all()
+  assert np.abs(logits[0] - logits[1]).max() > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_model(shapes_sft_policy) -> pathlib.Path:
+  """A tiny LLaVA exported with its tokenizer and processor (conftest's shapes SFT policy)."""
+  return shapes_sft_policy
+
+
+def test_llava15_sft_runlocal_from_the_command_line(tmp_path, tiny_model):
+  data, images = write_llava_json(tmp_path / "data")
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "lmm_align.main", "--config=configs/llava15/sft.py:runlocal",
+         f"--workdir={workdir}", f"--config.init_from={tiny_model}",
+         f"--config.data.path={data}", f"--config.data.image_folder={images}"]  # fmt: skip
+  start = time.perf_counter()
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  print(
+    f"[recipes] configs/llava15/sft.py:runlocal (subprocess): {time.perf_counter() - start:.1f} s"
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  steps = _steps(workdir)
+  assert len(steps) == 2 and all(np.isfinite(s["loss"]) for s in steps)
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["data"]["source"] == "llava_json" and config["init_from"] == str(tiny_model)
+  _check_export_loads(workdir, tmp_path / "hf", tiny_model)
+
+
+def test_llava_critic_runlocal_on_critic_parquet(tmp_path, tiny_model):
+  parquet = write_llava_critic_parquet(tmp_path / "pairwise-00000-of-00001.parquet")
+  workdir = tmp_path / "run"
+  _train("configs/llava_critic/critic.py:runlocal", workdir,
+         **{"init_from": str(tiny_model), "data.path": str(parquet)})  # fmt: skip
+  assert len(_steps(workdir)) == 2
+  _check_export_loads(workdir, tmp_path / "hf", tiny_model)
