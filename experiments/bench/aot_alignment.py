@@ -40,6 +40,8 @@ from lmm_align.trainers import ppo
 from lmm_align.trainers import state as state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# The config files import `configs.*`, a package at the repository's root.
+sys.path.insert(0, str(REPO))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
