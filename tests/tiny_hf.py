@@ -153,3 +153,73 @@ def save_tiny_siglip_qwen2_llava(
 def siglip_image_tokens_per_image(strategy: str = "full") -> int:
   """SigLIP has no class token: 16 patches, and "default" drops the first patch."""
   return 16 - (1 if strategy == "default" else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# LLaVA-NeXT and LLaVA-OneVision (anyres tiling, image_newline).
+# --------------------------------------------------------------------------------------------
+
+# 32-pixel tiles: a 1 x 2, 2 x 1 and 2 x 2 grid (tiles + the base tile: 3, 3, 5).
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+VIDEO_TOKEN = 298
+
+
+def save_tiny_llava_next(
+  folder: pathlib.Path,
+  seed: int = 0,
+  num_kv_heads: int = 2,
+  vision_feature_layer: int | list[int] = -2,
+  select_strategy: str = "default",
+  pinpoints: list[list[int]] | None = None,
+) -> transformers.LlavaNextForConditionalGeneration:
+  """A LLaVA-NeXT of a CLIP tower (16 patches + CLS) and a LLaMA decoder with GQA."""
+  torch.manual_seed(seed)
+  config = transformers.LlavaNextConfig(
+    vision_config=clip_config(),
+    text_config=llama_config(num_kv_heads),
+    image_token_index=IMAGE_TOKEN,
+    projector_hidden_act="gelu",
+    vision_feature_layer=vision_feature_layer,
+    vision_feature_select_strategy=select_strategy,
+    image_grid_pinpoints=pinpoints or NEXT_PINPOINTS,
+    image_seq_length=16,
+  )
+  model = transformers.LlavaNextForConditionalGeneration(config).eval()
+  _randomize_norms(model)
+  model.save_pretrained(folder)
+  return model
+
+
+def save_tiny_llava_onevision(
+  folder: pathlib.Path,
+  seed: int = 0,
+  num_kv_heads: int = 2,
+  vision_aspect_ratio: str = "anyres_max_1",
+  vision_feature_layer: int | list[int] = -1,
+  select_strategy: str = "full",
+  pinpoints: list[list[int]] | None = None,
+) -> transformers.LlavaOnevisionForConditionalGeneration:
+  """A LLaVA-OneVision of a headless SigLIP tower (16 patches) and a Qwen2 decoder with GQA.
+
+  `anyres_max_1` downsamples any unpadded grid map above 1.1**2 tiles' worth of features, so
+  every multi-tile image in a test goes through the bilinear path.
+  """
+  torch.manual_seed(seed)
+  config = transformers.LlavaOnevisionConfig(
+    vision_config=siglip_config(vision_use_head=False),
+    text_config=qwen2_config(num_kv_heads),
+    image_token_index=IMAGE_TOKEN,
+    video_token_index=VIDEO_TOKEN,
+    projector_hidden_act="gelu",
+    vision_feature_layer=vision_feature_layer,
+    vision_feature_select_strategy=select_strategy,
+    vision_aspect_ratio=vision_aspect_ratio,
+    image_grid_pinpoints=pinpoints or ONEVISION_PINPOINTS,
+  )
+  model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+  _randomize_norms(model)
+  with torch.no_grad():  # image_newline starts random already; make it visibly so.
+    model.model.image_newline.add_(torch.randn_like(model.model.image_newline))
+  model.save_pretrained(folder)
+  return model

@@ -1,4 +1,5 @@
-"""Declarative name maps between Hugging Face LLaVA / LLaMA / Qwen2 checkpoints and our params.
+"""Declarative name maps between Hugging Face LLaVA (1.5, NeXT, OneVision) / LLaMA / Qwen2
+checkpoints and our params.
 
 One table per sub-model, read in both directions. A rule is (HF key template, our path
 template, transform); `{i}` stands for a layer index. HF keys are first brought to one
@@ -156,6 +157,8 @@ def rules_for(config: ModelConfig) -> list[Rule]:
   rules = text_rules(config)
   if config.vision is not None:
     rules += tower_rules(config.vision) + projector_rules(config)
+  if config.anyres:  # LLaVA-NeXT / OneVision: the learned row separator, [D] both ways
+    rules.append(Rule("image_newline", "image_newline", "copy"))
   return rules
 
 
@@ -184,6 +187,7 @@ _PREFIXES = (
   ("vision_tower.vision_model.", "vision_tower."),
   ("vision_tower.", "vision_tower."),
   ("model.multi_modal_projector.", "multi_modal_projector."),
+  ("model.image_newline", "image_newline"),
   ("multi_modal_projector.", "multi_modal_projector."),
   ("language_model.model.", "language_model."),
   ("model.language_model.", "language_model."),

@@ -11,7 +11,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lmm_align.models.anyres import (
+  LLAVA_NEXT_PINPOINTS,
+  LLAVA_ONEVISION_PINPOINTS,
+  AnyresPackingConfig,
+  num_image_tokens,
+  parse_max_num_tiles,
+)
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 TEXT_MODEL_TYPES = ("llama", "qwen2")
 VISION_TOWERS = ("clip", "siglip")
 
@@ -159,7 +168,13 @@ def siglip_vision(**fields: Any) -> VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A LLaVA model, or a text-only LLaMA when `vision` is None."""
+  """A LLaVA model, or a text-only LLaMA when `vision` is None.
+
+  Anyres (LLaVA-NeXT, LLaVA-OneVision) when `image_grid_pinpoints` is set: each image is a base
+  tile plus a grid of tiles whose features are packed (unpadded, `image_newline` after each
+  row; see `lmm_align.models.anyres`). `vision_aspect_ratio` ("anyres_max_N") makes it
+  OneVision, which also downsamples large grids; without it the model is LLaVA-NeXT.
+  """
 
   text: TextConfig
   vision: VisionConfig | None = None
@@ -172,10 +187,28 @@ class ModelConfig:
   vision_feature_select_strategy: str = "default"
   image_token_id: int = 32000
   runtime: RuntimeConfig = RuntimeConfig()
+  # Anyres: candidate (height, width) resolutions, multiples of the tower's image_size.
+  image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+  vision_aspect_ratio: str | None = None  # OneVision's "anyres_max_N"
+  video_token_id: int | None = None  # OneVision's; kept for export (videos are not read)
 
   def __post_init__(self):
     if isinstance(self.vision_feature_layer, list):
       object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+    if self.image_grid_pinpoints is not None:
+      if self.vision is None:
+        raise ValueError("image_grid_pinpoints (anyres) needs a vision tower")
+      pins = tuple(tuple(int(x) for x in pin) for pin in self.image_grid_pinpoints)
+      object.__setattr__(self, "image_grid_pinpoints", pins)
+      packing = self.packing  # validates the pinpoints against the tile size, the aspect ratio
+      if self.features_per_tile != packing.features_per_tile:
+        raise ValueError(
+          f"vision_feature_select_strategy {self.vision_feature_select_strategy!r} leaves "
+          f"{self.features_per_tile} features per tile, anyres packing needs "
+          f"{packing.features_per_tile} ({packing.side} x {packing.side} patches)"
+        )
+    elif self.vision_aspect_ratio is not None:
+      raise ValueError("vision_aspect_ratio (OneVision) needs image_grid_pinpoints")
     if self.projector_type not in ("mlp2x_gelu", "linear"):
       raise ValueError(f"projector_type {self.projector_type!r}: use 'mlp2x_gelu' or 'linear'")
     if self.vision_feature_select_strategy not in ("default", "full"):
@@ -188,12 +221,51 @@ class ModelConfig:
     return self.vision is not None
 
   @property
-  def num_image_tokens(self) -> int:
-    """How many placeholder tokens one image occupies in `input_ids`."""
+  def family(self) -> str:
+    """The transformers model_type: "llava", "llava_next" or "llava_onevision"."""
+    if self.image_grid_pinpoints is None:
+      return "llava"
+    return "llava_next" if self.vision_aspect_ratio is None else "llava_onevision"
+
+  @property
+  def anyres(self) -> bool:
+    return self.image_grid_pinpoints is not None
+
+  @property
+  def packing(self) -> AnyresPackingConfig:
+    """The anyres packing settings (tile and patch size from the tower)."""
+    if self.image_grid_pinpoints is None:
+      raise ValueError("packing: the config is not anyres (no image_grid_pinpoints)")
+    return AnyresPackingConfig(
+      image_grid_pinpoints=self.image_grid_pinpoints,
+      tile_size=self.vision.image_size,
+      patch_size=self.vision.patch_size,
+      max_num_tiles=parse_max_num_tiles(self.vision_aspect_ratio),
+    )
+
+  @property
+  def features_per_tile(self) -> int:
+    """Projected features one tile (one image for LLaVA-1.5) gives after the select strategy."""
     if self.vision is None:
       return 0
     tokens = self.vision.num_patches + (1 if self.vision.has_class_token else 0)
     return tokens - (1 if self.vision_feature_select_strategy == "default" else 0)
+
+  @property
+  def num_image_tokens(self) -> int:
+    """How many placeholder tokens one image occupies in `input_ids` (one tile, for anyres).
+
+    For an anyres config this is a single-tile image's count (its features and one
+    `image_newline`, OneVision's multi-image layout); a tiled image takes
+    `image_tokens((height, width))`.
+    """
+    return self.features_per_tile + (1 if self.anyres else 0)
+
+  def image_tokens(self, image_size: tuple[int, int]) -> int:
+    """Placeholders of one image of (height, width): tiled when anyres, as transformers counts."""
+    if not self.anyres:
+      return self.num_image_tokens
+    return num_image_tokens(image_size, self.packing)
 
   @property
   def vision_feature_layers(self) -> tuple[int, ...]:
@@ -389,6 +461,53 @@ VARIANTS: dict[str, ModelConfig] = {
 }
 
 
+# LLaVA-NeXT and LLaVA-OneVision.
+#
+# llava-next-34b: RLAIF-V's labeler, LLaVA-v1.6-34B (llava-hf/llava-v1.6-34b-hf): CLIP
+# ViT-L/14-336 read at layer -2 without its class token, LLaVA-NeXT's five pinpoints, and the
+# LLaMA-architecture Nous-Hermes-2-Yi-34B (its config.json: hidden 7168, MLP 20480, 60 layers,
+# 56 heads, 8 KV heads, RoPE theta 5e6, RMSNorm eps 1e-5, 4096 positions, <|im_end|> 7 as EOS);
+# llava-hf pads the 64000-token vocabulary to 64064 rows and adds <image> as 64000.
+# llava-onevision-*: lmms-lab's / llava-hf's LLaVA-OneVision-Qwen2 (the OneVision paper, sec. 3):
+# SigLIP-so400m/14-384 with the last layer and the head dropped, read in full at layer -1,
+# anyres_max_9 over the 36 pinpoints (1..6 x 1..6 tiles of 384), Qwen2-0.5B/7B/72B-Instruct;
+# <image> 151646, <video> 151647 (llava-hf's ids, inside Qwen2's padded vocabulary).
+_ONEVISION_SIGLIP = dataclasses.replace(_SIGLIP_SO400M_14_384, num_layers=26, use_head=False)
+_YI_34B = TextConfig(
+  vocab_size=64064, hidden_size=7168, intermediate_size=20480, num_layers=60, num_heads=56,
+  num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=5_000_000.0,
+  max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=7,
+)  # fmt: skip
+
+
+def _onevision(text: TextConfig) -> ModelConfig:
+  return ModelConfig(
+    text=text, vision=_ONEVISION_SIGLIP, vision_feature_layer=-1,
+    vision_feature_select_strategy="full", image_token_id=151646, video_token_id=151647,
+    image_grid_pinpoints=LLAVA_ONEVISION_PINPOINTS, vision_aspect_ratio="anyres_max_9",
+  )  # fmt: skip
+
+
+VARIANTS.update({
+  "llava-next-34b": ModelConfig(
+    text=_YI_34B, vision=_CLIP_L14_336, image_token_id=64000,
+    image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+  ),
+  "llava-onevision-0.5b": _onevision(VARIANTS["qwen2-0.5b"].text),
+  "llava-onevision-7b": _onevision(VARIANTS["qwen2-7b"].text),
+  "llava-onevision-72b": _onevision(VARIANTS["qwen2-72b"].text),
+  # Tests: 32-pixel tiles of 16 patches; NeXT's CLIP drops its class token, OneVision's SigLIP
+  # reads every patch; anyres_max_1 so that every multi-tile image is downsampled.
+  "tiny-llava-next": VARIANTS["tiny"].replace(
+    image_grid_pinpoints=((32, 64), (64, 32), (64, 64))
+  ),
+  "tiny-llava-onevision": VARIANTS["tiny-siglip-qwen2"].replace(
+    image_grid_pinpoints=((32, 32), (32, 64), (64, 32), (64, 64)),
+    vision_aspect_ratio="anyres_max_1",
+  ),
+})  # fmt: skip
+
+
 def get_variant(name: str, **runtime: Any) -> ModelConfig:
   """The named variant, with optional runtime overrides (dtype, scan_layers, ...)."""
   if name not in VARIANTS:
@@ -504,27 +623,54 @@ def vision_config_from_hf(d: dict[str, Any]) -> VisionConfig:
   )
 
 
+# Per family: (vision_feature_layer, select strategy) defaults of its transformers config class.
+_FAMILY_FEATURE_DEFAULTS = {
+  "llava": (-2, "default"),
+  "llava_next": (-2, "default"),
+  "llava_onevision": (-1, "full"),
+}
+_ARCHITECTURES = {
+  "llava": "LlavaForConditionalGeneration",
+  "llava_next": "LlavaNextForConditionalGeneration",
+  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+
+
 def from_hf_config(d: dict[str, Any], runtime: RuntimeConfig | None = None) -> ModelConfig:
   """A ModelConfig from the dict of a `LlavaForConditionalGeneration` (CLIP or SigLIP tower,
-  LLaMA or Qwen2 decoder), `LlamaForCausalLM` or `Qwen2ForCausalLM` config.json."""
+  LLaMA or Qwen2 decoder), `LlavaNextForConditionalGeneration`,
+  `LlavaOnevisionForConditionalGeneration`, `LlamaForCausalLM` or `Qwen2ForCausalLM`
+  config.json. Missing fields take the transformers class defaults."""
   runtime = runtime or RuntimeConfig()
   model_type = d.get("model_type")
-  if model_type == "llava":
+  if model_type in LLAVA_FAMILIES:
     text = _text_from_hf(d["text_config"])
     if "tie_word_embeddings" in d and "tie_word_embeddings" not in d["text_config"]:
       text = dataclasses.replace(text, tie_word_embeddings=bool(d["tie_word_embeddings"]))
     act = d.get("projector_hidden_act", "gelu")
     if act != "gelu":
       raise ValueError(f"projector_hidden_act {act!r} is not supported (gelu)")
+    layer, strategy = _FAMILY_FEATURE_DEFAULTS[model_type]
+    anyres: dict[str, Any] = {}
+    if model_type == "llava_next":
+      anyres["image_grid_pinpoints"] = d.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS
+    elif model_type == "llava_onevision":
+      anyres["image_grid_pinpoints"] = d.get("image_grid_pinpoints") or LLAVA_ONEVISION_PINPOINTS
+      anyres["vision_aspect_ratio"] = d.get("vision_aspect_ratio", "anyres_max_9")
+      anyres["video_token_id"] = d.get("video_token_index", d.get("video_token_id", 151647))
+    default_image_token = {"llava": 32000, "llava_next": 32000, "llava_onevision": 151646}
     return ModelConfig(
       text=text,
       vision=vision_config_from_hf(d["vision_config"]),
       projector_type="mlp2x_gelu",
       projector_bias=bool(d.get("multimodal_projector_bias", True)),
-      vision_feature_layer=d.get("vision_feature_layer", -2),
-      vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
-      image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+      vision_feature_layer=d.get("vision_feature_layer", layer),
+      vision_feature_select_strategy=d.get("vision_feature_select_strategy", strategy),
+      image_token_id=d.get(
+        "image_token_index", d.get("image_token_id", default_image_token[model_type])
+      ),
       runtime=runtime,
+      **anyres,
     )
   if model_type in TEXT_MODEL_TYPES:
     return ModelConfig(text=_text_from_hf(d), runtime=runtime)
@@ -534,7 +680,8 @@ def from_hf_config(d: dict[str, Any], runtime: RuntimeConfig | None = None) -> M
       "tower with lmm_align.hf.load_vision_tower"
     )
   raise ValueError(
-    f"config.json model_type {model_type!r} is not supported (llava, {', '.join(TEXT_MODEL_TYPES)})"
+    f"config.json model_type {model_type!r} is not supported "
+    f"({', '.join(LLAVA_FAMILIES + TEXT_MODEL_TYPES)})"
   )
 
 
@@ -595,13 +742,23 @@ def to_hf_config(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
       "transformers' LlavaForConditionalGeneration has only the mlp2x_gelu projector"
     )
   layer = config.vision_feature_layer
+  family = config.family
+  anyres: dict[str, Any] = {}
+  if config.anyres:
+    anyres["image_grid_pinpoints"] = [list(pin) for pin in config.image_grid_pinpoints]
+  if family == "llava_onevision":
+    anyres["vision_aspect_ratio"] = config.vision_aspect_ratio
+    if config.video_token_id is not None:
+      anyres["video_token_index"] = config.video_token_id
   return {
-    "model_type": "llava",
-    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": family,
+    "architectures": [_ARCHITECTURES[family]],
     "text_config": text,
     "vision_config": vision_config_to_hf(config.vision),
     "image_token_index": config.image_token_id,
-    "image_seq_length": config.num_image_tokens,
+    # transformers' llava / llava_next field (features of one image / of the base tile).
+    **({} if family == "llava_onevision" else {"image_seq_length": config.features_per_tile}),
+    **anyres,
     "projector_hidden_act": config.projector_hidden_act,
     "multimodal_projector_bias": config.projector_bias,
     "vision_feature_layer": layer if isinstance(layer, int) else list(layer),

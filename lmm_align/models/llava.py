@@ -4,6 +4,12 @@ expanded each `<image>` into `num_image_tokens` placeholders).
 
 The tower is CLIP's (LLaVA-1.5) or SigLIP's, the decoder LLaMA or Qwen2, as the config says;
 they compose the same way. The same module is a text-only decoder when `config.vision` is None.
+
+Anyres configs (LLaVA-NeXT, LLaVA-OneVision; `config.image_grid_pinpoints`) take one tiled
+image per row: pixel_values [B, tiles, H, W, 3] (base tile first, then the grid, padded tiles
+at the end) and image_sizes [B, 2]. The tower reads every tile; the features are packed by a
+`PackPlan` (`lmm_align.models.anyres`: unpadding, OneVision's downsampling, `image_newline`
+after each row) into [B, L, D], and the k-th placeholder of row b takes packed[b, k].
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmm_align.models import anyres
 from lmm_align.models.clip_vit import ClipVisionTower
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.layers import KVCache, dense_general, dtype_of
@@ -82,6 +89,17 @@ class Llava(nn.Module):
       tower = SiglipVisionTower if c.vision.tower == "siglip" else ClipVisionTower
       self.vision_tower = tower(c.vision, c.runtime)
       self.multi_modal_projector = Projector(c)
+    if c.anyres:
+      d = c.text.hidden_size
+      # transformers draws it from N(0, 1/D), the scale of the projected features.
+      self.image_newline = self.param(
+        "image_newline",
+        nn.with_logical_partitioning(
+          lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / np.sqrt(d), ("embed",)
+        ),
+        (d,),
+        dtype_of(c.runtime.param_dtype),
+      )
     self.language_model = LlamaDecoder(c.text, c.runtime)
 
   def image_features(self, pixel_values: Array) -> Array:
@@ -129,9 +147,61 @@ class Llava(nn.Module):
       if concrete:
         check_image_tokens(c, input_ids, pixel_values.shape[0])
       features = self.image_features(pixel_values).astype(embeds.dtype)
+      if c.anyres:
+        # Single-tile images (OneVision's multi-image layout): P features, then image_newline.
+        newline = jnp.broadcast_to(
+          self.image_newline.astype(features.dtype), (features.shape[0], 1, features.shape[-1])
+        )
+        features = jnp.concatenate([features, newline], axis=1)
       features = features.reshape(-1, features.shape[-1])
       order = jnp.cumsum(is_image.reshape(-1)).reshape(b, t) - 1
       spliced = features[jnp.clip(order, 0, features.shape[0] - 1)]
+    return jnp.where(is_image[..., None], spliced, embeds)
+
+  def splice_tiled_images(
+    self,
+    input_ids: Array,
+    pixel_values: Array,
+    image_sizes: Array | np.ndarray | None,
+    plan: anyres.PackPlan | dict | None,
+    embeds: Array,
+    concrete: bool,
+  ) -> Array:
+    """Anyres: one tiled image per row, packed, then spliced at the row's placeholders.
+
+    pixel_values [B, tiles, H, W, 3]; image_sizes int[B, 2] (height, width), (0, 0) for a row
+    without an image; plan: a `PackPlan` (or its `as_arrays()`) for these sizes, needed under
+    jit, built here from concrete image_sizes otherwise.
+    """
+    c = self.config
+    b, tiles = pixel_values.shape[:2]
+    if pixel_values.shape[0] != input_ids.shape[0]:
+      raise ValueError(
+        f"tiled pixel_values {pixel_values.shape} do not match batch size {input_ids.shape[0]}"
+      )
+    if plan is None:
+      if image_sizes is None or isinstance(image_sizes, jax.core.Tracer):
+        raise ValueError(
+          "tiled pixel_values need image_sizes as host numbers, or a pack plan "
+          "(lmm_align.models.anyres.pack_plan) under jit"
+        )
+      sizes = np.asarray(image_sizes).reshape(b, 2)
+      plan = anyres.pack_plan([tuple(map(int, hw)) for hw in sizes], c.packing)
+    is_image = input_ids == c.image_token_id
+    num_tokens = plan.num_tokens if isinstance(plan, anyres.PackPlan) else plan["num_tokens"]
+    if concrete and not isinstance(num_tokens, jax.core.Tracer):
+      per_row = np.sum(np.asarray(is_image), axis=1)
+      if not np.array_equal(per_row, np.asarray(num_tokens)):
+        raise ValueError(
+          f"image placeholders per row {per_row.tolist()} differ from the tokens the images "
+          f"pack into {np.asarray(num_tokens).tolist()} (anyres.num_image_tokens per image size)"
+        )
+    features = self.image_features(pixel_values.reshape(b * tiles, *pixel_values.shape[2:]))
+    features = features.reshape(b, tiles, *features.shape[1:])  # [B, tiles, P, D]
+    packed = anyres.apply_pack_plan(features, self.image_newline.astype(features.dtype), plan)
+    packed = packed.astype(embeds.dtype)  # [B, L, D]
+    order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, packed.shape[1] - 1)
+    spliced = jnp.take_along_axis(packed, order[..., None], axis=1)
     return jnp.where(is_image[..., None], spliced, embeds)
 
   def __call__(
@@ -142,6 +212,8 @@ class Llava(nn.Module):
     positions: Array | None = None,
     cache: KVCache | None = None,
     with_logits: bool = True,
+    image_sizes: Array | np.ndarray | None = None,
+    pack_plan: anyres.PackPlan | dict | None = None,
   ) -> ModelOutput:
     """Forward over one chunk of tokens.
 
@@ -151,6 +223,11 @@ class Llava(nn.Module):
     attention_mask: [B, T], 1 for real tokens (left or right padding). positions: int[B, T];
     by default each row counts its real tokens (in the cache first, then this chunk) from 0.
     cache: a KVCache to write this chunk into and attend over (prefill, then decode steps).
+    image_sizes: int[B, 2] (height, width) of each row's image, for an anyres config with
+    pixel_values [B, tiles, H, W, 3] (one tiled image per row); (0, 0) for a text-only row.
+    pack_plan: the `anyres.pack_plan` of those sizes (or its `as_arrays()`), required under jit.
+    An anyres config given [N, H, W, 3] reads each image as one tile (P features, then
+    `image_newline`: OneVision's multi-image layout).
     """
     c = self.config
     b, t = input_ids.shape
@@ -162,10 +239,19 @@ class Llava(nn.Module):
       positions = jnp.maximum(before + jnp.cumsum(mask, axis=-1) - 1, 0)
 
     embeds = self.language_model.embed(input_ids)
-    if pixel_values is not None:
-      embeds = self.splice_images(
-        input_ids, pixel_values, embeds, concrete=not isinstance(input_ids, jax.core.Tracer)
+    concrete = not isinstance(input_ids, jax.core.Tracer)
+    tiled = c.anyres and pixel_values is not None and pixel_values.ndim == 5
+    if (image_sizes is not None or pack_plan is not None) and not tiled:
+      raise ValueError(
+        "image_sizes / pack_plan are for an anyres config (image_grid_pinpoints) with tiled "
+        "pixel_values [B, tiles, H, W, 3]"
       )
+    if tiled:
+      embeds = self.splice_tiled_images(
+        input_ids, pixel_values, image_sizes, pack_plan, embeds, concrete
+      )
+    elif pixel_values is not None:
+      embeds = self.splice_images(input_ids, pixel_values, embeds, concrete=concrete)
     elif c.vision is not None and cache is None and not isinstance(input_ids, jax.core.Tracer):
       check_image_tokens(c, input_ids, 0)
 
