@@ -24,6 +24,7 @@ from PIL import Image
 
 from lmm_align import config_files, main
 from lmm_align.data import conversation, registry
+from lmm_align.models.config import get_variant
 from lmm_align.trainers import export
 from lmm_align.trainers import registry as trainers
 
@@ -84,6 +85,7 @@ def test_every_recipe_builds_with_registered_trainer_and_source(spec):
     assert config.init_from.startswith("/mnt/disks/models/")
     assert train.model.dtype == "bfloat16" and train.optim.state_dtype == "float32"
     conversation.get_template(config.data.template)
+    get_variant(train.model.variant)  # the size `lmm-align plan` compiles for
 
 
 @pytest.mark.parametrize("path", list(RECIPES))

@@ -22,9 +22,8 @@ LLaVA-OneVision training code"; lr 2e-6 and one epoch from a secondary summary o
 unverified], the qwen_1_5 template, 113k examples. The batch (32 here), the warmup and which
 parts train (all of them here, as OneVision's SFT stages do with mm_tunable_parts =
 vision tower, projector, LLM) were not found in the sources read: they are this config's
-choices. OneVision's anyres_max_9 tiling and the qwen_1_5 template come with the LLaVA-family
-work (issue #22): until `init_from` can be a llava_onevision folder, the full-size runs start
-from a `LlavaForConditionalGeneration` folder (one 384 px tile per image).
+choices. LLaVA-OneVision folders (`llava_onevision`, anyres_max_9 tiling) and the qwen_1_5
+template come with the LLaVA-family work (issue #22).
 
 The critic trained here is the judge of configs/llava_critic/iterative_dpo.py.
 
