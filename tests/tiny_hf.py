@@ -223,3 +223,37 @@ def save_tiny_llava_onevision(
     model.model.image_newline.add_(torch.randn_like(model.model.image_newline))
   model.save_pretrained(folder)
   return model
+
+
+def anyres_batch(config, image_sizes, seed: int = 0):
+  """A left-padded batch with one tiled image per row, placeholders counted by
+  `ModelConfig.image_tokens` (anyres.num_image_tokens); a (0, 0) size is a text-only row.
+
+  Row i: BOS, i text tokens, the image's placeholders, text. Returns (ids int64[B, T],
+  mask int64[B, T], pixels float32[B, tiles, 32, 32, 3] NHWC, sizes int64[B, 2]).
+  """
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i, size in enumerate(image_sizes):
+    n = config.image_tokens(size) if size[0] else 0
+    rows.append([1, *rng.integers(5, 290, size=i)] + [IMAGE_TOKEN] * n + [*rng.integers(5, 290, 6)])
+  t = max(map(len, rows))
+  ids, mask = np.zeros((len(rows), t), np.int64), np.zeros((len(rows), t), np.int64)
+  for i, row in enumerate(rows):
+    ids[i, t - len(row) :], mask[i, t - len(row) :] = row, 1
+  tiles = config.packing.max_tiles_per_image
+  pixels = rng.normal(size=(len(rows), tiles, 32, 32, 3)).astype(np.float32)
+  return ids, mask, pixels, np.asarray(image_sizes, np.int64)
+
+
+def hf_anyres_logits(model, ids, mask, pixels, sizes) -> np.ndarray:
+  """transformers' logits for `anyres_batch`'s inputs: the images of rows with one only."""
+  has_image = sizes[:, 0] > 0
+  positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+  with torch.no_grad():
+    return model(
+      input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+      position_ids=torch.from_numpy(positions),
+      pixel_values=torch.from_numpy(np.ascontiguousarray(pixels[has_image].transpose(0, 1, 4, 2, 3))),
+      image_sizes=torch.from_numpy(sizes[has_image]),
+    ).logits.numpy()  # fmt: skip
