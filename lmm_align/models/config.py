@@ -504,6 +504,7 @@ VARIANTS.update({
   "tiny-llava-onevision": VARIANTS["tiny-siglip-qwen2"].replace(
     image_grid_pinpoints=((32, 32), (32, 64), (64, 32), (64, 64)),
     vision_aspect_ratio="anyres_max_1",
+    video_token_id=5,
   ),
 })  # fmt: skip
 
