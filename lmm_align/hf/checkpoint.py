@@ -128,12 +128,14 @@ def load_pretrained(
   allow_torch_bin: bool = False,
 ) -> tuple[Llava, dict]:
   """Reads a local `LlavaForConditionalGeneration` (CLIP or SigLIP tower, LLaMA or Qwen2
-  decoder), `LlamaForCausalLM` or `Qwen2ForCausalLM` folder.
+  decoder), `LlavaNextForConditionalGeneration`, `LlavaOnevisionForConditionalGeneration`
+  (their `image_newline` included), `LlamaForCausalLM` or `Qwen2ForCausalLM` folder.
 
   dtype: the params' dtype (and the compute dtype unless `runtime` says otherwise).
   shardings: optional pytree of `jax.sharding.Sharding` matching the params; each param is
     placed with it as soon as it is complete.
-  Returns (model, params): `model.apply({"params": params}, input_ids, pixel_values=...)`.
+  Returns (model, params): `model.apply({"params": params}, input_ids, pixel_values=...)`
+  (anyres families: pixel_values [B, tiles, H, W, 3] and `image_sizes=` [B, 2] too).
   Raises CheckpointError listing missing, unexpected and mis-shaped tensors, or naming the
   config.json field it cannot read (an unsupported model_type, a sliding window, ...).
   """
@@ -161,7 +163,8 @@ def _model_config(folder: pathlib.Path, runtime: RuntimeConfig) -> ModelConfig:
   try:
     return from_hf_config(d, runtime)
   except (KeyError, ValueError) as e:
-    what = f"no field {e}" if isinstance(e, KeyError) else str(e)
+    model_type = d.get("model_type")
+    what = f"no field {e} (model_type {model_type!r})" if isinstance(e, KeyError) else str(e)
     raise CheckpointError(f"{folder / 'config.json'}: {what}") from e
 
 

@@ -1,7 +1,11 @@
-"""Pure-functional Flax models: CLIP ViT + projector + LLaMA (LLaVA), and their configs."""
+"""Pure-functional Flax models: CLIP / SigLIP towers + projector + LLaMA / Qwen2 decoders
+(LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision), anyres packing, and their configs."""
 
+from lmm_align.models.anyres import AnyresPackingConfig, PackPlan, apply_pack_plan, pack_plan
 from lmm_align.models.config import (
+  LLAVA_FAMILIES,
   VARIANTS,
+  VISION_VARIANTS,
   ModelConfig,
   RopeScaling,
   RuntimeConfig,
@@ -9,13 +13,20 @@ from lmm_align.models.config import (
   VisionConfig,
   from_hf_config,
   get_variant,
+  get_vision_variant,
+  siglip_vision,
   to_hf_config,
+  vision_config_from_hf,
+  vision_config_to_hf,
 )
 from lmm_align.models.layers import KVCache
 from lmm_align.models.llava import Llava, ModelOutput, check_image_tokens, init_cache, init_params
+from lmm_align.models.siglip import SiglipVisionTower
 
 __all__ = [
-    "VARIANTS", "KVCache", "Llava", "ModelConfig", "ModelOutput", "RopeScaling", "RuntimeConfig",
-    "TextConfig", "VisionConfig", "check_image_tokens", "from_hf_config", "get_variant",
-    "init_cache", "init_params", "to_hf_config",
+    "LLAVA_FAMILIES", "VARIANTS", "VISION_VARIANTS", "AnyresPackingConfig", "KVCache", "Llava",
+    "ModelConfig", "ModelOutput", "PackPlan", "RopeScaling", "RuntimeConfig", "SiglipVisionTower",
+    "TextConfig", "VisionConfig", "apply_pack_plan", "check_image_tokens", "from_hf_config",
+    "get_variant", "get_vision_variant", "init_cache", "init_params", "pack_plan", "siglip_vision",
+    "to_hf_config", "vision_config_from_hf", "vision_config_to_hf",
 ]  # fmt: skip
