@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 
+import flax
 import jax
 import numpy as np
 import pytest
 import tiny_hf
 import torch
 import transformers
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 from lmm_align import hf
 from lmm_align.hf import CheckpointError
 from lmm_align.models import RuntimeConfig, anyres, from_hf_config, get_variant, to_hf_config
 from lmm_align.models.config import get_vision_variant
+from lmm_align.models.llava import Llava, dummy_inputs
+from lmm_align.sharding import DEFAULT_RULES, check_rules_cover
 
 # 40 x 64 (wide) and 60 x 44 (tall) fill 2 x 2 grids whose unpadded 6 x 8 / 8 x 6 maps are
 # downsampled by sqrt(48 / 16) to 3 x 4 / 4 x 3; row 2 has no image; 20 x 64 keeps its
@@ -128,6 +132,14 @@ def test_variants_and_config_round_trip():
     assert c.packing.side == 27 and c.packing.max_num_tiles == 9
     assert c.packing.max_tiles_per_image == 37  # the base tile + 6 x 6
     assert from_hf_config(to_hf_config(c)) == c
+  # Abstract init at full size: every parameter has a sharding rule, image_newline is "embed".
+  for name, low, high in [("0.5b", 0.89e9, 0.90e9), ("72b", 73.1e9, 73.3e9)]:
+    c = get_variant(f"llava-onevision-{name}")
+    boxed = jax.eval_shape(Llava(c).init, jax.random.key(0), *dummy_inputs(c))
+    check_rules_cover(boxed, DEFAULT_RULES)
+    assert flax.linen.get_partition_spec(boxed)["params"]["image_newline"] == P("embed")
+    n = sum(x.size for x in jax.tree.leaves(flax.linen.unbox(boxed)))
+    assert low < n < high, (name, n)  # the checkpoints' published 0.89B / 73.2B
   # A 1152 x 1152 image: a 3 x 3 grid, 81 x 81 map, under 1.1**2 x 9 tiles: not downsampled.
   seven = get_variant("llava-onevision-7b")
   assert seven.image_tokens((1152, 1152)) == 729 + 81 * 82
