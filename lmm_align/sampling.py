@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lmm_align.models import anyres
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.layers import KVCache
 from lmm_align.models.llava import Llava, check_image_tokens, init_cache
@@ -257,6 +258,7 @@ def decode(
   temperature: Array,
   min_tail_mass: Array,
   pad_id: Array,
+  pack_plan: dict | None = None,
   *,
   config: ModelConfig,
   max_new_tokens: int,
@@ -276,6 +278,8 @@ def decode(
   stop_token_ids: int32[B, E], each row's stop ids, padded with -1.
   row_max_new_tokens: int32[B], each row's limit (<= max_new_tokens).
   temperature, min_tail_mass (= 1 - top_p), pad_id: scalars, traced so they do not recompile.
+  pack_plan: anyres (LLaVA-NeXT / OneVision) with tiled pixel_values [B, tiles, H, W, 3]: the
+    rows' `anyres.pack_plan(...).as_arrays()` (arrays [B, L, ...]), else None.
   Static: config, max_new_tokens, greedy, top_k, use_top_p (what changes the graph), and
   unroll_layers: decode with the layers unrolled. Under `nn.scan` every step slices each
   layer's weights (and cache) out of the stacked arrays and XLA:CPU materialises those slices,
@@ -294,8 +298,9 @@ def decode(
 
   cache = init_cache(config, batch, prompt_length + max_new_tokens)
   prefill = model.apply(
-    variables, input_ids, pixel_values, attention_mask, cache=cache, with_logits=False
-  )
+    variables, input_ids, pixel_values, attention_mask, cache=cache, with_logits=False,
+    pack_plan=pack_plan,
+  )  # fmt: skip
   # Left padding puts every row's last prompt token at T - 1: only that row of logits is needed.
   logits = model.apply(variables, prefill.hidden_states[:, -1:], method=_lm_head)[:, 0]
 
@@ -394,7 +399,7 @@ def _data_parallel_decode(mesh: Mesh, **static: Any) -> Callable[..., SampleOutp
       return decode(*args, **static)
 
   rows, same = PartitionSpec(DATA_AXIS), PartitionSpec()
-  in_specs = (same, rows, rows, rows, rows, rows, rows, same, same, same)
+  in_specs = (same, rows, rows, rows, rows, rows, rows, same, same, same, rows)
   return jax.jit(
     jax.shard_map(
       per_group, mesh=mesh, in_specs=in_specs, out_specs=rows, axis_names={DATA_AXIS},
@@ -415,10 +420,11 @@ def _model_sharded_decode(mesh: Mesh, **static: Any) -> Callable[..., SampleOutp
   jitted = jax.jit(functools.partial(decode, **static), out_shardings=rows)
 
   def run(params: dict, *args: Any) -> SampleOutput:
-    # The 6 per-row inputs split over data x fsdp, the 3 scalars replicated; the params stay
-    # as the caller placed them.
+    # The 6 per-row inputs and the pack plan split over data x fsdp, the 3 scalars
+    # replicated; the params stay as the caller placed them.
     placed = [
-      None if x is None else jax.device_put(x, rows if i < 6 else same) for i, x in enumerate(args)
+      None if x is None else jax.device_put(x, same if 6 <= i < 9 else rows)
+      for i, x in enumerate(args)
     ]
     return jitted(params, *placed)
 
@@ -476,8 +482,53 @@ def _stop_id_matrix(
   return out
 
 
+def _tiled_pack_plan(
+  config: ModelConfig,
+  input_ids: np.ndarray,
+  pixel_values,
+  image_sizes,
+  buckets: Sequence[int] | None,
+) -> dict | None:
+  """Anyres with tiled pixel_values [B, tiles, H, W, 3]: the rows' pack plan as arrays, its
+  token budget L bucketed like prompt lengths; checks the placeholders and the tile counts."""
+  tiled = config.anyres and pixel_values is not None and np.ndim(pixel_values) == 5
+  if not tiled:
+    if image_sizes is not None:
+      raise ValueError(
+        "image_sizes are for an anyres config (image_grid_pinpoints) with tiled pixel_values "
+        "[B, tiles, H, W, 3]"
+      )
+    return None
+  b, tiles = pixel_values.shape[:2]
+  if image_sizes is None:
+    raise ValueError("tiled pixel_values [B, tiles, H, W, 3] need image_sizes [B, 2]")
+  sizes = [tuple(int(x) for x in hw) for hw in np.asarray(image_sizes).reshape(-1, 2)]
+  if b != len(input_ids) or len(sizes) != b:
+    raise ValueError(
+      f"tiled pixel_values {tuple(pixel_values.shape)} and image_sizes ({len(sizes)} rows) "
+      f"must have one row per prompt ({len(input_ids)})"
+    )
+  for row, size in enumerate(sizes):
+    if min(size) > 0 and anyres.num_tiles(size, config.packing) > tiles:
+      raise ValueError(
+        f"row {row}: an image of size {size} needs {anyres.num_tiles(size, config.packing)} "
+        f"tiles, pixel_values hold {tiles}"
+      )
+  counts = [config.image_tokens(size) if min(size) > 0 else 0 for size in sizes]
+  per_row = np.sum(input_ids == config.image_token_id, axis=1)
+  if per_row.tolist() != counts:
+    raise ValueError(
+      f"image placeholders per row {per_row.tolist()} differ from the tokens the images pack "
+      f"into {counts} (ModelConfig.image_tokens of each image_sizes row)"
+    )
+  budget = bucket_length(max(max(counts), 1), buckets)
+  return anyres.pack_plan(sizes, config.packing, max_tokens=budget).as_arrays()
+
+
 def _check_images(config: ModelConfig, input_ids: np.ndarray, pixel_values) -> None:
   """The host-side placeholder check that jit cannot do, for both pixel_values layouts."""
+  if config.anyres and pixel_values is not None and np.ndim(pixel_values) == 5:
+    return  # tiled: checked by _tiled_pack_plan
   if pixel_values is None or not config.has_vision:
     if pixel_values is not None:
       raise ValueError("pixel_values given to a text-only model")
@@ -532,6 +583,7 @@ def generate(
   row_stop_token_ids: Sequence[Sequence[int]] | None = None,
   unroll_layers: bool = True,
   mesh: Mesh | None = None,
+  image_sizes: np.ndarray | Sequence[tuple[int, int]] | None = None,
 ) -> SampleOutput:
   """Sample continuations of a batch of prompts; returns a SampleOutput of numpy arrays.
 
@@ -539,7 +591,12 @@ def generate(
     (either padding side; real tokens are taken where the mask is 1). Image placeholders must
     already be expanded (config.num_image_tokens per image).
   pixel_values: float32[N, H, W, 3], the batch's images in placeholder order, or
-    float32[B, I, H, W, 3] row-aligned image slots (unused slots ignored), or None.
+    float32[B, I, H, W, 3] row-aligned image slots (unused slots ignored), or None. For an
+    anyres config (LLaVA-NeXT / OneVision), [B, tiles, H, W, 3] is one tiled image per row
+    (base tile first) with `image_sizes`, and [N, H, W, 3] single-tile images.
+  image_sizes: anyres only, int[B, 2] (height, width) of each row's image, (0, 0) for a row
+    without one; the row's placeholders must be `config.image_tokens(size)`. The packing plan's
+    token budget is bucketed like the prompt length, so jit sees few shapes.
   rng: a PRNG key (may be None when greedy). The same key gives the same samples; row i draws
     with `row_keys(rng, B)[i]`.
   pad_id: the id written after a row ends and used for left padding; default config's pad or 0.
@@ -568,6 +625,7 @@ def generate(
   batch = len(prompts)
   input_ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts), buckets), pad_id)
   _check_images(config, input_ids, pixel_values)
+  plan = _tiled_pack_plan(config, input_ids, pixel_values, image_sizes, buckets)
 
   max_new = settings.max_new_tokens
   limits = (
@@ -612,6 +670,8 @@ def generate(
     if pixel_values is not None:
       pixel_values = _row_aligned_images(config, input_ids, pixel_values)[take]
     input_ids, mask, stop_ids = input_ids[take], mask[take], stop_ids[take]
+    if plan is not None:
+      plan = {k: v[take] for k, v in plan.items()}
     limits = np.concatenate([limits, np.zeros(len(take) - batch, np.int32)])
   output = run(
     params,
@@ -624,6 +684,7 @@ def generate(
     jnp.asarray(settings.temperature if not settings.greedy else 1.0, jnp.float32),
     jnp.asarray(1.0 - settings.top_p, jnp.float32),
     jnp.asarray(pad_id, jnp.int32),
+    None if plan is None else {k: jnp.asarray(v) for k, v in plan.items()},
   )
   # np.array copies: device_get may hand back read-only views of the device buffers.
   output = jax.tree_util.tree_map(np.array, jax.device_get(output))

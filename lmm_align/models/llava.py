@@ -89,7 +89,9 @@ class Llava(nn.Module):
       tower = SiglipVisionTower if c.vision.tower == "siglip" else ClipVisionTower
       self.vision_tower = tower(c.vision, c.runtime)
       self.multi_modal_projector = Projector(c)
-    if c.anyres:
+    # Declared only when it exists, so that a decode step applied with the decoder's params
+    # alone (the sampler's unrolled step) does not look for it.
+    if c.anyres and (self.is_initializing() or self.has_variable("params", "image_newline")):
       d = c.text.hidden_size
       # transformers draws it from N(0, 1/D), the scale of the projected features.
       self.image_newline = self.param(

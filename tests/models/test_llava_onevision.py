@@ -18,12 +18,14 @@ import transformers
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
-from lmm_align import hf
+from lmm_align import hf, sharding
 from lmm_align.hf import CheckpointError
 from lmm_align.models import RuntimeConfig, anyres, from_hf_config, get_variant, to_hf_config
 from lmm_align.models.config import get_vision_variant
 from lmm_align.models.llava import Llava, dummy_inputs
+from lmm_align.sampling import SamplingSettings, generate
 from lmm_align.sharding import DEFAULT_RULES, check_rules_cover
+from lmm_align.trainers.state import param_shardings
 
 # 40 x 64 (wide) and 60 x 44 (tall) fill 2 x 2 grids whose unpadded 6 x 8 / 8 x 6 maps are
 # downsampled by sqrt(48 / 16) to 3 x 4 / 4 x 3; row 2 has no image; 20 x 64 keeps its
@@ -159,3 +161,40 @@ def test_bad_configs_name_the_field(ov_folder, tmp_path):
     (tmp_path / name / "config.json").write_text(json.dumps({**d, **change}))
     with pytest.raises(CheckpointError, match=rf"{name}/config.json: .*{match}"):
       hf.load_pretrained(tmp_path / name)
+
+
+def test_greedy_generation_matches_transformers(ov_folder):
+  """The KV-cached sampler with tiles and image_sizes vs `generate`: two downsampled images of
+  different aspect ratios and a text-only row, left-padded; on one device, data-parallel and
+  model-sharded (the pack plan rides with its rows, 3 rows topped up to whole groups)."""
+  folder, ref = ov_folder
+  model, params = hf.load_pretrained(folder)
+  ids, mask, pixels, sizes = tiny_hf.anyres_batch(model.config, SIZES[:3], seed=4)
+  prompts = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
+  new = 8
+  settings = SamplingSettings(temperature=0.0, max_new_tokens=new, stop_token_ids=())
+  out = generate(model, params, prompts, pixels, settings=settings, rng=None, image_sizes=sizes)
+  has_image = sizes[:, 0] > 0
+  with torch.no_grad():
+    want = ref.generate(
+      input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+      pixel_values=torch.from_numpy(np.ascontiguousarray(pixels[has_image].transpose(0, 1, 4, 2, 3))),
+      image_sizes=torch.from_numpy(sizes[has_image]), do_sample=False, max_new_tokens=new,
+      min_new_tokens=new, pad_token_id=0,
+    )  # fmt: skip
+  np.testing.assert_array_equal(out.tokens, want[:, ids.shape[1] :].numpy())
+  for mesh_sizes in [(2, 1, 1), (2, 2, 2)]:
+    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(mesh_sizes))])
+    with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
+      sharded = jax.device_put(params, param_shardings(model, mesh, sharding.DEFAULT_RULES))
+      split = generate(
+        model, sharded, prompts, pixels, settings=settings, rng=None, image_sizes=sizes, mesh=mesh
+      )
+    np.testing.assert_array_equal(split.tokens, out.tokens, err_msg=str(mesh_sizes))
+  short = [p[:-1] if i == 0 else p for i, p in enumerate(prompts)]  # one text token fewer: fine
+  generate(model, params, short, pixels, settings=settings, rng=None, image_sizes=sizes)
+  wrong = [[t for t in prompts[0] if t != tiny_hf.IMAGE_TOKEN][:3] + prompts[0][3:], *prompts[1:]]
+  with pytest.raises(ValueError, match="placeholders per row"):
+    generate(model, params, wrong, pixels, settings=settings, rng=None, image_sizes=sizes)
+  with pytest.raises(ValueError, match="need image_sizes"):
+    generate(model, params, prompts, pixels, settings=settings, rng=None)
