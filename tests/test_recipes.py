@@ -208,6 +208,43 @@ def write_llava_json(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   return path, root
 
 
+def write_llava_rlhf(root: pathlib.Path) -> dict[str, pathlib.Path]:
+  """LLaVA-Human-Preference JSON, image_to_caption.json and the RL prompt JSON (§2.1-2.3)."""
+  folder = root / "train2017"
+  names = _coco_images(folder)
+  captions = {name: [f"A {COLOURS[i % 4]} circle.", "A plain background."]
+              for i, name in enumerate(names)}  # fmt: skip
+  prefs = []
+  for i, name in enumerate(names + names[:2]):  # 10 pairs: 2 held out
+    truthful = {"from": "llava", "value": f"A {COLOURS[i % 4]} circle."}
+    wrong = {"from": "llava", "value": f"A {COLOURS[(i + 1) % 4]} star and a dog."}
+    preference = 1 + i % 2  # the truthful answer is output_<preference>
+    outputs = (truthful, wrong) if preference == 1 else (wrong, truthful)
+    prefs.append({
+      "id": f"p{i}", "image": name,
+      "conversations": _turns("<image>\nDescribe the image.", "(replaced)"),
+      "output_1": outputs[0], "output_2": outputs[1], "preference": preference,
+      "hallucination": True,
+    })  # fmt: skip
+  prompts = [
+    {"id": f"q{i}", "image": name,
+     "conversations": _turns("<image>\nIs there a circle?" if i % 2 else "<image>\nDescribe it.",
+                             "x"),
+     "caption_type": 7 if i % 2 else 1, "length_bonus": 1.0}
+    for i, name in enumerate(names)
+  ]  # fmt: skip
+  paths = {
+    "prefs": root / "llava_7b_v1_preference.json",
+    "captions": root / "image_to_caption.json",
+    "prompts": root / "llava_ppo50k-aokvqa12k-vqa10k.json",
+    "images": folder,
+  }
+  paths["prefs"].write_text(json.dumps(prefs))
+  paths["captions"].write_text(json.dumps(captions))
+  paths["prompts"].write_text(json.dumps(prompts))
+  return paths
+
+
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
@@ -251,6 +288,12 @@ def _train(spec: str, workdir: pathlib.Path, **overrides) -> dict:
   TIMINGS[spec] = time.perf_counter() - start
   print(f"[recipes] {spec}: {TIMINGS[spec]:.1f} s")
   return summary
+
+
+def _json_file(path: pathlib.Path) -> dict[str, str]:
+  """`--config.data.path=FILE`, also under the older name `data.json_path`, which the reward and
+  PPO trainers still read (they do not go through the data registry yet)."""
+  return {"data.path": str(path), "data.json_path": str(path)}
 
 
 def _steps(workdir: pathlib.Path) -> list[dict]:
@@ -306,3 +349,26 @@ def test_llava_critic_runlocal_on_critic_parquet(tmp_path, tiny_model):
          **{"init_from": str(tiny_model), "data.path": str(parquet)})  # fmt: skip
   assert len(_steps(workdir)) == 2
   _check_export_loads(workdir, tmp_path / "hf", tiny_model)
+
+
+def test_llava_rlhf_rm_then_ppo_runlocal(tmp_path, tiny_model):
+  files = write_llava_rlhf(tmp_path / "data")
+  rm_dir = tmp_path / "rm"
+  _train("configs/llava_rlhf/rm.py:runlocal", rm_dir, **{
+    "init_from": str(tiny_model), **_json_file(files["prefs"]),
+    "data.image_folder": str(files["images"]), "data.captions_path": str(files["captions"]),
+  })  # fmt: skip
+  assert len(_steps(rm_dir)) == 2
+  rm_hf = tmp_path / "rm_hf"
+  export.export_workdir(str(rm_dir), str(rm_hf))
+  # The reward model's backbone is a LLaVA folder too (its head is a file beside it).
+  transformers.LlavaForConditionalGeneration.from_pretrained(rm_hf)
+
+  ppo_dir = tmp_path / "ppo"
+  _train("configs/llava_rlhf/ppo.py:runlocal", ppo_dir, **{
+    "init_from": str(tiny_model), "ppo.reward_model": str(rm_hf),
+    **_json_file(files["prompts"]), "data.image_folder": str(files["images"]),
+    "data.captions_path": str(files["captions"]),
+  })  # fmt: skip
+  assert len(_steps(ppo_dir)) == 2
+  _check_export_loads(ppo_dir, tmp_path / "ppo_hf", tiny_model)

@@ -88,9 +88,9 @@ def get_config(arg: str | None = None):
   )  # fmt: skip
   if arg.runlocal:
     llava15_sft.runlocal(config)
-    # The shapes PPO test's tiny sizes (and its data-parallel mesh: 4-row steps on 8 devices).
+    # The shapes PPO test's tiny sizes, on one device (4-row steps divide no wider mesh).
     local = shapes_ppo.get_config("runlocal")
-    config.mesh = local.mesh
+    config.mesh.sizes, config.mesh.num_devices = (1, 1, 1), 1
     config.ppo.reward_model = ""
     config.lora.rank, config.lora.alpha = 8, 16.0
     config.total_steps, config.checkpoint_every = 2, 1

@@ -38,6 +38,7 @@ import ml_collections
 
 from configs import common
 from configs.llava15 import sft as llava15_sft
+from configs.shapes import reward as shapes_reward
 
 NUM_PAIRS = 10_000  # LLaVA-Human-Preference-10K
 EVAL_PAIRS = 500
@@ -96,6 +97,9 @@ def get_config(arg: str | None = None):
   if arg.runlocal:
     llava15_sft.runlocal(config, max_length=320, buckets=(192, 256, 320))
     config.lora.rank = 8
-    config.reward.prompt_path = ""  # the trainer's own wording; the published file is long
+    # A short request (the shapes world's): tiny test tokenizers spell long prose in many
+    # tokens, and the published request is a paragraph of prose.
+    kind = "vanilla" if arg.vanilla else "fact"
+    config.reward.prompt_path = str(shapes_reward.PROMPTS / f"shapes_reward_{kind}.txt")
     config.reward.eval_pairs = 2
   return config
