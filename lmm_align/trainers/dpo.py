@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from lmm_align import optim, preference_losses, sharding
-from lmm_align.data import preference, preference_sources, sources
+from lmm_align.data import preference, sources
 from lmm_align.models.llava import Llava
 from lmm_align.models.lora import merge_lora, model_variables
 from lmm_align.trainers import export, loop, registry, run_setup
@@ -124,25 +124,26 @@ def precompute_reference_logps(
 # --------------------------------------------------------------------------------------------
 
 
-def preference_records(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """The configured pairs: shapes ground truth, or a pairs JSONL ({id, image, question, chosen,
-  rejected}, as the AI-feedback stages write it; image paths relative to data.image_folder)."""
-  d = config.data
-  if d.source == "shapes_pairs":
-    return preference.shapes_preference_records(
-      d.shapes.num_train, sources.shapes_world_config(config), seed=d.shapes.seed,
-      omission_fraction=d.shapes.omission_fraction, binding_fraction=d.shapes.binding_fraction,
-    )  # fmt: skip
-  if d.source == "pairs_jsonl":
-    return preference_sources.read_pairs_jsonl(d.json_path, d.image_folder or "")
-  raise ValueError(f"DPO data.source {d.source!r}: use 'shapes_pairs' or 'pairs_jsonl'")
+def preference_records(config: ml_collections.ConfigDict) -> tuple[list[dict[str, Any]], Counter]:
+  """The configured pairs, from any "pairs" source of `lmm_align.data.registry` (shapes_pairs,
+  llava_rlhf, rlaifv_parquet, pairs_jsonl, the TFDS builders), and the skipped counts. Cached
+  reference log-probs (RLAIF-V's `logps` column) are the summed ones, or with
+  dpo.average_logps the averaged ones (records without those have none)."""
+  from lmm_align.data import registry as data_registry
+
+  records, skipped = data_registry.read("pairs", config.data)
+  if config.dpo.average_logps:
+    for r in records:
+      r["ref_logps"] = r.get("ref_avg_logps")
+  return records, skipped
 
 
 def preference_data(
   config: ml_collections.ConfigDict, tokenizer: Any, model_config
 ) -> preference.PreferenceData:
-  pairs, skipped = [], Counter()
-  for r in preference_records(config):
+  records, skipped = preference_records(config)
+  pairs = []
+  for r in records:
     try:
       pairs.append(
         preference.encode_pair(
@@ -178,7 +179,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # The policy always starts from init_from: a restore then replaces what it trains.
     params = run_setup.split_params(run, model, source="init_from")
     trained, reference, reference_shards = params.trained, None, None
-    if config.dpo.precompute_reference:
+    if data.ref_logps is not None:
+      # Every pair carries the reference log-probs (RLAIF-V's `logps` column): no reference pass.
+      print(f"[dpo] reference log-probs from the data ({len(data)} pairs); no reference pass")
+    elif config.dpo.precompute_reference:
       # Always from the starting policy, also on a restart: the reference never moves.
       data.set_reference_logps(
         precompute_reference_logps(

@@ -148,8 +148,19 @@ def policy_path(config: ml_collections.ConfigDict, workdir: pathlib.Path, round_
 
 
 def write_prompts(config: ml_collections.ConfigDict, round_index: int, out: pathlib.Path) -> None:
-  """Scenes [prompts.seed, r] rendered to out/images/<id>.png; out/prompts.jsonl holds
-  {"id", "question", "image" (relative to out), "scene"}."""
+  """out/prompts.jsonl: {"id", "question", "image" (relative to out, or an absolute path)}.
+
+  prompts.source "shapes" (the default): scenes [prompts.seed, r] rendered to
+  out/images/<id>.png, each record with its "scene". Any "prompts" source of
+  `lmm_align.data.registry` (rlaifv_jsonl, prompts_jsonl, llava_rlhf_prompts; read from
+  prompts.path, prompts.image_folder, prompts.on_error): prompts.num_per_round records drawn
+  without replacement with seed [prompts.seed, r], so each round gets new prompts as in
+  RLAIF-V; image files are referenced where they are, in-memory images written to out/images/.
+  """
+  source = config.prompts.get("source", "shapes")
+  if source != "shapes":
+    _write_source_prompts(config, source, round_index, out)
+    return
   world = sources.shapes_world_config(config)
   scenes = shapes.make_scenes(
     config.prompts.num_per_round, world, seed=[config.prompts.seed, round_index]
@@ -161,6 +172,47 @@ def write_prompts(config: ml_collections.ConfigDict, round_index: int, out: path
     shapes.render(scene, world.image_size).save(out / relative)
     record = {"id": scene.id, "question": config.prompts.question, "image": relative}
     lines.append(json.dumps({**record, "scene": scene.to_dict()}))
+  tmp = out / "prompts.jsonl.tmp"
+  tmp.write_text("\n".join(lines) + "\n")
+  os.replace(tmp, out / "prompts.jsonl")
+
+
+def _write_source_prompts(
+  config: ml_collections.ConfigDict, source: str, round_index: int, out: pathlib.Path
+) -> None:
+  """`write_prompts` for a registered prompt source (see there)."""
+  from lmm_align.data import registry as data_registry
+
+  if config.feedback.kind in ("ground_truth", "correction"):
+    raise ValueError(
+      f"feedback.kind={config.feedback.kind!r} scores against shapes scenes; "
+      f"prompts.source={source!r} has none"
+    )
+  records, skipped = data_registry.read("prompts", config.prompts)
+  unique, seen = [], set()
+  for record in records:  # the candidate stage needs distinct ids
+    if record["id"] in seen:
+      skipped["skipped_repeated_id"] += 1
+      continue
+    seen.add(record["id"])
+    unique.append(record)
+  if skipped:
+    print(f"[iterative] prompts from {source}: skipped {dict(skipped)}")
+  order = np.random.default_rng([config.prompts.seed, round_index]).permutation(len(unique))
+  lines = []
+  for index in order[: config.prompts.num_per_round]:
+    record, image = unique[index], unique[index]["image"]
+    if image is None:
+      reference = None
+    elif isinstance(image, preference_sources.ImageFile):
+      reference = str(image.path)  # absolute: the stages load out / reference, which is it
+    else:
+      reference = f"images/{len(lines)}.png"
+      (out / "images").mkdir(parents=True, exist_ok=True)
+      (image() if callable(image) else image).save(out / reference)
+    lines.append(
+      json.dumps({"id": record["id"], "question": record["question"], "image": reference})
+    )
   tmp = out / "prompts.jsonl.tmp"
   tmp.write_text("\n".join(lines) + "\n")
   os.replace(tmp, out / "prompts.jsonl")

@@ -224,20 +224,12 @@ class PromptData:
 
 
 def prompt_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Counter]:
-  from lmm_align.data import preference_sources
+  """The configured RL prompts, from any "prompts" source of `lmm_align.data.registry`
+  (shapes_prompts with ppo.yes_no_fraction, llava_rlhf_prompts, rlaifv_jsonl, prompts_jsonl),
+  and the skipped counts."""
+  from lmm_align.data import registry as data_registry
 
-  d = config.data
-  if d.source == "shapes_prompts":
-    world = sources.shapes_world_config(config)
-    return preference_sources.shapes_ppo_prompts(
-      d.shapes.num_train, world, seed=d.shapes.seed, yes_no_fraction=config.ppo.yes_no_fraction
-    ), Counter()
-  if d.source == "llava_rlhf_prompts":
-    return preference_sources.read_ppo_prompts(
-      d.json_path, image_folder=d.image_folder or None, captions_path=d.captions_path or None,
-      on_error=d.on_error,
-    )  # fmt: skip
-  raise ValueError(f"PPO data.source {d.source!r}: use shapes_prompts or llava_rlhf_prompts")
+  return data_registry.read("prompts", config.data, yes_no_fraction=config.ppo.yes_no_fraction)
 
 
 def reward_rows(

@@ -90,38 +90,11 @@ def reward_train_step(
 
 
 def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Counter]:
-  """The configured preference records ({id, image, question, chosen, rejected, facts, ...})."""
-  d = config.data
-  if d.source == "shapes_pairs":
-    world = sources.shapes_world_config(config)
-    return preference_sources.shapes_reward_records(
-      d.shapes.num_train, world, seed=d.shapes.seed,
-      omission_fraction=d.shapes.omission_fraction, binding_fraction=d.shapes.binding_fraction,
-    ), Counter()  # fmt: skip
-  if d.source == "llava_rlhf":
-    return preference_sources.read_llava_rlhf_preferences(
-      d.json_path, image_folder=d.image_folder or None, captions_path=d.captions_path or None,
-      on_error=d.on_error,
-    )  # fmt: skip
-  if d.source == "rlaifv_parquet":
-    return preference_sources.read_rlaifv_parquet(list(d.parquet_paths), on_error=d.on_error)
-  if d.source == "pairs_jsonl":
-    return preference_sources.read_pairs_jsonl(d.json_path, d.image_folder or ""), Counter()
-  if d.source in ("tfds_llava_rlhf", "tfds_rlaifv"):
-    from lmm_align.data import tfds_preference
+  """The configured preference records ({id, image, question, chosen, rejected, facts, ...}),
+  from any "pairs" source of `lmm_align.data.registry`, and the skipped counts."""
+  from lmm_align.data import registry as data_registry
 
-    name = (
-      tfds_preference.LLAVA_RLHF_NAME
-      if d.source == "tfds_llava_rlhf"
-      else (tfds_preference.RLAIFV_NAME)
-    )
-    return tfds_preference.records_from_tfds(
-      d.tfds_data_dir, d.tfds_split, name
-    ), tfds_preference.skipped_at_build(d.tfds_data_dir, name)
-  raise ValueError(
-    f"reward data.source {d.source!r}: use shapes_pairs, llava_rlhf, rlaifv_parquet, "
-    "pairs_jsonl, tfds_llava_rlhf or tfds_rlaifv"
-  )
+  return data_registry.read("pairs", config.data)
 
 
 def facts_position(config: ml_collections.ConfigDict) -> str:
