@@ -14,8 +14,17 @@ import ml_collections
 
 
 def make_config_package_importable(config_path: str) -> None:
-  """Puts the folder holding the config file's `configs/` package on sys.path."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(config_path)))
+  """Puts the folder holding the config file's `configs/` package on sys.path: the parent of
+  the nearest enclosing folder named `configs` (configs/X.py and configs/shapes/X.py alike),
+  else the parent of the file's folder."""
+  folder = os.path.dirname(os.path.abspath(config_path))
+  root = os.path.dirname(folder)
+  probe = folder
+  while os.path.dirname(probe) != probe:
+    if os.path.basename(probe) == "configs":
+      root = os.path.dirname(probe)
+      break
+    probe = os.path.dirname(probe)
   if root not in sys.path:
     sys.path.insert(0, root)
 

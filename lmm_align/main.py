@@ -5,6 +5,8 @@ The console script `lmm-align` takes a command first:
   lmm-align sweep  --config=... --workdir=ROOT [--print_launch --tpu_name=N --tpu_zone=Z --tpu_accelerator=T]
   lmm-align export --workdir=DIR --out=HF_DIR [--peft]
   lmm-align eval <pope|mmhal|chair|llava_bench|shapes> ...   (lmm_align.evaluate; its --help)
+  lmm-align plan --config=... --topology=v5p-64 [--mesh=d,f,t]  (lmm_align.aot: the TPU compiler's
+                                                              per-chip memory plan; its --help)
 """
 
 from __future__ import annotations

@@ -58,3 +58,26 @@ def test_sweep_prints_tpu_commands(tmp_path, capsys):
     "--config=configs/shapes/sft.py --workdir=gs://bucket/root/clean_data --config.data.shapes.hallucination_rate=0.0"
   )
   assert len(lines) == 2
+
+
+def test_nested_config_loads_from_any_working_directory(tmp_path):
+  """configs/<system>/X.py does `from configs import common`: the folder above `configs/` goes
+  on sys.path whatever the working directory and however deep the file."""
+  import subprocess
+  import sys
+
+  root = tmp_path / "checkout"
+  (root / "configs" / "system").mkdir(parents=True)
+  (root / "configs" / "__init__.py").write_text("")
+  (root / "configs" / "common.py").write_text("VALUE = 7\n")
+  (root / "configs" / "system" / "recipe.py").write_text(
+    "from configs import common\n\n\ndef get_config(arg=None):\n  return {'value': common.VALUE, 'arg': arg}\n"
+  )
+  code = (
+    "from lmm_align import config_files\n"
+    f"print(config_files.load_config({str(root / 'configs' / 'system' / 'recipe.py')!r} + ':x'))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+  )
+  assert "'value': 7" in out.stdout and "'arg': 'x'" in out.stdout
