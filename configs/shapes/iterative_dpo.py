@@ -40,10 +40,15 @@ def get_config(arg: str | None = None):
     dict(template="vicuna_v1", shapes=common.shapes_data_config())
   )
   # Prompts: new held-out scenes each round, seed [prompts.seed, round] (SFT uses 0, the
-  # ground-truth DPO pairs 1, evaluation data.shapes.eval_seed).
+  # ground-truth DPO pairs 1, evaluation data.shapes.eval_seed). Or, with another source (any
+  # "prompts" source of lmm_align.data.registry: rlaifv_jsonl, prompts_jsonl,
+  # llava_rlhf_prompts), num_per_round records of prompts.path drawn per round.
   config.prompts = ml_collections.ConfigDict(
-    dict(num_per_round=1024, seed=2024, question="Describe the image.")
-  )
+    dict(
+      num_per_round=1024, seed=2024, question="Describe the image.", source="shapes", path="",
+      image_folder="", on_error="raise",
+    )
+  )  # fmt: skip
   config.sampling = ml_collections.ConfigDict(
     dict(num_samples=4, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=48, seed=100)
   )
