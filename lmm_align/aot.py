@@ -303,7 +303,7 @@ def model_flops(
   flops = sequences * seq * (lm[0] * 2 * matmul + lm[1] * 4 * seq * q * t.num_layers)
   if c.vision is not None:
     v = c.vision
-    tokens = v.num_patches + 1
+    tokens = v.num_patches + (1 if v.has_class_token else 0)  # SigLIP has none
     tower = v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     embed = v.patch_size**2 * v.num_channels * v.hidden_size
     f = factors["vision_tower"]

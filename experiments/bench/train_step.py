@@ -102,7 +102,7 @@ def step_flops(
     v = model_config.vision
     n_proj = _count(params, "multi_modal_projector/")
     n_vision = _count(params, "vision_tower/", ("position_embedding", "class_embedding"))
-    patches = v.num_patches + 1
+    patches = v.num_patches + (1 if v.has_class_token else 0)  # SigLIP has none
     vision_trains = any(re.fullmatch(p, "vision_tower/x") for p in trainable)
     factor = 3.0 if vision_trains else 1.0
     out["projector"] = 6.0 * n_proj * batch * model_config.num_image_tokens
