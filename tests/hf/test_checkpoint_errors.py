@@ -125,9 +125,13 @@ def test_pickle_only_folder_is_refused_with_a_conversion_hint(tmp_path, saved):
   "setup, message",
   [
     (lambda p: None, "has no config.json"),
-    (
+    (  # a family we do not load: refused by name
+      lambda p: (p / "config.json").write_text(json.dumps({"model_type": "llava_next_video"})),
+      "model_type 'llava_next_video'",
+    ),
+    (  # a family we load, but its config lacks a field: the field and the family named
       lambda p: (p / "config.json").write_text(json.dumps({"model_type": "llava_next"})),
-      "model_type 'llava_next'",
+      "no field 'text_config' \\(model_type 'llava_next'\\)",
     ),
   ],
 )
