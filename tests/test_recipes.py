@@ -66,12 +66,11 @@ def test_every_recipe_builds_with_registered_trainer_and_source(spec):
   runlocal = spec.endswith("runlocal")
   assert config.trainer in trainers.BUILTIN
   if config.trainer == "iterative":
-    # The loop: its prompts from an RL-prompt source (runlocal: rendered shapes scenes), each
-    # round a DPO run of config.train.
+    # The loop: its prompts from an RL-prompt source, each round a DPO run of config.train.
     train = config.train
     assert train.trainer == "dpo"
-    if not runlocal:
-      assert config.prompts.source in registry.names("prompts") and config.prompts.path
+    assert config.prompts.source in registry.names("prompts")
+    assert bool(config.prompts.path) != runlocal  # runlocal: the file from the command line
   else:
     train = config
     assert config.data.source in registry.names(KIND[config.trainer])
@@ -248,6 +247,25 @@ def write_llava_rlhf(root: pathlib.Path) -> dict[str, pathlib.Path]:
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
+def write_rlaifv_parquet(path: pathlib.Path) -> pathlib.Path:
+  """RLAIF-V-Dataset columns (§6.1), with the cached `logps` column of the -withlogp shards."""
+  logps = [[-30.0 - i, -3.0, [], -50.0 - i, -5.0, []] for i in range(N)]
+  table = pa.table({
+    "ds_name": pa.array(["RLAIF-V"] * N),
+    "image": pa.array([{"bytes": _png(i), "path": None} for i in range(N)], IMAGE_TYPE),
+    "question": pa.array(["Describe the image."] * N),
+    "chosen": pa.array([f"A {COLOURS[i % 4]} circle." for i in range(N)]),
+    "rejected": pa.array([f"A {COLOURS[(i + 1) % 4]} star." for i in range(N)]),
+    "origin_dataset": pa.array(["MSCOCO"] * N),
+    "origin_split": pa.array(["{}"] * N),
+    "idx": pa.array([str(i) for i in range(N)]),
+    "image_path": pa.array([f"{i}.jpg" for i in range(N)]),
+    "logps": pa.array([json.dumps(x) for x in logps]),
+  })  # fmt: skip
+  pq.write_table(table, path, row_group_size=3)
+  return path
+
+
 def write_llava_critic_parquet(path: pathlib.Path) -> pathlib.Path:
   """LLaVA-Critic-113k columns (§7): a pointwise and a pairwise critique per image."""
   pointwise = "Score the response out of 100.\nQuestion: [Describe it.]\nThe LMM response: [{}]"
@@ -288,12 +306,6 @@ def _train(spec: str, workdir: pathlib.Path, **overrides) -> dict:
   TIMINGS[spec] = time.perf_counter() - start
   print(f"[recipes] {spec}: {TIMINGS[spec]:.1f} s")
   return summary
-
-
-def _json_file(path: pathlib.Path) -> dict[str, str]:
-  """`--config.data.path=FILE`, also under the older name `data.json_path`, which the reward and
-  PPO trainers still read (they do not go through the data registry yet)."""
-  return {"data.path": str(path), "data.json_path": str(path)}
 
 
 def _steps(workdir: pathlib.Path) -> list[dict]:
@@ -355,7 +367,7 @@ def test_llava_rlhf_rm_then_ppo_runlocal(tmp_path, tiny_model):
   files = write_llava_rlhf(tmp_path / "data")
   rm_dir = tmp_path / "rm"
   _train("configs/llava_rlhf/rm.py:runlocal", rm_dir, **{
-    "init_from": str(tiny_model), **_json_file(files["prefs"]),
+    "init_from": str(tiny_model), "data.path": str(files["prefs"]),
     "data.image_folder": str(files["images"]), "data.captions_path": str(files["captions"]),
   })  # fmt: skip
   assert len(_steps(rm_dir)) == 2
@@ -367,8 +379,19 @@ def test_llava_rlhf_rm_then_ppo_runlocal(tmp_path, tiny_model):
   ppo_dir = tmp_path / "ppo"
   _train("configs/llava_rlhf/ppo.py:runlocal", ppo_dir, **{
     "init_from": str(tiny_model), "ppo.reward_model": str(rm_hf),
-    **_json_file(files["prompts"]), "data.image_folder": str(files["images"]),
+    "data.path": str(files["prompts"]), "data.image_folder": str(files["images"]),
     "data.captions_path": str(files["captions"]),
   })  # fmt: skip
   assert len(_steps(ppo_dir)) == 2
   _check_export_loads(ppo_dir, tmp_path / "ppo_hf", tiny_model)
+
+
+def test_rlaifv_dpo_runlocal_on_the_dataset_parquet(tmp_path, tiny_model):
+  parquet = write_rlaifv_parquet(tmp_path / "RLAIF-V-Dataset-withlogp_000.parquet")
+  workdir = tmp_path / "run"
+  _train("configs/rlaifv/dpo.py:runlocal", workdir,
+         **{"init_from": str(tiny_model), "data.path": str(parquet)})  # fmt: skip
+  steps = _steps(workdir)
+  assert len(steps) == 2
+  assert steps[0]["logps/ref_chosen"] == pytest.approx(np.mean([-30.0 - i for i in range(N)]))
+  _check_export_loads(workdir, tmp_path / "hf", tiny_model)
