@@ -9,8 +9,7 @@ rounds of sample k answers -> the critic judges every ordered pair -> best vs wo
       --config.prompts.image_folder=/mnt/disks/data/coco/train2017
   python -m lmm_align.main --config=configs/llava_critic/iterative_dpo.py:model=72b ...
   python -m lmm_align.main --config=configs/llava_critic/iterative_dpo.py:runlocal \
-      --workdir=/tmp/x --config.init_from=TINY_HF_DIR --config.feedback.critic=TINY_CRITIC_DIR \
-      --config.prompts.path=PROMPTS.jsonl --config.prompts.image_folder=DIR
+      --workdir=/tmp/x --config.init_from=TINY_HF_DIR --config.feedback.critic=TINY_CRITIC_DIR
 
 Published settings (LLaVA-NeXT `docs/LLaVA_OneVision_Chat.md`, `scripts/train/dpo_ov7b.sh`; the
 LLaVA-Critic paper and blog; PROTOCOLS.md §7, ALGORITHM_DETAILS.md):
@@ -35,9 +34,9 @@ LLaVA-Critic paper and blog; PROTOCOLS.md §7, ALGORITHM_DETAILS.md):
   rounds      3, each from the previous round's model.
 OneVision folders and anyres tiling come with the LLaVA-family work (issue #22).
 
-`runlocal` is one round at the shapes loop's tiny sizes with critic feedback, on 8 prompts of a
-`prompts_jsonl` file ({id, image, question}) given on the command line; the critic is any
-exported LLaVA folder; the loop's per-round evaluation is the shapes world's.
+`runlocal` is one round at the shapes loop's tiny sizes with critic feedback, on rendered
+shapes scenes (configs/rlaifv/iterative.py's `runlocal` says why not a prompt file yet); the
+critic is any exported LLaVA folder; the loop's per-round evaluation is the shapes world's.
 
 Args: `model=7b|72b` (the policy); `runlocal`.
 """
@@ -71,7 +70,7 @@ def get_config(arg: str | None = None):
   config.pairs.method = "best_worst"
   if arg.runlocal:
     config.feedback.critic = ""  # from the command line
-    return rlaifv_iterative.runlocal(config, "prompts_jsonl")
+    return rlaifv_iterative.runlocal(config)
 
   config.rounds = 3
   config.init_from = critic_recipe.INIT_FROM[arg.model]

@@ -9,8 +9,7 @@ feedback -> pairs -> DPO, each round starting from the last one's policy.
       --config.prompts.image_folder=/mnt/disks/data/rlaifv_images
   python -m lmm_align.main --config=configs/rlaifv/iterative.py:feedback=self ...
   python -m lmm_align.main --config=configs/rlaifv/iterative.py:runlocal --workdir=/tmp/x \
-      --config.init_from=TINY_HF_DIR --config.feedback.labeler=TINY_HF_DIR \
-      --config.prompts.path=PROMPTS.jsonl --config.prompts.image_folder=DIR
+      --config.init_from=TINY_HF_DIR --config.feedback.labeler=TINY_HF_DIR
 
 Published settings (RLAIF-V `script/data_gen/*`, `utils/pair_construction.py`,
 `utils/get_pairs_filter_shorten.py`, `script/train/llava15_train.sh`; PROTOCOLS.md §6,
@@ -37,8 +36,8 @@ ALGORITHM_DETAILS.md):
 pipeline's input, {ds_question_id, image_path, question, metainfos}), `prompts_jsonl`
 ({id, image, question}) or `llava_rlhf_prompts`; each round draws `prompts.num_per_round` of
 them. `runlocal` is one round at the shapes loop's tiny sizes (4 samples of 16 tokens, 2 DPO
-steps) on 8 prompts of an `rlaifv_jsonl` file given on the command line; the loop's per-round
-evaluation is the shapes world's, on a few rendered scenes.
+steps) on rendered shapes scenes, with the shapes world's per-round evaluation (see `runlocal`
+for why not a prompt file yet).
 
 Args: `feedback=rlaifv|self` (default rlaifv); `model=7b|13b` (the policy); `runlocal`.
 """
@@ -52,15 +51,14 @@ FEEDBACK = ("rlaifv", "self")
 LABELER = "/mnt/disks/models/llava-v1.6-34b-hf"  # LLaVA-NeXT-34B, RLAIF-V's 7B labeler
 
 
-def runlocal(config, source: str):
-  """One tiny round of the shapes loop's sizes on prompts of `source` read from the command
-  line (`--config.prompts.path=... --config.prompts.image_folder=...`); the loop's evaluation
-  stays the shapes world's (a few scenes)."""
+def runlocal(config):
+  """One tiny round at the shapes loop's sizes, its prompts rendered shapes scenes.
+
+  Why not a prompt file: on a non-shapes prompts.source the loop's pairs stage still reads
+  each prompt's scene (`iterative.make_pairs` -> `read_scenes`) and stops with KeyError
+  'scene'. Once it does not, `--config.prompts.source=rlaifv_jsonl
+  --config.prompts.path=... --config.prompts.image_folder=...` runs this on real prompts."""
   config.rounds = 1
-  config.prompts.source = source
-  config.prompts.path = ""
-  config.prompts.image_folder = ""
-  config.prompts.num_per_round = 8
   return config
 
 
@@ -74,7 +72,7 @@ def get_config(arg: str | None = None):
     f"feedback={arg.feedback}" + (",runlocal" if arg.runlocal else "")
   )
   if arg.runlocal:
-    return runlocal(config, "rlaifv_jsonl")
+    return runlocal(config)
 
   config.rounds = 4
   config.init_from = rlaifv_dpo.INIT_FROM[arg.model]
