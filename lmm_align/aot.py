@@ -1,8 +1,8 @@
 """`lmm-align plan`: every jitted program of a run, compiled ahead of time for a Cloud TPU slice.
 
-  lmm-align plan --config=configs/llava_sft_7b.py --topology=v5p-64 [--mesh=1,-1,1] \
+  lmm-align plan --config=configs/llava15/sft.py --topology=v5p-64 [--mesh=1,-1,1] \
       [--config.model.remat_policy=full ...] [--save=plan.json]
-  lmm-align plan --config=configs/shapes_dpo.py:runlocal --topology=cpu-8 --mesh=2,2,2
+  lmm-align plan --config=configs/shapes/dpo.py:runlocal --topology=cpu-8 --mesh=2,2,2
 
 `--topology` is a Cloud TPU accelerator type (`v4-32`, `v5p-64`, `v5litepod-16` or `v5e-16`,
 `v6e-8`): compile-only TPU devices of that slice come from libtpu

@@ -522,7 +522,7 @@ def run_llava_bench(args: argparse.Namespace, answerer: Answerer | None) -> Outc
 
 def run_shapes(args: argparse.Namespace) -> Outcome:
   """The held-out shapes-world evaluation (`evaluate_shapes`) with a training run's config
-  (`--workdir`) or configs/shapes_sft.py's defaults; `--limit` sets the number of scenes,
+  (`--workdir`) or configs/shapes/sft.py's defaults; `--limit` sets the number of scenes,
   `--scene_seed` their seed."""
   from lmm_align import config_files
   from lmm_align.data import shapes, sources
@@ -533,7 +533,7 @@ def run_shapes(args: argparse.Namespace) -> Outcome:
 
     config = load_workdir_config(args.workdir)
   else:
-    config = config_files.load_config("configs/shapes_sft.py", str(REPO_ROOT))
+    config = config_files.load_config("configs/shapes/sft.py", str(REPO_ROOT))
   template = args.conv_template or config.data.template
   loaded = load_model_folder(args.model, template=template, dtype=args.dtype,
                              aspect_mode=args.aspect_mode, model_id=args.model_id)  # fmt: skip

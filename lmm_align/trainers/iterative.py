@@ -815,7 +815,7 @@ if __name__ == "__main__":
   for arg in sys.argv:
     if arg.startswith("--config="):
       config_files.make_config_package_importable(arg.split("=", 1)[1].split(":", 1)[0])
-  config_flags.DEFINE_config_file("config", None, "configs/shapes_iterative_dpo.py[:arg]")
+  config_flags.DEFINE_config_file("config", None, "configs/shapes/iterative_dpo.py[:arg]")
   flags.DEFINE_string("workdir", None, "where the rounds go")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
