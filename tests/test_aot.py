@@ -29,20 +29,12 @@ LAST_LINE = re.compile(
 )
 
 
-def _config(*candidates: str) -> str:
-  """The first of the candidate config paths that exists (the configs moved into folders)."""
-  for path in candidates:
-    if (REPO / path).exists():
-      return str(REPO / path)
-  raise FileNotFoundError(f"none of {candidates} under {REPO}")
-
-
 def _shapes_config(name: str) -> str:
-  return _config(f"configs/shapes/{name}.py", f"configs/shapes_{name}.py")
+  return str(REPO / "configs" / "shapes" / f"{name}.py")
 
 
 def _llava_sft_config() -> str:
-  return _config("configs/llava15/sft.py", "configs/llava_sft_7b.py")
+  return str(REPO / "configs" / "llava15" / "sft.py")
 
 
 def _plan(capsys, *argv: str) -> tuple[int, str, str]:

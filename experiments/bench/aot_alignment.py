@@ -136,11 +136,7 @@ def ppo_programs(config, policy_config: ModelConfig, mesh: Mesh, rules, args) ->
 def main(argv: list[str] | None = None) -> int:
   """Plans the PPO programs; returns the exit status of `lmm-align plan` (0 fits, 3 not)."""
   args = parse_args(argv)
-  # configs/llava_rlhf/ppo.py, or configs/llava_rlhf_ppo.py in a tree from before the move.
-  path = next(
-    p for p in ("configs/llava_rlhf/ppo.py", "configs/llava_rlhf_ppo.py") if (REPO / p).exists()
-  )
-  spec = path + (":runlocal" if args.runlocal else "")
+  spec = "configs/llava_rlhf/ppo.py" + (":runlocal" if args.runlocal else "")
   config = config_files.load_config(spec, str(REPO))
   if not args.runlocal:
     config.model.variant = "llava-1.5-7b"
