@@ -35,8 +35,8 @@ LLaVA-Critic paper and blog; PROTOCOLS.md §7, ALGORITHM_DETAILS.md):
 OneVision folders and anyres tiling come with the LLaVA-family work (issue #22).
 
 `runlocal` is one round at the shapes loop's tiny sizes with critic feedback, on rendered
-shapes scenes (configs/rlaifv/iterative.py's `runlocal` says why not a prompt file yet); the
-critic is any exported LLaVA folder; the loop's per-round evaluation is the shapes world's.
+shapes scenes (a prompt file: see configs/rlaifv/iterative.py's `runlocal`); the critic is
+any exported LLaVA folder. The full recipe has no per-round evaluation (`eval.kind=none`).
 
 Args: `model=7b|72b` (the policy); `runlocal`.
 """
@@ -86,6 +86,7 @@ def get_config(arg: str | None = None):
   f.critic_max_tokens = 4096
   f.critic_prompt = str(PROMPTS / "pairwise.txt")  # the model card's, verbatim
   f.batch_size = 16
+  config.eval.kind = "none"  # no per-round evaluation on real prompts (`lmm-align eval` exports)
 
   train = rlaifv_dpo.get_config()  # the DPO block; the rest is OneVision's
   train.init_from = config.init_from

@@ -52,12 +52,10 @@ LABELER = "/mnt/disks/models/llava-v1.6-34b-hf"  # LLaVA-NeXT-34B, RLAIF-V's 7B 
 
 
 def runlocal(config):
-  """One tiny round at the shapes loop's sizes, its prompts rendered shapes scenes.
-
-  Why not a prompt file: on a non-shapes prompts.source the loop's pairs stage still reads
-  each prompt's scene (`iterative.make_pairs` -> `read_scenes`) and stops with KeyError
-  'scene'. Once it does not, `--config.prompts.source=rlaifv_jsonl
-  --config.prompts.path=... --config.prompts.image_folder=...` runs this on real prompts."""
+  """One tiny round at the shapes loop's sizes, its prompts rendered shapes scenes; on a
+  prompt file add `--config.prompts.source=rlaifv_jsonl --config.prompts.path=...
+  --config.prompts.image_folder=... --config.eval.kind=none` (tests/trainers/test_iterative.py
+  runs a round so)."""
   config.rounds = 1
   return config
 
@@ -92,6 +90,12 @@ def get_config(arg: str | None = None):
   f.reject_margin = 0.0  # rejected iff log p_no - log p_yes >= 0
   f.yes_words, f.no_words = ("yes", "Yes"), ("no", "No")
   f.question_suffix = " Please answer yes or no."
+  # Claims and questions: RLAIF-V's fine-tuned LLaMA-3-8B split / changeq models, served
+  # (e.g. by vLLM) behind an OpenAI-compatible endpoint, or a local text model:
+  # --config.feedback.splitter=openai:MODEL --config.feedback.splitter_base_url=URL, or
+  # --config.feedback.splitter=model:HF_DIR. The default rules suit short declarative answers.
+  # No per-round evaluation on real prompts here (score exports with `lmm-align eval`).
+  config.eval.kind = "none"
   config.pairs.per_prompt = 2
   config.pairs.min_score_gap = 1
   config.pairs.balance_lengths = True

@@ -63,6 +63,15 @@ def get_config(arg: str | None = None):
       # ones and 24% of its true ones at 0; at 1, 43% and 6% (the SFT policy's claims).
       reject_margin=0.0,
       prompts_per_chunk=8,  # rlaifv: prompts per labelling batch (and per resume unit)
+      # rlaifv / self: who splits answers into claims and turns claims into yes/no questions.
+      # "rules": the rule-based splitter (short declarative English: shapes, tests);
+      # "openai:MODEL": an OpenAI-compatible endpoint at splitter_base_url, its key read from
+      # the environment variable splitter_api_key_env; "model:HF_DIR": a local text model run
+      # in-process by the project's sampler (RLAIF-V: fine-tuned LLaMA-3-8B split / changeq).
+      splitter="rules",
+      splitter_base_url="",
+      splitter_api_key_env="OPENAI_API_KEY",
+      splitter_template="vicuna_v1",
       # The shapes tokenizer has " Yes" / " No" as single tokens but not " yes" / " no".
       yes_words=("Yes",),
       no_words=("No",),
@@ -107,8 +116,9 @@ def get_config(arg: str | None = None):
     config.train.dpo.sft_weight = 1.0
     config.prompts.num_per_round = 4096
   # 256 scenes: the standard error of a rate near 0.2 is 0.025 (0.035 with 128).
+  # Each round's evaluation: "shapes" (held-out scenes) or "none" (a loop on real prompts).
   config.eval = ml_collections.ConfigDict(
-    dict(num_scenes=256, batch_size=32, max_new_tokens=48, pope_per_split=64)
+    dict(kind="shapes", num_scenes=256, batch_size=32, max_new_tokens=48, pope_per_split=64)
   )
   if arg.runlocal:
     config.rounds = 2
@@ -125,6 +135,6 @@ def get_config(arg: str | None = None):
     config.train.mesh.sizes = (1, 1, 1)
     config.train.checkpoint_every = 2
     config.eval = ml_collections.ConfigDict(
-      dict(num_scenes=4, batch_size=4, max_new_tokens=16, pope_per_split=4)
+      dict(kind="shapes", num_scenes=4, batch_size=4, max_new_tokens=16, pope_per_split=4)
     )
   return config

@@ -252,9 +252,10 @@ def sample_candidates(
 
 
 def read_scenes(prompts_dir: pathlib.Path) -> dict[str, shapes.Scene]:
-  """The scene of each prompt id in a round's prompts_dir/prompts.jsonl."""
+  """The scene of each prompt id in a round's prompts_dir/prompts.jsonl: empty for prompts
+  from a file (only the shapes world's prompts carry one)."""
   records = jsonl.read_jsonl(prompts_dir / "prompts.jsonl", tolerate_cut_tail=True)
-  return {r["id"]: shapes.Scene.from_dict(r["scene"]) for r in records}
+  return {r["id"]: shapes.Scene.from_dict(r["scene"]) for r in records if "scene" in r}
 
 
 def ground_truth_feedback(
@@ -338,15 +339,47 @@ def rlaifv_feedback(
   prompts_dir: pathlib.Path,
   out_path: pathlib.Path,
 ) -> list[dict[str, Any]]:
-  """Rule claims -> rule questions -> yes/no labeler, into out_path (resumable)."""
-  from lmm_align.feedback import claims
-
+  """Claims -> yes/no questions (`claim_splitter`) -> yes/no labeler, into out_path
+  (resumable)."""
+  splitter, question_maker = claim_splitter(config.feedback)
   return rlaifv.label_candidates(
-      candidates, PerItem(claims.RuleClaimSplitter()), PerItem(claims.RuleQuestionMaker()),
-      labeler, out_path,
+      candidates, splitter, question_maker, labeler, out_path,
       load_image=_image_loader(prompts_dir), prompts_per_chunk=config.feedback.prompts_per_chunk,
       reject_margin=config.feedback.reject_margin,
   )  # fmt: skip
+
+
+def claim_splitter(feedback: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """(claim splitter, question maker) as feedback.splitter names them: the rules, an
+  OpenAI-compatible endpoint ("openai:MODEL") or a local text model ("model:HF_DIR")."""
+  from lmm_align.feedback import claims
+
+  spec = feedback.get("splitter", "rules")
+  if spec == "rules":
+    return PerItem(claims.RuleClaimSplitter()), PerItem(claims.RuleQuestionMaker())
+  backend, _, target = spec.partition(":")
+  if backend == "openai" and target:
+    from lmm_align.judges.http import OpenAIJudge
+
+    if not feedback.splitter_base_url:
+      raise ValueError("feedback.splitter 'openai:...' needs feedback.splitter_base_url")
+    judge = OpenAIJudge(
+      feedback.splitter_base_url, target, api_key_env=feedback.splitter_api_key_env or None
+    )
+  elif backend == "model" and target:
+    from lmm_align.judges.model import ModelJudge
+
+    loaded = load_policy(target, feedback.splitter_template)
+    judge = ModelJudge(
+      loaded.model, loaded.params, loaded.tokenizer, loaded.image_config,
+      template=feedback.splitter_template, batch_size=feedback.batch_size,
+      name=f"model:{loaded.model_id}",
+    )  # fmt: skip
+  else:
+    raise ValueError(
+      f"feedback.splitter={spec!r}: use 'rules', 'openai:MODEL' or 'model:HF_DIR'"
+    )
+  return claims.ModelClaimSplitter(judge), claims.ModelQuestionMaker(judge)
 
 
 def critic_feedback(
@@ -565,14 +598,18 @@ def make_pairs(
     raise ValueError(
       f"pairs.method {p.method!r}: use 'auto', 'rlaifv', 'best_worst' or 'correction'"
     )
+  # Shapes prompts: the scene's facts (these pairs can train a fact-augmented reward model)
+  # and how many pairs the scene agrees with. Prompts from a file have neither.
   scenes = read_scenes(prompts_dir)
-  for pair in pairs:  # the scene's facts: these pairs can train a fact-augmented reward model
-    pair["facts"] = preference_sources.scene_facts(scenes[pair_prompt_id(pair)])
+  if scenes:
+    for pair in pairs:
+      pair["facts"] = preference_sources.scene_facts(scenes[pair_prompt_id(pair)])
   if p.sft_on == "unrejected":  # RLAIF-V scores: 0 = the labeler rejected no claim
     for pair in pairs:
       pair["sft_weight"] = float(pair["chosen_score"] == 0)
     stats["pairs_sft_on_chosen"] = sum(pair["sft_weight"] > 0 for pair in pairs)
-  stats = {**stats, "method": method, "ground_truth": ground_truth_agreement(pairs, scenes)}
+  agreement = ground_truth_agreement(pairs, scenes) if scenes else None
+  stats = {**stats, "method": method, "ground_truth": agreement}
   stats["feedback"] = feedback_stats(labelled)
   rlaifv.write_preference_pairs(out / "pairs.jsonl", pairs)
   _write_json(out / "stats.json", stats)
@@ -655,6 +692,12 @@ def evaluate_policy(config: ml_collections.ConfigDict, path: str, out: pathlib.P
   free of hallucination in `hallucination_rate`."""
   from lmm_align.evals import shapes_eval
 
+  kind = config.eval.get("kind", "shapes")
+  if kind == "none":  # a loop on real prompts: no per-round evaluation here
+    _write_json(out / "metrics.json", {"skipped": "eval.kind is 'none'"})
+    return
+  if kind != "shapes":
+    raise ValueError(f"eval.kind={kind!r}: use 'shapes' or 'none'")
   policy = load_policy(path, config.data.template)
   e, world = config.eval, sources.shapes_world_config(config)
   kwargs = dict(template=config.data.template, batch_size=e.batch_size)

@@ -412,3 +412,72 @@ def test_per_item_rules_fail_one_item_not_the_run():
   # A superscript digit used to crash the splitter; it is now read as text.
   items = [("q", "There is a circle and ² squares."), ("q", "There is a red circle.")]
   assert splitter.split(items) == [["There is a circle and ² squares."], ["There is a red circle."]]
+
+
+def test_one_round_on_an_rlaifv_prompt_file(policy, tmp_path):
+  """RLAIF-V's loop on its published prompt layout (rlaifv_jsonl: ds_question_id, image_path,
+  question, metainfos) with images that are not shapes scenes: self feedback (the policy
+  labels its own claims), pairs without scene facts, no per-round evaluation."""
+  from PIL import Image
+
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(6):
+    pixels = rng.integers(0, 255, size=(40 + 8 * i, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / f"img{i}.png")
+    lines.append(json.dumps({
+      "ds_question_id": f"q{i}", "image_path": f"img{i}.png",
+      "question": "Describe the image.", "metainfos": {"origin_dataset": "test"},
+    }))  # fmt: skip
+  prompts_file = tmp_path / "prompts.jsonl"
+  prompts_file.write_text("\n".join(lines) + "\n")
+  config = shapes_iterative_dpo.get_config("feedback=self,runlocal")
+  config.init_from = str(policy)
+  config.rounds, config.prompts.num_per_round = 1, 6
+  config.prompts.source, config.prompts.path = "rlaifv_jsonl", str(prompts_file)
+  config.prompts.image_folder = str(images)
+  config.eval.kind = "none"
+  workdir = tmp_path / "loop"
+  summary = iterative.run(config, str(workdir))
+
+  round_dir = workdir / "round_1"
+  prompts = [json.loads(x) for x in (round_dir / "prompts" / "prompts.jsonl").open()]
+  assert sorted(p["id"] for p in prompts) == [f"q{i}" for i in range(6)]
+  assert all("scene" not in p for p in prompts)
+  labelled = [json.loads(x) for x in (round_dir / "feedback" / "labelled.jsonl").open()]
+  assert len(labelled) == 6 * config.sampling.num_samples
+  assert any(r.get("num_claims", 0) > 0 for r in labelled)  # the policy's answers had claims
+  stats = json.loads((round_dir / "pairs" / "stats.json").read_text())
+  assert stats["ground_truth"] is None  # no scene to check the pairs against
+  pairs = [json.loads(x) for x in (round_dir / "pairs" / "pairs.jsonl").open()]
+  assert len(pairs) == stats["pairs"] and all("facts" not in p for p in pairs)
+  assert json.loads((round_dir / "eval" / "metrics.json").read_text()) == {
+    "skipped": "eval.kind is 'none'"
+  }
+  assert (round_dir / "export" / "config.json").exists()
+  assert [row["round"] for row in summary["rounds"]] == [0, 1]
+
+
+def test_the_claim_splitter_is_configured_by_name():
+  from lmm_align.feedback import claims
+
+  feedback = shapes_iterative_dpo.get_config("runlocal").feedback
+  splitter, questions = iterative.claim_splitter(feedback)
+  assert splitter.split([("q", "A red circle and a blue star.")]) == [
+    ["There is a red circle.", "There is a blue star."]
+  ]
+  assert questions.questions([["The circle is red."]]) == [["Is the circle red?"]]
+  feedback.splitter, feedback.splitter_base_url = "openai:split-model", "http://127.0.0.1:9"
+  feedback.splitter_api_key_env = ""  # a local server without a key
+  splitter, questions = iterative.claim_splitter(feedback)
+  assert isinstance(splitter, claims.ModelClaimSplitter)
+  assert isinstance(questions, claims.ModelQuestionMaker)
+  assert splitter.judge is questions.judge
+  feedback.splitter_base_url = ""
+  with pytest.raises(ValueError, match="splitter_base_url"):
+    iterative.claim_splitter(feedback)
+  feedback.splitter = "gpt4"
+  with pytest.raises(ValueError, match="feedback.splitter='gpt4'"):
+    iterative.claim_splitter(feedback)
