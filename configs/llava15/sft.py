@@ -41,11 +41,19 @@ gqa/, ocr_vqa/, textvqa/, vg/). The placeholders below must be overridden on the
 or the run stops when it reads them.
 
 Sharding and memory (stage 2): pure FSDP, mesh (data, fsdp, tensor) = (1, -1, 1), so every
-param and both Adam moments are split over all chips. Per-chip estimates from
-`experiments/bench/aot_memory.py` (XLA:CPU buffer assignment of this exact step; v5p has
-95 GiB), global batch 128 x 2048 tokens, 576 of them image tokens per row:
+param and both Adam moments are split over all chips; global batch 128 x 2048 tokens, 576 of
+them image tokens per row. The smallest slice is v5p-64 (32 chips, 95 GiB each):
 
-  model  chips  rows/chip  remat          per-chip peak
+  lmm-align plan --config=configs/llava15/sft.py --topology=v5p-64
+  program     peak/chip  HBM  headroom  compile   (the TPU compiler, libtpu 0.0.42.1)
+  train_step  36.49 GiB  95   58.5 GiB  88.9 s    plan: fits
+  lmm-align plan --config=configs/llava15/sft.py:model=13b --topology=v5e-8
+  train_step  >= 69.47 GiB (RESOURCE_EXHAUSTED) of 16   plan: does not fit (exit 3)
+
+Earlier estimates from XLA:CPU's buffer assignment of the same step (not the TPU compiler;
+it said 54.1 GiB where the TPU compiler says 36.5), by remat policy:
+
+  model  chips  rows/chip  remat          per-chip peak (XLA:CPU)
   7B     32     4          dots_no_batch  54.1 GiB   <- default: saves the projections' outputs
   7B     32     4          full           16.6 GiB
   7B     32     4          dots / none    121 / 247 GiB (do not fit)
@@ -55,7 +63,7 @@ param and both Adam moments are split over all chips. Per-chip estimates from
 
 dots_no_batch skips recomputing the dense layers in the backward pass (about a quarter of
 the step's FLOPs) at the cost of their saved outputs; with fewer chips than these (more rows
-per chip) re-run the AOT check, and switch to `--config.model.remat_policy=full` or raise
+per chip) re-run `lmm-align plan`, and switch to `--config.model.remat_policy=full` or raise
 `--config.optim.grad_accum_steps`. Stage 1 (256 rows) was not measured: plan it first
 (`lmm-align plan --config=configs/llava15/sft.py:stage=1 --topology=...`).
 

@@ -20,6 +20,15 @@ the cache is missing. One epoch over the 83,132 pairs of the released dataset is
 RLAIF-V trains about 4 epochs per iteration of its own data, saves every quarter epoch and keeps
 the checkpoint best on Object HalBench / MMHal (`lmm-align eval`).
 
+Slice and plan: the published global batch of 8 must divide data x fsdp, so the mesh is
+(data, fsdp, tensor) = (1, -1, 2): on a v4-32 (16 chips, 32 GiB each) fsdp is 8 and tensor 2.
+
+  lmm-align plan --config=configs/rlaifv/dpo.py --topology=v4-32   (TPU compiler, libtpu 0.0.42.1)
+  program           peak/chip  HBM  headroom
+  reference logps   1.93 GiB   32   -          (skipped when the parquet carries `logps`)
+  train_step        9.34 GiB   32   22.7 GiB   plan: fits
+  With pure FSDP (1, -1, 1) the plan refuses: batch 8 does not divide the 16 chips.
+
 Data (`data.source=rlaifv_parquet`): `openbmb/RLAIF-V-Dataset` shards with `image` {bytes,
 path}, `question`, `chosen`, `rejected`, `ds_name`, `idx` (and `logps` in the cached shards);
 the images are read from the parquet when a batch needs them. `data.path` takes a file, a glob
@@ -66,7 +75,7 @@ def get_config(arg: str | None = None):
   config.model.dtype = "bfloat16"
   config.model.param_dtype = "bfloat16"
   config.model.remat_policy = "full"
-  config.mesh.sizes = (1, -1, 1)
+  config.mesh.sizes = (1, -1, 2)  # batch 8 over data x fsdp; tensor 2 takes the other chips
   config.trainable = (".*",)  # fully_tune: the CLIP tower too
 
   config.data.source = "rlaifv_parquet"
