@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from configs.shapes import sft as shapes_sft
@@ -33,6 +35,8 @@ def test_sweep_runs_each_point_and_prints_a_table(tmp_path, capsys):
   assert (tmp_path / "clean_data" / "summary.json").exists() and (
     tmp_path / "noisy_data" / "config.json"
   ).exists()
+  summary = json.loads((tmp_path / "clean_data" / "summary.json").read_text())
+  assert summary["data"] == {"kept": config.data.shapes.num_train}  # nothing skipped
   table = capsys.readouterr().out.strip().splitlines()[-3:]
   assert table[0].split()[0] == "run" and "final_train_loss" in table[0]
   assert [line.split()[0] for line in table[1:]] == ["clean_data", "noisy_data"]

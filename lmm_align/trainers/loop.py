@@ -175,6 +175,8 @@ def run_loop(
     batches.close()
   checkpointer.wait()
   summary = {"final_step": step, "final_train_loss": window.last_loss}
+  # What the data kept and, with data.on_error=skip, how many records it skipped and why.
+  summary["data"] = {k: int(v) for k, v in getattr(data, "stats", {}).items()}
   summary.update(evaluate(state))
   write_json(os.path.join(workdir, "summary.json"), summary)
   checkpointer.close()

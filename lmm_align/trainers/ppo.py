@@ -774,7 +774,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = _run_iterations(
       config, workdir, mesh, state, data, rollouts, update, frozen, checkpointer, start, kl_coef
     )
-    summary = {"final_iteration": config.total_steps}
+    summary = {
+      "final_iteration": config.total_steps,
+      "data": {k: int(v) for k, v in data.stats.items()},  # kept, and skipped by reason
+    }
     if config.eval.enabled:
       from lmm_align.evals import shapes_eval
 
