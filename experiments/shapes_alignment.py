@@ -186,7 +186,8 @@ def _write_report(root: pathlib.Path, stages: list[str]) -> None:
     from lmm_align.evals import report
   except ImportError:  # the report module is optional for the chain itself
     return
-  from lmm_align.data import shapes, sources
+  from lmm_align.data import sources
+  from lmm_align.shapes import world as shapes
 
   config = stage_configs(quick=False)["sft"]
   world = sources.shapes_world_config(config)

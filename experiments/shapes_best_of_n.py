@@ -71,7 +71,7 @@ def world_and_template(workdir: str) -> tuple[Any, int, str]:
 
 
 def answer_metrics(texts: list[str], token_counts: list[int], scenes: list) -> dict[str, float]:
-  from lmm_align.data import shapes_metrics
+  from lmm_align.shapes import metrics as shapes_metrics
 
   metrics = shapes_metrics.hallucination_metrics(texts, scenes)
   row = {k: float(metrics[k]) for k in METRICS if k in metrics}
@@ -83,7 +83,7 @@ def oracle_scores(candidates, scenes) -> Any:
   """-(hallucinated mentions) of every candidate: [P, N]."""
   import numpy as np
 
-  from lmm_align.data import shapes_metrics
+  from lmm_align.shapes import metrics as shapes_metrics
 
   return np.array([
     [-shapes_metrics.response_hallucination_counts(t, s)["hallucinated_mentions"] for t in texts]
@@ -120,11 +120,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   import jax
 
   from lmm_align import sampling
-  from lmm_align.data import conversation, shapes
+  from lmm_align.data import conversation
   from lmm_align.data.images import preprocess_image
   from lmm_align.data.preference_sources import scene_facts
-  from lmm_align.evals.shapes_eval import DESCRIBE_QUESTION, answer_questions
   from lmm_align.rl import best_of_n as bon
+  from lmm_align.shapes import world as shapes
+  from lmm_align.shapes.evaluation import DESCRIBE_QUESTION, answer_questions
 
   world, seed, template = world_and_template(args.workdir)
   policy, rm, reference = _load(args, template)

@@ -291,7 +291,7 @@ def hard_existence_records(
   """
   import numpy as np
 
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   scenes = shapes.make_scenes(n, world, seed=seed)
   rng = np.random.default_rng([seed, 1])
@@ -327,7 +327,8 @@ def scene_claim_truth(claim: str, scene) -> tuple[str, bool | None]:
   truth)."""
   import re
 
-  from lmm_align.data import shapes, shapes_metrics
+  from lmm_align.shapes import metrics as shapes_metrics
+  from lmm_align.shapes import world as shapes
 
   counts = shapes_metrics.response_hallucination_counts(claim, scene)
   if counts["mentions"]:
@@ -348,7 +349,7 @@ def _false_scene_question(question: str, scene, world, rng) -> str | None:
   picture claim), or None when it states neither."""
   import re
 
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   bg = re.search(rf"\b{scene.background}\b(?=\s+(image|background|picture))", question)
   n_word = shapes.NUMBER_WORDS[len(scene.objects)]
@@ -374,7 +375,7 @@ def _short_answer_record(
   record_id: str, image, question: str, is_yes: bool, metadata: dict[str, Any] | None = None
 ) -> dict[str, Any]:
   """A labeler record: the question in LLaVA's short-answer form, answered Yes or No."""
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   record = {
     "id": record_id,
@@ -404,8 +405,8 @@ def claim_records(
 
   import numpy as np
 
-  from lmm_align.data import shapes
   from lmm_align.feedback import claims
+  from lmm_align.shapes import world as shapes
 
   caption_world = dataclasses.replace(world, task_mix=(("caption", 1.0),), hallucination_rate=0.5)
   rng = np.random.default_rng([seed, 7])
@@ -454,7 +455,7 @@ def shape_near_miss_records(n: int, world, seed: int) -> list[dict[str, Any]]:
   object's shape."""
   import numpy as np
 
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   rng = np.random.default_rng([seed, 9])
   records = []
@@ -485,7 +486,7 @@ def labeler_records(
   (`claim_records` with `picture_share`, the rest binding)."""
   import dataclasses
 
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   if kind == "claims":
     records = claim_records(n // 2, world, seed, picture_share)
@@ -543,7 +544,7 @@ def policy_claim_records(
 
 def _saved_records(data_dir: pathlib.Path, make_records) -> pathlib.Path:
   """data_dir/data.json, a LLaVA JSON written from `make_records()` once (reruns reuse it)."""
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   if not (data_dir / "data.json").exists():
     shapes.save_llava_dataset(make_records(), data_dir)
@@ -699,7 +700,7 @@ def _claim_items(n: int, world) -> tuple[list[str], list, list[bool]]:
   ("There is a white image") have no ground truth here and are left out."""
   import dataclasses
 
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   world = dataclasses.replace(world, task_mix=(("caption", 1.0),), hallucination_rate=0.5)
   records = shapes.make_sft_records(n, world, seed=LABELER_EVAL_SEED + 1)
@@ -718,8 +719,8 @@ def _policy_descriptions(
   n: int, world, seed, policy_folder: str, template: str, batch_size: int
 ) -> tuple[list[str], list, list]:
   """(texts, scenes, images): the policy's greedy descriptions of `n` scenes drawn with `seed`."""
-  from lmm_align.data import shapes
-  from lmm_align.evals.shapes_eval import DESCRIBE_QUESTION, answer_questions
+  from lmm_align.shapes import world as shapes
+  from lmm_align.shapes.evaluation import DESCRIBE_QUESTION, answer_questions
   from lmm_align.trainers import iterative
 
   policy = iterative.load_policy(policy_folder, template)

@@ -57,8 +57,8 @@ def prefix_pairs(
 ) -> tuple[list[dict[str, Any]], collections.Counter]:
   """Consecutive-prefix pairs of each response, the higher scene score chosen (see the module
   doc). Prefix texts are decoded from the response's token ids, as PPO's RM rows are."""
-  from lmm_align.data import shapes_metrics
   from lmm_align.rl import rewards
+  from lmm_align.shapes import metrics as shapes_metrics
 
   separator_ids = rewards.separator_token_ids(tokenizer, separators)
   pairs, stats = [], collections.Counter()

@@ -55,8 +55,8 @@ def _segment_rows(
 
   from lmm_align.data import conversation, preference_sources, reward_data
   from lmm_align.data.images import preprocess_image
-  from lmm_align.data.shapes import Scene
   from lmm_align.rl import rewards
+  from lmm_align.shapes.world import Scene
 
   config = rm.model.config
   separator_ids = rewards.separator_token_ids(tokenizer, separators)
@@ -110,7 +110,7 @@ def summarize(
 ) -> dict[str, Any]:
   """The report from per-prefix RM scores (`meta` rows in response order, each response's
   prefixes consecutive and ending with the whole response)."""
-  from lmm_align.data import shapes_metrics
+  from lmm_align.shapes import metrics as shapes_metrics
   from lmm_align.trainers.ppo import same_order_pairs
 
   previous: dict[tuple[str, int], tuple[float, float, int]] = {}

@@ -38,10 +38,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from lmm_align.data import shapes  # noqa: E402
 from lmm_align.data.images import preprocess_images  # noqa: E402
 from lmm_align.models.clip_vit import ClipVisionTower  # noqa: E402
 from lmm_align.models.config import ModelConfig  # noqa: E402
+from lmm_align.shapes import world as shapes  # noqa: E402
 
 # Per cell: 0 = empty, else 1 + the index in the world's vocabulary.
 ATTRIBUTES = ("shape", "colour", "size")

@@ -116,7 +116,7 @@ def image_file(images_dir: str | None, name: str, where: str) -> str:
 
 def model_answerer(loaded: LoadedModel, *, batch_size: int, max_new_tokens: int) -> Answerer:
   """Greedy answers from a loaded model, `batch_size` rows per sampler call."""
-  from lmm_align.evals.shapes_eval import answer_questions
+  from lmm_align.shapes.evaluation import answer_questions
 
   if loaded.image_config is None:
     raise ValueError(f"{loaded.model_id}: a text-only model cannot answer questions about images")
@@ -525,8 +525,9 @@ def run_shapes(args: argparse.Namespace) -> Outcome:
   (`--workdir`) or configs/shapes/sft.py's defaults; `--limit` sets the number of scenes,
   `--scene_seed` their seed."""
   from lmm_align import config_files
-  from lmm_align.data import shapes, sources
-  from lmm_align.evals.shapes_eval import evaluate_shapes
+  from lmm_align.data import sources
+  from lmm_align.shapes import world as shapes
+  from lmm_align.shapes.evaluation import evaluate_shapes
 
   if args.workdir:
     from lmm_align.run_config import load_workdir_config

@@ -398,7 +398,7 @@ def test_shapes_world_evaluation_of_a_model_folder(model_dir, tmp_path):
 
 
 def test_shapes_scene_seed_flag(model_dir, tmp_path, monkeypatch):
-  from lmm_align.evals import shapes_eval
+  from lmm_align.shapes import evaluation as shapes_eval
 
   seeds = []
 

@@ -33,7 +33,7 @@ def test_wide_labeler_is_the_shapes_model_with_a_wider_decoder():
 
 
 def test_claims_are_judged_as_the_metrics_read_them():
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   scene = shapes.Scene((shapes.SceneObject("circle", "red", "small", 0, 0),), background="gray")
   judge = lambda claim: experiment.scene_claim_truth(claim, scene)
@@ -50,7 +50,7 @@ def test_claim_records_are_balanced_and_their_picture_negatives_are_false():
 
   import numpy as np
 
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   world = experiment._world(False)
   records = experiment.claim_records(200, world, seed=3)
@@ -117,7 +117,7 @@ def test_policy_claim_records_add_the_asked_share_of_picture_questions(shapes_sf
 
 
 def test_policy_claim_records_describe_fresh_scenes_per_policy(shapes_sft_policy, monkeypatch):
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   described = []
   real = experiment._policy_descriptions
@@ -192,7 +192,7 @@ def test_judge_labeler_gets_a_larger_tower_of_its_own(tmp_path, monkeypatch):
 def test_shape_near_miss_records_swap_the_shape_of_a_present_object(tmp_path):
   import collections
 
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   world = experiment._world(False)
   records = experiment.shape_near_miss_records(60, world, seed=3)

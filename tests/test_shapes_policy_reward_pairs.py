@@ -8,7 +8,8 @@ import pathlib
 import pytest
 
 from experiments import shapes_policy_reward_pairs as experiment
-from lmm_align.data import preference_sources, shapes
+from lmm_align.data import preference_sources
+from lmm_align.shapes import world as shapes
 
 SCENE = shapes.Scene(
   (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import shapes_reward_on_policy as experiment
-from lmm_align.data import shapes
+from lmm_align.shapes import world as shapes
 
 SCENE = shapes.Scene(
   (

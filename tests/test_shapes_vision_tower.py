@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmm_align import config_files, hf
-from lmm_align.data import shapes
+from lmm_align.shapes import world as shapes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ import ml_collections
 
 from configs import common
 from configs.shapes import dpo as shapes_dpo
-from lmm_align.data import shapes
+from lmm_align.shapes import world as shapes
 from lmm_align.trainers.iterative import FEEDBACK_KINDS
 
 

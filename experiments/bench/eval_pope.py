@@ -36,11 +36,12 @@ import time  # noqa: E402
 import jax  # noqa: E402
 
 from lmm_align import evaluate, hf, inference  # noqa: E402
-from lmm_align.data import conversation, shapes  # noqa: E402
+from lmm_align.data import conversation  # noqa: E402
 from lmm_align.data.images import ImageProcessorConfig  # noqa: E402
-from lmm_align.data.shapes_benchmarks import POPE_STRATEGIES, make_pope_probes  # noqa: E402
 from lmm_align.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 from lmm_align.models import Llava, get_variant, init_params  # noqa: E402
+from lmm_align.shapes import world as shapes  # noqa: E402
+from lmm_align.shapes.benchmarks import POPE_STRATEGIES, make_pope_probes  # noqa: E402
 from lmm_align.trainers.export import hf_processor  # noqa: E402
 
 SCENE_SEED = 12345  # the shapes configs' held-out eval seed

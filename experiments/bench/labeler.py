@@ -38,11 +38,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmm_align import sampling  # noqa: E402
-from lmm_align.data import conversation, shapes, shapes_metrics  # noqa: E402
+from lmm_align.data import conversation  # noqa: E402
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image  # noqa: E402
 from lmm_align.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 from lmm_align.feedback import claims, labeler  # noqa: E402
 from lmm_align.models import get_variant, init_params  # noqa: E402
+from lmm_align.shapes import metrics as shapes_metrics  # noqa: E402
+from lmm_align.shapes import world as shapes  # noqa: E402
 
 TEMPLATE, BATCH, SCENES, RUNS = "vicuna_v1", 16, 48, 5
 SUFFIX = "\n" + shapes.SHORT_ANSWER_PROMPT

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from lmm_align.data import conversation, shapes
+from lmm_align.data import conversation
 from lmm_align.data.conversation import IGNORE_INDEX
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.data.pipeline import ImageSource, SupervisedData, bucket_for, bucket_lengths
+from lmm_align.shapes import world as shapes
 
 
 @dataclasses.dataclass

@@ -49,7 +49,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from lmm_align.data import shapes
 from lmm_align.data.conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, render_conversation
 from lmm_align.data.images import load_image, to_rgb
 from lmm_align.data.jsonl import numbered_records
@@ -63,6 +62,7 @@ from lmm_align.data.llava_json import (
   resolve_image_path,
 )
 from lmm_align.data.preference import sft_weight_problem
+from lmm_align.shapes import world as shapes
 
 # LLaVA-RLHF's AnswerType (caption_type); 2..5 are A-OKVQA multiple choice.
 GENERAL, A_IN_ABCD, B_IN_ABCD, C_IN_ABCD, D_IN_ABCD, NO_IN_YESNO, YES_IN_YESNO = range(1, 8)

@@ -150,7 +150,7 @@ def _read_each(read_one, paths: list[str]) -> tuple[list[Any], collections.Count
 
 
 def _shapes_world(data_config: ml_collections.ConfigDict):
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   s = data_config.shapes
   return shapes.ShapesWorldConfig(
@@ -168,8 +168,8 @@ def _shapes_world(data_config: ml_collections.ConfigDict):
 
 @register("conversations", "shapes")
 def _shapes_conversations(data, *, encoding: ConversationEncoding):
-  from lmm_align.data import shapes
   from lmm_align.data.pipeline import Example
+  from lmm_align.shapes import world as shapes
 
   records = shapes.make_sft_records(
     data.shapes.num_train, _shapes_world(data), seed=data.shapes.seed

@@ -14,11 +14,12 @@ from typing import Any
 
 import ml_collections
 
-from lmm_align.data import conversation, registry, shapes
+from lmm_align.data import conversation, registry
 from lmm_align.data.images import CLIP_VIT_L14_336, ImageProcessorConfig
 from lmm_align.data.pipeline import Example, SupervisedData
 from lmm_align.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from lmm_align.models.config import ModelConfig
+from lmm_align.shapes import world as shapes
 
 TOKENIZER_DIR = "tokenizer"
 

@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 
-from lmm_align.data import shapes, shapes_metrics
 from lmm_align.data.images import ImageProcessorConfig
 from lmm_align.judges.base import Judge, JudgeReply, JudgeRequest
 from lmm_align.judges.model import ModelJudge
@@ -56,6 +55,8 @@ from lmm_align.judges.verdicts import (
   parse_pairwise,
   parse_pointwise,
 )
+from lmm_align.shapes import metrics as shapes_metrics
+from lmm_align.shapes import world as shapes
 
 IMAGE_PLACEHOLDER = "<image>"
 SCORE_SCALES = {"0-100": (0.0, 100.0), "1-10": (1.0, 10.0)}

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmm_align.data import reward_data, shapes
+from lmm_align.data import reward_data
 from lmm_align.data.conversation import GPT, HUMAN
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.data.llava_json import (
@@ -63,6 +63,7 @@ from lmm_align.data.llava_json import (
   validate_record,
 )
 from lmm_align.data.preference_sources import ImageFile, RecordIssue, load_captions, scene_facts
+from lmm_align.shapes import world as shapes
 
 if TYPE_CHECKING:
   from lmm_align.hf.reward import RewardModel

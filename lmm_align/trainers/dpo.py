@@ -224,7 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def evaluate(final):
       if not config.eval.enabled:
         return {}
-      from lmm_align.evals import shapes_eval
+      from lmm_align.shapes import evaluation as shapes_eval
 
       policy = final.params
       if params.base is not None:

@@ -67,9 +67,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lmm_align.data import jsonl, preference_sources, shapes, shapes_metrics, sources
+from lmm_align.data import jsonl, preference_sources, sources
 from lmm_align.feedback import candidates as candidates_lib
 from lmm_align.feedback import rlaifv
+from lmm_align.shapes import metrics as shapes_metrics
+from lmm_align.shapes import world as shapes
 from lmm_align.trainers import export, registry
 
 FEEDBACK_KINDS = ("rlaifv", "self", "critic", "ground_truth", "correction")
@@ -690,7 +692,7 @@ def evaluate_policy(config: ml_collections.ConfigDict, path: str, out: pathlib.P
   (`mention_rate`), and the hallucination rate among those (`chair_s_refine`, RLAIF-V's
   response-level rate). An answer that names no object ("There is a large blue.") counts as
   free of hallucination in `hallucination_rate`."""
-  from lmm_align.evals import shapes_eval
+  from lmm_align.shapes import evaluation as shapes_eval
 
   kind = config.eval.get("kind", "shapes")
   if kind == "none":  # a loop on real prompts: no per-round evaluation here

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from lmm_align import optim, sampling, sharding
-from lmm_align.data import conversation, preference_sources, shapes_metrics, sources
+from lmm_align.data import conversation, preference_sources, sources
 from lmm_align.data.images import preprocess_image
 from lmm_align.hf.reward import RewardModel, load_reward_model
 from lmm_align.losses import token_logprobs
@@ -47,6 +47,7 @@ from lmm_align.models.llava import Llava
 from lmm_align.models.lora import merge_lora, model_variables
 from lmm_align.rl import ppo_math, rewards
 from lmm_align.rl.scoring import hidden_or_logits, query_ids, reward_scores
+from lmm_align.shapes import metrics as shapes_metrics
 from lmm_align.trainers import export, loop, modelling, registry, run_setup
 from lmm_align.trainers import state as state_lib
 
@@ -779,7 +780,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "data": {k: int(v) for k, v in data.stats.items()},  # kept, and skipped by reason
     }
     if config.eval.enabled:
-      from lmm_align.evals import shapes_eval
+      from lmm_align.shapes import evaluation as shapes_eval
 
       policy = rollouts.sampling_params(state.params, frozen)
       summary.update(shapes_eval.evaluate_workdir_model(config, workdir, policy))

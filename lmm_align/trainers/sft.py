@@ -139,8 +139,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _evaluate(config, workdir, state, base_params) -> dict[str, Any]:
   if not config.eval.enabled:
     return {}
-  from lmm_align.evals import shapes_eval
   from lmm_align.models.lora import merge_lora
+  from lmm_align.shapes import evaluation as shapes_eval
 
   params = state.params
   if base_params is not None:  # evaluate the merged model: one matmul per layer, as exported

@@ -12,10 +12,10 @@ from PIL import Image
 
 from lmm_align.data import preference_sources as ps
 from lmm_align.data import reward_data as rd
-from lmm_align.data import shapes
 from lmm_align.data.images import load_image
 from lmm_align.data.llava_json import DataError
 from lmm_align.data.tokenizer import train_bpe_tokenizer
+from lmm_align.shapes import world as shapes
 
 
 def png_bytes(seed: int, size=(6, 5), mode="RGB") -> bytes:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmm_align.data import shapes
 from lmm_align.feedback import claims
 from lmm_align.judges.base import FunctionJudge, JudgeReply
+from lmm_align.shapes import world as shapes
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from lmm_align.data import conversation, shapes, shapes_metrics
+from lmm_align.data import conversation
 from lmm_align.data.llava_json import read_llava_json
 from lmm_align.data.tokenizer import train_bpe_tokenizer
 from lmm_align.feedback import critic
 from lmm_align.judges.base import FunctionJudge, JudgeReply
 from lmm_align.judges.verdicts import PairwiseVerdict, parse_pairwise, parse_pointwise
+from lmm_align.shapes import metrics as shapes_metrics
+from lmm_align.shapes import world as shapes
 
 # ------------------------------------------------------------------------------------------
 # Prompts.

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from lmm_align.data import shapes
 from lmm_align.judges.base import JudgeRequest
 from lmm_align.judges.http import OpenAIJudge, cache_key, chat_messages
+from lmm_align.shapes import world as shapes
 
 KEY_ENV = "LMM_ALIGN_TEST_JUDGE_KEY"
 SECRET = "sk-test-6f1c0ffee-do-not-leak"

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from lmm_align import sampling
-from lmm_align.data import conversation, shapes
+from lmm_align.data import conversation
 from lmm_align.data.images import ImageProcessorConfig, load_image, preprocess_image
 from lmm_align.data.tokenizer import train_bpe_tokenizer
 from lmm_align.judges.base import JudgeRequest
 from lmm_align.judges.model import ModelJudge
 from lmm_align.models import Llava, get_variant, init_params
+from lmm_align.shapes import world as shapes
 
 MAX_NEW = 6
 BUCKETS = (256,)  # every prompt here fits one bucket: one compilation per batch size

@@ -16,7 +16,7 @@ import pytest
 from scipy.special import log_softmax
 
 from lmm_align import sampling
-from lmm_align.data import conversation, reward_data, shapes
+from lmm_align.data import conversation, reward_data
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.data.preference_sources import scene_facts
 from lmm_align.data.tokenizer import train_bpe_tokenizer
@@ -24,6 +24,7 @@ from lmm_align.hf.reward import RewardModel
 from lmm_align.models import Llava, get_variant
 from lmm_align.models.llava import dummy_inputs
 from lmm_align.rl import best_of_n as bon
+from lmm_align.shapes import world as shapes
 
 TEMPLATE = "vicuna_v1"
 N, MAX_NEW, BETA, FACT_SEED = 3, 6, 0.1, 11

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmm_align.data import conversation, reward_data, shapes
-from lmm_align.rl import reward_filter as rf
+from lmm_align.data import conversation, reward_data
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.data.llava_json import DataError, read_llava_json
 from lmm_align.data.preference_sources import scene_facts
@@ -20,6 +19,8 @@ from lmm_align.data.tokenizer import train_bpe_tokenizer
 from lmm_align.hf.reward import RewardModel
 from lmm_align.models import Llava, get_variant
 from lmm_align.models.llava import dummy_inputs
+from lmm_align.rl import reward_filter as rf
+from lmm_align.shapes import world as shapes
 
 TEMPLATE = "vicuna_v1"
 WORLD = shapes.ShapesWorldConfig(image_size=48, max_objects=2)

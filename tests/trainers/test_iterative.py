@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from configs.shapes import iterative_dpo as shapes_iterative_dpo
-from lmm_align.data import preference_sources, shapes
+from lmm_align.data import preference_sources
 from lmm_align.feedback import rlaifv
 from lmm_align.judges.base import FunctionJudge
+from lmm_align.shapes import world as shapes
 from lmm_align.trainers import iterative
 
 

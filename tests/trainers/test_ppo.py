@@ -139,8 +139,8 @@ def test_export_writes_the_trained_policy(models, one_iteration, tmp_path):
 def test_scene_scores_are_the_ground_truth_on_descriptions_only():
   """-(hallucinated mentions) + w * (objects recalled), worked by hand; yes/no answers +-1
   by POPE's reading against the truth."""
-  from lmm_align.data import shapes
   from lmm_align.rl import rewards
+  from lmm_align.shapes import world as shapes
 
   scene = shapes.Scene(
     (

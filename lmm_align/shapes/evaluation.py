@@ -15,10 +15,13 @@ import ml_collections
 import numpy as np
 
 from lmm_align import sampling, sharding
-from lmm_align.data import conversation, shapes, shapes_benchmarks, shapes_metrics
+from lmm_align.data import conversation
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.evals.pope import pope_metrics
 from lmm_align.models.llava import Llava
+from lmm_align.shapes import benchmarks as shapes_benchmarks
+from lmm_align.shapes import metrics as shapes_metrics
+from lmm_align.shapes import world as shapes
 
 DESCRIBE_QUESTION = "Describe the image."
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."

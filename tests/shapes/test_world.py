@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lmm_align.data import shapes
-from lmm_align.data.shapes_metrics import (
+from lmm_align.shapes import world as shapes
+from lmm_align.shapes.metrics import (
   extract_choice_letter,
   hallucination_metrics,
   parse_count,

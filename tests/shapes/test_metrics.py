@@ -2,8 +2,7 @@
 
 import pytest
 
-from lmm_align.data.shapes import Scene, SceneObject
-from lmm_align.data.shapes_metrics import (
+from lmm_align.shapes.metrics import (
   aggregate_hallucination_counts,
   corrected_response,
   extract_choice_letter,
@@ -16,6 +15,7 @@ from lmm_align.data.shapes_metrics import (
   score_multiple_choice,
   score_yes_no,
 )
+from lmm_align.shapes.world import Scene, SceneObject
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_corrected_response(text, expected):
 def test_corrections_of_injected_captions_are_clean_minimal_edits():
   """Every injected caption of the SFT data is corrected: the result has no hallucinated
   mention, as many words, and recalls at least what the injected caption did."""
-  from lmm_align.data import shapes
+  from lmm_align.shapes import world as shapes
 
   world = shapes.ShapesWorldConfig(task_mix=(("caption", 1.0),), hallucination_rate=1.0)
   for record in shapes.make_sft_records(200, world, seed=4):

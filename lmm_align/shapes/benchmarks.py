@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lmm_align.data.shapes import (
+from lmm_align.shapes.world import (
   ALL_POSITIONS,
   COLOURS,
   RELATION_PHRASES,

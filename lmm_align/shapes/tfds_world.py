@@ -1,7 +1,7 @@
 """`shapes_world`: the shapes-world SFT mixture as a TFDS dataset (array_record, no TensorFlow).
 
-  from lmm_align.data import tfds_shapes  # registers the builder
-  tfds_shapes.ShapesWorld(config="tiny", data_dir=d).download_and_prepare()
+  from lmm_align.shapes import tfds_world  # registers the builder
+  tfds_world.ShapesWorld(config="tiny", data_dir=d).download_and_prepare()
   train = tfds.data_source("shapes_world/tiny", data_dir=d, split="train")
 
 Each split is `shapes.make_sft_records(n, world, seed=(world.seed, SPLIT_INDEX[split]))`, so
@@ -23,7 +23,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from lmm_align.data import shapes
+from lmm_align.shapes import world as shapes
 
 SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}
 

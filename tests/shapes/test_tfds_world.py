@@ -3,7 +3,8 @@
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lmm_align.data import shapes, tfds_shapes
+from lmm_align.shapes import tfds_world as tfds_shapes
+from lmm_align.shapes import world as shapes
 
 
 def _assert_same(example, record):

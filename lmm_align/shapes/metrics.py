@@ -31,7 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lmm_align.data.shapes import COLOURS, NUMBER_WORDS, PLURALS, SHAPES, SIZES, Scene, SceneObject
+from lmm_align.shapes.world import COLOURS, NUMBER_WORDS, PLURALS, SHAPES, SIZES, Scene, SceneObject
 
 _SHAPE_WORDS = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}
 _COLOUR_WORDS = {

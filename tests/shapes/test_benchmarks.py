@@ -6,14 +6,14 @@ import itertools
 import numpy as np
 import pytest
 
-from lmm_align.data import shapes
-from lmm_align.data.shapes_benchmarks import (
+from lmm_align.shapes import world as shapes
+from lmm_align.shapes.benchmarks import (
   MMHAL_QUESTION_TYPES,
   POPE_STRATEGIES,
   make_mmhal_questions,
   make_pope_probes,
 )
-from lmm_align.data.shapes_metrics import hallucination_metrics, parse_count
+from lmm_align.shapes.metrics import hallucination_metrics, parse_count
 
 SCENES = shapes.make_scenes(80, shapes.ShapesWorldConfig(), seed=11)
 BY_ID = {s.id: s for s in SCENES}

@@ -3,7 +3,7 @@
 A scene is 1-4 coloured shapes on a 3x3 grid over a plain (lightly noisy) background. Every
 fact about it is known, so a tiny LLaVA can be trained on CPU in minutes and its hallucinations
 counted exactly (`shapes_metrics`), with no GPT judge in the loop; `shapes_benchmarks` builds
-POPE and MMHal-style evaluation sets on the same scenes and `tfds_shapes` serves the SFT
+POPE and MMHal-style evaluation sets on the same scenes and `tfds_world` serves the SFT
 mixture as a TFDS dataset. The vocabulary is small and
 closed (6 shapes, 6 colours, 2 sizes, 9 positions, 3 backgrounds) so a byte-level BPE of ~1k
 tokens covers it.
