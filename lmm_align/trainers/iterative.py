@@ -235,10 +235,13 @@ def sample_candidates(
 ) -> list[dict[str, Any]]:
   """K samples per prompt into out/candidates.jsonl (resumable)."""
   from lmm_align import sampling
+  from lmm_align.data import conversation
 
   s = config.sampling
   settings = sampling.SamplingSettings(
-    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens
+    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+    # An answer ends at its template's end token (eos; ChatML's <|im_end|> for OneVision).
+    stop_token_ids=conversation.answer_stop_ids(policy.tokenizer, config.data.template),
   )
   return candidates_lib.generate_candidates(
       policy.model, policy.params, policy.tokenizer, policy.image_config,
