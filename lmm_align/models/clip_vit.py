@@ -87,6 +87,50 @@ class EncoderLayer(nn.Module):
     return hidden, hidden
 
 
+def patch_embeddings(pixel_values: Array, c: VisionConfig, r: RuntimeConfig, use_bias: bool):
+  """pixel_values float32[B, H, W, 3] -> [B, P, D]: the patch convolution ("patch_embedding",
+  created in the calling tower's scope), row-major over the patch grid as HF flattens it."""
+  dtype, param_dtype = dtype_of(r.dtype), dtype_of(r.param_dtype)
+  if pixel_values.shape[1:] != (c.image_size, c.image_size, c.num_channels):
+    raise ValueError(
+      f"pixel_values has shape {pixel_values.shape}; the vision tower expects "
+      f"[B, {c.image_size}, {c.image_size}, {c.num_channels}] (NHWC)"
+    )
+  bias = {"bias_init": partitioned(nn.initializers.zeros, ("embed",))} if use_bias else {}
+  patches = nn.Conv(
+    c.hidden_size,
+    kernel_size=(c.patch_size, c.patch_size),
+    strides=(c.patch_size, c.patch_size),
+    padding="VALID",
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=partitioned(nn.initializers.normal(0.02), (None, None, None, "embed")),
+    name="patch_embedding",
+    **bias,
+  )(pixel_values.astype(dtype))
+  return patches.reshape(patches.shape[0], -1, c.hidden_size)
+
+
+def encoder_hidden_states(
+  embeddings: Array, c: VisionConfig, r: RuntimeConfig
+) -> tuple[Array, list[Array]]:
+  """(last hidden state, every layer's output) of the encoder stack on `embeddings` [B, T, D]:
+  one scanned "layers" module, or "layers_0", "layers_1", ... (created in the caller's scope)."""
+  block = stack_layers(
+      EncoderLayer, scan=r.scan_layers, remat=r.remat_policy, num_layers=c.num_layers,
+      in_axes=(nn.broadcast,), static_argnums=(),
+  )  # fmt: skip
+  if r.scan_layers:
+    last, stacked = block(c, r, name="layers")(embeddings, None)
+    return last, [stacked[i] for i in range(c.num_layers)]
+  per_layer, hidden = [], embeddings
+  for i in range(c.num_layers):
+    hidden, _ = block(c, r, name=f"layers_{i}")(hidden, None)
+    per_layer.append(hidden)
+  return hidden, per_layer
+
+
 class ClipVisionTower(nn.Module):
   config: VisionConfig
   runtime: RuntimeConfig
@@ -96,24 +140,8 @@ class ClipVisionTower(nn.Module):
     """pixel_values float32[B, H, W, 3] -> hidden states, a tuple of L + 1 arrays [B, P + 1, D]."""
     c, r = self.config, self.runtime
     dtype, param_dtype = dtype_of(r.dtype), dtype_of(r.param_dtype)
-    if pixel_values.shape[1:] != (c.image_size, c.image_size, c.num_channels):
-      raise ValueError(
-        f"pixel_values has shape {pixel_values.shape}; the vision tower expects "
-        f"[B, {c.image_size}, {c.image_size}, {c.num_channels}] (NHWC)"
-      )
-    patches = nn.Conv(
-      c.hidden_size,
-      kernel_size=(c.patch_size, c.patch_size),
-      strides=(c.patch_size, c.patch_size),
-      padding="VALID",
-      use_bias=False,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=partitioned(nn.initializers.normal(0.02), (None, None, None, "embed")),
-      name="patch_embedding",
-    )(pixel_values.astype(dtype))
+    patches = patch_embeddings(pixel_values, c, r, use_bias=False)
     b = patches.shape[0]
-    patches = patches.reshape(b, -1, c.hidden_size)  # row-major over the patch grid, as HF
     class_embedding = self.param(
       "class_embedding",
       partitioned(nn.initializers.normal(0.02), ("embed",)),
@@ -130,19 +158,7 @@ class ClipVisionTower(nn.Module):
     hidden = jnp.concatenate([cls, patches], axis=1) + position_embedding.astype(dtype)[None]
     embeddings = layer_norm(c.layer_norm_eps, dtype, param_dtype, "pre_layrnorm")(hidden)
 
-    block = stack_layers(
-        EncoderLayer, scan=r.scan_layers, remat=r.remat_policy, num_layers=c.num_layers,
-        in_axes=(nn.broadcast,), static_argnums=(),
-    )  # fmt: skip
-    if r.scan_layers:
-      last, stacked = block(c, r, name="layers")(embeddings, None)
-      per_layer = [stacked[i] for i in range(c.num_layers)]
-    else:
-      per_layer, hidden = [], embeddings
-      for i in range(c.num_layers):
-        hidden, _ = block(c, r, name=f"layers_{i}")(hidden, None)
-        per_layer.append(hidden)
-      last = hidden
+    last, per_layer = encoder_hidden_states(embeddings, c, r)
     # Unused by LLaVA (it reads an intermediate layer) but part of the checkpoint, so it is
     # created to keep import/export exact; XLA drops the computation.
     layer_norm(c.layer_norm_eps, dtype, param_dtype, "post_layernorm")(last[:, 0])

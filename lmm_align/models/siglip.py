@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmm_align.models.clip_vit import EncoderLayer
+from lmm_align.models.clip_vit import encoder_hidden_states, patch_embeddings
 from lmm_align.models.config import RuntimeConfig, VisionConfig
 from lmm_align.models.layers import (
   bidirectional_attention,
@@ -27,7 +27,6 @@ from lmm_align.models.layers import (
   dtype_of,
   layer_norm,
   partitioned,
-  stack_layers,
   vision_activation,
 )
 
@@ -98,25 +97,7 @@ class SiglipVisionTower(nn.Module):
     if c.tower != "siglip":
       raise ValueError(f"SiglipVisionTower given a {c.tower!r} vision config")
     dtype, param_dtype = dtype_of(r.dtype), dtype_of(r.param_dtype)
-    if pixel_values.shape[1:] != (c.image_size, c.image_size, c.num_channels):
-      raise ValueError(
-        f"pixel_values has shape {pixel_values.shape}; the vision tower expects "
-        f"[B, {c.image_size}, {c.image_size}, {c.num_channels}] (NHWC)"
-      )
-    patches = nn.Conv(
-      c.hidden_size,
-      kernel_size=(c.patch_size, c.patch_size),
-      strides=(c.patch_size, c.patch_size),
-      padding="VALID",
-      use_bias=True,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=partitioned(nn.initializers.normal(0.02), (None, None, None, "embed")),
-      bias_init=partitioned(nn.initializers.zeros, ("embed",)),
-      name="patch_embedding",
-    )(pixel_values.astype(dtype))
-    b = patches.shape[0]
-    patches = patches.reshape(b, -1, c.hidden_size)  # row-major over the patch grid, as HF
+    patches = patch_embeddings(pixel_values, c, r, use_bias=True)
     position_embedding = self.param(
       "position_embedding",
       partitioned(nn.initializers.normal(0.02), (None, "embed")),
@@ -125,19 +106,7 @@ class SiglipVisionTower(nn.Module):
     )
     embeddings = patches + position_embedding.astype(dtype)[None]
 
-    block = stack_layers(
-        EncoderLayer, scan=r.scan_layers, remat=r.remat_policy, num_layers=c.num_layers,
-        in_axes=(nn.broadcast,), static_argnums=(),
-    )  # fmt: skip
-    if r.scan_layers:
-      last, stacked = block(c, r, name="layers")(embeddings, None)
-      per_layer = [stacked[i] for i in range(c.num_layers)]
-    else:
-      per_layer, hidden = [], embeddings
-      for i in range(c.num_layers):
-        hidden, _ = block(c, r, name=f"layers_{i}")(hidden, None)
-        per_layer.append(hidden)
-      last = hidden
+    last, per_layer = encoder_hidden_states(embeddings, c, r)
     # LLaVA reads intermediate layers and never these; they are part of the checkpoint, so
     # they are created to keep import / export exact, and XLA drops the unused computation.
     last_hidden_state = layer_norm(c.layer_norm_eps, dtype, param_dtype, "post_layernorm")(last)
