@@ -21,12 +21,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from lmm_align.data.conversation import IMAGE_PLACEHOLDER, ConversationTemplate
 from lmm_align.data.llava_json import (
-  DataError,
   LlavaRecord,
   ProblemLog,
   RecordProblem,
@@ -41,22 +37,10 @@ from lmm_align.data.preference_sources import (
   RecordIssue,
   _check_image_bytes,
   _image_bytes,
+  open_parquet,
 )
 
 LLAVA_CRITIC_COLUMNS = ("id", "conversations", "image")
-
-
-def _open(path: str) -> pq.ParquetFile:
-  try:
-    parquet = pq.ParquetFile(path)
-  except (OSError, pa.ArrowException) as e:
-    raise DataError(path, f"cannot read the parquet file: {e}") from e
-  missing = [c for c in LLAVA_CRITIC_COLUMNS if c not in parquet.schema_arrow.names]
-  if missing:
-    raise DataError(
-      path, f"missing column(s) {missing}; LLaVA-Critic needs {list(LLAVA_CRITIC_COLUMNS)}"
-    )
-  return parquet
 
 
 def _conversations(value: Any) -> list[Any]:
@@ -109,7 +93,7 @@ def read_llava_critic_parquet(
   skipped: collections.Counter = collections.Counter()
   for path in paths:
     path = os.path.abspath(path)
-    parquet = _open(path)
+    parquet = open_parquet(path, LLAVA_CRITIC_COLUMNS, "LLaVA-Critic")
     problems = ProblemLog(path, on_error)
     position = 0
     for group in range(parquet.num_row_groups):

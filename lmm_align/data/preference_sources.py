@@ -442,14 +442,16 @@ def read_ppo_prompts(
 # ------------------------------------------------------------------------------------------
 
 
-def _open_parquet(path: str) -> pq.ParquetFile:
+def open_parquet(path: str, columns: Sequence[str], dataset: str) -> pq.ParquetFile:
+  """A parquet file, opened lazily (row groups are read when asked), with `columns` checked:
+  a DataError naming the file otherwise."""
   try:
     parquet = pq.ParquetFile(path)
   except (OSError, pa.ArrowException) as e:
     raise DataError(path, f"cannot read the parquet file: {e}") from e
-  missing = [c for c in RLAIFV_COLUMNS if c not in parquet.schema_arrow.names]
+  missing = [c for c in columns if c not in parquet.schema_arrow.names]
   if missing:
-    raise DataError(path, f"missing column(s) {missing}; RLAIF-V needs {list(RLAIFV_COLUMNS)}")
+    raise DataError(path, f"missing column(s) {missing}; {dataset} needs {list(columns)}")
   return parquet
 
 
@@ -514,7 +516,7 @@ def _check_image_bytes(data: bytes, mode: str) -> None:
 def _read_parquet_file(
   path: str, on_error: str, mode: str
 ) -> tuple[list[dict[str, Any]], collections.Counter]:
-  parquet = _open_parquet(path)
+  parquet = open_parquet(path, RLAIFV_COLUMNS, "RLAIF-V")
   wanted = (*RLAIFV_COLUMNS, *RLAIFV_EXTRA_COLUMNS, RLAIFV_LOGPS_COLUMN)
   columns = [c for c in wanted if c in parquet.schema_arrow.names]
   problems = ProblemLog(path, on_error)
