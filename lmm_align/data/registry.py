@@ -37,6 +37,7 @@ from typing import Any
 
 import ml_collections
 
+from lmm_align import plugins
 from lmm_align.data import conversation
 
 KINDS = ("conversations", "pairs", "prompts")
@@ -77,8 +78,9 @@ def register(kind: str, name: str) -> Callable[[Reader], Reader]:
 
 
 def names(kind: str) -> tuple[str, ...]:
-  """The registered source names of a kind, sorted."""
+  """The registered source names of a kind (plugins' included), sorted."""
   _check_kind(kind)
+  plugins.load()
   return tuple(sorted(_READERS[kind]))
 
 
@@ -88,6 +90,8 @@ def read(
   """The records of `data_config.source` (a source of `kind`) and the skipped counts."""
   _check_kind(kind)
   source = data_config.get("source", "")
+  if source not in _READERS[kind]:
+    plugins.load()
   if source not in _READERS[kind]:
     raise ValueError(
       f"data.source={source!r} is not a source of {kind}: use one of {list(names(kind))}"

@@ -15,6 +15,8 @@ from typing import Any
 
 import ml_collections
 
+from lmm_align import plugins
+
 # Built-in trainers: imported on first use (see `get`).
 BUILTIN = {
   "sft": "lmm_align.trainers.sft",
@@ -62,6 +64,8 @@ def get(name: str) -> Trainer:
   """The trainer registered as `name` (config.trainer)."""
   if name not in _TRAINERS and name in BUILTIN:
     importlib.import_module(BUILTIN[name])
+  if name not in _TRAINERS:
+    plugins.load()
   if name not in _TRAINERS:
     known = sorted(set(BUILTIN) | set(_TRAINERS))
     raise ValueError(f"config.trainer={name!r} is not a registered trainer: {', '.join(known)}")
