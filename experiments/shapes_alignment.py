@@ -3,7 +3,7 @@
   python experiments/shapes_alignment.py --workdir=/tmp/chain            # full: about an hour
   python experiments/shapes_alignment.py --workdir=/tmp/chain --quick    # every stage, tiny
 
-  vision tower pretrained on the world's scenes (LLaVA's CLIP; experiments/shapes_vision_tower.py)
+  vision tower pretrained on the world's scenes (LLaVA's CLIP; configs/shapes/tower.py)
   -> SFT over it, tower frozen (answers with injected hallucinations) -> export
     -> reward model, fact-augmented -> export -> PPO with it          (ppo_fact)
     -> reward model, vanilla        -> export -> PPO with it          (ppo_vanilla)
@@ -126,9 +126,9 @@ def run_chain(args: argparse.Namespace) -> dict[str, dict]:
       export.export_workdir(str(sft_run), str(sft_hf))
   elif "sft" in wanted:
     if "tower" in wanted:
-      from experiments import shapes_vision_tower
+      from lmm_align.shapes import tower as shapes_tower
 
-      summaries["tower"] = shapes_vision_tower.ensure_tower(configs["sft"], tower, args.quick)
+      summaries["tower"] = shapes_tower.ensure_tower(configs["sft"], tower, args.quick)
     run("sft")
     exported("sft", sft_hf, export.export_workdir)
   elif not (sft_hf / "config.json").exists():

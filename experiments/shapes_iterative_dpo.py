@@ -8,7 +8,7 @@
 It trains what is missing, each into WORKDIR and skipped when already there:
 
   tower     (--tower=auto, the default) the shapes world's vision tower, pretrained
-            (experiments/shapes_vision_tower.py) -> WORKDIR/tower; the SFT policy and the
+            (lmm_align/shapes/tower.py) -> WORKDIR/tower; the SFT policy and the
             labeler start from it and keep it frozen, as LLaVA keeps CLIP
   sft       configs/shapes/sft.py -> WORKDIR/sft, exported to WORKDIR/sft_hf (or --sft_from)
   labeler   (rlaifv) a separate small LLaVA trained by SFT on yes/no questions about scenes
@@ -195,10 +195,10 @@ def ensure_tower(args, root: pathlib.Path) -> str:
     return ""
   if args.tower != "auto":
     return args.tower
-  from experiments import shapes_vision_tower
+  from lmm_align.shapes import tower as shapes_tower
 
   sft_config = _load(f"configs/shapes/sft.py:{'runlocal' if args.quick else ''}")
-  shapes_vision_tower.ensure_tower(sft_config, root / "tower", args.quick)
+  shapes_tower.ensure_tower(sft_config, root / "tower", args.quick)
   return str(root / "tower")
 
 
@@ -604,10 +604,10 @@ def ensure_labeler_tower(args, root: pathlib.Path) -> str:
   sft_config = _load(f"configs/shapes/sft.py:{'runlocal' if args.quick else ''}")
   if get_variant(args.labeler_variant).vision == get_variant(sft_config.model.variant).vision:
     return args.tower_dir
-  from experiments import shapes_vision_tower
+  from lmm_align.shapes import tower as shapes_tower
 
   sft_config.model.variant = args.labeler_variant
-  shapes_vision_tower.ensure_tower(sft_config, root / "labeler_tower", args.quick)
+  shapes_tower.ensure_tower(sft_config, root / "labeler_tower", args.quick)
   return str(root / "labeler_tower")
 
 

@@ -153,8 +153,8 @@ def test_labeler_claims_from_needs_policy_claims(capsys):
 
 
 def test_judge_labeler_gets_a_larger_tower_of_its_own(tmp_path, monkeypatch):
-  from experiments import shapes_vision_tower
   from lmm_align.models.config import get_variant
+  from lmm_align.shapes import tower as shapes_tower
 
   wide, judge = get_variant("shapes-wide"), get_variant("shapes-judge")
   assert judge.text == wide.text
@@ -165,7 +165,7 @@ def test_judge_labeler_gets_a_larger_tower_of_its_own(tmp_path, monkeypatch):
 
   pretrained = []
   monkeypatch.setattr(
-    shapes_vision_tower, "ensure_tower",
+    shapes_tower, "ensure_tower",
     lambda config, out, quick=False: pretrained.append((config.model.variant, out)),
   )  # fmt: skip
   args = experiment.parse_args([f"--workdir={tmp_path}", "--labeler_variant=shapes-judge"])

@@ -5,7 +5,7 @@
   python -m lmm_align.main --config=configs/shapes/sft.py:tower=DIR --workdir=/tmp/shapes_sft
 
 `tower=DIR` starts the vision tower from a pretrained CLIPVisionModel folder
-(experiments/shapes_vision_tower.py writes one for this world) and keeps it frozen, as LLaVA
+(configs/shapes/tower.py writes one for this world) and keeps it frozen, as LLaVA
 does with CLIP; without it the tower trains from scratch through the language loss.
 
 A share of the answers (data.shapes.hallucination_rate) carries an injected hallucination,

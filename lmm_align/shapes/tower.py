@@ -1,47 +1,45 @@
-"""A pretrained vision tower for the shapes world: the stand-in for LLaVA's CLIP.
+"""Tower pretraining: a vision tower for the shapes world, the stand-in for LLaVA's CLIP.
 
-  python experiments/shapes_vision_tower.py --out=/tmp/tower          # about 1.5 minutes on CPU
-  python -m lmm_align.main --config=configs/shapes/sft.py --workdir=W --config.model.vision_init=/tmp/tower
-  python experiments/shapes_vision_tower.py --out=/tmp/judge_tower --variant=shapes-judge
+  lmm-align train --config=configs/shapes/tower.py --workdir=/tmp/tower      # ~1.5 min on CPU
+  lmm-align train --config=configs/shapes/sft.py:tower=/tmp/tower --workdir=/tmp/shapes_sft
+  lmm-align train --config=configs/shapes/tower.py:variant=shapes-judge --workdir=/tmp/judge_tower
 
 LLaVA never trains its vision tower from nothing: stage 1 starts from CLIP, pretrained on
 image-text pairs. A shapes-world SFT that must learn to see through the language loss alone
 learns mostly the language prior (CHAIR_i 0.60 after 1500 steps), and no preference method
-can then ground it. This script pretrains the tower the SFT config builds on the SFT
-config's own scenes and preprocessing, with one supervised task per image cell: which shape
-(or none), which colour, which size, read from the features LLaVA takes from the tower (the
-`vision_feature_layer`, patch tokens). The 3x3 scene grid matches the 3x3 patch grid of the
-shapes variant (48-pixel images, 16-pixel patches), so patch p is cell p.
+can then ground it. The trainer registered here as "shapes_tower" pretrains the tower the SFT
+config builds on, on that config's own scenes and preprocessing, with one supervised task per
+image cell: which shape (or none), which colour, which size, read from the features LLaVA
+takes from the tower (the `vision_feature_layer`, patch tokens). The 3x3 scene grid matches
+the 3x3 patch grid of the shapes variant (48-pixel images, 16-pixel patches), so patch p is
+cell p.
 
-The tower is written as a transformers `CLIPVisionModel` folder (what `model.vision_init`
-reads, as it would read openai/clip-vit-large-patch14-336), with `tower_metrics.json`:
-per-attribute accuracy on scenes the training never saw, and which shapes it misreads as which.
-Measured on 512 held-out scenes after 5000 steps: the shapes tower reads 98.2% of shapes
-(18 errors: star / triangle, cross / circle, star / diamond), the shapes-judge tower (twice as
-wide and deep, 3 minutes) 99.8%.
+The workdir becomes a transformers `CLIPVisionModel` folder (what `model.vision_init` reads,
+as it would read openai/clip-vit-large-patch14-336), with `tower_metrics.json` (also the run's
+summary.json): per-attribute accuracy on scenes the training never saw, and which shapes it
+misreads as which. Measured on 512 held-out scenes after 5000 steps: the shapes tower reads
+98.2% of shapes (18 errors: star / triangle, cross / circle, star / diamond), the
+shapes-judge tower (twice as wide and deep, 3 minutes) 99.8%.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from lmm_align.data.images import preprocess_images  # noqa: E402
-from lmm_align.models.clip_vit import ClipVisionTower  # noqa: E402
-from lmm_align.models.config import ModelConfig  # noqa: E402
-from lmm_align.shapes import world as shapes  # noqa: E402
+from lmm_align.data.images import preprocess_images
+from lmm_align.models.clip_vit import ClipVisionTower
+from lmm_align.models.config import ModelConfig
+from lmm_align.shapes import world as shapes
+from lmm_align.trainers import registry
 
 # Per cell: 0 = empty, else 1 + the index in the world's vocabulary.
 ATTRIBUTES = ("shape", "colour", "size")
@@ -169,7 +167,7 @@ DEFAULT_STEPS, QUICK_STEPS = 5000, 20
 
 def ensure_tower(sft_config, out: pathlib.Path, quick: bool = False) -> dict:
   """The tower `sft_config` builds on, pretrained into `out` unless `out` already holds one
-  (the experiments' `tower` stage); returns its metrics."""
+  (the shapes experiments' `tower` stage); returns its metrics."""
   metrics = out / "tower_metrics.json"
   if not metrics.exists():
     print(f"=== tower -> {out}")
@@ -189,31 +187,13 @@ def _vision_model_config(config) -> ModelConfig:
   return run_config.model_config_for(config, None)
 
 
-def main(argv=None) -> dict:
-  from lmm_align import config_files
-
-  p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  p.add_argument("--out", required=True, help="the CLIPVisionModel folder to write")
-  p.add_argument("--config", default="configs/shapes/sft.py", help="the SFT config to match")
-  p.add_argument(
-    "--variant", default="", help="the model variant whose tower to train (default: the config's)"
-  )
-  p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--eval_scenes", type=int, default=512)
-  args = p.parse_args(argv)
-  config = config_files.load_config(args.config, str(REPO))
-  if args.variant:
-    config.model.variant = args.variant
-  metrics = pretrain(
-    config, pathlib.Path(args.out), args.steps, args.batch_size, args.lr, args.eval_scenes
-  )
-  print(json.dumps(metrics, indent=2))
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The "shapes_tower" trainer: `config` is the SFT config whose tower to pretrain, plus
+  `config.tower` (steps, batch_size, lr, eval_scenes); writes the tower into `workdir`."""
+  t = config.tower
+  metrics = pretrain(config, pathlib.Path(workdir), t.steps, t.batch_size, t.lr, t.eval_scenes)
+  (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
   return metrics
 
 
-if __name__ == "__main__":
-  main()
+registry.register(registry.Trainer("shapes_tower", train))

@@ -1,4 +1,5 @@
-"""experiments/shapes_vision_tower.py: cell labels, and a short pretraining that loads back."""
+"""lmm_align/shapes/tower.py: cell labels, and a short pretraining through the trainer registry
+(config configs/shapes/tower.py) that loads back into the SFT model."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import pytest
 from lmm_align import config_files, hf
 from lmm_align.shapes import world as shapes
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def tower_script():
-  from experiments import shapes_vision_tower
+  from lmm_align.shapes import tower
 
-  return shapes_vision_tower
+  return tower
 
 
 def test_cell_labels_follow_the_grid(tower_script):
@@ -37,12 +38,15 @@ def test_cell_labels_follow_the_grid(tower_script):
 
 
 def test_short_pretraining_learns_and_loads_into_the_sft_model(tower_script, tmp_path):
-  config = config_files.load_config("configs/shapes/sft.py:runlocal", str(REPO))
-  metrics = tower_script.pretrain(
-    config, tmp_path, steps=60, batch_size=32, lr=3e-3, eval_scenes=64
-  )
+  from lmm_align.trainers import registry
+
+  config = config_files.load_config("configs/shapes/tower.py:runlocal", str(REPO))
+  assert config.trainer == "shapes_tower"
+  config.tower.update(steps=60, batch_size=32, lr=3e-3, eval_scenes=64)
+  metrics = registry.get(config.trainer).train(config, str(tmp_path))
   saved = json.loads((tmp_path / "tower_metrics.json").read_text())
   assert saved == metrics and metrics["steps"] == 60
+  assert json.loads((tmp_path / "summary.json").read_text()) == metrics
   # Colour is one linear read of a patch's mean pixel: 60 steps take it past twice chance
   # (1/6 over occupied cells; 0.41 in our run, 1.00 after the default 5000 steps).
   assert metrics["colour_accuracy"] > 0.3, metrics
