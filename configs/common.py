@@ -49,9 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
       remat_policy="none",
       image_size=0,  # 0: the variant's
       vocab_from_tokenizer=False,
-      # A CLIPVisionModel / CLIPModel folder for the vision tower of a model built from its
-      # variant (LLaVA's stage 1 starts from a pretrained CLIP); ignored with init_from.
+      # For a model built from its variant (LLaVA's stage 1: a pretrained CLIP and Vicuna, a
+      # new projector): a CLIPVisionModel / SiglipVisionModel folder for the vision tower and
+      # a LlamaForCausalLM / Qwen2ForCausalLM folder for the decoder; ignored with init_from.
       vision_init="",
+      text_init="",
     )
   )
   # sizes: (data, fsdp, tensor), one may be -1; num_devices: 0 = all (fewer only for tests).
@@ -85,8 +87,17 @@ def base_config() -> ml_collections.ConfigDict:
       shapes=shapes_data_config(),
     )
   )
+  # The run's evaluation of its final model: a kind of `lmm_align.evals.registry` ("shapes":
+  # held-out shapes-world scenes; "none"), when enabled.
   config.eval = ml_collections.ConfigDict(
-    dict(enabled=False, num_scenes=64, batch_size=32, max_new_tokens=48, pope_per_split=64)
+    dict(
+      enabled=False,
+      kind="shapes",
+      num_scenes=64,
+      batch_size=32,
+      max_new_tokens=48,
+      pope_per_split=64,
+    )
   )
   config.sweep = ()  # ((name, {key: value, ...}), ...): `lmm-align sweep` runs each
   return config

@@ -124,6 +124,10 @@ def test_published_hyperparameters():
   )
   assert "language_model/.*" in s2.trainable and "vision_tower/.*" not in s2.trainable
   assert _load("configs/llava15/sft.py:model=13b").init_from.endswith("llava-1.5-13b-hf")
+  # Stage 1 starts from Vicuna and CLIP (no LLaVA folder), sized by the variant.
+  assert (s1.init_from, s1.model.variant) == ("", "llava-1.5-7b")
+  assert s1.model.text_init.endswith("vicuna-7b-v1.5") and "clip-vit" in s1.model.vision_init
+  assert s1.tokenizer.endswith("llava-1.5-7b-hf")
 
   rm = _load("configs/llava_rlhf/rm.py")
   assert (rm.lora.rank, rm.optim.lr, rm.batch_size, rm.optim.schedule) == (64, 2e-5, 32, "constant")

@@ -6,7 +6,9 @@ instruction tuning), from HF checkpoints, on a TPU pod.
       --config.data.path=/mnt/disks/data/llava_v1_5_mix665k.json \
       --config.data.image_folder=/mnt/disks/data
   python -m lmm_align.main --config=configs/llava15/sft.py:stage=1 --workdir=gs://B/llava_pt_7b \
-      --config.init_from=/mnt/disks/models/llava-1.5-7b-init \
+      --config.model.text_init=/mnt/disks/models/vicuna-7b-v1.5 \
+      --config.model.vision_init=/mnt/disks/models/clip-vit-large-patch14-336 \
+      --config.tokenizer=/mnt/disks/models/llava-1.5-7b-hf \
       --config.data.path=/mnt/disks/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json \
       --config.data.image_folder=/mnt/disks/data/LLaVA-Pretrain/images
   python -m lmm_align.main --config=configs/llava15/sft.py:model=13b --workdir=...  # 13B
@@ -18,10 +20,13 @@ Stage 1, LLaVA's `scripts/v1_5/pretrain.sh`: the 558k BLIP-captioned LAION/CC/SB
 the `plain` template (image then caption, loss on the caption), images resized and centre-cropped
 (`image_aspect_ratio` left at its default, "square"), 2048 tokens, global batch 256 (16 per
 device x 4 accumulation x 4 GPUs), lr 1e-3 cosine with 3% warmup, no weight decay, one epoch
-(558,128 / 256 = 2181 steps). Only the projector (`tune_mm_mlp_adapter`) trains. LLaVA starts
-it from Vicuna-v1.5 and CLIP ViT-L/14-336 with a fresh 2-layer GELU projector; here `init_from`
-is one LLaVA folder holding those three (e.g. a `transformers.LlavaForConditionalGeneration`
-built from the two checkpoints and saved; its projector is then newly initialised).
+(558,128 / 256 = 2181 steps). Only the projector (`tune_mm_mlp_adapter`) trains. As in LLaVA,
+the model starts from Vicuna-v1.5 (`model.text_init`, a LlamaForCausalLM folder:
+lmsys/vicuna-7b-v1.5) and CLIP ViT-L/14-336 (`model.vision_init`: openai/clip-vit-large-patch14-
+336) with a fresh 2-layer GELU projector; the sizes are the variant's (llava-1.5-7b). The
+tokenizer is llava-hf's (Vicuna's plus `<image>` and `<pad>`: 32064 rows, the 64 added rows of
+the embedding and LM head start at the mean of Vicuna's), so stage 2 and transformers read the
+export as they read llava-hf/llava-1.5-7b-hf.
 
 Stage 2, LLaVA's `scripts/v1_5/finetune.sh`: the mix665k instruction data, vicuna_v1 template,
 images padded to square (`image_aspect_ratio pad`), 2048 tokens, global batch 128, lr 2e-5
@@ -74,12 +79,11 @@ model and the files given on the command line).
 from configs import common
 
 NUM_EXAMPLES = {1: 558_128, 2: 665_298}  # blip_laion_cc_sbu_558k.json, llava_v1_5_mix665k.json
-INIT_FROM = {
-  (1, "7b"): "/mnt/disks/models/llava-1.5-7b-init",  # CLIP-336 + vicuna-7b-v1.5, new projector
-  (1, "13b"): "/mnt/disks/models/llava-1.5-13b-init",
-  (2, "7b"): "/mnt/disks/models/llava-1.5-7b-hf",
-  (2, "13b"): "/mnt/disks/models/llava-1.5-13b-hf",
-}
+# Stage 2 starts from a LLaVA folder (stage 1's export, or llava-hf's).
+INIT_FROM = {"7b": "/mnt/disks/models/llava-1.5-7b-hf", "13b": "/mnt/disks/models/llava-1.5-13b-hf"}
+# Stage 1 starts from the LLM and the tower, with llava-hf's tokenizer.
+TEXT_INIT = {"7b": "/mnt/disks/models/vicuna-7b-v1.5", "13b": "/mnt/disks/models/vicuna-13b-v1.5"}
+VISION_INIT = "/mnt/disks/models/clip-vit-large-patch14-336"
 DATA = {
   1: ("/mnt/disks/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
       "/mnt/disks/data/LLaVA-Pretrain/images"),
@@ -100,6 +104,8 @@ def runlocal(config, *, max_length: int = 128, buckets=(96, 128), batch_size: in
   --config.data.path=... --config.data.image_folder=...`); left empty, the run stops naming
   the field."""
   config.init_from = ""
+  config.model.text_init = config.model.vision_init = ""
+  config.tokenizer = ""
   config.model.variant = "tiny"  # init_from's config.json wins; this only names the size
   config.model.dtype = "float32"
   config.model.param_dtype = "float32"
@@ -128,9 +134,16 @@ def get_config(arg: str | None = None):
   config.trainer = "sft"
   config.seed = 0
 
-  # init_from's config.json wins over the variant; the variant serves AOT memory estimates.
-  config.init_from = INIT_FROM[arg.stage, arg.model]
+  # init_from's config.json wins over the variant; the variant serves AOT memory estimates
+  # and sizes stage 1's model.
   config.model.variant = VARIANTS[arg.model]
+  if arg.stage == 1:
+    config.init_from = ""
+    config.model.text_init = TEXT_INIT[arg.model]
+    config.model.vision_init = VISION_INIT
+    config.tokenizer = INIT_FROM[arg.model]
+  else:
+    config.init_from = INIT_FROM[arg.model]
   config.model.dtype = "bfloat16"
   config.model.param_dtype = "bfloat16"
   config.model.scan_layers = True

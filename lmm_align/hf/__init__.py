@@ -2,6 +2,7 @@
 
 from lmm_align.hf.checkpoint import (
   CheckpointError,
+  load_language_model,
   load_pretrained,
   load_vision_tower,
   read_config,
@@ -11,6 +12,7 @@ from lmm_align.hf.checkpoint import (
 
 __all__ = [
   "CheckpointError",
+  "load_language_model",
   "load_pretrained",
   "load_vision_tower",
   "read_config",

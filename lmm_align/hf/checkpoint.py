@@ -318,6 +318,85 @@ def load_vision_tower(
   return params["vision_tower"]
 
 
+# --------------------------------------------------------------------------------------------
+# A language model alone: LLaVA's stage 1 starts its decoder from Vicuna (or Qwen2).
+# --------------------------------------------------------------------------------------------
+
+# Fields of the decoder that say how it computes; its special token ids and position limit
+# may differ between the LLM and the LLaVA built on it.
+_TEXT_ARCHITECTURE_FIELDS = (
+  "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+  "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "model_type", "qkv_bias",
+)  # fmt: skip
+
+
+def load_language_model(
+  path: str | os.PathLike,
+  config: ModelConfig,
+  shardings: Any = None,
+  allow_torch_bin: bool = False,
+) -> dict:
+  """The `language_model` params of `config`'s LLaVA from a local `LlamaForCausalLM` or
+  `Qwen2ForCausalLM` folder (Vicuna-v1.5 for LLaVA-1.5, Qwen2 for OneVision).
+
+  The folder's decoder must compute as `config.text` does (a CheckpointError names the fields
+  that differ). Its vocabulary may be smaller than the model's: LLaVA's tokenizer adds tokens
+  (llava-hf pads Vicuna's 32000 to 32064), and the added rows of the embedding and the LM head
+  start at the mean of the folder's rows, as `resize_token_embeddings` centres them (without its
+  random spread). shardings: optional pytree for the returned subtree.
+  """
+  folder = pathlib.Path(path)
+  d = read_config(folder)
+  try:
+    found = from_hf_config(d)
+  except (KeyError, ValueError) as e:
+    raise CheckpointError(f"{folder}/config.json: {e}") from e
+  if found.vision is not None:
+    raise CheckpointError(
+      f"{folder}/config.json: model_type {d.get('model_type')!r} is a LLaVA; a language model "
+      "folder is a LlamaForCausalLM or Qwen2ForCausalLM (load a LLaVA with init_from)"
+    )
+  diff = {
+    f: (getattr(found.text, f), getattr(config.text, f))
+    for f in _TEXT_ARCHITECTURE_FIELDS
+    if getattr(found.text, f) != getattr(config.text, f)
+  }
+  if diff:
+    raise CheckpointError(f"{folder}: text config differs from the model's (folder, model): {diff}")
+  vocab, folder_vocab = config.text.vocab_size, found.text.vocab_size
+  if folder_vocab > vocab:
+    raise CheckpointError(
+      f"{folder}: vocab_size {folder_vocab} is larger than the model's {vocab}: the model "
+      "cannot hold the folder's embedding rows"
+    )
+  # Read at the folder's vocabulary, then append the added rows.
+  text_model = Llava(dataclasses.replace(config, vision=None, text=found.text))
+  abstract = {
+    p: s for p, s in _flat_abstract_params(text_model).items() if p[0] == "language_model"
+  }
+  params = _read_params(
+    folder, abstract, name_map.text_rules(dataclasses.replace(config, text=found.text)),
+    lambda key: name_map.canonical_key(key, text_only=True), config.runtime, None,
+    allow_torch_bin,
+  )["language_model"]  # fmt: skip
+  if folder_vocab < vocab:
+    params = dict(params)
+    embed = np.asarray(params["embed_tokens"]["embedding"])  # [V, D]
+    params["embed_tokens"] = {"embedding": _append_mean_rows(embed, vocab, axis=0)}
+    if "lm_head" in params:
+      kernel = np.asarray(params["lm_head"]["kernel"])  # [D, V]
+      params["lm_head"] = {"kernel": _append_mean_rows(kernel, vocab, axis=1)}
+  if shardings is not None:
+    params = jax.tree.map(jax.device_put, params, shardings)
+  return params
+
+
+def _append_mean_rows(table: np.ndarray, size: int, axis: int) -> np.ndarray:
+  mean = table.astype(np.float32).mean(axis=axis, keepdims=True).astype(table.dtype)
+  extra = np.repeat(mean, size - table.shape[axis], axis=axis)
+  return np.concatenate([table, extra], axis=axis)
+
+
 def save_vision_tower(
   config: ModelConfig, vision_params: dict, out_dir: str | os.PathLike
 ) -> pathlib.Path:

@@ -16,20 +16,25 @@ def initial_params(
   model: Llava, config: ml_collections.ConfigDict, source: str, where: Any, shardings: Any
 ) -> Any:
   """The base params: init_from's HF weights whenever it is set (a LoRA run restores only its
-  adapters, so its base always comes from there), else random from the seed. For a full
-  fine-tune a workdir / resume restore then overwrites them."""
+  adapters, so its base always comes from there), else random from the seed with the parts
+  `model.vision_init` (a vision tower folder) and `model.text_init` (a language model folder)
+  name read from them. For a full fine-tune a workdir / resume restore then overwrites them."""
   if config.init_from and (source == "init_from" or model.config.runtime.lora is not None):
     _, params = hf.load_pretrained(
       config.init_from, runtime=model.config.runtime, shardings=shardings
     )
     return params
   params = state_lib.init_params_sharded(model, jax.random.key(config.seed), shardings)
-  if config.model.get("vision_init") and not config.init_from:
-    tower_shardings = None if shardings is None else shardings["vision_tower"]
-    params = {
-      **params,
-      "vision_tower": hf.load_vision_tower(config.model.vision_init, model.config, tower_shardings),
-    }
+  if config.init_from:
+    return params
+  # LLaVA's stage 1: a pretrained tower and a pretrained LLM, a new projector between them.
+  part = lambda name: None if shardings is None else shardings[name]
+  if config.model.get("vision_init"):
+    tower = hf.load_vision_tower(config.model.vision_init, model.config, part("vision_tower"))
+    params = {**params, "vision_tower": tower}
+  if config.model.get("text_init"):
+    text = hf.load_language_model(config.model.text_init, model.config, part("language_model"))
+    params = {**params, "language_model": text}
   return params
 
 
