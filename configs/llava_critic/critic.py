@@ -71,6 +71,10 @@ def get_config(arg: str | None = None):
   config.data.max_length = 4096  # critiques run long; the image alone is 729 tokens a tile
   config.data.buckets = (1024, 2048, 3072, 4096)
   config.data.aspect_mode = "pad"
+  # Tiles per row (base + grid), padded up to one of these: one compiled step per (length,
+  # tiles). At 4096 tokens an image past 10 tiles would not fit its row anyway (its packed
+  # features alone run past 4096), so it is dropped (dropped_too_many_tiles), never cut.
+  config.data.tile_buckets = (5, 10)
   config.data.on_error = "raise"
 
   rows = sum(ROWS.values()) if arg.mode == "both" else ROWS[arg.mode]
@@ -86,4 +90,5 @@ def get_config(arg: str | None = None):
   if arg.runlocal:
     llava15_sft.runlocal(config, max_length=256, buckets=(256,))  # critic prompts are long
     config.data.template = "vicuna_v1"  # the tiny test model is a vicuna-template LLaVA
+    config.data.tile_buckets = (3, 5)  # a tiny OneVision's 32-pixel tiles: 1 x 2 and 2 x 2 grids
   return config

@@ -397,3 +397,33 @@ def preprocess_anyres_batch(
     num_tiles=np.asarray(counts, np.int32),
     anyres=np.full(len(batch), anyres),
   )
+
+
+def image_config_for_model(
+  model: Any, hf_dict: Mapping[str, Any] | None = None, source: str = "the model"
+) -> AnyresImageConfig:
+  """The anyres processor that goes with an anyres `ModelConfig`: a checkpoint's
+  `preprocessor_config.json` dict when given, else transformers' defaults for the family at
+  the tower's tile size. Raises ValueError naming `source` when its tiles or pinpoints are not
+  the model's (the placeholders counted would not be the features packed)."""
+  packing = model.packing
+  if hf_dict is not None:
+    config = AnyresImageConfig.from_hf_dict(hf_dict)
+  else:
+    base = LLAVA_NEXT_IMAGE_CONFIG if model.family == "llava_next" else LLAVA_ONEVISION_IMAGE_CONFIG
+    t = packing.tile_size
+    config = dataclasses.replace(
+      base,
+      image_grid_pinpoints=packing.image_grid_pinpoints,
+      size=t if isinstance(base.size, int) else (t, t),
+      crop_size=None if base.crop_size is None else (t, t),
+    )
+  if config.tile_size != packing.tile_size or tuple(config.image_grid_pinpoints) != tuple(
+    packing.image_grid_pinpoints
+  ):
+    raise ValueError(
+      f"{source}: the image processor cuts {config.tile_size}-pixel tiles on pinpoints "
+      f"{list(config.image_grid_pinpoints)}, the model's config.json says "
+      f"{packing.tile_size} on {list(packing.image_grid_pinpoints)}"
+    )
+  return config

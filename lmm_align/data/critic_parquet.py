@@ -16,10 +16,13 @@ required column is refused whole.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 from collections.abc import Sequence
 from typing import Any
+
+from PIL import Image
 
 from lmm_align.data.conversation import IMAGE_PLACEHOLDER, ConversationTemplate
 from lmm_align.data.llava_json import (
@@ -56,6 +59,16 @@ def _conversations(value: Any) -> list[Any]:
   return value
 
 
+def _header_size(data: bytes) -> tuple[int, int] | None:
+  """(height, width) from the image's header (no decode): anyres models count a row's image
+  placeholders by it. None when the header does not open (a corrupt image fails on load)."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return image.height, image.width
+  except Exception:  # PIL raises OSError, SyntaxError, ValueError, ...
+    return None
+
+
 def _row_id(value: Any) -> str:
   if value is None or value == "":
     raise RecordProblem("id", "missing_id", "missing")
@@ -84,8 +97,9 @@ def read_llava_critic_parquet(
       open them.
 
   Returns:
-    (examples: input_ids / labels int32 [T] and a `ParquetImage` loader (None for a row
-    without an image and without a placeholder), skipped counts summed over files).
+    (examples: input_ids / labels int32 [T], a `ParquetImage` loader and the image's
+    (height, width) from its header (None for a row without an image and without a
+    placeholder), skipped counts summed over files).
   """
   template = check_encoding_args(template, num_image_tokens, image_token_id)
   mode = check_image_mode(check_images)
@@ -127,8 +141,10 @@ def read_llava_critic_parquet(
           problem.record_id = record_id
           problems.report(problem, position)
         else:
-          image = None if data is None else ParquetImage(path, group, row)
-          examples.append(Example(record_id, encoded.input_ids, encoded.labels, image))
+          image = size = None
+          if data is not None:
+            image, size = ParquetImage(path, group, row), _header_size(data)
+          examples.append(Example(record_id, encoded.input_ids, encoded.labels, image, size))
         position += 1
       del table, images
     problems.log_summary(position)

@@ -15,8 +15,10 @@ from typing import Any
 import ml_collections
 
 from lmm_align.data import conversation, registry
+from lmm_align.data.anyres import AnyresImageConfig
+from lmm_align.data.anyres import image_config_for_model as anyres_image_config
 from lmm_align.data.images import CLIP_VIT_L14_336, ImageProcessorConfig
-from lmm_align.data.pipeline import Example, SupervisedData
+from lmm_align.data.pipeline import AnyresTiling, Example, SupervisedData
 from lmm_align.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from lmm_align.models.config import ModelConfig
 from lmm_align.shapes import world as shapes
@@ -69,11 +71,16 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 def image_config_for(
   config: ml_collections.ConfigDict, model: ModelConfig
-) -> ImageProcessorConfig | None:
+) -> ImageProcessorConfig | AnyresImageConfig | None:
   """The preprocessing that matches the model: init_from's preprocessor_config.json when it has
-  one, else CLIP's statistics at the vision tower's size (pad or crop per data.aspect_mode)."""
+  one, else CLIP's statistics at the vision tower's size (pad or crop per data.aspect_mode).
+  An anyres model (LLaVA-NeXT, OneVision) gets its tiling processor (`AnyresImageConfig`)."""
   if model.vision is None:
     return None
+  if model.anyres:
+    path = pathlib.Path(config.init_from or "") / "preprocessor_config.json"
+    hf_dict = json.loads(path.read_text()) if config.init_from and path.exists() else None
+    return anyres_image_config(model, hf_dict, str(path) if hf_dict else "the model")
   if config.init_from:
     for name in ("preprocessor_config.json", "processor_config.json"):
       path = pathlib.Path(config.init_from) / name
@@ -119,9 +126,15 @@ def sft_data(
   examples, skipped = sft_examples(config, tokenizer, model)
   if skipped:
     print(f"[data] skipped records: {dict(skipped)}")
+  image_config = image_config_for(config, model)
+  tiling = None
+  if isinstance(image_config, AnyresImageConfig):
+    tiling = anyres_tiling(config, model, image_config)
+    image_config = None
   return SupervisedData(
     examples,
-    image_config_for(config, model),
+    image_config,
+    tiling=tiling,
     max_length=config.data.max_length,
     buckets=tuple(config.data.buckets),
     length_policy=config.data.length_policy,
@@ -130,6 +143,15 @@ def sft_data(
     seed=config.seed,
     skipped=skipped,
   )
+
+
+def anyres_tiling(
+  config: ml_collections.ConfigDict, model: ModelConfig, image_config: AnyresImageConfig
+) -> AnyresTiling:
+  """An anyres model's batching: data.tile_buckets (default: one bucket, the most tiles an
+  image can take, `packing.max_tiles_per_image`)."""
+  buckets = config.data.get("tile_buckets") or (model.packing.max_tiles_per_image,)
+  return AnyresTiling(image_config, model.packing, tuple(buckets), model.num_image_tokens)
 
 
 def workdir_tokenizer_path(workdir: str) -> str:

@@ -28,6 +28,10 @@ def hf_processor(tokenizer: Any, model: Llava, image_config) -> Any:
   """A transformers LlavaProcessor equal to our preprocessing (None for text-only models)."""
   if model.config.vision is None or image_config is None:
     return None
+  if model.config.anyres:
+    # The image processor alone (preprocessor_config.json, the tokenizer beside it): the
+    # NeXT / OneVision processors also want a video processor and a chat template.
+    return hf_anyres_image_processor(model, image_config)
   from transformers import CLIPImageProcessor, LlavaProcessor
 
   image_processor = CLIPImageProcessor(**image_config.to_hf_dict())
@@ -39,6 +43,17 @@ def hf_processor(tokenizer: Any, model: Llava, image_config) -> Any:
     image_token="<image>",
     num_additional_image_tokens=1,
   )
+
+
+def hf_anyres_image_processor(model: Llava, image_config) -> Any:
+  """transformers' LLaVA-NeXT / OneVision image processor equal to our tiling."""
+  import transformers
+
+  name = "LlavaNext" if model.config.family == "llava_next" else "LlavaOnevision"
+  settings = image_config.to_hf_dict()
+  settings.pop("image_processor_type")
+  # The pillow backend: it needs no torchvision, and our preprocessing equals it.
+  return getattr(transformers, f"{name}ImageProcessorPil")(**settings)
 
 
 def restore_latest(
@@ -117,7 +132,11 @@ def export_workdir(workdir: str, out: str, peft: bool = False) -> str:
     params = merge_lora(base, trained, lora)
   processor = hf_processor(tokenizer, plain, sources.image_config_for(config, model.config))
   hf.save_pretrained(
-    plain, params, out, tokenizer=None if processor else tokenizer, processor=processor
+    plain,
+    params,
+    out,
+    tokenizer=None if processor and not plain.config.anyres else tokenizer,
+    processor=processor,
   )
   print(f"[export] step {step} of {workdir} -> {out}" + (" (+ PEFT adapter)" if peft else ""))
   return out

@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from lmm_align import losses, optim, run_config, sharding
-from lmm_align.data import sources
+from lmm_align.data import pipeline, sources
 from lmm_align.models.llava import Llava
 from lmm_align.models.lora import model_variables
 from lmm_align.trainers import export, loop, registry, run_setup
@@ -64,7 +64,7 @@ def sft_train_step(
       out = model.apply(
         model_variables(optim.merge_params(params, frozen_params), base_params),
         micro["input_ids"],
-        pixel_values=micro.get("pixel_values"),
+        **pipeline.image_inputs(micro),  # pixel_values, and an anyres batch's pack plan
         attention_mask=micro["attention_mask"],
         rngs={"dropout": jax.random.fold_in(state.key(), micro_index)},
       )

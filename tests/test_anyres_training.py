@@ -1,0 +1,172 @@
+"""Anyres SFT batches end to end: `configs/llava_critic/critic.py:runlocal` on a tiny random
+LLaVA-OneVision folder (headless SigLIP + Qwen2, anyres_max_1 so that grids are downsampled,
+a BPE tokenizer with ChatML markup) and LLaVA-Critic parquet rows whose images have two aspect
+ratios (3 and 5 tiles, so a batch pads tiles to its bucket).
+
+Checks: the placeholders per row are the processor's count for the row's image; a row of a
+padded batch (tiles, plan tokens and sequence padded) gives transformers' logits for that row
+alone, on transformers' own preprocessing of the raw image; every batch has the shapes of its
+(length, tiles) bucket whatever its images; training lowers the loss; the export loads in
+transformers and is the trained model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiny_hf
+import torch
+import transformers
+from PIL import Image
+
+from lmm_align import config_files, hf, main, run_config
+from lmm_align.data import pipeline, sources
+from lmm_align.data.tokenizer import train_bpe_tokenizer
+from lmm_align.models import anyres
+from lmm_align.trainers import export
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# (height, width): a wide 1 x 2 grid (3 tiles) whose unpadded 2 x 8 map stays, and a tall
+# 2 x 2 grid (5 tiles) whose 8 x 6 map anyres_max_1 downsamples to 4 x 3; rows alternate.
+SIZES = ((20, 64), (60, 44))
+ROWS = 8
+IM_TOKENS = ("<|im_start|>", "<|im_end|>", "<video>")
+
+
+def _png(i: int) -> bytes:
+  h, w = SIZES[i % 2]
+  pixels = np.random.default_rng(i).integers(0, 256, (h, w, 3), np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, pathlib.Path]:
+  """A tiny OneVision HF folder (tokenizer and preprocessor_config.json beside it) and a
+  LLaVA-Critic pointwise parquet of ROWS rows."""
+  root = tmp_path_factory.mktemp("anyres_sft")
+  critiques = [f"The answer names a {c} shape. Final Score: {10 * (i + 1)}"
+               for i, c in enumerate(["red", "green", "blue", "round"] * 2)]  # fmt: skip
+  prompt = "Score the response out of 100.\nQuestion: [Describe it.]\nThe LMM response: [A shape.]"
+  tokenizer = train_bpe_tokenizer([prompt, *critiques, "You are a helpful assistant."], 300)
+  tokenizer.add_special_tokens({"additional_special_tokens": list(IM_TOKENS)})
+  folder = root / "ov"
+  torch.manual_seed(0)
+  config = transformers.LlavaOnevisionConfig(
+    vision_config=tiny_hf.siglip_config(vision_use_head=False),
+    text_config=tiny_hf.qwen2_config(vocab_size=len(tokenizer), pad_token_id=3),
+    image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+    projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="full",
+    vision_aspect_ratio="anyres_max_1", image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
+  )  # fmt: skip
+  model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+  model.save_pretrained(folder)
+  tokenizer.save_pretrained(folder)
+  transformers.LlavaOnevisionImageProcessorPil(
+    size={"height": 32, "width": 32}, image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
+    image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
+  ).save_pretrained(folder)  # fmt: skip
+
+  turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+  image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+  parquet = root / "pointwise-00000-of-00001.parquet"
+  pq.write_table(pa.table({
+    "id": pa.array([f"critic_{i}" for i in range(ROWS)]),
+    "source": pa.array(["vlfeedback"] * ROWS),
+    "conversations": pa.array(
+      [[{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": c}]
+       for c in critiques], pa.list_(turn)),
+    "image": pa.array([{"bytes": _png(i), "path": f"{i}.png"} for i in range(ROWS)], image),
+  }), parquet)  # fmt: skip
+  return {"model": folder, "parquet": parquet, "root": root}
+
+
+def _config(files, **overrides):
+  config = config_files.load_config("configs/llava_critic/critic.py:runlocal", str(REPO))
+  return main.apply_overrides(config, {
+    "init_from": str(files["model"]), "data.path": str(files["parquet"]),
+    "data.template": "qwen_1_5", **overrides,
+  })  # fmt: skip
+
+
+def test_a_padded_anyres_batch_row_equals_transformers_on_the_row_alone(files):
+  config = _config(files)
+  tokenizer = sources.tokenizer_for(config, str(files["root"]))
+  model_config = run_config.model_config_for(config, tokenizer)
+  data = sources.sft_data(config, tokenizer, model_config)
+  assert data.tiling.tile_buckets == (3, 5) and len(data) == ROWS
+  counts = [anyres.num_image_tokens(s, model_config.packing) for s in SIZES]
+  assert counts == [16 + 2 * 9, 16 + 4 * 4]  # base tile + the map's rows with their newlines
+  per_row = np.stack([e.input_ids for e in data.examples[:2]]) == model_config.image_token_id
+  assert per_row.sum(1).tolist() == counts
+
+  batch = data.local_batch(0, ROWS)
+  assert batch["pixel_values"].shape == (ROWS, 5, 32, 32, 3)
+  assert batch["pack_plan.taps"].shape == (ROWS, 256, 2, 2)
+  assert batch["pack_plan.num_tokens"].tolist() == [
+    counts[SIZES.index(tuple(s))] for s in batch["image_sizes"]
+  ]
+  # One (length, tiles) bucket, whatever the images: every batch has the same shapes.
+  shapes = lambda b: {k: (v.shape, v.dtype) for k, v in b.items()}
+  assert all(shapes(data.local_batch(s, ROWS)) == shapes(batch) for s in (1, 2))
+  only_wide = [i for i, e in enumerate(data.examples) if e.image_size == SIZES[0]]
+  wide = data._tiled_fields(np.asarray(only_wide), 256, 3)
+  assert wide["pixel_values"].shape[1] == 3 and np.all(wide["pack_plan.num_tokens"] == counts[0])
+
+  model, params = hf.load_pretrained(files["model"])
+  apply = jax.jit(lambda p, b: model.apply(
+    {"params": p}, b["input_ids"], attention_mask=b["attention_mask"], **pipeline.image_inputs(b)
+  ).logits)  # fmt: skip
+  logits = np.asarray(apply(params, batch))
+  ref = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(files["model"]).eval()
+  processor = transformers.LlavaOnevisionImageProcessorPil.from_pretrained(files["model"])
+  order = data.global_indices(0, ROWS)
+  for size in SIZES:  # one row of each aspect ratio
+    row = next(r for r in range(ROWS) if tuple(batch["image_sizes"][r]) == size)
+    n = int(batch["attention_mask"][row].sum())
+    raw = Image.open(io.BytesIO(_png(int(data.examples[order[row]].record_id.split("_")[1]))))
+    pixels = processor(images=raw.convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+      expected = ref(
+        input_ids=torch.from_numpy(batch["input_ids"][row : row + 1, :n].astype(np.int64)),
+        pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
+      ).logits.numpy()[0]  # fmt: skip
+    np.testing.assert_allclose(logits[row, :n], expected, atol=1e-4, rtol=0)
+
+
+def test_critic_runlocal_trains_a_tiny_onevision_and_exports_it(files, tmp_path):
+  workdir = tmp_path / "run"
+  summary = main.train(_config(files, **{"total_steps": 6, "optim.lr": 3e-3}), str(workdir))
+  losses = [json.loads(x)["loss"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(losses) == 6 and np.all(np.isfinite(losses))
+  assert losses[-1] < losses[0] - 0.1, losses
+  assert summary["data"]["kept"] == ROWS
+
+  out = tmp_path / "hf"
+  export.export_workdir(str(workdir), str(out))
+  assert json.loads((out / "preprocessor_config.json").read_text())["image_grid_pinpoints"]
+  trained = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(out).eval()
+  start = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(files["model"])
+  processor = transformers.LlavaOnevisionImageProcessorPil.from_pretrained(out)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  pixels = processor(images=Image.open(io.BytesIO(_png(1))).convert("RGB"), return_tensors="pt")
+  n = anyres.num_image_tokens(SIZES[1], hf.load_pretrained(out)[0].config.packing)
+  ids = (
+    [tokenizer.convert_tokens_to_ids("<|im_start|>")]
+    + [tokenizer.convert_tokens_to_ids("<image>")] * n
+    + [9]
+  )
+  logits = []
+  for model in (trained, start.eval()):
+    with torch.no_grad():
+      logits.append(model(input_ids=torch.tensor([ids]), **pixels).logits.numpy())
+  assert np.isfinite(logits[0]).all() and np.abs(logits[0] - logits[1]).max() > 1e-3
