@@ -89,6 +89,9 @@ def get_config(arg: str | None = None):
       fact_augmented=not arg.vanilla,
       prompt_path=f"{PROMPTS}/{'reward_prompt' if arg.vanilla else 'fact_rlhf_reward_prompt'}.txt",
       facts_position="after_response",  # LLaVA-RLHF: in the request after the answer
+      # The sentence above the facts; "" = reward_data.DEFAULT_FACT_LEAD_IN. The export
+      # records it, and PPO / best-of-N / filtering score with the one the RM learned.
+      fact_lead_in="",
       centering_coef=1e-3,
       centering="abs_mean",
       eval_pairs=EVAL_PAIRS,

@@ -45,6 +45,7 @@ def get_config(arg: str | None = None):
       # "after_response": in the request after the answer (LLaVA-RLHF); "before_response":
       # under the question, where the answer's own tokens can read them.
       facts_position="after_response",
+      fact_lead_in="",  # the sentence above the facts; "" = reward_data.DEFAULT_FACT_LEAD_IN
       centering_coef=1e-3,  # LLaVA-RLHF: BCE + 1e-3 |mean(r_chosen + r_rejected)|
       centering="abs_mean",
       eval_pairs=300,

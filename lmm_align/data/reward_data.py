@@ -128,9 +128,10 @@ def fact_block(
   facts: Sequence[str],
   rng: np.random.Generator,
   rationale: str | None = None,
-  lead_in: str = DEFAULT_FACT_LEAD_IN,
+  lead_in: str | None = None,
 ) -> str:
-  """The lead-in, then each fact as "  - {fact}\\n", in an order drawn from `rng`.
+  """The lead-in (None: DEFAULT_FACT_LEAD_IN), then each fact as "  - {fact}\\n", in an order
+  drawn from `rng`.
 
   A rationale (A-OKVQA multiple choice) is one more fact, shuffled in with the rest.
   Raises ValueError when there is no fact or a fact is not a non-empty string.
@@ -142,7 +143,9 @@ def fact_block(
     if not isinstance(item, str) or not item.strip():
       raise ValueError(f"fact {i} is empty or not a string: {item!r}")
   order = rng.permutation(len(items))
-  return lead_in + "".join(f"  - {items[i]}\n" for i in order)
+  return (DEFAULT_FACT_LEAD_IN if lead_in is None else lead_in) + "".join(
+    f"  - {items[i]}\n" for i in order
+  )
 
 
 def reward_suffix(
@@ -152,7 +155,7 @@ def reward_suffix(
   *,
   fact_augmented: bool,
   rationale: str | None = None,
-  lead_in: str = DEFAULT_FACT_LEAD_IN,
+  lead_in: str | None = None,
 ) -> str:
   """The text appended after the answer: `prompt` with the fact block in its placeholder.
 
@@ -178,7 +181,7 @@ def reward_texts(
   fact_augmented: bool,
   facts_position: str = "after_response",
   rationale: str | None = None,
-  lead_in: str = DEFAULT_FACT_LEAD_IN,
+  lead_in: str | None = None,
 ) -> tuple[str, str]:
   """(the question as the reward model reads it, the request appended after the answer).
 
@@ -344,7 +347,7 @@ def encode_reward_pair(
   prompt: str,
   fact_augmented: bool,
   rng: np.random.Generator,
-  lead_in: str = DEFAULT_FACT_LEAD_IN,
+  lead_in: str | None = None,
   facts_position: str = "after_response",
 ) -> PreferencePair:
   """A reward-model pair: both answers of `record`, each followed by the same suffix.
@@ -357,7 +360,7 @@ def encode_reward_pair(
     prompt: `load_reward_prompt(...)`.
     fact_augmented: list the facts in the prompt.
     rng: draws the order of the facts (one draw per pair).
-    lead_in: the sentence above the facts.
+    lead_in: the sentence above the facts (None: DEFAULT_FACT_LEAD_IN).
     facts_position: "after_response" (in the request) or "before_response" (under the
       question); see `reward_texts`.
 
@@ -412,7 +415,7 @@ def encode_reward_pairs(
   fact_augmented: bool,
   rng: np.random.Generator,
   on_error: str = "raise",
-  lead_in: str = DEFAULT_FACT_LEAD_IN,
+  lead_in: str | None = None,
   facts_position: str = "after_response",
 ) -> tuple[list[PreferencePair], collections.Counter]:
   """`encode_reward_pair` over records, in order.

@@ -43,6 +43,9 @@ class RewardModel:
   prompt: str  # the evaluation prompt appended after the response
   # where the facts are read (reward_data.FACTS_POSITIONS); exports that predate it: after
   facts_position: str = "after_response"
+  # the sentence above the facts, as the model was trained with it (reward.fact_lead_in);
+  # None: reward_data.DEFAULT_FACT_LEAD_IN, which exports that predate it used
+  fact_lead_in: str | None = None
 
 
 def save_reward_model(
@@ -54,6 +57,7 @@ def save_reward_model(
   fact_augmented: bool,
   prompt: str,
   facts_position: str = "after_response",
+  fact_lead_in: str | None = None,
   tokenizer: Any = None,
   processor: Any = None,
 ) -> pathlib.Path:
@@ -71,6 +75,7 @@ def save_reward_model(
     "fact_augmented": fact_augmented,
     "prompt": prompt,
     "facts_position": facts_position,
+    "fact_lead_in": fact_lead_in,
     "score_position": "last_token",
   }
   (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -102,5 +107,5 @@ def load_reward_model(
   info = json.loads((folder / INFO_FILE).read_text())
   return RewardModel(
     model, backbone, head, bool(info["fact_augmented"]), info["prompt"],
-    info.get("facts_position", "after_response"),
+    info.get("facts_position", "after_response"), info.get("fact_lead_in"),
   )  # fmt: skip

@@ -406,7 +406,8 @@ class RewardModelScorer:
     the policy's tokenizer, image placeholders and image preprocessing.
   tokenizer: encodes the evaluation request (`reward_data.suffix_ids`) and such a query.
   fact_seed: prompt p's facts are shuffled by `default_rng([fact_seed, p])`.
-  lead_in: the sentence above the facts (`reward_data.fact_block`).
+  lead_in: the sentence above the facts (`reward_data.fact_block`); None: the one the reward
+    model was trained with (`rm.fact_lead_in`).
   template: the chat template of the policy's prompts, for an RM that reads its facts under
     the question (its query is the prompt re-encoded with them).
   """
@@ -419,7 +420,7 @@ class RewardModelScorer:
     fact_seed: int = 0,
     batch_size: int = DEFAULT_SCORE_BATCH,
     buckets: Sequence[int] | None = None,
-    lead_in: str = reward_data.DEFAULT_FACT_LEAD_IN,
+    lead_in: str | None = None,
     template: str = "vicuna_v1",
   ):
     self.rm, self.tokenizer, self.template = rm, tokenizer, template
@@ -427,7 +428,7 @@ class RewardModelScorer:
       fact_seed,
       batch_size,
       buckets,
-      lead_in,
+      rm.fact_lead_in if lead_in is None else lead_in,
     )
     self.fact_augmented = rm.fact_augmented
 

@@ -11,8 +11,8 @@ on those. This module does the filtering step:
 It writes `kept.json` (the kept records exactly as read, in file order: their image paths stay
 relative to the same image folder) and `kept.scores.jsonl` beside it (one line per scored
 record: index, id, score, kept), and returns the counts (records, scored, kept,
-skipped_<reason>). `filter_shapes_records` does the same for in-memory shapes-world SFT records
-(`shapes.make_sft_records`), writing them with `shapes.save_llava_dataset`.
+skipped_<reason>). `filter_records` does the same for in-memory records (a world's generated
+SFT records, PIL images in memory), writing them with `llava_json.save_llava_dataset`.
 
 What is scored (`rounds`):
   "first"  the first human turn and the answer after it, alone: the RM reads
@@ -22,9 +22,10 @@ What is scored (`rounds`):
   "whole"  the whole conversation: earlier rounds as history, then the last question and the
            last answer, which the RM judges (the way it reads multi-turn preference records).
 
-Facts (for a fact-augmented RM): a record's own "facts" field (a list of strings), else
-LLaVA-RLHF's `image_to_caption.json` under the record's image path as written; shapes records
-take `preference_sources.scene_facts` of their scene. A record's facts are shuffled by
+Facts (for a fact-augmented RM): a record's own "facts" field (a list of strings), else, for
+a file, LLaVA-RLHF's `image_to_caption.json` under the record's image path as written, and for
+in-memory records what `facts_from(record)` gives (a world's facts of the record's scene, such
+as the shapes world's `record_facts`). A record's facts are shuffled by
 `default_rng([fact_seed, index])`, so its score does not depend on the other records.
 
 Selection: k = floor(keep_fraction * scored + 1/2) records (round half up) with the highest
@@ -60,10 +61,10 @@ from lmm_align.data.llava_json import (
   check_image_file,
   check_image_mode,
   read_json_records,
+  save_llava_dataset,
   validate_record,
 )
-from lmm_align.data.preference_sources import ImageFile, RecordIssue, load_captions, scene_facts
-from lmm_align.shapes import world as shapes
+from lmm_align.data.preference_sources import ImageFile, RecordIssue, load_captions
 
 if TYPE_CHECKING:
   from lmm_align.hf.reward import RewardModel
@@ -72,7 +73,7 @@ logger = logging.getLogger(__name__)
 
 ROUNDS = ("first", "whole")
 DEFAULT_BLOCK_SIZE = 1024
-SHAPES_SOURCE = "shapes SFT records"
+MEMORY_SOURCE = "in-memory records"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,15 +202,27 @@ def _json_item(
   return ScoredTurns(index, record.record_id, history, question, answer, image, facts)
 
 
-def _shapes_item(record: Mapping[str, Any], index: int, rounds: str, need_facts: bool):
+def _memory_item(
+  record: Mapping[str, Any],
+  index: int,
+  rounds: str,
+  need_facts: bool,
+  facts_from: Callable[[Mapping[str, Any]], list[str]] | None,
+) -> ScoredTurns:
   history, question, answer = scoring_turns(record["conversations"], rounds)
   facts = None
   if need_facts:
-    scene = (record.get("metadata") or {}).get("scene")
-    if scene is None:
-      raise RecordIssue("metadata", "missing_facts", "no metadata.scene to take the facts from")
-    facts = scene_facts(shapes.Scene.from_dict(scene))
-  return ScoredTurns(index, str(record["id"]), history, question, answer, record["image"], facts)
+    if "facts" in record:
+      facts = _checked_facts(record["facts"], "the record's facts")
+    elif facts_from is not None:  # may raise a RecordIssue naming what the record lacks
+      facts = _checked_facts(facts_from(record), "the facts of the record")
+    else:
+      raise RecordIssue(
+        "facts", "missing_facts",
+        "no facts (no 'facts' field and no facts_from) but the reward model is fact-augmented",
+      )  # fmt: skip
+  image = record.get("image")
+  return ScoredTurns(index, str(record["id"]), history, question, answer, image, facts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,12 +253,12 @@ class RewardModelRecordScorer:
     fact_seed: int = 0,
     batch_size: int = 8,
     buckets: Sequence[int] | None = None,
-    lead_in: str = reward_data.DEFAULT_FACT_LEAD_IN,
+    lead_in: str | None = None,
   ):
     self.rm, self.tokenizer, self.image_config = rm, tokenizer, image_config
     self.template = reward_data.chat_template(template)
     self.fact_seed, self.batch_size, self.buckets, self.lead_in = (
-      fact_seed, batch_size, buckets, lead_in,
+      fact_seed, batch_size, buckets, rm.fact_lead_in if lead_in is None else lead_in,
     )  # fmt: skip
     self.fact_augmented = rm.fact_augmented
 
@@ -404,35 +417,39 @@ def filter_llava_json(
   return FilterResult(scored, scores, kept, counts, out, scores_path_for(out))
 
 
-def filter_shapes_records(
+def filter_records(
   records: Sequence[Mapping[str, Any]],
   out_dir: str | os.PathLike,
   scorer: RecordScorer,
   *,
   keep_fraction: float,
   rounds: str = "first",
+  facts_from: Callable[[Mapping[str, Any]], list[str]] | None = None,
   require_facts: bool | None = None,
   on_error: str = "raise",
   name: str = "data.json",
   block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> FilterResult:
-  """`filter_llava_json` for in-memory shapes SFT records (`shapes.make_sft_records`).
+  """`filter_llava_json` for in-memory records: {"id", "image" (PIL or None), "conversations",
+  ...}, as a world generates them.
 
-  Facts are `scene_facts` of each record's `metadata.scene`. The kept records are written by
-  `shapes.save_llava_dataset(kept, out_dir, name)` (JSON + PNGs under out_dir/images), their
-  scores to `scores_path_for(out_dir / name)`.
+  Facts (when required) are a record's "facts" field, else `facts_from(record)`, which may
+  raise a RecordIssue naming the field it lacks. The kept records are written by
+  `llava_json.save_llava_dataset(kept, out_dir, name)` (JSON + PNGs under out_dir/images),
+  their scores to `scores_path_for(out_dir / name)`.
   """
   if require_facts is None:
     require_facts = bool(getattr(scorer, "fact_augmented", False))
-  problems = ProblemLog(SHAPES_SOURCE, on_error)
+  problems = ProblemLog(MEMORY_SOURCE, on_error)
   items = _collect(
-    lambda record, i: _shapes_item(record, i, rounds, require_facts), records, problems
-  )
+    lambda record, i: _memory_item(record, i, rounds, require_facts, facts_from), records,
+    problems,
+  )  # fmt: skip
   problems.log_summary(len(records))
   out = pathlib.Path(out_dir) / name
   scored, scores, kept, counts = _select_and_write_scores(
     items, scorer, keep_fraction, block_size, scores_path_for(out), len(records),
     problems.skipped,
   )  # fmt: skip
-  shapes.save_llava_dataset([records[i] for i in kept], out_dir, name)
+  save_llava_dataset([dict(records[i]) for i in kept], out_dir, name)
   return FilterResult(scored, scores, kept, counts, out, scores_path_for(out))

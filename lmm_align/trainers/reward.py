@@ -97,6 +97,14 @@ def reward_records(config: ml_collections.ConfigDict) -> tuple[list[dict], Count
   return data_registry.read("pairs", config.data)
 
 
+def fact_lead_in(config: ml_collections.ConfigDict) -> str:
+  """config.reward.fact_lead_in, the sentence above the facts; empty or absent (workdirs written
+  before it existed): reward_data.DEFAULT_FACT_LEAD_IN."""
+  from lmm_align.data import reward_data as rd
+
+  return config.reward.get("fact_lead_in") or rd.DEFAULT_FACT_LEAD_IN
+
+
 def facts_position(config: ml_collections.ConfigDict) -> str:
   """config.reward.facts_position; workdirs written before it existed read facts after."""
   from lmm_align.data.reward_data import FACTS_POSITIONS
@@ -123,7 +131,7 @@ def reward_data(
     tokenizer=tokenizer, template=config.data.template,
     num_image_tokens=model_config.num_image_tokens, image_token_id=model_config.image_token_id,
     prompt=prompt, fact_augmented=config.reward.fact_augmented, on_error=config.data.on_error,
-    facts_position=position,
+    facts_position=position, lead_in=fact_lead_in(config),
   )  # fmt: skip
   image_config = sources.image_config_for(config, model_config)
 
@@ -264,7 +272,7 @@ def export_reward_workdir(workdir: str, out: str, peft: bool = False) -> str:
   )
   save_reward_model(
     plain, backbone, state.params["head"], out, fact_augmented=config.reward.fact_augmented,
-    prompt=prompt, facts_position=facts_position(config),
+    prompt=prompt, facts_position=facts_position(config), fact_lead_in=fact_lead_in(config),
     tokenizer=None if processor else tokenizer, processor=processor,
   )  # fmt: skip
   print(f"[export] reward model, step {step} of {workdir} -> {out}")

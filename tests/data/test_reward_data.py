@@ -333,8 +333,10 @@ def test_pair_with_facts_before_reads_them_before_each_answer(tokenizer):
     assert all(fact in before for fact in FACTS) and not any(fact in after for fact in FACTS)
 
 
-@pytest.mark.parametrize("facts_position", ["after_response", "before_response"])
-def test_ppo_scores_the_ids_the_reward_model_was_trained_on(tokenizer, facts_position):
+@pytest.mark.parametrize(
+  "facts_position, lead_in", [("after_response", None), ("before_response", "Facts:\n")]
+)
+def test_ppo_scores_the_ids_the_reward_model_was_trained_on(tokenizer, facts_position, lead_in):
   from types import SimpleNamespace
 
   from lmm_align.rl import scoring
@@ -343,7 +345,7 @@ def test_ppo_scores_the_ids_the_reward_model_was_trained_on(tokenizer, facts_pos
   prompt = rd.load_reward_prompt(None, True)
   config = SimpleNamespace(num_image_tokens=P, image_token_id=IMAGE_ID)
   rm = SimpleNamespace(model=SimpleNamespace(config=config), prompt=prompt, fact_augmented=True,
-                       facts_position=facts_position)  # fmt: skip
+                       facts_position=facts_position, fact_lead_in=lead_in)  # fmt: skip
   template = get_template(TEMPLATE)
   prompts = [
     ppo.Prompt(f"p{i}", q, scoring.query_ids(q, True, f"p{i}", tokenizer, template, config), "img",
@@ -359,7 +361,8 @@ def test_ppo_scores_the_ids_the_reward_model_was_trained_on(tokenizer, facts_pos
                         np.random.default_rng(9))  # fmt: skip
   rng = np.random.default_rng(9)
   texts = [rd.reward_texts(p.question, prompt, p.facts, rng, fact_augmented=True,
-                           facts_position=facts_position) for p in prompts]  # fmt: skip
+                           facts_position=facts_position, lead_in=lead_in) for p in prompts]  # fmt: skip
+  assert all((lead_in or rd.DEFAULT_FACT_LEAD_IN) in q + s for q, s in texts)
   for b, answer, row in zip(rows[:2], answers[:2], got[:2]):
     want = rd.encode_reward_sequence(
       texts[b][0], answer, tokenizer, TEMPLATE, P, IMAGE_ID, texts[b][1], True

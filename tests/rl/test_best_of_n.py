@@ -18,16 +18,17 @@ from scipy.special import log_softmax
 from lmm_align import sampling
 from lmm_align.data import conversation, reward_data
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
-from lmm_align.data.preference_sources import scene_facts
 from lmm_align.data.tokenizer import train_bpe_tokenizer
 from lmm_align.hf.reward import RewardModel
 from lmm_align.models import Llava, get_variant
 from lmm_align.models.llava import dummy_inputs
 from lmm_align.rl import best_of_n as bon
 from lmm_align.shapes import world as shapes
+from lmm_align.shapes.data import scene_facts
 
 TEMPLATE = "vicuna_v1"
 N, MAX_NEW, BETA, FACT_SEED = 3, 6, 0.1, 11
+LEAD_IN = "Facts:\n"  # a lead-in of its own, not the default
 PROMPT_BUCKETS = (64,)
 SCORE_BUCKETS = (128, 512)  # one bucket for implicit-reward rows, one for reward-model rows
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "shapes_best_of_n.py"
@@ -279,17 +280,20 @@ def _experiment():
 
 
 def test_an_rm_reading_its_facts_under_the_question_scores_its_own_query(setup, tmp_path):
-  """Saved and loaded with its facts_position, it scores prompt + facts, then each candidate
-  and the request without facts, as a direct forward pass of that row does."""
+  """Saved and loaded with its facts_position and fact lead-in, it scores prompt + facts (under
+  its own lead-in), then each candidate and the request without facts, as a direct forward
+  pass of that row does."""
   from lmm_align.hf.reward import INFO_FILE, load_reward_model, save_reward_model
 
   s = setup
   model, tok, rm, candidates = s["model"], s["tokenizer"], s["rm"], s["candidates"]
   folder = tmp_path / "rm"
   save_reward_model(model, rm.backbone, rm.head, str(folder), fact_augmented=True,
-                    prompt=rm.prompt, facts_position="before_response", tokenizer=tok)  # fmt: skip
+                    prompt=rm.prompt, facts_position="before_response", fact_lead_in=LEAD_IN,
+                    tokenizer=tok)  # fmt: skip
   loaded = load_reward_model(str(folder))
   assert loaded.facts_position == "before_response" and loaded.prompt == rm.prompt
+  assert loaded.fact_lead_in == LEAD_IN
   prompts = [dataclasses.replace(p, question="Describe the image.") for p in s["prompts"][:1]]
   scorer = bon.RewardModelScorer(loaded, tok, fact_seed=FACT_SEED, buckets=SCORE_BUCKETS)
   one = bon.Candidates([candidates.tokens[0]], [candidates.texts[0]], candidates.stopped[:1])
@@ -297,8 +301,9 @@ def test_an_rm_reading_its_facts_under_the_question_scores_its_own_query(setup, 
   question, suffix = reward_data.reward_texts(
     "Describe the image.", rm.prompt, list(prompts[0].facts),
     np.random.default_rng([FACT_SEED, 0]), fact_augmented=True, facts_position="before_response",
+    lead_in=LEAD_IN,
   )  # fmt: skip
-  assert question.startswith("Describe the image.\n") and "{factual_prompt}" not in suffix
+  assert question.startswith("Describe the image.\n" + LEAD_IN) and "{factual_prompt}" not in suffix
   config = model.config
   query = conversation.encode_generation_prompt(
     question, tok, TEMPLATE, config.num_image_tokens, config.image_token_id
@@ -314,9 +319,11 @@ def test_an_rm_reading_its_facts_under_the_question_scores_its_own_query(setup, 
   with pytest.raises(ValueError, match="'question': none"):
     scorer(s["prompts"][:1], one)
   info = json.loads((folder / INFO_FILE).read_text())
-  del info["facts_position"]  # an export written before the setting existed
+  del info["facts_position"], info["fact_lead_in"]  # an export written before the settings
   (folder / INFO_FILE).write_text(json.dumps(info))
-  assert load_reward_model(str(folder)).facts_position == "after_response"
+  old = load_reward_model(str(folder))
+  assert (old.facts_position, old.fact_lead_in) == ("after_response", None)
+  assert bon.RewardModelScorer(old, tok).lead_in is None  # -> reward_data.DEFAULT_FACT_LEAD_IN
 
 
 def test_shapes_best_of_n_experiment_runs_on_exported_folders(setup, tmp_path):

@@ -113,3 +113,15 @@ def test_facts_position_is_read_from_the_config_and_a_bad_one_is_named():
     facts_position(config)
   del config.reward["facts_position"]  # a workdir's config written before the setting
   assert facts_position(config) == "after_response"
+
+
+def test_fact_lead_in_is_read_from_the_config():
+  from lmm_align.data.reward_data import DEFAULT_FACT_LEAD_IN
+  from lmm_align.trainers.reward import fact_lead_in
+
+  config = shapes_reward.get_config("runlocal")
+  assert fact_lead_in(config) == DEFAULT_FACT_LEAD_IN  # "" = the default
+  config.reward.fact_lead_in = "Facts:\n"
+  assert fact_lead_in(config) == "Facts:\n"
+  del config.reward["fact_lead_in"]  # a workdir's config written before the setting
+  assert fact_lead_in(config) == DEFAULT_FACT_LEAD_IN
