@@ -186,11 +186,11 @@ def _write_report(root: pathlib.Path, stages: list[str]) -> None:
     from lmm_align.evals import report
   except ImportError:  # the report module is optional for the chain itself
     return
-  from lmm_align.data import sources
+  from lmm_align.shapes import data as shapes_data
   from lmm_align.shapes import world as shapes
 
   config = stage_configs(quick=False)["sft"]
-  world = sources.shapes_world_config(config)
+  world = shapes_data.world_config(config.data)
   scenes = shapes.make_scenes(config.eval.num_scenes, world, seed=config.data.shapes.eval_seed)
   by_id = {s.id: s for s in scenes}
   image_for = lambda e: (

@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def world_and_template(workdir: str) -> tuple[Any, int, str]:
   """(ShapesWorldConfig, held-out seed, template) of a run, or of configs/shapes/sft.py."""
   from lmm_align import config_files
-  from lmm_align.data import sources
+  from lmm_align.shapes import data as shapes_data
 
   if workdir:
     from lmm_align.run_config import load_workdir_config
@@ -67,7 +67,7 @@ def world_and_template(workdir: str) -> tuple[Any, int, str]:
     config = load_workdir_config(workdir)
   else:
     config = config_files.load_config("configs/shapes/sft.py", str(REPO))
-  return sources.shapes_world_config(config), config.data.shapes.eval_seed, config.data.template
+  return shapes_data.world_config(config.data), config.data.shapes.eval_seed, config.data.template
 
 
 def answer_metrics(texts: list[str], token_counts: list[int], scenes: list) -> dict[str, float]:
@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from lmm_align import sampling
   from lmm_align.data import conversation
   from lmm_align.data.images import preprocess_image
-  from lmm_align.data.preference_sources import scene_facts
   from lmm_align.rl import best_of_n as bon
   from lmm_align.shapes import world as shapes
+  from lmm_align.shapes.data import scene_facts
   from lmm_align.shapes.evaluation import DESCRIBE_QUESTION, answer_questions
 
   world, seed, template = world_and_template(args.workdir)

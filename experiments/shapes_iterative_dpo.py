@@ -19,7 +19,7 @@ It trains what is missing, each into WORKDIR and skipped when already there:
             accuracy is measured on held-out existence questions and on the claims of
             held-out captions (half of them with an injected hallucination), beside the SFT
             policy's own accuracy (the `self` labeler) -> WORKDIR/labeler_accuracy.json
-  critic    (critic) the SFT policy fine-tuned on pairwise `critic.make_critic_records`
+  critic    (critic) the SFT policy fine-tuned on pairwise `critic_records.make_critic_records`
             (shapes critiques: the verdict line, or with --critic_answer=reason a reason
             naming every hallucinated object first; asked with COMPACT_CRITIC_PROMPT, saved
             as WORKDIR/critic_prompt.txt) ->
@@ -203,9 +203,10 @@ def ensure_tower(args, root: pathlib.Path) -> str:
 
 
 def _world(quick: bool):
-  from lmm_align.data import sources
+  from lmm_align.shapes import data as shapes_data
 
-  return sources.shapes_world_config(_load(f"configs/shapes/sft.py:{'runlocal' if quick else ''}"))
+  config = _load(f"configs/shapes/sft.py:{'runlocal' if quick else ''}")
+  return shapes_data.world_config(config.data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,10 +545,10 @@ def policy_claim_records(
 
 def _saved_records(data_dir: pathlib.Path, make_records) -> pathlib.Path:
   """data_dir/data.json, a LLaVA JSON written from `make_records()` once (reruns reuse it)."""
-  from lmm_align.shapes import world as shapes
+  from lmm_align.data.llava_json import save_llava_dataset
 
   if not (data_dir / "data.json").exists():
-    shapes.save_llava_dataset(make_records(), data_dir)
+    save_llava_dataset(make_records(), data_dir)
   return data_dir / "data.json"
 
 
@@ -636,9 +637,10 @@ def critic_records(
   answer "reason": the reason naming each wrong object, then the verdict line; "verdict":
   the verdict line alone."""
   from lmm_align.feedback import critic
+  from lmm_align.shapes.critic_records import make_critic_records
 
   template = critic.PromptTemplate.from_file(prompt_file, "pairwise")
-  records = critic.make_critic_records(n, world, seed=seed, pairwise_fraction=1.0, tie_fraction=0.2)
+  records = make_critic_records(n, world, seed=seed, pairwise_fraction=1.0, tie_fraction=0.2)
   for r in records:
     first, second = r["metadata"]["responses"]
     prompt = critic.pairwise_prompt(r["metadata"]["question"], first, second, template=template)

@@ -125,9 +125,9 @@ def round_pairs(
 ) -> tuple[list[dict[str, Any]], collections.Counter]:
   """The scene-ordered pairs of one round's candidates, images as absolute paths; with a
   tokenizer also its prefix pairs. The first `holdout_prompts` prompt ids are left out."""
-  from lmm_align.data import preference_sources
   from lmm_align.feedback import candidates as candidates_lib
   from lmm_align.feedback import rlaifv
+  from lmm_align.shapes.data import scene_facts
   from lmm_align.trainers import iterative
 
   prompts_dir = round_dir / "prompts"
@@ -157,7 +157,7 @@ def round_pairs(
     stats.update(counts)
   for pair in pairs:
     pair["image"] = str((prompts_dir / pair["image"]).resolve())
-    pair["facts"] = preference_sources.scene_facts(scenes[iterative.pair_prompt_id(pair)])
+    pair["facts"] = scene_facts(scenes[iterative.pair_prompt_id(pair)])
   stats["candidates"] += len(candidates)
   stats["held_out_prompts"] += len(held_out)
   return pairs, stats

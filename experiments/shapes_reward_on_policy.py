@@ -53,9 +53,10 @@ def _segment_rows(
   `facts_of[pid]`: the prompt whose scene's facts the RM reads (pid itself, unless swapped)."""
   from PIL import Image
 
-  from lmm_align.data import conversation, preference_sources, reward_data
+  from lmm_align.data import conversation, reward_data
   from lmm_align.data.images import preprocess_image
   from lmm_align.rl import rewards
+  from lmm_align.shapes.data import scene_facts
   from lmm_align.shapes.world import Scene
 
   config = rm.model.config
@@ -65,7 +66,7 @@ def _segment_rows(
   eos = tokenizer.eos_token_id
   for pid, samples in candidates.items():
     prompt = prompts[pid]
-    facts = preference_sources.scene_facts(Scene.from_dict(prompts[facts_of[pid]]["scene"]))
+    facts = scene_facts(Scene.from_dict(prompts[facts_of[pid]]["scene"]))
     question, suffix = reward_data.reward_texts(
       prompt["question"], rm.prompt, facts, rng, fact_augmented=rm.fact_augmented,
       facts_position=rm.facts_position,
@@ -110,8 +111,8 @@ def summarize(
 ) -> dict[str, Any]:
   """The report from per-prefix RM scores (`meta` rows in response order, each response's
   prefixes consecutive and ending with the whole response)."""
+  from lmm_align.rl.oracles import same_order_pairs
   from lmm_align.shapes import metrics as shapes_metrics
-  from lmm_align.trainers.ppo import same_order_pairs
 
   previous: dict[tuple[str, int], tuple[float, float, int]] = {}
   full: dict[tuple[str, int], tuple[float, float]] = {}

@@ -525,7 +525,7 @@ def run_shapes(args: argparse.Namespace) -> Outcome:
   (`--workdir`) or configs/shapes/sft.py's defaults; `--limit` sets the number of scenes,
   `--scene_seed` their seed."""
   from lmm_align import config_files
-  from lmm_align.data import sources
+  from lmm_align.shapes import data as shapes_data
   from lmm_align.shapes import world as shapes
   from lmm_align.shapes.evaluation import evaluate_shapes
 
@@ -538,7 +538,7 @@ def run_shapes(args: argparse.Namespace) -> Outcome:
   template = args.conv_template or config.data.template
   loaded = load_model_folder(args.model, template=template, dtype=args.dtype,
                              aspect_mode=args.aspect_mode, model_id=args.model_id)  # fmt: skip
-  world, e = sources.shapes_world_config(config), config.eval
+  world, e = shapes_data.world_config(config.data), config.eval
   seed = config.data.shapes.eval_seed if args.scene_seed is None else args.scene_seed
   num_scenes = args.limit or e.num_scenes
   result = evaluate_shapes(

@@ -10,6 +10,7 @@ import pytest
 from experiments import shapes_policy_reward_pairs as experiment
 from lmm_align.data import preference_sources
 from lmm_align.shapes import world as shapes
+from lmm_align.shapes.data import scene_facts
 
 SCENE = shapes.Scene(
   (
@@ -63,7 +64,7 @@ def test_pairs_follow_the_scene_score(tmp_path):
   assert got == want
   assert report["pairs"] == 5 and report["pairs_small_gap"] == 1 and report["candidates"] == 4
   for p in pairs:
-    assert p["facts"] == preference_sources.scene_facts(SCENE)
+    assert p["facts"] == scene_facts(SCENE)
     assert p["image"] == str((round_dir / "prompts" / "images" / "p.png").resolve())
     assert p["chosen_score"] - p["rejected_score"] >= 1
   # The written file is what the reward trainer's pairs_jsonl source reads.
@@ -127,7 +128,7 @@ def test_prefix_pairs_balanced_held_out_and_capped(tmp_path, tokenizer_folder):
   assert report["response_pairs"] == 2  # (0, 2) and (1, 2): gap 1.5
   assert report["pairs"] == len(pairs) == 4
   for p in prefix:
-    assert p["facts"] == preference_sources.scene_facts(SCENE)
+    assert p["facts"] == scene_facts(SCENE)
   capped = experiment.main([*args, "--max_pairs=3"])
   assert capped["pairs"] == 3 and capped["pairs_over_max"] == 1
   fewer_whole = experiment.main([*args, "--max_response_pairs=1"])

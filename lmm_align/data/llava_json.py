@@ -504,3 +504,32 @@ def _warn_duplicate_ids(source: str, examples: Sequence[Example]) -> None:
   repeated = {k: n for k, n in counts.items() if n > 1}
   if repeated:
     logger.warning("%s: %d ids occur more than once (kept)", source, len(repeated))
+
+
+def save_llava_dataset(
+  records: Sequence[dict[str, Any]], directory: str | os.PathLike, name: str = "data.json"
+) -> pathlib.Path:
+  """Writes in-memory records as a LLaVA JSON array `directory/name` that `read_llava_json`
+  reads with `directory` as the image folder: a record's PIL "image" is saved as
+  `images/{id}.png` and the record refers to it by that relative path; a record without one
+  (None or absent) is written text-only, with no "image" field. The other fields are written
+  as they are (they must be JSON-native). Returns the JSON's path."""
+  directory = pathlib.Path(directory)
+  (directory / "images").mkdir(parents=True, exist_ok=True)
+  out = []
+  for index, record in enumerate(records):
+    row, image = dict(record), record.get("image")
+    if isinstance(image, Image.Image):
+      row["image"] = f"images/{record['id']}.png"  # in the record's place among its fields
+      image.save(directory / row["image"])
+    elif image is None:
+      row.pop("image", None)
+    else:
+      raise ValueError(
+        f"record {index} (id {record.get('id')!r}), field 'image': expected a PIL image or "
+        f"None, got {type(image).__name__}"
+      )
+    out.append(row)
+  path = directory / name
+  path.write_text(json.dumps(out, indent=1))
+  return path

@@ -21,7 +21,6 @@ from lmm_align.data import conversation
 from lmm_align.data.conversation import IGNORE_INDEX
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.data.pipeline import ImageSource, SupervisedData, bucket_for, bucket_lengths
-from lmm_align.shapes import world as shapes
 
 
 @dataclasses.dataclass
@@ -128,31 +127,6 @@ def dense_token_weights(pair: PreferencePair, weight: float) -> tuple[np.ndarray
   weights[0][pos_c[changed_c]] = weight
   weights[1][pos_r[changed_r]] = weight
   return weights[0], weights[1]
-
-
-def shapes_preference_records(
-  n: int,
-  world: shapes.ShapesWorldConfig,
-  seed: int,
-  omission_fraction: float = 0.3,
-  binding_fraction: float = 0.0,
-) -> list[dict[str, Any]]:
-  """Ground-truth pairs from the shapes world: the truthful caption (the scene's facts) is
-  chosen, the same caption with an injected hallucination (an absent object, or a wrong
-  colour) is rejected, or, for the fractions given, the caption with an object left out or
-  with a binding error (`shapes.caption_pair`)."""
-  world = dataclasses.replace(world, hallucination_rate=1.0, task_mix=(("caption", 1.0),))
-  out = []
-  for i, record in enumerate(shapes.make_sft_records(n, world, seed=seed)):
-    chosen, rejected = shapes.caption_pair(
-      record, np.random.default_rng([seed, i, 3]),
-      omission_fraction=omission_fraction, binding_fraction=binding_fraction,
-    )  # fmt: skip
-    out.append({
-        "id": record["id"], "image": record["image"],
-        "question": record["conversations"][0]["value"], "chosen": chosen, "rejected": rejected,
-    })  # fmt: skip
-  return out
 
 
 def compact_pair(pair: PreferencePair) -> PreferencePair:

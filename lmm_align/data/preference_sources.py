@@ -1,4 +1,4 @@
-"""Readers of the published preference and RL-prompt formats, and shapes-world equivalents.
+"""Readers of the published preference and RL-prompt formats.
 
 Every reader returns `(records, Counter of skipped records)`, the records being plain dicts
 that `reward_data.encode_reward_pairs` (and `preference.encode_pair`) take:
@@ -26,9 +26,8 @@ Bad records are named as in `llava_json` (`DataError`: file, record position and
 and, with on_error="skip", counted as `skipped_<reason>`. Existence of image files is always
 checked; `check_images` also opens them ("verify") or decodes them ("decode" / True).
 
-The shapes world provides the same records with exact ground truth: reward pairs (truthful
-against hallucinated answers) and RL prompts, with facts phrased as short captions, so the
-fact-augmented reward model can be trained and used on CPU.
+Plugins provide the same records from their own worlds (the shapes world: reward pairs and
+RL prompts with exact ground truth), registered in `registry` as sources.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -62,7 +60,6 @@ from lmm_align.data.llava_json import (
   resolve_image_path,
 )
 from lmm_align.data.preference import sft_weight_problem
-from lmm_align.shapes import world as shapes
 
 # LLaVA-RLHF's AnswerType (caption_type); 2..5 are A-OKVQA multiple choice.
 GENERAL, A_IN_ABCD, B_IN_ABCD, C_IN_ABCD, D_IN_ABCD, NO_IN_YESNO, YES_IN_YESNO = range(1, 8)
@@ -641,109 +638,3 @@ def read_pairs_files(
     problems.log_summary(total)
     skipped.update(problems.skipped)
   return records, skipped
-
-
-def scene_facts(scene: shapes.Scene) -> list[str]:
-  """Caption-like sentences about a scene: one per object, its background, its count.
-
-  Worded unlike the answers (`shapes.scene_caption`), so a reward model cannot score an answer
-  by string overlap with the facts alone.
-  """
-  facts = [
-    f"{shapes.with_article(f'{o.size} {o.name}').capitalize()} is located "
-    f"{shapes.position_phrase(o.position)}."
-    for o in scene.objects
-  ]
-  n = len(scene.objects)
-  facts.append(f"The picture has a {scene.background} background.")
-  facts.append(f"The picture contains {shapes.count_phrase(n, 'shape', 'shapes')} in total.")
-  return facts
-
-
-def _seed_list(seed: int | Sequence[int]) -> list[int]:
-  return list(seed) if isinstance(seed, Sequence) else [seed]
-
-
-def _existence_query(
-  scene: shapes.Scene, rng: np.random.Generator, world: shapes.ShapesWorldConfig
-) -> tuple[str, bool]:
-  """(object name, present?): a present object or an absent (colour, shape), evenly."""
-  if rng.random() < 0.5:
-    return scene.objects[rng.integers(len(scene.objects))].name, True
-  absent = [(c, s) for s in world.shapes for c in world.colours if (c, s) not in scene.pairs]
-  colour, shape = absent[rng.integers(len(absent))]
-  return f"{colour} {shape}", False
-
-
-def shapes_reward_records(
-  n: int,
-  world: shapes.ShapesWorldConfig,
-  seed: int | Sequence[int],
-  *,
-  existence_fraction: float = 0.3,
-  omission_fraction: float = 0.3,
-  binding_fraction: float = 0.0,
-) -> list[dict[str, Any]]:
-  """Ground-truth reward pairs on shapes scenes, with facts.
-
-  Most records are captions: the truthful caption is chosen, the same caption with one
-  injected hallucination (an absent object or a wrong colour) rejected. A fraction
-  `existence_fraction` instead asks whether an object is in the image and prefers the true
-  yes/no answer; a fraction `omission_fraction` of the caption records (scenes with two or
-  more objects) rejects the truthful caption with one object left out, so that the reward
-  values completeness too and a policy cannot win by saying less, and a fraction
-  `binding_fraction` one with a binding error (`shapes.caption_pair`). Record i depends only
-  on (seed, i).
-  """
-  caption_world = dataclasses.replace(world, hallucination_rate=1.0, task_mix=(("caption", 1.0),))
-  out = []
-  for i in range(n):
-    sft = shapes.make_sft_record(i, caption_world, seed=seed)
-    scene = shapes.Scene.from_dict(sft["metadata"]["scene"])
-    rng = np.random.default_rng([*_seed_list(seed), i, 1])
-    record = {"id": sft["id"], "image": sft["image"], "history": [], "facts": scene_facts(scene)}
-    if rng.random() < existence_fraction:
-      name, present = _existence_query(scene, rng, world)
-      yes, no = shapes.existence_answers(name)
-      question = shapes.existence_question(name)
-      record.update(
-        question=question, chosen=yes if present else no, rejected=no if present else yes
-      )
-    else:
-      question = sft["conversations"][0]["value"].replace(f"{IMAGE_PLACEHOLDER}\n", "")
-      chosen, rejected = shapes.caption_pair(
-        sft, rng, omission_fraction=omission_fraction, binding_fraction=binding_fraction
-      )
-      record.update(question=question, chosen=chosen, rejected=rejected)
-    out.append(record)
-  return out
-
-
-def shapes_ppo_prompts(
-  n: int,
-  world: shapes.ShapesWorldConfig,
-  seed: int | Sequence[int],
-  *,
-  yes_no_fraction: float = 0.5,
-) -> list[dict[str, Any]]:
-  """RL prompts on shapes scenes, in the `read_ppo_prompts` record format.
-
-  "Describe the image." (caption_type 1) or, for a fraction `yes_no_fraction`, "Is there a
-  {colour} {shape} in the image?" with caption_type 7 (yes) or 6 (no) from the ground truth.
-  Images are rendered PIL images; facts are `scene_facts`; "scene" is the scene itself (its
-  dict), for a reward that reads the ground truth (PPO's `reward_source=scene`).
-  """
-  out = []
-  for i, scene in enumerate(shapes.make_scenes(n, world, seed=seed)):
-    rng = np.random.default_rng([*_seed_list(seed), i, 2])
-    question, caption_type = "Describe the image.", GENERAL
-    if rng.random() < yes_no_fraction:
-      name, present = _existence_query(scene, rng, world)
-      question = shapes.existence_question(name)
-      caption_type = YES_IN_YESNO if present else NO_IN_YESNO
-    out.append({
-        "id": scene.id, "image": shapes.render(scene, world.image_size), "image_file": None,
-        "question": question, "caption_type": caption_type, "length_bonus": 1.0,
-        "facts": scene_facts(scene), "facts_key": None, "scene": scene.to_dict(),
-    })  # fmt: skip
-  return out

@@ -8,22 +8,29 @@ Kinds and what their readers return (records in file order, plus a Counter of th
 refused with data.on_error="skip", by `skipped_<reason>`):
 
   conversations  encoded `pipeline.Example`s; the reader gets `encoding=ConversationEncoding`
-                 (tokenizer, template, P, image token id). Sources: shapes, llava_json, tfds,
+                 (tokenizer, template, P, image token id). Sources here: llava_json, tfds,
                  llava_critic_parquet.
   pairs          {"id", "image", "question", "history", "chosen", "rejected", "facts", ...}
                  (`preference_sources`), optionally "ref_logps" / "ref_avg_logps" [2] (cached
-                 reference log-probs). Sources: shapes_pairs, llava_rlhf, rlaifv_parquet,
-                 pairs_jsonl, tfds_llava_rlhf, tfds_rlaifv.
+                 reference log-probs). Sources here: llava_rlhf, rlaifv_parquet, pairs_jsonl,
+                 tfds_llava_rlhf, tfds_rlaifv.
   prompts        {"id", "image", "image_file", "question", "caption_type", "length_bonus",
-                 "facts", "facts_key", ...} (`read_ppo_prompts`'s records). Sources:
-                 shapes_prompts, llava_rlhf_prompts, rlaifv_jsonl, prompts_jsonl.
+                 "facts", "facts_key", ...} (`read_ppo_prompts`'s records). Sources here:
+                 llava_rlhf_prompts, rlaifv_jsonl, prompts_jsonl.
+
+Plugins (`lmm_align.plugins`) register more sources the same way, imported before a lookup:
+the shapes world plugin registers shapes, shapes_pairs and shapes_prompts (its `data` module).
 
 A source is a reader registered under its name: `@register(kind, name)` on a function
 `reader(data_config, **options) -> (records, skipped)`. `data_config` is a run's `config.data`
 (source, path, image_folder, captions_path, on_error, ...); options are what the trainer of
-that kind knows and a source may need (the conversation encoding; the shapes prompt mix).
-File readers take `data.path`: a file, a glob, or several (`data_paths`); images
-load lazily (a file's, or a parquet row's, when a batch needs it).
+that kind knows and a source may need (the conversation encoding; the prompt mix's
+yes_no_fraction). File readers take `data.path`: a file, a glob, or several (`data_paths`);
+images load lazily (a file's, or a parquet row's, when a batch needs it).
+
+A source that brings no published tokenizer (a synthetic world) may register the corpus its
+own BPE tokenizer is trained on: `@register_tokenizer_corpus(name)` on a function
+`corpus(data_config) -> (texts, vocab_size)`; `tokenizer_corpus(data_config)` finds it.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ LEGACY_PATH_FIELDS = ("json_path", "parquet_paths")
 
 Reader = Callable[..., tuple[list[Any], collections.Counter]]
 _READERS: dict[str, dict[str, Reader]] = {kind: {} for kind in KINDS}
+TokenizerCorpus = Callable[[ml_collections.ConfigDict], tuple[list[str], int]]
+_TOKENIZER_CORPORA: dict[str, TokenizerCorpus] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +107,35 @@ def read(
     )
   records, skipped = _READERS[kind][source](data_config, **options)
   return records, collections.Counter(skipped)
+
+
+def register_tokenizer_corpus(name: str) -> Callable[[TokenizerCorpus], TokenizerCorpus]:
+  """Decorator: registers `corpus(data_config) -> (texts, vocab_size)`, the text a BPE
+  tokenizer is trained on when a run on source `name` names no tokenizer."""
+
+  def decorate(corpus: TokenizerCorpus) -> TokenizerCorpus:
+    if name in _TOKENIZER_CORPORA and _TOKENIZER_CORPORA[name] is not corpus:
+      raise ValueError(f"a tokenizer corpus for source {name!r} is already registered")
+    _TOKENIZER_CORPORA[name] = corpus
+    return corpus
+
+  return decorate
+
+
+def tokenizer_corpus(data_config: ml_collections.ConfigDict) -> tuple[list[str], int] | None:
+  """(texts, vocab_size) to train `data_config.source`'s own tokenizer on, or None when the
+  source registered no corpus (it then needs a published tokenizer)."""
+  source = data_config.get("source", "")
+  if source not in _TOKENIZER_CORPORA:
+    plugins.load()
+  corpus = _TOKENIZER_CORPORA.get(source)
+  return None if corpus is None else corpus(data_config)
+
+
+def tokenizer_corpus_names() -> tuple[str, ...]:
+  """The sources with a registered tokenizer corpus (plugins' included), sorted."""
+  plugins.load()
+  return tuple(sorted(_TOKENIZER_CORPORA))
 
 
 def data_paths(data_config: ml_collections.ConfigDict) -> list[str]:
@@ -153,39 +191,9 @@ def _read_each(read_one, paths: list[str]) -> tuple[list[Any], collections.Count
   return records, skipped
 
 
-def _shapes_world(data_config: ml_collections.ConfigDict):
-  from lmm_align.shapes import world as shapes
-
-  s = data_config.shapes
-  return shapes.ShapesWorldConfig(
-    image_size=s.image_size,
-    hallucination_rate=s.hallucination_rate,
-    max_objects=s.max_objects,
-    seed=s.seed,
-  )
-
-
 # ------------------------------------------------------------------------------------------
 # Conversations (SFT).
 # ------------------------------------------------------------------------------------------
-
-
-@register("conversations", "shapes")
-def _shapes_conversations(data, *, encoding: ConversationEncoding):
-  from lmm_align.data.pipeline import Example
-  from lmm_align.shapes import world as shapes
-
-  records = shapes.make_sft_records(
-    data.shapes.num_train, _shapes_world(data), seed=data.shapes.seed
-  )
-  examples = []
-  for record in records:
-    encoded = conversation.encode_conversation(
-      record["conversations"], encoding.tokenizer, encoding.template, encoding.num_image_tokens,
-      encoding.image_token_id, record_id=record["id"],
-    )  # fmt: skip
-    examples.append(Example(record["id"], encoded.input_ids, encoded.labels, record.get("image")))
-  return examples, collections.Counter()
 
 
 @register("conversations", "llava_json")
@@ -227,29 +235,6 @@ def _llava_critic(data, *, encoding: ConversationEncoding):
 # ------------------------------------------------------------------------------------------
 # Preference pairs (reward model and DPO).
 # ------------------------------------------------------------------------------------------
-
-
-@register("pairs", "shapes_pairs")
-def _shapes_pairs(data, **_options):
-  """data.shapes.pair_set: "reward" (captions and yes/no questions with facts, the reward
-  model's ground truth) or "captions" (caption pairs only, the DPO runs' ground truth)."""
-  from lmm_align.data import preference, preference_sources
-
-  s, world = data.shapes, _shapes_world(data)
-  pair_set = s.get("pair_set", "reward")
-  if pair_set == "reward":
-    records = preference_sources.shapes_reward_records(
-      s.num_train, world, seed=s.seed, omission_fraction=s.omission_fraction,
-      binding_fraction=s.binding_fraction,
-    )  # fmt: skip
-  elif pair_set == "captions":
-    records = preference.shapes_preference_records(
-      s.num_train, world, seed=s.seed, omission_fraction=s.omission_fraction,
-      binding_fraction=s.binding_fraction,
-    )  # fmt: skip
-  else:
-    raise ValueError(f"data.shapes.pair_set={pair_set!r}: use 'reward' or 'captions'")
-  return records, collections.Counter()
 
 
 @register("pairs", "llava_rlhf")
@@ -304,16 +289,6 @@ register("pairs", "tfds_rlaifv")(_tfds_pairs("RLAIFV_NAME"))
 # ------------------------------------------------------------------------------------------
 # RL prompts (PPO, best-of-N, the iterative loop).
 # ------------------------------------------------------------------------------------------
-
-
-@register("prompts", "shapes_prompts")
-def _shapes_prompts(data, *, yes_no_fraction: float = 0.5, **_options):
-  from lmm_align.data import preference_sources
-
-  return preference_sources.shapes_ppo_prompts(
-    data.shapes.num_train, _shapes_world(data), seed=data.shapes.seed,
-    yes_no_fraction=yes_no_fraction,
-  ), collections.Counter()  # fmt: skip
 
 
 @register("prompts", "llava_rlhf_prompts")

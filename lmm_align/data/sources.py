@@ -1,7 +1,7 @@
 """Where a run's tokenizer, image preprocessing and supervised examples come from, by config.
 
-data.source: any "conversations" source of `lmm_align.data.registry` (shapes, llava_json,
-tfds, llava_critic_parquet).
+data.source: any "conversations" source of `lmm_align.data.registry` (llava_json, tfds,
+llava_critic_parquet, and those plugins register, such as the shapes world's "shapes").
 """
 
 from __future__ import annotations
@@ -21,38 +21,14 @@ from lmm_align.data.images import CLIP_VIT_L14_336, ImageProcessorConfig
 from lmm_align.data.pipeline import AnyresTiling, Example, SupervisedData
 from lmm_align.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from lmm_align.models.config import ModelConfig
-from lmm_align.shapes import world as shapes
 
 TOKENIZER_DIR = "tokenizer"
 
 
-def shapes_world_config(config: ml_collections.ConfigDict) -> shapes.ShapesWorldConfig:
-  s = config.data.shapes
-  return shapes.ShapesWorldConfig(
-    image_size=s.image_size,
-    hallucination_rate=s.hallucination_rate,
-    max_objects=s.max_objects,
-    seed=s.seed,
-  )
-
-
-def _shapes_tokenizer_corpus(config: ml_collections.ConfigDict) -> list[str]:
-  template = conversation.get_template(config.data.template)
-  records = shapes.make_sft_records(
-    config.data.shapes.tokenizer_records,
-    shapes_world_config(config),
-    seed=[config.data.shapes.seed, 7],
-  )
-  texts = [template.system]
-  for record in records:
-    texts.append(conversation.render_conversation(record["conversations"], template))
-    texts.append(record["metadata"]["facts"])
-  return texts
-
-
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """config.tokenizer, else init_from's tokenizer, else the workdir's, else (shapes world) a
-  BPE trained on shapes-world text and saved in the workdir so restarts reuse it."""
+  """config.tokenizer, else init_from's tokenizer, else the workdir's, else (a source with a
+  registered tokenizer corpus, such as the shapes world) a BPE trained on the source's text
+  and saved in the workdir so restarts reuse it."""
   if config.tokenizer:
     return load_tokenizer(config.tokenizer)
   if config.init_from:
@@ -60,13 +36,14 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> Any:
   saved = pathlib.Path(workdir) / TOKENIZER_DIR
   if saved.is_dir():
     return load_tokenizer(saved)
-  if config.data.source != "shapes":
+  corpus = registry.tokenizer_corpus(config.data)
+  if corpus is None:
     raise ValueError(
-      "set config.tokenizer or config.init_from: only the shapes world trains its own tokenizer"
+      f"set config.tokenizer or config.init_from: data.source={config.data.source!r} trains no "
+      f"tokenizer of its own (sources that do: {list(registry.tokenizer_corpus_names())})"
     )
-  return train_bpe_tokenizer(
-    _shapes_tokenizer_corpus(config), config.data.shapes.vocab_size, out_dir=saved
-  )
+  texts, vocab_size = corpus
+  return train_bpe_tokenizer(texts, vocab_size, out_dir=saved)
 
 
 def image_config_for(
@@ -148,10 +125,16 @@ def sft_data(
 def anyres_tiling(
   config: ml_collections.ConfigDict, model: ModelConfig, image_config: AnyresImageConfig
 ) -> AnyresTiling:
-  """An anyres model's batching: data.tile_buckets (default: one bucket, the most tiles an
-  image can take, `packing.max_tiles_per_image`)."""
-  buckets = config.data.get("tile_buckets") or (model.packing.max_tiles_per_image,)
-  return AnyresTiling(image_config, model.packing, tuple(buckets), model.num_image_tokens)
+  """An anyres model's batching, its rows' tiles padded to `tile_buckets`."""
+  return AnyresTiling(
+    image_config, model.packing, tile_buckets(config, model), model.num_image_tokens
+  )
+
+
+def tile_buckets(config: ml_collections.ConfigDict, model: ModelConfig) -> tuple[int, ...]:
+  """data.tile_buckets; by default one bucket, the most tiles an image can take
+  (`packing.max_tiles_per_image`)."""
+  return tuple(config.data.get("tile_buckets") or (model.packing.max_tiles_per_image,))
 
 
 def workdir_tokenizer_path(workdir: str) -> str:

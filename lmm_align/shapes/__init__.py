@@ -8,4 +8,7 @@ vision-tower pretraining (`tower`). Importing the package registers its names: t
 """
 
 # Registrations: each import adds the module's names to a registry.
-from lmm_align.shapes import tower  # noqa: F401  (trainer "shapes_tower")
+from lmm_align.shapes import (
+  data,  # noqa: F401  (sources shapes, shapes_pairs, shapes_prompts)
+  tower,  # noqa: F401  (trainer "shapes_tower")
+)

@@ -150,9 +150,10 @@ def evaluate_workdir_model(
 
 def _evaluate_shapes_config(config, model, params, tokenizer, e) -> dict[str, Any]:
   from lmm_align.data import sources
+  from lmm_align.shapes import data as shapes_data
 
   return evaluate_shapes(
-      model, params, tokenizer, sources.image_config_for(config, model.config), sources.shapes_world_config(config),
+      model, params, tokenizer, sources.image_config_for(config, model.config), shapes_data.world_config(config.data),
       num_scenes=e.num_scenes, seed=config.data.shapes.eval_seed, template=config.data.template,
       batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, pope_per_split=e.pope_per_split,
   )  # fmt: skip

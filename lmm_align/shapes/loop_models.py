@@ -33,6 +33,7 @@ from lmm_align.judges.base import JudgeRequest
 from lmm_align.judges.verdicts import parse_pairwise
 from lmm_align.shapes import metrics as shapes_metrics
 from lmm_align.shapes import world as shapes
+from lmm_align.shapes.critic_records import make_critic_records
 from lmm_align.shapes.evaluation import DESCRIBE_QUESTION, answer_questions
 from lmm_align.trainers import iterative
 
@@ -354,7 +355,7 @@ def critic_records(
   answer "reason": the reason naming each wrong object, then the verdict line; "verdict":
   the verdict line alone."""
   template = critic.PromptTemplate.from_file(prompt_file, "pairwise")
-  records = critic.make_critic_records(n, world, seed=seed, pairwise_fraction=1.0, tie_fraction=0.2)
+  records = make_critic_records(n, world, seed=seed, pairwise_fraction=1.0, tie_fraction=0.2)
   for r in records:
     first, second = r["metadata"]["responses"]
     prompt = critic.pairwise_prompt(r["metadata"]["question"], first, second, template=template)

@@ -96,6 +96,7 @@ def pretrain(config, out: pathlib.Path, steps: int, batch_size: int, lr: float, 
   """Trains the tower of `config` (an SFT config) and writes it to `out`; returns metrics."""
   from lmm_align import hf
   from lmm_align.data import sources
+  from lmm_align.shapes import data as shapes_data
 
   model_config = _vision_model_config(config)
   if model_config.vision.image_size // model_config.vision.patch_size != 3:
@@ -104,7 +105,7 @@ def pretrain(config, out: pathlib.Path, steps: int, batch_size: int, lr: float, 
       "pixel patches: the cell heads need the scene's 3x3 grid as the patch grid "
       "(image_size = 3 * patch_size)"
     )
-  world = sources.shapes_world_config(config)
+  world = shapes_data.world_config(config.data)
   image_config = sources.image_config_for(config, model_config)
   num_classes = (len(world.shapes) + 1, len(world.colours) + 1, len(shapes.SIZES) + 1)
   model = CellTower(model_config, num_classes)

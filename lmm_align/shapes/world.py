@@ -30,8 +30,6 @@ use the same template and differ only by the hallucination: a ready-made prefere
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -706,19 +704,3 @@ def make_sft_records(
 ) -> list[dict[str, Any]]:
   """Records 0..n-1 of the SFT mixture (see `make_sft_record`)."""
   return [make_sft_record(i, config, seed) for i in range(n)]
-
-
-def save_llava_dataset(
-  records: Sequence[dict[str, Any]], directory: str | pathlib.Path, name: str = "data.json"
-) -> pathlib.Path:
-  """Writes records as LLaVA's JSON array, with PNGs under `images/` named by relative path."""
-  directory = pathlib.Path(directory)
-  (directory / "images").mkdir(parents=True, exist_ok=True)
-  out = []
-  for record in records:
-    relative = f"images/{record['id']}.png"
-    record["image"].save(directory / relative)
-    out.append({**record, "image": relative})
-  path = directory / name
-  path.write_text(json.dumps(out, indent=1))
-  return path

@@ -67,9 +67,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lmm_align.data import jsonl, preference_sources, sources
+from lmm_align.data import jsonl, preference_sources
 from lmm_align.feedback import candidates as candidates_lib
 from lmm_align.feedback import rlaifv
+from lmm_align.shapes import data as shapes_data
 from lmm_align.shapes import metrics as shapes_metrics
 from lmm_align.shapes import world as shapes
 from lmm_align.trainers import export, registry
@@ -163,7 +164,7 @@ def write_prompts(config: ml_collections.ConfigDict, round_index: int, out: path
   if source != "shapes":
     _write_source_prompts(config, source, round_index, out)
     return
-  world = sources.shapes_world_config(config)
+  world = shapes_data.world_config(config.data)
   scenes = shapes.make_scenes(
     config.prompts.num_per_round, world, seed=[config.prompts.seed, round_index]
   )
@@ -608,7 +609,7 @@ def make_pairs(
   scenes = read_scenes(prompts_dir)
   if scenes:
     for pair in pairs:
-      pair["facts"] = preference_sources.scene_facts(scenes[pair_prompt_id(pair)])
+      pair["facts"] = shapes_data.scene_facts(scenes[pair_prompt_id(pair)])
   if p.sft_on == "unrejected":  # RLAIF-V scores: 0 = the labeler rejected no claim
     for pair in pairs:
       pair["sft_weight"] = float(pair["chosen_score"] == 0)
@@ -704,7 +705,7 @@ def evaluate_policy(config: ml_collections.ConfigDict, path: str, out: pathlib.P
   if kind != "shapes":
     raise ValueError(f"eval.kind={kind!r}: use 'shapes' or 'none'")
   policy = load_policy(path, config.data.template)
-  e, world = config.eval, sources.shapes_world_config(config)
+  e, world = config.eval, shapes_data.world_config(config.data)
   kwargs = dict(template=config.data.template, batch_size=e.batch_size)
   metrics = shapes_eval.evaluate_shapes(
       policy.model, policy.params, policy.tokenizer, policy.image_config, world,

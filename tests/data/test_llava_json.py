@@ -11,7 +11,7 @@ from PIL import Image
 
 from lmm_align.data.conversation import encode_conversation, get_template
 from lmm_align.data.images import load_image
-from lmm_align.data.llava_json import DataError, read_llava_json
+from lmm_align.data.llava_json import DataError, read_llava_json, save_llava_dataset
 from lmm_align.data.tokenizer import IMAGE_TOKEN, train_bpe_tokenizer
 
 P, IMAGE_ID = 3, 4  # tiny image-token count; id 4 is <image> in train_bpe_tokenizer
@@ -349,3 +349,25 @@ def test_pope_questions_read_as_text_only_jsonl(tokenizer, tmp_path, shared_refe
 
 def test_image_token_is_the_tokenizers(tokenizer):
   assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == IMAGE_ID
+
+
+def test_save_llava_dataset_writes_what_read_llava_json_reads(tokenizer, tmp_path):
+  pixels = np.random.default_rng(3).integers(0, 256, (5, 7, 3), np.uint8)
+  records = [
+    {"id": "a", "image": Image.fromarray(pixels), "conversations": make_turns("Colour?")},
+    {"id": "b", "image": None, "conversations": make_turns("Say hi.", "Hi.", image=False)},
+    {"id": "c", "conversations": make_turns("Hello.", "Hi.", image=False), "metadata": {"k": 1}},
+  ]
+  path = save_llava_dataset(records, tmp_path / "out", "kept.json")
+  saved = json.loads(path.read_text())
+  assert saved == [
+    {"id": "a", "image": "images/a.png", "conversations": records[0]["conversations"]},
+    {"id": "b", "conversations": records[1]["conversations"]},
+    records[2],
+  ]
+  examples, skipped = read(tokenizer, path, tmp_path / "out")
+  assert not skipped and [e.record_id for e in examples] == ["a", "b", "c"]
+  np.testing.assert_array_equal(np.asarray(examples[0].image()), pixels)  # PNG: lossless
+  assert examples[1].image is None
+  with pytest.raises(ValueError, match=r"record 0 \(id 'x'\), field 'image': expected a PIL"):
+    save_llava_dataset([{"id": "x", "image": "a.png"}], tmp_path / "bad")

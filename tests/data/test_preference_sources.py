@@ -15,7 +15,6 @@ from lmm_align.data import reward_data as rd
 from lmm_align.data.images import load_image
 from lmm_align.data.llava_json import DataError
 from lmm_align.data.tokenizer import train_bpe_tokenizer
-from lmm_align.shapes import world as shapes
 
 
 def png_bytes(seed: int, size=(6, 5), mode="RGB") -> bytes:
@@ -324,87 +323,6 @@ def test_rlaifv_bad_rows_and_files(tmp_path):
   assert ps.read_rlaifv_parquet(path)[0]  # bytes are present; not opened by default
   with pytest.raises(DataError, match="field 'image': not a readable image"):
     ps.read_rlaifv_parquet(path, check_images="verify")
-
-
-# ------------------------------------------------------------------------------------------
-# Shapes world.
-# ------------------------------------------------------------------------------------------
-
-WORLD = shapes.ShapesWorldConfig(image_size=32)
-
-
-def _mentions(text, obj):
-  return obj.name in text
-
-
-def _pairs_named(text):
-  return {(c, s) for c in shapes.COLOURS for s in shapes.SHAPES if f"{c} {s}" in text}
-
-
-def test_shapes_reward_records_prefer_the_truth():
-  records = ps.shapes_reward_records(40, WORLD, seed=3)
-  again = ps.shapes_reward_records(40, WORLD, seed=3)
-  assert [(r["question"], r["chosen"]) for r in again] == [
-    (r["question"], r["chosen"]) for r in records
-  ]
-  scenes = shapes.make_scenes(40, WORLD, seed=3)
-  kinds = {"caption": 0, "existence": 0, "omission": 0}
-  for record, scene in zip(records, scenes):
-    assert record["id"] == scene.id and record["chosen"] != record["rejected"]
-    np.testing.assert_array_equal(np.asarray(record["image"]), np.asarray(shapes.render(scene, 32)))
-    facts = record["facts"]
-    assert facts == ps.scene_facts(scene)
-    assert all(any(_mentions(f, o) for f in facts) for o in scene.objects)
-    assert record["chosen"] not in facts and record["rejected"] not in facts
-    if record["question"].startswith("Is there"):
-      kinds["existence"] += 1
-      name = record["question"][len("Is there ") : -len(" in the image?")].split(" ", 1)[1]
-      present = tuple(name.split()) in scene.pairs
-      assert record["chosen"].startswith("Yes" if present else "No")
-      assert record["rejected"].startswith("No" if present else "Yes")
-    else:
-      assert _pairs_named(record["chosen"]) == scene.pairs  # the truth, complete
-      rejected = _pairs_named(record["rejected"])
-      if rejected < scene.pairs:  # truthful but one object short
-        kinds["omission"] += 1
-        assert len(scene.pairs - rejected) == 1
-      else:
-        kinds["caption"] += 1
-        assert rejected - scene.pairs  # names an absent pair
-  assert kinds["caption"] > 0 and kinds["existence"] > 0 and kinds["omission"] > 0
-
-
-def test_scene_facts_by_hand():
-  objects = (
-    shapes.SceneObject("circle", "red", "large", 0, 0),
-    shapes.SceneObject("star", "orange", "small", 1, 1),
-  )
-  scene = shapes.Scene(objects, background="gray")
-  assert ps.scene_facts(scene) == [
-    "A large red circle is located in the top left.",
-    "A small orange star is located in the center.",
-    "The picture has a gray background.",
-    "The picture contains two shapes in total.",
-  ]
-
-
-def test_shapes_ppo_prompts_label_yes_no_from_the_ground_truth():
-  records = ps.shapes_ppo_prompts(40, WORLD, seed=5)
-  scenes = shapes.make_scenes(40, WORLD, seed=5)
-  types = [r["caption_type"] for r in records]
-  assert {ps.GENERAL, ps.NO_IN_YESNO, ps.YES_IN_YESNO} <= set(types)
-  for record, scene in zip(records, scenes):
-    assert record["facts"] == ps.scene_facts(scene) and record["length_bonus"] == 1.0
-    assert record["scene"] == scene.to_dict()
-    assert record["image"].size == (32, 32)
-    if record["caption_type"] == ps.GENERAL:
-      assert record["question"] == "Describe the image."
-    else:
-      colour, shape = record["question"].split()[3:5]
-      present = (colour, shape) in scene.pairs
-      assert record["caption_type"] == (ps.YES_IN_YESNO if present else ps.NO_IN_YESNO)
-  again = ps.shapes_ppo_prompts(40, WORLD, seed=5)
-  assert [r["question"] for r in again] == [r["question"] for r in records]
 
 
 @pytest.mark.parametrize(

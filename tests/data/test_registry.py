@@ -126,14 +126,6 @@ def test_llava_json_shards_through_the_registry(tmp_path, encoding):
   assert examples[1].image is None
 
 
-def test_shapes_conversations_through_the_registry(encoding):
-  examples, skipped = registry.read(
-    "conversations", data_config(source="shapes"), encoding=encoding
-  )
-  assert not skipped and len(examples) == 6
-  assert all(int(np.sum(e.input_ids == IMAGE_ID)) == P for e in examples)
-
-
 def critic_table(rows, conversations_as_json=False) -> pa.Table:
   image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
   turn_type = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
@@ -303,7 +295,7 @@ def test_llava_rlhf_pairs_through_the_registry(tmp_path, encoding):
     registry.read("pairs", data)
 
 
-def test_pairs_jsonl_and_shapes_pairs_through_the_registry(tmp_path, encoding):
+def test_pairs_jsonl_through_the_registry(tmp_path, encoding):
   path = write_jsonl(tmp_path / "pairs.jsonl", [
     {"id": "a", "image": None, "question": "Q?", "chosen": "Yes.", "rejected": "No."},
     {"id": "b", "image": None, "question": 3, "chosen": "Yes.", "rejected": "No."},
@@ -315,17 +307,6 @@ def test_pairs_jsonl_and_shapes_pairs_through_the_registry(tmp_path, encoding):
   )
   assert [r["id"] for r in records] == ["a"] and skipped == {"skipped_bad_field": 1}
   assert len(encode_pairs(records, encoding)) == 1
-
-  data = data_config(source="shapes_pairs")
-  reward, _ = registry.read("pairs", data)
-  assert all(r["facts"] for r in reward)  # the reward model's ground truth has facts
-  data.shapes.pair_set = "captions"
-  captions, _ = registry.read("pairs", data)
-  assert all("facts" not in r and r["question"].startswith("<image>") for r in captions)
-  assert len(encode_pairs(reward, encoding)) == len(encode_pairs(captions, encoding)) == 6
-  data.shapes.pair_set = "other"
-  with pytest.raises(ValueError, match="data.shapes.pair_set='other'"):
-    registry.read("pairs", data)
 
 
 # ------------------------------------------------------------------------------------------
@@ -388,7 +369,7 @@ def test_prompt_sources_bad_records_named_or_skipped(tmp_path):
     registry.read("prompts", data_config(source="rlaifv_jsonl", path=rlaifv))
 
 
-def test_llava_rlhf_and_shapes_prompts_through_the_registry(tmp_path, encoding):
+def test_llava_rlhf_prompts_through_the_registry(tmp_path, encoding):
   (tmp_path / "000000000042.jpg").write_bytes(png_bytes(5))
   (tmp_path / "ppo.json").write_text(json.dumps([
     {"id": "q1", "image": "000000000042.jpg", "caption_type": 3, "length_bonus": 0.5,
@@ -403,7 +384,3 @@ def test_llava_rlhf_and_shapes_prompts_through_the_registry(tmp_path, encoding):
   assert not skipped
   assert (record["caption_type"], record["length_bonus"], record["facts"]) == (3, 0.5, ["A dog."])
   assert int(np.sum(prompt_ids(record, encoding) == IMAGE_ID)) == P
-
-  shapes_data = data_config(source="shapes_prompts")
-  records, _ = registry.read("prompts", shapes_data, yes_no_fraction=1.0)
-  assert len(records) == 6 and all(r["caption_type"] in (6, 7) and r["scene"] for r in records)

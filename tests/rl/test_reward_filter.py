@@ -13,14 +13,14 @@ import pytest
 
 from lmm_align.data import conversation, reward_data
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
-from lmm_align.data.llava_json import DataError, read_llava_json
-from lmm_align.data.preference_sources import scene_facts
+from lmm_align.data.llava_json import DataError, read_llava_json, save_llava_dataset
 from lmm_align.data.tokenizer import train_bpe_tokenizer
 from lmm_align.hf.reward import RewardModel
 from lmm_align.models import Llava, get_variant
 from lmm_align.models.llava import dummy_inputs
 from lmm_align.rl import reward_filter as rf
 from lmm_align.shapes import world as shapes
+from lmm_align.shapes.data import record_facts, scene_facts
 
 TEMPLATE = "vicuna_v1"
 WORLD = shapes.ShapesWorldConfig(image_size=48, max_objects=2)
@@ -43,7 +43,7 @@ def tokenizer():
 @pytest.fixture
 def dataset(tmp_path):
   """data.json: four image records (a-d), a text-only one (e), a two-round one (f)."""
-  path = shapes.save_llava_dataset(shapes.make_sft_records(4, WORLD, seed=3), tmp_path)
+  path = save_llava_dataset(shapes.make_sft_records(4, WORLD, seed=3), tmp_path)
   raw = json.loads(path.read_text())
   for record, new_id in zip(raw, "abcd"):
     record["id"] = new_id
@@ -109,6 +109,31 @@ def test_scoring_turns_of_the_first_round_or_the_whole_conversation():
   assert rf.scoring_turns(turns, "whole") == (turns[1:3], "Q2", "A2")
   with pytest.raises(rf.RecordIssue, match="turn 1 \\(human\\) is not followed by an answer"):
     rf.scoring_turns(turns[:2], "first")
+
+
+def test_in_memory_records_take_their_own_facts_else_facts_from(tmp_path):
+  records = [{"id": k, "image": None, "conversations": [
+    {"from": "human", "value": f"Q{k}"}, {"from": "gpt", "value": f"A{k}"}]} for k in "abcd"]  # fmt: skip
+  records[0]["facts"] = ["Own fact."]
+  scorer = StubScorer(fact_augmented=True)
+  result = rf.filter_records(
+    records, tmp_path, scorer, keep_fraction=0.5, facts_from=lambda r: [f"Fact of {r['id']}."]
+  )
+  assert [item.facts for item in scorer.seen] == [
+    ["Own fact."],
+    ["Fact of b."],
+    ["Fact of c."],
+    ["Fact of d."],
+  ]
+  assert result.kept.tolist() == [1, 3]  # b 2.0 and d 2.0 over a 0.5 and c -1
+  saved = json.loads(result.json_path.read_text())
+  assert [r["id"] for r in saved] == ["b", "d"] and "image" not in saved[0]
+  with pytest.raises(DataError, match="record 1 \\(id 'b'\\), field 'facts': no facts"):
+    rf.filter_records(records, tmp_path / "bad", StubScorer(True), keep_fraction=0.5)
+  skipped = rf.filter_records(
+    records, tmp_path / "skip", StubScorer(True), keep_fraction=0.5, on_error="skip"
+  )
+  assert skipped.counts == {"records": 4, "scored": 1, "kept": 1, "skipped_missing_facts": 3}
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +244,7 @@ def test_a_tiny_reward_model_scores_like_a_direct_forward_and_the_top_is_written
   scorer = rf.RewardModelRecordScorer(rm, tokenizer, image_config, template=TEMPLATE,
                                       fact_seed=7, batch_size=4, buckets=(ROW_LENGTH,))  # fmt: skip
   records = shapes.make_sft_records(5, WORLD, seed=4)
-  result = rf.filter_shapes_records(records, tmp_path, scorer, keep_fraction=0.4)
+  result = rf.filter_records(records, tmp_path, scorer, keep_fraction=0.4, facts_from=record_facts)
 
   forward = jax.jit(lambda ids, pixels: rm.model.apply(
     {"params": rm.backbone}, ids, pixel_values=pixels, with_logits=False).hidden_states)  # fmt: skip
@@ -251,4 +276,4 @@ def test_a_tiny_reward_model_scores_like_a_direct_forward_and_the_top_is_written
 
   bare = [{**records[0], "metadata": {}}]
   with pytest.raises(DataError, match="record 0 .*field 'metadata'.*no metadata.scene"):
-    rf.filter_shapes_records(bare, tmp_path / "bad", scorer, keep_fraction=0.5)
+    rf.filter_records(bare, tmp_path / "bad", scorer, keep_fraction=0.5, facts_from=record_facts)

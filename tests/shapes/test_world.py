@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lmm_align.shapes import world as shapes
 from lmm_align.shapes.metrics import (
@@ -211,17 +210,6 @@ def test_captions_are_deterministic_and_varied():
 def test_config_rejects_bad_values(kwargs):
   with pytest.raises(ValueError):
     shapes.ShapesWorldConfig(**kwargs)
-
-
-def test_save_llava_dataset_writes_relative_image_paths(tmp_path, records):
-  path = shapes.save_llava_dataset(records[:3], tmp_path)
-  saved = json.loads(path.read_text())
-  assert [r["id"] for r in saved] == [r["id"] for r in records[:3]]
-  for row, record in zip(saved, records):
-    assert row["image"] == f"images/{record['id']}.png"
-    assert row["conversations"] == record["conversations"]
-    with Image.open(tmp_path / row["image"]) as image:
-      np.testing.assert_array_equal(_pixels(image), _pixels(record["image"]))
 
 
 def test_caption_pairs_by_kind():

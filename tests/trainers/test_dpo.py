@@ -136,10 +136,10 @@ def test_pairs_jsonl_source_loads_images_and_skips_bad_pairs_when_asked(tmp_path
 
 def _write_shapes_pairs(folder: pathlib.Path, n: int, sft_weights=None) -> pathlib.Path:
   """n ground-truth shapes pairs as a pairs JSONL with PNGs beside it."""
-  from lmm_align.data import sources
+  from lmm_align.shapes import data as shapes_data
 
   config = shapes_dpo.get_config("runlocal")
-  records = preference.shapes_preference_records(n, sources.shapes_world_config(config), seed=1)
+  records = shapes_data.preference_records(n, shapes_data.world_config(config.data), seed=1)
   folder.mkdir(parents=True, exist_ok=True)
   lines = []
   for i, r in enumerate(records):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from configs.shapes import iterative_dpo as shapes_iterative_dpo
-from lmm_align.data import preference_sources
 from lmm_align.feedback import rlaifv
 from lmm_align.judges.base import FunctionJudge
 from lmm_align.shapes import world as shapes
+from lmm_align.shapes.data import scene_facts
 from lmm_align.trainers import iterative
 
 
@@ -109,7 +109,7 @@ def test_loop_writes_round_summaries_and_the_workdir_summary(uninterrupted, poli
     }  # fmt: skip
     for p in pairs:
       scene = scenes[p["id"].split("#")[0]]
-      assert p["facts"] == preference_sources.scene_facts(scene)
+      assert p["facts"] == scene_facts(scene)
   # Each round samples new scenes, and the next policy is the previous round's export.
   ids = [
     {json.loads(x)["id"] for x in (uninterrupted / f"round_{r}/prompts/prompts.jsonl").open()}
