@@ -35,20 +35,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from lmm_align import config_files, optim, run_config, sharding
-from lmm_align.models.config import ModelConfig
-from lmm_align.models.heads import ScalarHead
-from lmm_align.models.llava import Llava, dummy_inputs
-from lmm_align.models.lora import model_variables
-from lmm_align.trainers import dpo, reward, sft
-from lmm_align.trainers import state as state_lib
+from lmm_align import config_files, sharding
+from lmm_align.aot import programs as programs_lib
+from lmm_align.aot import rl_programs
+from lmm_align.aot.abstract import GIB, Program, bytes_per_chip, model_config_of
 
-GIB = 1024**3
 EXIT_DOES_NOT_FIT = 3
 EXIT_BAD_INPUT = 2
 
@@ -176,325 +170,19 @@ def mesh_for(acc: Accelerator, sizes: Sequence[int], devices: list) -> Mesh:
     raise ValueError(f"--mesh={','.join(map(str, sizes))} on {acc.name}: {e}") from e
 
 
-# --------------------------------------------------------------------------------------------
-# Abstract params, state and batches.
-# --------------------------------------------------------------------------------------------
-
-
-def with_sharding(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
-  )
-
-
-def _unboxed(boxed: Any) -> Any:
-  # .value, not nn.unbox: unboxing applies a sharding constraint, which needs a traced value.
-  return jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
-def abstract_variables(model: Llava, mesh: Mesh, rules) -> dict[str, tuple[Any, Any]]:
-  """{collection: (ShapeDtypeStructs with shardings, shardings)} of the model's init."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model.config)))
-  out = {}
-  for collection, tree in boxed.items():
-    shards = sharding.logical_shardings(tree, mesh, rules)
-    out[collection] = (with_sharding(_unboxed(tree), shards), shards)
-  return out
-
-
-def abstract_head(head: ScalarHead, hidden: int, mesh: Mesh, rules) -> tuple[Any, Any]:
-  boxed = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.zeros((1, 1, hidden))))["params"]
-  shards = sharding.logical_shardings(boxed, mesh, rules)
-  return with_sharding(_unboxed(boxed), shards), shards
-
-
-def abstract_train_state(
-  config: ml_collections.ConfigDict, params: Any, param_shards: Any, mesh: Mesh
-) -> tuple[state_lib.TrainState, state_lib.TrainState, Any]:
-  """(state, its shardings, tx) as `state.create_train_state` builds them, without values."""
-  tx = state_lib.make_optimizer(config, params)
-  trainable, _ = optim.split_trainable(params, tuple(config.trainable))
-  trainable_shards, _ = optim.split_trainable(param_shards, tuple(config.trainable))
-  dtype = config.optim.state_dtype
-  opt_shards = state_lib.opt_state_shardings(tx, trainable, trainable_shards, mesh, dtype)
-  opt_state = jax.eval_shape(lambda p: optim.init_optimizer_state(tx, p, dtype), trainable)
-  rep = sharding.replicated(mesh)
-  key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-  state = state_lib.TrainState(
-    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-    params=params,
-    opt_state=with_sharding(opt_state, opt_shards),
-    rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=rep),
-  )
-  shards = state_lib.TrainState(step=rep, params=param_shards, opt_state=opt_shards, rng=rep)
-  return state, shards, tx
-
-
-def rows(mesh: Mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
-  """A batch field: leading axis over (data, fsdp), as `sharding.global_batch_from_local`."""
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-
-
-def sequence_batch(model_config: ModelConfig, mesh: Mesh, lead: tuple[int, ...], seq: int) -> dict:
-  """input_ids / labels / attention_mask int32[*lead, T]; pixel_values float32[*lead, 1, H, W, 3]
-  (one image per sequence, as the data pipelines batch it)."""
-  out = {k: rows(mesh, (*lead, seq), jnp.int32) for k in ("input_ids", "labels", "attention_mask")}
-  if model_config.vision is not None:
-    v = model_config.vision
-    out["pixel_values"] = rows(
-      mesh, (*lead, 1, v.image_size, v.image_size, v.num_channels), jnp.float32
-    )
-  return out
-
-
-def bytes_per_chip(tree: Any) -> int:
-  """Bytes of each leaf's largest shard (XLA pads uneven shards to ceil(dim / shards))."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = list(x.shape)
-    s = x.sharding
-    if isinstance(s, NamedSharding):
-      for i, axes in enumerate(s.spec):
-        if axes is not None:
-          names = axes if isinstance(axes, tuple) else (axes,)
-          shape[i] = -(-shape[i] // int(np.prod([s.mesh.shape[a] for a in names])))
-    total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
-  return total
-
-
-def num_params(tree: Any) -> int:
-  return sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(tree))
-
-
-# --------------------------------------------------------------------------------------------
-# The model's own FLOPs.
-# --------------------------------------------------------------------------------------------
-
-_MODULES = ("vision_tower", "multi_modal_projector", "language_model")
-
-
-def pass_factors(trained: set[str], lora: bool) -> dict[str, tuple[int, int]]:
-  """{module: (matmul factor, attention factor)} in units of one forward pass.
-
-  A forward is 1; gradients with respect to activations add 1 where any module at or before
-  this one (tower -> projector -> LM) trains; gradients with respect to weights add 1 where
-  the module's own weights train (not LoRA's frozen base). Attention has no weights: its
-  backward is two forwards. So a trained LM is 6N per token, a frozen tower before it 2N.
-  """
-  out = {}
-  for i, module in enumerate(_MODULES):
-    activations = any(m in trained for m in _MODULES[: i + 1])
-    weights = module in trained and not lora
-    out[module] = (1 + activations + weights, 1 + 2 * activations)
-  return out
-
-
-def model_flops(
-  c: ModelConfig, sequences: int, seq: int, factors: dict[str, tuple[int, int]], lm_head=True
-) -> float:
-  """2 x matmul params per token (+ attention 4 T N H per token and layer, the full T x T the
-  kernels compute), over `sequences` rows of `seq` tokens with one image each, times the
-  per-module factors of `pass_factors`."""
-  t = c.text
-  q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-  layer = 2 * t.hidden_size * (q + kv) + 3 * t.hidden_size * t.intermediate_size
-  matmul = t.num_layers * layer + (t.hidden_size * t.vocab_size if lm_head else 0)
-  lm = factors["language_model"]
-  flops = sequences * seq * (lm[0] * 2 * matmul + lm[1] * 4 * seq * q * t.num_layers)
-  if c.vision is not None:
-    v = c.vision
-    tokens = v.num_patches + (1 if v.has_class_token else 0)  # SigLIP has none
-    tower = v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-    embed = v.patch_size**2 * v.num_channels * v.hidden_size
-    f = factors["vision_tower"]
-    flops += sequences * (
-      f[0] * 2 * (tokens * tower + v.num_patches * embed)
-      + f[1] * 4 * tokens**2 * v.hidden_size * v.num_layers
-    )
-    proj = v.hidden_size * t.hidden_size
-    if c.projector_type == "mlp2x_gelu":
-      proj += t.hidden_size**2
-    flops += sequences * factors["multi_modal_projector"][0] * 2 * c.num_image_tokens * proj
-  return float(flops)
-
-
-def trained_modules(trainable_params: Any) -> set[str]:
-  """Top-level model modules with at least one trained leaf."""
-  paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable_params)[0]]
-  return {m for m in _MODULES if any(f"{m}/" in f"/{p}/" or p.startswith(m) for p in paths)}
-
-
-# --------------------------------------------------------------------------------------------
-# The programs each trainer runs.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Program:
-  """One jitted function and its abstract arguments; `model_flops` is its own FLOP count."""
-
-  name: str
-  jitted: Callable
-  args: tuple
-  model_flops: float
-  by_hand: dict[str, Any]  # label -> abstract tree whose bytes per chip are reported
-
-
-def _split_lora(variables: dict, lora: bool):
-  """(trained, their shardings, base, base shardings) as `modelling.with_lora_split`."""
-  params, shards = variables["params"]
-  if not lora:
-    return params, shards, None, None
-  adapters, adapter_shards = variables["lora"]
-  return adapters, adapter_shards, params, shards
-
-
-def _check_rows(config: ml_collections.ConfigDict, mesh: Mesh, accum: int = 1) -> int:
-  dp = sharding.data_parallel_size(mesh)
-  if config.batch_size % (dp * accum):
-    raise ValueError(
-      f"config.batch_size={config.batch_size} must divide by data x fsdp ({dp}) x "
-      f"optim.grad_accum_steps ({accum})"
-    )
-  return config.batch_size
-
-
-def sft_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> list[Program]:
-  """trainers/sft.py: the train step."""
-  model = Llava(model_config)
-  lora = model_config.runtime.lora is not None
-  accum = config.optim.grad_accum_steps
-  batch_rows, seq = _check_rows(config, mesh, accum), config.data.max_length
-  params, shards, base, base_shards = _split_lora(abstract_variables(model, mesh, rules), lora)
-  state, state_shards, tx = abstract_train_state(config, params, shards, mesh)
-  step_fn = jax.tree_util.Partial(
-    sft.sft_train_step, model=model, tx=tx, trainable=tuple(config.trainable),
-    grad_accum_steps=accum, state_dtype=config.optim.state_dtype,
-  )  # fmt: skip
-  jitted = state_lib.jit_train_step(
-    lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
-  )
-  batch = sequence_batch(model_config, mesh, (batch_rows,), seq)
-  trained, _ = optim.split_trainable(params, tuple(config.trainable))
-  factors = pass_factors(trained_modules(trained), lora)
-  flops = model_flops(model_config, batch_rows, seq, factors)
-  by_hand = {"params": params, "optimizer state": state.opt_state, "frozen base": base}
-  return [Program("sft_train_step", jitted, (state, batch, base), flops, by_hand)]
-
-
-def dpo_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> list[Program]:
-  """trainers/dpo.py: the reference log-prob pass (when precomputed) and the train step."""
-  if config.optim.grad_accum_steps != 1:
-    raise ValueError("optim.grad_accum_steps: the DPO trainer does not accumulate gradients")
-  model = Llava(model_config)
-  reference_model = Llava(model_config.with_runtime(lora=None))
-  lora = model_config.runtime.lora is not None
-  pairs, seq = _check_rows(config, mesh), config.data.max_length
-  variables = abstract_variables(model, mesh, rules)
-  initial, initial_shards = variables["params"]
-  params, shards, base, base_shards = _split_lora(variables, lora)
-  d = config.dpo
-  batch = sequence_batch(model_config, mesh, (pairs, 2), seq)
-  if d.get("token_weight", 1.0) != 1.0:
-    batch["token_weights"] = rows(mesh, (pairs, 2, seq), jnp.float32)
-  forward = pass_factors(set(), False)
-  programs = []
-  reference, reference_shards = None, None
-  if d.precompute_reference:
-    fn = jax.jit(lambda v, b: dpo.pair_logps(reference_model, v, b, d.average_logps))
-    ref_args = ({"params": initial}, dict(batch))
-    flops = model_flops(model_config, 2 * pairs, seq, forward)
-    programs.append(Program("dpo_reference_logps", fn, ref_args, flops, {"params": ref_args[0]}))
-    batch["ref_logps"] = rows(mesh, (pairs, 2), jnp.float32)
-  elif base is None:
-    reference, reference_shards = initial, initial_shards  # a frozen copy of the start
-  state, state_shards, tx = abstract_train_state(config, params, shards, mesh)
-  step_fn = jax.tree_util.Partial(
-    dpo.dpo_train_step, model=model, reference_model=reference_model, tx=tx,
-    trainable=tuple(config.trainable), dpo=d, state_dtype=config.optim.state_dtype,
-  )  # fmt: skip
-  frozen = {"base": base, "reference": reference}
-  frozen_shards = {"base": base_shards, "reference": reference_shards}
-  jitted = state_lib.jit_train_step(
-    lambda s, b, f: step_fn(s, b, f), state_shards, mesh, frozen_shards
-  )
-  trained, _ = optim.split_trainable(params, tuple(config.trainable))
-  flops = model_flops(model_config, 2 * pairs, seq, pass_factors(trained_modules(trained), lora))
-  if not d.precompute_reference:
-    flops += model_flops(model_config, 2 * pairs, seq, forward)
-  by_hand = {"params": params, "optimizer state": state.opt_state, "frozen": frozen}
-  programs.append(Program("dpo_train_step", jitted, (state, batch, frozen), flops, by_hand))
-  return programs
-
-
-def reward_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> list[Program]:
-  """trainers/reward.py: the train step and the held-out scoring forward."""
-  if config.optim.grad_accum_steps != 1:
-    raise ValueError("optim.grad_accum_steps: the reward trainer does not accumulate gradients")
-  model, head = Llava(model_config), ScalarHead()
-  lora = model_config.runtime.lora is not None
-  pairs, seq = _check_rows(config, mesh), config.data.max_length
-  backbone, backbone_shards, base, base_shards = _split_lora(
-    abstract_variables(model, mesh, rules), lora
-  )
-  head_params, head_shards = abstract_head(head, model_config.text.hidden_size, mesh, rules)
-  params = {"backbone": backbone, "head": head_params}
-  shards = {"backbone": backbone_shards, "head": head_shards}
-  state, state_shards, tx = abstract_train_state(config, params, shards, mesh)
-  step_fn = jax.tree_util.Partial(
-    reward.reward_train_step, model=model, head=head, tx=tx, trainable=tuple(config.trainable),
-    centering_coef=config.reward.centering_coef, centering=config.reward.centering,
-    state_dtype=config.optim.state_dtype,
-  )  # fmt: skip
-  jitted = state_lib.jit_train_step(
-    lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
-  )
-  batch = sequence_batch(model_config, mesh, (pairs, 2), seq)
-  trained, _ = optim.split_trainable(params, tuple(config.trainable))
-  factors = pass_factors(trained_modules(trained.get("backbone", {})), lora)
-  flops = model_flops(model_config, 2 * pairs, seq, factors, lm_head=False)
-  by_hand = {"params": params, "optimizer state": state.opt_state, "frozen base": base}
-  programs = [Program("reward_train_step", jitted, (state, batch, base), flops, by_hand)]
-  # The trainer closes over the LoRA base; here it is an argument (the same bytes on the chip).
-  scores = jax.jit(
-    lambda p, frozen, b: reward.pair_rewards(
-      model, head, model_variables(p["backbone"], frozen), p["head"], b
-    )
-  )
-  flops = model_flops(model_config, 2 * pairs, seq, pass_factors(set(), False), lm_head=False)
-  by_hand = {"params": params, "frozen base": base}
-  programs.append(Program("reward_eval_scores", scores, (params, base, batch), flops, by_hand))
-  return programs
-
-
 # config.trainer -> the programs its run compiles (each built under the slice's abstract mesh).
 PROGRAMS: dict[str, Callable[..., list[Program]]] = {
-  "sft": sft_programs,
-  "dpo": dpo_programs,
-  "reward": reward_programs,
+  "sft": programs_lib.sft_programs,
+  "dpo": programs_lib.dpo_programs,
+  "reward": programs_lib.reward_programs,
+  "ppo": rl_programs.ppo_programs,
+  "iterative": rl_programs.iterative_programs,
 }
 
 
 # --------------------------------------------------------------------------------------------
 # Compile and report.
 # --------------------------------------------------------------------------------------------
-
-
-def model_config_of(config: ml_collections.ConfigDict) -> tuple[ModelConfig, list[str]]:
-  """The run's model, sized without weights or a tokenizer; notes say what was assumed."""
-  config = config.copy_and_resolve_references()
-  notes = []
-  if config.init_from and not os.path.exists(os.path.join(config.init_from, "config.json")):
-    notes.append(f"init_from {config.init_from} is not here: sized from the variant")
-    config.init_from = ""
-  if config.model.get("vocab_from_tokenizer"):
-    notes.append("vocab_from_tokenizer: the variant's vocabulary, not the tokenizer's")
-    config.model.vocab_from_tokenizer = False
-  try:
-    model_config = run_config.model_config_for(config, None)
-  except KeyError as e:
-    raise ValueError(f"config.model.variant={config.model.variant!r}: {e.args[0]}") from e
-  return model_config, notes
 
 
 @dataclasses.dataclass
@@ -517,6 +205,14 @@ class Measured:
   cost_loops: int = 0  # while loops left in the costed program (each costed once)
   model_flops_per_chip: float = 0.0
   resource_exhausted: str = ""
+  # The run's other live buffers beside this program, by hand (Program.resident).
+  resident: dict[str, int] = dataclasses.field(default_factory=dict)
+  minimal_bytes: int = 0  # a decode step's weights + KV cache, per chip (0: not a decode step)
+
+  @property
+  def total(self) -> int:
+    """What the chip holds while the program runs: its peak and the run's other buffers."""
+    return self.peak + sum(self.resident.values())
 
 
 def _progress(message: str) -> None:
@@ -564,6 +260,8 @@ def measure(program: Program, chips: int) -> Measured:
   compile is an answer (recorded), not an error."""
   row = Measured(program.name, model_flops_per_chip=program.model_flops / chips)
   row.by_hand = {k: bytes_per_chip(v) for k, v in program.by_hand.items()}
+  row.resident = {k: bytes_per_chip(v) for k, v in program.resident.items()}
+  row.minimal_bytes = program.minimal_bytes
   t0 = time.perf_counter()
   try:
     compiled, row.compile_seconds = _compile(program)
@@ -626,7 +324,14 @@ def report(row: Measured, acc: Accelerator, hbm: float) -> list[str]:
   if row.resource_exhausted:
     peak_label = "peak, from the compiler's error (at least)"
   lines.append(f"  {peak_label:40s} {row.peak / GIB:10.3f} GiB {row.peak:16d} bytes")
-  headroom = hbm * GIB - row.peak
+  for label, value in row.resident.items():
+    lines.append(
+      f"  {'resident beside it: ' + label:40s} {value / GIB:10.3f} GiB {value:16d} bytes"
+    )
+  if row.resident:
+    total_label = "peak + resident (by hand)"
+    lines.append(f"  {total_label:40s} {row.total / GIB:10.3f} GiB {row.total:16d} bytes")
+  headroom = hbm * GIB - row.total
   lines.append(
     f"  HBM {hbm:.2f} GiB, headroom {headroom / GIB:.3f} GiB ({100 * headroom / (hbm * GIB):.1f}%)"
   )
@@ -639,7 +344,14 @@ def report(row: Measured, acc: Accelerator, hbm: float) -> list[str]:
     lines.append(
       f"  model FLOPs {row.model_flops_per_chip:.4g} per chip; compiled / model = {ratio:.3f}; "
       f"{row.cost_loops} while loop(s) in the costed program"
+      if row.model_flops_per_chip
+      else f"  no model pass (no model FLOPs); {row.cost_loops} while loop(s)"
     )
+    if row.minimal_bytes:
+      lines.append(
+        f"  decode bytes / minimal bytes = {(row.bytes_accessed or 0) / row.minimal_bytes:.3f} "
+        f"(minimal: weights + KV cache read once, {row.minimal_bytes / GIB:.3f} GiB per chip)"
+      )
     lower_bound = ratio < 0.9
     if lower_bound:
       lines.append(
@@ -661,20 +373,19 @@ def report(row: Measured, acc: Accelerator, hbm: float) -> list[str]:
 def plan(
   config: ml_collections.ConfigDict,
   acc: Accelerator,
-  mesh_sizes: Sequence[int],
+  mesh_sizes: Sequence[int] | None = None,
   hbm_gib: float = 0.0,
   cost_pass: str = "unrolled",
 ) -> tuple[bool, dict[str, Any], list[str]]:
-  """(fits, the JSON table, printed lines) for the config's run on the slice."""
+  """(fits, the JSON table, printed lines) for the config's run on the slice; the mesh is
+  `mesh_sizes`, else the config's (an iterative loop's: its DPO config's)."""
   if config.trainer not in PROGRAMS:
-    raise ValueError(
-      f"config.trainer={config.trainer!r}: plan knows {sorted(PROGRAMS)} (ppo and iterative "
-      "are not planned yet)"
-    )
-  model_config, notes = model_config_of(config)
+    raise ValueError(f"config.trainer={config.trainer!r}: plan knows {sorted(PROGRAMS)}")
+  trained = rl_programs.config_for_model(config)  # the model, batch and mesh of the run
+  model_config, notes = model_config_of(trained)
   devices = devices_for(acc)
-  mesh = mesh_for(acc, mesh_sizes, devices)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
+  mesh = mesh_for(acc, tuple(mesh_sizes or trained.mesh.sizes), devices)
+  rules = tuple(tuple(r) for r in trained.mesh.rules)
   hbm = hbm_gib or acc.hbm_gib
   kind = devices[0].device_kind
   r = model_config.runtime
@@ -682,8 +393,8 @@ def plan(
     f"plan for {acc.name} ({acc.chips} chips, {kind}, {hbm:.2f} GiB HBM per chip), mesh "
     f"(data, fsdp, tensor) = {tuple(mesh.shape.values())}; trainer {config.trainer}",
     f"model: {r.dtype} compute, {r.param_dtype} params, remat {r.remat_policy}, scan "
-    f"{r.scan_layers}, LoRA {r.lora is not None}; batch {config.batch_size} x "
-    f"{config.data.max_length} tokens, grad_accum {config.optim.grad_accum_steps}",
+    f"{r.scan_layers}, LoRA {r.lora is not None}; batch {trained.batch_size} x "
+    f"{trained.data.max_length} tokens, grad_accum {trained.optim.grad_accum_steps}",
     *(f"note: {n}" for n in notes),
     "All memory and cost figures are the compiler's estimates, per chip"
     + (" (XLA:CPU on fake devices, not the TPU compiler)." if acc.generation == "cpu" else "."),
@@ -691,10 +402,10 @@ def plan(
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
     programs = PROGRAMS[config.trainer](config, model_config, mesh, rules)
     rows = [measure(p, acc.chips) for p in programs]
-    looped = r.scan_layers or config.optim.grad_accum_steps > 1
+    looped = r.scan_layers or trained.optim.grad_accum_steps > 1
     if cost_pass == "unrolled" and looped:
       unrolled = config.copy_and_resolve_references()
-      unrolled.optim.grad_accum_steps = 1
+      rl_programs.config_for_model(unrolled).optim.grad_accum_steps = 1
       flat_model = model_config.with_runtime(scan_layers=False)
       add_unrolled_cost(
         rows, PROGRAMS[config.trainer](unrolled, flat_model, mesh, rules), acc.chips
@@ -714,8 +425,8 @@ def plan(
       row.flops = None
   for row in rows:
     lines += report(row, acc, hbm)
-  peak = max(row.peak for row in rows)
-  fits = all(row.peak <= hbm * GIB and not row.resource_exhausted for row in rows)
+  peak = max(row.total for row in rows)
+  fits = all(row.total <= hbm * GIB and not row.resource_exhausted for row in rows)
   lines.append(f"host max RSS {_max_rss_gib():.2f} GiB")
   table = {
     "accelerator": dataclasses.asdict(acc),
@@ -773,7 +484,7 @@ def main(argv: list[str]) -> int:
     "config", None, "configs/X.py[:arg]", flag_values=fv, lock_config=True, sys_argv=argv
   )
   flags.DEFINE_string("topology", None, "accelerator type (v5p-64, v5e-16, ...) or cpu-N", flag_values=fv)  # fmt: skip
-  flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor sizes (one may be -1)", flag_values=fv)
+  flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (one may be -1); default: the config's", flag_values=fv)  # fmt: skip
   flags.DEFINE_string("save", None, "write the table as JSON here", flag_values=fv)
   flags.DEFINE_float("hbm_gib", 0.0, "HBM per chip (default: the accelerator's)", flag_values=fv)
   flags.DEFINE_enum(
@@ -784,7 +495,7 @@ def main(argv: list[str]) -> int:
     if fv.config is None or not fv.topology:
       raise ValueError("--config and --topology are required")
     acc = resolve_accelerator(fv.topology)
-    sizes = parse_mesh(fv.mesh)
+    sizes = parse_mesh(fv.mesh) if fv.mesh else None
     prepare_platforms(acc)
     fits, table, lines = plan(fv.config, acc, sizes, fv.hbm_gib, fv.cost)
   except (flags.Error, ValueError, RuntimeError) as e:
