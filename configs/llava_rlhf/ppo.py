@@ -46,6 +46,10 @@ INIT_FROM = {
   "13b": "/mnt/disks/models/llava-rlhf-13b-336-rl-init",
 }
 REWARD_MODEL = "/mnt/disks/models/rm13b-fact"  # the 13B x 336 RM, for either policy
+# LLaVA-RLHF's 128-token query limit counts the image as one token; here the query holds its
+# 576 placeholders (CLIP-336), so the same limit is 128 + 576 (with 128, every image prompt
+# would be dropped as too long).
+QUERY_LEN = 128 + 576
 
 
 def get_config(arg: str | None = None):
@@ -77,8 +81,8 @@ def get_config(arg: str | None = None):
   config.total_steps = 4 * NUM_PROMPTS // 512
   config.checkpoint_every = 20
   config.ppo = shapes_ppo.ppo_config(
-    reward_model=REWARD_MODEL,
-    fact_augmented=not arg.vanilla, query_len=128, max_new_tokens=896,
+    reward_model=REWARD_MODEL, reward_model_variant="llava-1.5-13b",
+    fact_augmented=not arg.vanilla, query_len=QUERY_LEN, max_new_tokens=896,
     truncate_at_question_mark=True, rollout_batch_size=512, step_batch_size=256,
     forward_batch_size=32, noptepochs=2, kl_coef=0.1, kl_estimator="k1_clamped",
     score_position="last_column", whiten_rewards=False, reward_scale=10.0, gamma=1.0, lam=1.0,
