@@ -1,6 +1,7 @@
 """Iterative DPO with AI feedback on the shapes world: M rounds of sample -> label -> pair -> DPO.
 
-  python experiments/shapes_iterative_dpo.py --workdir=/tmp/iter --sft_from=/tmp/chain/sft_hf
+  python experiments/shapes_iterative_dpo.py --config=configs/shapes/iterative_experiment.py \\
+      --workdir=/tmp/iter --config.sft_from=/tmp/chain/sft_hf
   python -m lmm_align.trainers.iterative --workdir=/tmp/iter_gt \\
       --config=configs/shapes/iterative_dpo.py:feedback=ground_truth \\
       --config.init_from=/tmp/chain/sft_hf
