@@ -9,7 +9,8 @@
       --coco_instances=A.json,B.json --coco_captions=C.json,D.json [--synonyms=FILE] --out=DIR
   python -m lmm_align.evaluate llava_bench --model=HF_DIR --questions=Q --reference_answers=R
       --context=C --images=DIR --judge=model:HF_DIR [--rules=rule.json] --out=DIR
-  python -m lmm_align.evaluate shapes --model=HF_DIR [--workdir=RUN] --out=DIR
+  python -m lmm_align.evaluate KIND --model=HF_DIR [--workdir=RUN] --out=DIR [--eval_seed=S]
+      (KIND: an evaluation kind of `lmm_align.evals.registry`, e.g. the shapes world's "shapes")
 
 Design. Every benchmark runs the same three steps: answers (generated from `--model`, a local
 HF folder such as `lmm-align export` writes, or read from `--answers` to score only), the
@@ -19,7 +20,11 @@ or question type, a bar plot of the main metrics, 8 example answers with image t
 Metrics are flat: several POPE splits give `<split>/<metric>` and their mean under the bare
 names; one split gives exactly the scorer's dict, as `lmm-align eval pope` always printed.
 
-Generation is greedy and batched on the KV-cached sampler (`shapes_eval.answer_questions`),
+An evaluation kind (`evals.registry`, which plugins add to) asks its own questions: it runs as
+a training run's final evaluation does, with that run's config (`--workdir`) or the kind's
+default config, and reports the same way.
+
+Generation is greedy and batched on the KV-cached sampler (`evals.answers.answer_questions`),
 questions sorted by prompt length so a batch shares a prompt-length bucket (one compilation per
 bucket). It runs on the process's default local device with the params on it: it is not
 sharded over a training mesh, so the model must fit one accelerator (`--dtype=bfloat16` halves
@@ -56,6 +61,8 @@ from tqdm import tqdm
 from lmm_align.data import jsonl
 from lmm_align.data.images import load_image, to_rgb
 from lmm_align.evals import chair, llava_bench, mmhal, pope
+from lmm_align.evals import registry as eval_registry
+from lmm_align.evals.answers import answer_questions
 from lmm_align.evals.report import Report
 from lmm_align.inference import (
   DEFAULT_CONV_TEMPLATE,
@@ -64,15 +71,12 @@ from lmm_align.inference import (
 )
 from lmm_align.judges.base import Judge, JudgeReply, JudgeRequest
 
-BENCHMARKS = ("pope", "mmhal", "chair", "llava_bench", "shapes")
 # LLaVA's eval scripts append this to every POPE question (`--suffix` with no value).
 LLAVA_SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 # LLaVA's model_vqa default (128) for POPE; long answers for the free-form benchmarks.
 DEFAULT_MAX_NEW_TOKENS = {"pope": 128, "mmhal": 512, "chair": 512, "llava_bench": 1024}
 DEFAULT_BATCH_SIZE = 8
 POPE_MAIN_METRICS = ("f1", "accuracy", "precision", "recall", "yes_ratio")
-SHAPES_MAIN_METRICS = ("hallucination_rate", "chair_i", "object_recall", "attribute_error_rate",
-                       "pope_f1")  # fmt: skip
 NUM_EXAMPLES = 8
 JUDGE_CHUNK = 32  # requests per judge call: the progress bar's step
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -116,8 +120,6 @@ def image_file(images_dir: str | None, name: str, where: str) -> str:
 
 def model_answerer(loaded: LoadedModel, *, batch_size: int, max_new_tokens: int) -> Answerer:
   """Greedy answers from a loaded model, `batch_size` rows per sampler call."""
-  from lmm_align.shapes.evaluation import answer_questions
-
   if loaded.image_config is None:
     raise ValueError(f"{loaded.model_id}: a text-only model cannot answer questions about images")
 
@@ -520,43 +522,55 @@ def run_llava_bench(args: argparse.Namespace, answerer: Answerer | None) -> Outc
   return Outcome(metrics, rows, "category", ("relative_score",), examples)
 
 
-def run_shapes(args: argparse.Namespace) -> Outcome:
-  """The held-out shapes-world evaluation (`evaluate_shapes`) with a training run's config
-  (`--workdir`) or configs/shapes/sft.py's defaults; `--limit` sets the number of scenes,
-  `--scene_seed` their seed."""
+def run_evaluation(args: argparse.Namespace) -> Outcome:
+  """An evaluation kind of `evals.registry` (a plugin's: the shapes world's held-out scenes) on
+  `--model`, with a training run's config (`--workdir`) or the kind's default config file;
+  `--limit`, `--eval_seed`, `--batch_size` and `--max_new_tokens` replace the config's size,
+  seed and generation settings. The kind asks its own questions."""
   from lmm_align import config_files
-  from lmm_align.shapes import data as shapes_data
-  from lmm_align.shapes import world as shapes
-  from lmm_align.shapes.evaluation import evaluate_shapes
 
+  evaluation = eval_registry.get(args.benchmark)
   if args.workdir:
     from lmm_align.run_config import load_workdir_config
 
     config = load_workdir_config(args.workdir)
+  elif evaluation.default_config:
+    config = config_files.load_config(evaluation.default_config, str(REPO_ROOT))
   else:
-    config = config_files.load_config("configs/shapes/sft.py", str(REPO_ROOT))
+    raise ValueError(f"{args.benchmark} needs --workdir (a run whose config.json sets it up)")
+  overrides = {
+    ("--limit", evaluation.limit_field): args.limit,
+    ("--eval_seed", evaluation.seed_field): args.eval_seed,
+    ("--batch_size", "eval.batch_size"): args.batch_size,
+    ("--max_new_tokens", "eval.max_new_tokens"): args.max_new_tokens,
+  }
+  for (flag, field), value in overrides.items():
+    if value is None:
+      continue
+    if not field:
+      raise ValueError(f"{flag}: evaluation {args.benchmark!r} names no config field it sets")
+    *parents, name = field.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
   template = args.conv_template or config.data.template
   loaded = load_model_folder(args.model, template=template, dtype=args.dtype,
                              aspect_mode=args.aspect_mode, model_id=args.model_id)  # fmt: skip
-  world, e = shapes_data.world_config(config.data), config.eval
-  seed = config.data.shapes.eval_seed if args.scene_seed is None else args.scene_seed
-  num_scenes = args.limit or e.num_scenes
-  result = evaluate_shapes(
-      loaded.model, loaded.params, loaded.tokenizer, loaded.image_config, world,
-      num_scenes=num_scenes, seed=seed, template=template,
-      batch_size=args.batch_size or e.batch_size,
-      max_new_tokens=args.max_new_tokens or e.max_new_tokens, pope_per_split=e.pope_per_split,
-  )  # fmt: skip
-  scenes = {s.id: s for s in shapes.make_scenes(num_scenes, world, seed=seed)}
-  examples = [
-    {"image": shapes.render(scenes[x["scene"]], world.image_size), "scene": x["scene"],
-     "answer": x["answer"]} for x in result.pop("examples")
-  ]  # fmt: skip
-  row = {"set": "held-out scenes", **result}
-  return Outcome(result, [row], "set", SHAPES_MAIN_METRICS, examples)
+  metrics = evaluation.run(config, loaded)
+  raw_examples = metrics.pop("examples", [])
+  examples = evaluation.report_examples(config, raw_examples) if evaluation.report_examples else []
+  bars = evaluation.main_metrics or tuple(k for k, v in metrics.items() if isinstance(v, float))
+  return Outcome(metrics, [{"set": args.benchmark, **metrics}], "set", bars, examples)
 
 
 RUNNERS = {"pope": run_pope, "mmhal": run_mmhal, "chair": run_chair, "llava_bench": run_llava_bench}
+
+
+def benchmarks() -> tuple[str, ...]:
+  """The built-in benchmarks, then the registered evaluation kinds (plugins' included)."""
+  return (*RUNNERS, *eval_registry.kinds())
+
 
 # --------------------------------------------------------------------------------------------
 # Report.
@@ -615,7 +629,7 @@ def _file_list(values: list[str] | None) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="lmm-align eval", allow_abbrev=False,
                               description=__doc__.split("\n\n")[0])  # fmt: skip
-  p.add_argument("benchmark", choices=BENCHMARKS)
+  p.add_argument("benchmark", choices=benchmarks())
   add = p.add_argument
   add("--model", help="a local HF model folder to generate answers with")
   add("--answers", action="append", help="answers JSONL to score instead (pope: one per file)")
@@ -647,9 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
   add("--context", help="llava_bench: the captions / boxes JSONL")
   add("--rules", help="llava_bench: the published rule.json")
   add("--variant", default="coco", choices=("coco", "wild"), help="llava_bench: rule keys")
-  add("--workdir", help="shapes: a training run whose config.json sets the world")
-  add("--scene_seed", type=int, help="shapes: the held-out scenes' seed (default: the config's "
-      "eval_seed, which training runs evaluate on; another seed gives scenes no run saw)")  # fmt: skip
+  add("--workdir", help="an evaluation kind: a training run whose config.json sets it up")
+  add("--eval_seed", "--scene_seed", type=int, dest="eval_seed",
+      help="an evaluation kind: its seed (shapes: the held-out scenes'; default: the config's, "
+      "which training runs evaluate on; another seed gives scenes no run saw)")  # fmt: skip
   return p
 
 
@@ -658,7 +673,6 @@ _REQUIRED = {
   "mmhal": ("template", "judge"),
   "chair": ("coco_instances", "coco_captions"),
   "llava_bench": ("questions", "reference_answers", "context", "judge"),
-  "shapes": ("model", "out"),
 }
 
 
@@ -668,8 +682,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   for name in ("questions", "answers", "coco_instances", "coco_captions"):
     setattr(args, name, _file_list(getattr(args, name)))
   args.suffix = args.suffix.replace("\\n", "\n")
-  missing = [f"--{name}" for name in _REQUIRED[args.benchmark] if not getattr(args, name)]
-  if args.benchmark != "shapes" and bool(args.model) == bool(args.answers):
+  kind = args.benchmark not in RUNNERS  # an evaluation kind: it asks its own questions
+  required = ("model", "out") if kind else _REQUIRED[args.benchmark]
+  missing = [f"--{name}" for name in required if not getattr(args, name)]
+  if not kind and bool(args.model) == bool(args.answers):
     missing.append("exactly one of --model (generate) and --answers (score only)")
   if args.model and not args.out:
     missing.append("--out (where the answers go)")
@@ -677,8 +693,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     missing.append("--questions")
   if missing:
     parser.error(f"{args.benchmark} needs {', '.join(missing)}")
-  if args.benchmark == "shapes" and args.answers:
-    parser.error("shapes generates its own questions: it takes --model, not --answers")
+  if kind and args.answers:
+    parser.error(f"{args.benchmark} asks its own questions: it takes --model, not --answers")
   if args.answers and args.limit:
     parser.error("--limit selects questions to answer; it does not apply to --answers")
   for name in ("batch_size", "max_new_tokens", "limit"):
@@ -691,8 +707,8 @@ def cli(argv: list[str]) -> dict[str, Any]:
   """Runs `lmm-align eval BENCHMARK [flags]` (argv without the program name) and returns its
   metrics; with --out also writes metrics.json and the report there."""
   args = parse_args(argv)
-  if args.benchmark == "shapes":
-    outcome = run_shapes(args)
+  if args.benchmark not in RUNNERS:
+    outcome = run_evaluation(args)
   else:
     answerer = None
     if args.model:

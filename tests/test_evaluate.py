@@ -391,8 +391,14 @@ def test_unknown_judge_backend_is_an_error():
 
 def test_shapes_world_evaluation_of_a_model_folder(model_dir, tmp_path):
   out = tmp_path / "out"
+  from lmm_align.shapes import evaluation as shapes_eval
+
   metrics = evaluate.cli(["shapes", f"--model={model_dir}", f"--out={out}", "--limit=2", *FAST])
-  assert all(isinstance(metrics[key], float) for key in evaluate.SHAPES_MAIN_METRICS)
+  assert all(isinstance(metrics[key], float) for key in shapes_eval.MAIN_METRICS)
+  # The answers evaluate_shapes scored: a rate over all answers = refined rate x mention rate.
+  assert metrics["hallucination_rate"] == pytest.approx(
+    metrics["chair_s_refine"] * metrics["mention_rate"]
+  )
   assert 0.0 <= metrics["pope_f1"] <= 1.0
   assert len([s for s in _check_report(out) if s.startswith("examples")]) == 2
 
@@ -404,13 +410,14 @@ def test_shapes_scene_seed_flag(model_dir, tmp_path, monkeypatch):
 
   def fake_evaluate(*args, seed, **kwargs):
     seeds.append(seed)
-    return {"examples": [], **{key: 0.0 for key in evaluate.SHAPES_MAIN_METRICS}}
+    return {"examples": [], **{key: 0.0 for key in shapes_eval.MAIN_METRICS}}
 
   monkeypatch.setattr(shapes_eval, "evaluate_shapes", fake_evaluate)
   flags = ["shapes", f"--model={model_dir}", f"--out={tmp_path}", "--limit=2", *FAST]
   evaluate.cli(flags)
   evaluate.cli([*flags, "--scene_seed=777"])
-  assert seeds == [12345, 777]  # configs/shapes/sft.py's eval_seed, then the flag's
+  evaluate.cli([*flags, "--eval_seed=778"])
+  assert seeds == [12345, 777, 778]  # configs/shapes/sft.py's eval_seed, then the flags'
 
 
 def test_suffix_flag():

@@ -19,6 +19,7 @@ import optax
 
 from lmm_align import optim, preference_losses, sharding
 from lmm_align.data import preference, sources
+from lmm_align.evals import registry as eval_registry
 from lmm_align.models.llava import Llava
 from lmm_align.models.lora import merge_lora, model_variables
 from lmm_align.trainers import export, loop, registry, run_setup
@@ -222,14 +223,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
 
     def evaluate(final):
-      if not config.eval.enabled:
-        return {}
-      from lmm_align.shapes import evaluation as shapes_eval
-
+      if eval_registry.active_kind(config) == eval_registry.NONE:
+        return {}  # before merging LoRA: nothing to evaluate
       policy = final.params
       if params.base is not None:
         policy = merge_lora(params.base, final.params, run.model_config.runtime.lora)
-      return shapes_eval.evaluate_workdir_model(config, workdir, policy)
+      return eval_registry.evaluate(config, workdir, policy)
 
     return loop.run_loop(
       config, workdir, run.mesh, state, train_step, data, run.checkpointer, evaluate, "dpo"

@@ -16,6 +16,7 @@ import optax
 
 from lmm_align import losses, optim, run_config, sharding
 from lmm_align.data import pipeline, sources
+from lmm_align.evals import registry as eval_registry
 from lmm_align.models.llava import Llava
 from lmm_align.models.lora import model_variables
 from lmm_align.trainers import export, loop, registry, run_setup
@@ -137,15 +138,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _evaluate(config, workdir, state, base_params) -> dict[str, Any]:
-  if not config.eval.enabled:
-    return {}
+  if eval_registry.active_kind(config) == eval_registry.NONE:
+    return {}  # before merging LoRA: nothing to evaluate
   from lmm_align.models.lora import merge_lora
-  from lmm_align.shapes import evaluation as shapes_eval
 
   params = state.params
   if base_params is not None:  # evaluate the merged model: one matmul per layer, as exported
     params = merge_lora(base_params, state.params, run_config.lora_for(config))
-  return shapes_eval.evaluate_workdir_model(config, workdir, params)
+  return eval_registry.evaluate(config, workdir, params)
 
 
 registry.register(registry.Trainer("sft", train, restore_policy=export.restore_params))
