@@ -45,9 +45,8 @@ from lmm_align.losses import token_logprobs
 from lmm_align.models.heads import ScalarHead
 from lmm_align.models.llava import Llava
 from lmm_align.models.lora import merge_lora, model_variables
-from lmm_align.rl import ppo_math, rewards
+from lmm_align.rl import oracles, ppo_math, rewards
 from lmm_align.rl.scoring import hidden_or_logits, query_ids, reward_scores
-from lmm_align.shapes import metrics as shapes_metrics
 from lmm_align.trainers import export, loop, modelling, registry, run_setup
 from lmm_align.trainers import state as state_lib
 
@@ -196,7 +195,8 @@ class Prompt:
   length_bonus: float
   facts: list[str]
   rationale: str | None
-  scene: dict[str, Any] | None = None  # the shapes scene, for reward_source="scene"
+  # The record's fields that the oracles read (`rl.oracles`), e.g. {"scene": ...}.
+  truth: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class PromptData:
@@ -252,7 +252,7 @@ def reward_rows(
   for p in prompts:
     question, suffix = reward_data.reward_texts(
       p.question, rm.prompt, p.facts, rng, fact_augmented=rm.fact_augmented,
-      facts_position=rm.facts_position, rationale=p.rationale,
+      facts_position=rm.facts_position, rationale=p.rationale, lead_in=rm.fact_lead_in,
     )  # fmt: skip
     same = question == p.question
     queries.append(
@@ -269,6 +269,8 @@ def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
   and counted (LLaVA-RLHF drops them too)."""
   records, stats = prompt_records(config)
   tmpl = conversation.get_template(config.data.template)
+  oracle = None if config.ppo.reward_source == "model" else oracles.get(config.ppo.reward_source)
+  truth_fields = {f for o in oracles.all_oracles() for f in o.fields}
   prompts = []
   for r in records:
     ids = query_ids(r["question"], r.get("image") is not None, str(r["id"]), tokenizer, tmpl,
@@ -281,19 +283,21 @@ def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
         raise ValueError(f"RL prompt {r['id']!r}, field 'facts': none, and the RM reads facts")
       stats["skipped_no_facts"] += 1
       continue
-    if config.ppo.reward_source == "scene" and not r.get("scene"):
+    missing = [f for f in (oracle.fields if oracle else ()) if not r.get(f)]
+    if missing:
       if config.data.on_error != "skip":
         raise ValueError(
-          f"RL prompt {r['id']!r}, field 'scene': none, and ppo.reward_source=scene scores "
-          "against it"
+          f"RL prompt {r['id']!r}, field {missing[0]!r}: none, and ppo.reward_source="
+          f"{oracle.name} scores against it"
         )
-      stats["skipped_no_scene"] += 1
+      stats[f"skipped_no_{missing[0]}"] += 1
       continue
     prompts.append(
       Prompt(
         str(r["id"]), r["question"], np.asarray(ids, np.int32), preference_sources.image_source(r.get("image")),
         int(r.get("caption_type", rewards.GENERAL)), float(r.get("length_bonus", 1.0)),
-        list(r.get("facts") or []), r.get("rationale"), r.get("scene"),
+        list(r.get("facts") or []), r.get("rationale"),
+        {f: r[f] for f in truth_fields if r.get(f) is not None},
       )
     )  # fmt: skip
     stats["kept"] += 1
@@ -453,7 +457,7 @@ class Rollouts:
       prefixes = [responses[b][: t + 1] for b, e in enumerate(ends) for t in e]
     else:
       ends, rows, prefixes = None, list(range(len(cut))), responses
-    flat = self._model_or_scene_scores(
+    flat = self._model_or_oracle_scores(
       prompts, rows, prefixes, pixels, iteration, texts if ends is None else None
     )
     dense = np.zeros(r_mask.shape, np.float32)
@@ -500,11 +504,10 @@ class Rollouts:
       "response_tokens": float(r_mask.sum(1).mean()),
       **timings,
     }
-    if ppo.reward_source == "model" and all(p.scene is not None for p in prompts):
+    monitor = oracles.monitor_for(prompts) if ppo.reward_source == "model" else None
+    if monitor is not None:
       metrics.update(
-        scene_monitor(
-          prompts, texts, parts["rm_score"], ppo.scene_recall_weight, ppo.samples_per_prompt
-        )
+        oracles.monitor(monitor, prompts, texts, parts["rm_score"], ppo, ppo.samples_per_prompt)
       )
     return batch, metrics, texts
 
@@ -514,7 +517,7 @@ class Rollouts:
       [t for t in tokens if t not in self.stop_ids], skip_special_tokens=True
     )
 
-  def _model_or_scene_scores(
+  def _model_or_oracle_scores(
     self,
     prompts,
     rows: Sequence[int],
@@ -523,12 +526,14 @@ class Rollouts:
     iteration,
     texts: Sequence[str] | None = None,
   ) -> np.ndarray:
-    """The score of each response (token ids) to prompts[rows[i]]: [len(responses)]. `texts`:
-    the responses already decoded, when the caller has them (the scene reads text)."""
-    if self.ppo.reward_source == "scene":
+    """The score of each response (token ids) to prompts[rows[i]]: [len(responses)], by the
+    reward model or the oracle ppo.reward_source names. `texts`: the responses already
+    decoded, when the caller has them (an oracle reads text)."""
+    if self.ppo.reward_source != "model":
       if texts is None:
         texts = [self._decode(r) for r in responses]
-      return scene_scores([prompts[b] for b in rows], texts, self.ppo.scene_recall_weight)
+      oracle = oracles.get(self.ppo.reward_source)
+      return oracles.score(oracle, [prompts[b] for b in rows], texts, self.ppo)
     return self._score(prompts, rows, responses, pixels, iteration)
 
   def _score(self, prompts, rows, responses, pixels, iteration: int) -> np.ndarray:
@@ -545,69 +550,6 @@ class Rollouts:
       lambda b: self._scores(self.rm.backbone, self.rm.head, b),
       batch, self.ppo.forward_batch_size, self.mesh,
     )  # fmt: skip
-
-
-def scene_scores(
-  prompts: Sequence[Prompt], texts: Sequence[str], recall_weight: float
-) -> np.ndarray:
-  """The ground truth in the reward model's place (an oracle, to tell a weak reward model from
-  a failing optimiser). A description scores -(hallucinated object mentions) + recall_weight *
-  (scene objects recalled), the iterative loop's ground-truth score. A yes/no answer scores +1
-  when POPE's reading of it matches the truth and -1 when not: both answers count, where the
-  published correctness rule pays only for "no" and so, alone, teaches "always no".
-  Multiple-choice prompts score 0 (the symbolic correctness reward scores them)."""
-  out = np.zeros(len(prompts), np.float32)
-  for i, (prompt, text) in enumerate(zip(prompts, texts)):
-    if prompt.scene is None:
-      raise ValueError(f"RL prompt {prompt.record_id!r} has no scene for ppo.reward_source=scene")
-    if prompt.caption_type == rewards.GENERAL:
-      counts = shapes_metrics.response_hallucination_counts(text, prompt.scene)
-      out[i] = shapes_metrics.ground_truth_score(counts, recall_weight)
-    elif prompt.caption_type in (rewards.YES_IN_YESNO, rewards.NO_IN_YESNO):
-      label = "yes" if prompt.caption_type == rewards.YES_IN_YESNO else "no"
-      out[i] = 1.0 if shapes_metrics.score_yes_no(text, label) else -1.0
-  return out
-
-
-def scene_monitor(
-  prompts: Sequence[Prompt],
-  texts: Sequence[str],
-  rm_scores: np.ndarray,
-  recall_weight: float,
-  group_size: int = 1,
-) -> dict[str, float]:
-  """The ground truth beside a reward model's scores, for shapes prompts. Logged, never
-  optimised:
-    reward/scene          its mean score; it falls while reward/rm rises when the RM is
-                          exploited
-    reward/rm_scene_corr  Pearson's r of the two over the batch
-    reward/rm_pair_agreement  with several samples per prompt (consecutive rows of
-                          `group_size`): of the same-prompt pairs the scene orders, the share
-                          the RM orders the same way, the ranking that PPO's update acts on
-                          (ties in the RM count as disagreement)"""
-  truth = scene_scores(prompts, texts, recall_weight)
-  rm = np.asarray(rm_scores, np.float64)
-  both_vary = truth.std() > 0 and rm.std() > 0
-  corr = float(np.corrcoef(rm, truth)[0, 1]) if both_vary else 0.0
-  out = {"reward/scene": float(truth.mean()), "reward/rm_scene_corr": corr}
-  if group_size > 1:
-    counts = [
-      same_order_pairs(truth[start : start + group_size], rm[start : start + group_size])
-      for start in range(0, len(truth), group_size)
-    ]
-    agree, ordered = sum(a for a, _ in counts), sum(o for _, o in counts)
-    out["reward/rm_pair_agreement"] = agree / ordered if ordered else float("nan")
-  return out
-
-
-def same_order_pairs(truth: np.ndarray, rm: np.ndarray) -> tuple[int, int]:
-  """(pairs the RM orders as the truth does, pairs the truth orders) among one prompt's
-  samples; a tie in the RM counts as disagreement."""
-  truth, rm = np.asarray(truth, np.float64), np.asarray(rm, np.float64)
-  i, j = np.triu_indices(len(truth), 1)
-  decided = truth[i] != truth[j]
-  agree = ((rm[i] - rm[j]) * (truth[i] - truth[j]) > 0)[decided]
-  return int(agree.sum()), int(decided.sum())
 
 
 def plain_or(model: Llava, variables: dict) -> Llava:
@@ -718,8 +660,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(
       "PPO needs config.init_from (the SFT policy) and ppo.reward_model (an RM folder)"
     )
-  if ppo.reward_source not in ("model", "scene"):
-    raise ValueError(f"ppo.reward_source={ppo.reward_source!r}: use 'model' or 'scene'")
+  if ppo.reward_source != "model" and ppo.reward_source not in oracles.names():
+    raise ValueError(
+      f"ppo.reward_source={ppo.reward_source!r}: use 'model' (the reward model) or a "
+      f"registered oracle: {', '.join(oracles.names())}"
+    )
   if ppo.samples_per_prompt < 1 or ppo.rollout_batch_size % ppo.samples_per_prompt:
     raise ValueError(
       f"ppo.samples_per_prompt={ppo.samples_per_prompt} must divide ppo.rollout_batch_size="

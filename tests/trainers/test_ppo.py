@@ -136,48 +136,6 @@ def test_export_writes_the_trained_policy(models, one_iteration, tmp_path):
   assert np.abs(np.asarray(trained) - np.asarray(untrained)).max() > 1e-4  # the LoRA moved
 
 
-def test_scene_scores_are_the_ground_truth_on_descriptions_only():
-  """-(hallucinated mentions) + w * (objects recalled), worked by hand; yes/no answers +-1
-  by POPE's reading against the truth."""
-  from lmm_align.rl import rewards
-  from lmm_align.shapes import world as shapes
-
-  scene = shapes.Scene(
-    (
-      shapes.SceneObject("circle", "red", "small", 0, 0),
-      shapes.SceneObject("star", "blue", "large", 1, 1),
-    )
-  ).to_dict()
-  prompt = lambda caption_type, scene=scene: ppo.Prompt(
-    "p", "q", np.zeros(1, np.int32), None, caption_type, 1.0, [], None, scene
-  )
-  texts = [
-    "A red circle and a green square.",  # 1 hallucinated, 1 recalled
-    "A red circle and a blue star.",  # 0 hallucinated, 2 recalled
-    "Yes, there is a red circle.",
-    "No.",
-    "No, there is not.",
-  ]
-  yes, no = rewards.YES_IN_YESNO, rewards.NO_IN_YESNO
-  prompts = [prompt(rewards.GENERAL), prompt(rewards.GENERAL), prompt(yes), prompt(yes), prompt(no)]
-  np.testing.assert_allclose(ppo.scene_scores(prompts, texts, 0.5), [-0.5, 1.0, 1.0, -1.0, 1.0])
-  # The monitor beside a reward model: the mean of those scores and Pearson's r against it.
-  rm = np.array([2.0, 1.0, 0.0, 3.0, -1.0])
-  monitor = ppo.scene_monitor(prompts, texts, rm, 0.5)
-  assert monitor["reward/scene"] == pytest.approx(np.mean([-0.5, 1.0, 1.0, -1.0, 1.0]))
-  expected_r = np.corrcoef(rm, [-0.5, 1.0, 1.0, -1.0, 1.0])[0, 1]
-  assert monitor["reward/rm_scene_corr"] == pytest.approx(expected_r)
-  flat = ppo.scene_monitor(prompts, texts, np.ones(5), 0.5)
-  assert flat["reward/rm_scene_corr"] == 0.0  # an RM that scores all alike: no correlation
-  # Two prompts of two samples each (rows 0-1 and 2-3):
-  # the scene orders (0, 1) and (2, 3); the RM agrees on (2, 3) only.
-  rm = np.array([2.0, 1.0, 4.0, 3.0])
-  grouped = ppo.scene_monitor(prompts[:4], texts[:4], rm, 0.5, group_size=2)
-  assert grouped["reward/rm_pair_agreement"] == 0.5
-  with pytest.raises(ValueError, match="'p' has no scene"):
-    ppo.scene_scores([prompt(rewards.GENERAL, None)], texts[:1], 0.5)
-
-
 def test_prompts_without_a_scene_fail_or_are_counted_before_training(models, monkeypatch, tmp_path):
   """ppo.reward_source=scene needs every prompt's scene: checked when the prompts are read,
   naming the record and field, or skipped and counted with data.on_error=skip."""
@@ -201,7 +159,13 @@ def test_prompts_without_a_scene_fail_or_are_counted_before_training(models, mon
   assert data.stats == {"kept": 3, "skipped_no_scene": 1}
   assert [p.record_id for p in data.prompts] == [r["id"] for i, r in enumerate(without) if i != 1]
   config.ppo.reward_source = "model"  # the reward model does not read the scene
-  assert len(ppo.prompt_data(config, tokenizer, model_config)) == 4
+  data = ppo.prompt_data(config, tokenizer, model_config)
+  assert len(data) == 4 and [p.truth.get("scene") for p in data.prompts] == [
+    r["scene"] for r in without
+  ]  # the oracles' fields ride along, for the monitor
+  config.ppo.reward_source = "no_such_oracle"
+  with pytest.raises(ValueError, match="ppo.reward_source='no_such_oracle'.*oracle: .*scene"):
+    ppo.train(config, str(tmp_path / "unknown"))
 
 
 def test_rollout_prompts_repeat_each_prompt_in_consecutive_rows():
