@@ -40,6 +40,7 @@ import optax
 from lmm_align import optim, sampling, sharding
 from lmm_align.data import conversation, preference_sources, sources
 from lmm_align.data.images import preprocess_image
+from lmm_align.evals import registry as eval_registry
 from lmm_align.hf.reward import RewardModel, load_reward_model
 from lmm_align.losses import token_logprobs
 from lmm_align.models.heads import ScalarHead
@@ -702,8 +703,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       kl_coef = float(saved.get("kl_coef", kl_coef))  # a restart goes on with the one reached
     start = int(state.step) // per_iteration
     print(
-      f"[ppo] start at iteration {start} from {run.source}; {len(data)} prompts, "
-      f"{dict(data.stats)}"
+      f"[ppo] start at iteration {start} from {run.source}; {len(data)} prompts, {dict(data.stats)}"
     )
     step_fn = jax.tree_util.Partial(
       ppo_train_step, policy_model=policy_model, value_model=value_model, value_head=value_head,
@@ -724,11 +724,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "final_iteration": config.total_steps,
       "data": {k: int(v) for k, v in data.stats.items()},  # kept, and skipped by reason
     }
-    if config.eval.enabled:
-      from lmm_align.shapes import evaluation as shapes_eval
-
+    if eval_registry.active_kind(config) != eval_registry.NONE:
       policy = rollouts.sampling_params(state.params, frozen)
-      summary.update(shapes_eval.evaluate_workdir_model(config, workdir, policy))
+      summary.update(eval_registry.evaluate(config, workdir, policy))
   loop.write_json(os.path.join(workdir, "summary.json"), summary)
   checkpointer.close()
   return summary
