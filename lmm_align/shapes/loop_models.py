@@ -440,13 +440,17 @@ def _claims_of(texts, scenes, images, about: str = "objects") -> YesNoItems:
 def yes_no_accuracy(
   folder: str, loop_config: ml_collections.ConfigDict, items: YesNoItems
 ) -> dict[str, float]:
-  """Accuracy of a model's p_yes > p_no against the truth, asked as the loop asks it."""
+  """Accuracy of a model's p_yes > p_no against the truth, asked as the loop asks it (nan
+  where a set has no items: a few held-out descriptions can make no picture claim)."""
   questions, images, truths = items
+  if not truths:
+    return {"accuracy": float("nan"), "accuracy_true_claims": float("nan"),
+            "accuracy_false_claims": float("nan"), "items": 0}  # fmt: skip
   labeler = iterative.yes_no_labeler(
     loop_config, iterative.load_policy(folder, loop_config.data.template)
   )
   said_yes = ~labeler.score(questions, images).rejected
-  truths = np.asarray(truths)
+  truths = np.asarray(truths, dtype=bool)
   return {
     "accuracy": float(np.mean(said_yes == truths)),
     "accuracy_true_claims": float(np.mean(said_yes[truths])) if truths.any() else float("nan"),

@@ -133,3 +133,8 @@ def test_labeler_training_records_put_the_near_miss_share_last():
   assert all(r["metadata"]["answer"] in ("yes", "no") for r in mixed)
   with pytest.raises(ValueError, match="'pope'"):
     loop_models.labeler_training_records("pope", 20, world)
+
+
+def test_yes_no_accuracy_of_an_empty_set_is_nan_without_asking():
+  report = loop_models.yes_no_accuracy("/no/model", None, ([], [], []))
+  assert report["items"] == 0 and all(np.isnan(report[k]) for k in report if k != "items")
