@@ -1,4 +1,6 @@
-"""Presets every experiment config starts from. Fields here are the keys all trainers honour."""
+"""Presets every experiment config starts from. Fields here are the keys all trainers honour;
+they name no data source and no evaluation (each recipe sets its own: the shapes world's
+configs start from `configs.shapes.base_config`, which adds the world's)."""
 
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = default_optim_config()
   config.data = ml_collections.ConfigDict(
     dict(
-      source="shapes",
+      source="",  # a source of lmm_align.data.registry (each recipe names its own)
       template="vicuna_v1",
       max_length=2048,
       buckets=(128, 256, 512, 1024, 2048),
@@ -84,15 +86,14 @@ def base_config() -> ml_collections.ConfigDict:
       check_images="",  # "none" | "verify" | "decode"; empty: each reader's default
       tfds_data_dir="",
       tfds_split="train",
-      shapes=shapes_data_config(),
     )
   )
-  # The run's evaluation of its final model: a kind of `lmm_align.evals.registry` ("shapes":
-  # held-out shapes-world scenes; "none"), when enabled.
+  # The run's evaluation of its final model, when enabled: a kind of `lmm_align.evals.registry`
+  # ("none", or one a plugin registers: the shapes world's "shapes", on held-out scenes).
   config.eval = ml_collections.ConfigDict(
     dict(
       enabled=False,
-      kind="shapes",
+      kind="none",
       num_scenes=64,
       batch_size=32,
       max_new_tokens=48,
@@ -101,26 +102,3 @@ def base_config() -> ml_collections.ConfigDict:
   )
   config.sweep = ()  # ((name, {key: value, ...}), ...): `lmm-align sweep` runs each
   return config
-
-
-def shapes_data_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-    dict(
-      num_train=4000,
-      seed=0,
-      image_size=48,
-      hallucination_rate=0.3,
-      max_objects=3,
-      vocab_size=600,
-      tokenizer_records=2000,
-      eval_seed=12345,
-      # Ground-truth preference / reward pairs: the share whose rejected caption leaves an
-      # object out, or has a binding error (a colour or shape moved to another present
-      # object); the rest carry an injected hallucination (shapes.caption_pair).
-      omission_fraction=0.3,
-      binding_fraction=0.0,
-      # shapes_pairs: "reward" (captions and yes/no questions, with facts: the reward model's
-      # ground truth) or "captions" (caption pairs only: DPO's).
-      pair_set="reward",
-    )
-  )

@@ -12,11 +12,12 @@ once (RLAIF-V) unless dpo.precompute_reference=False.
 import ml_collections
 
 from configs import common
+from configs import shapes as shapes_configs
 
 
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False)
-  config = common.base_config()
+  config = shapes_configs.base_config()
   config.trainer = "dpo"
   config.data.source = "shapes_pairs"
   config.data.shapes.pair_set = "captions"  # caption pairs only (no yes/no questions)

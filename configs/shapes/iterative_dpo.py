@@ -23,6 +23,7 @@ the note below).
 import ml_collections
 
 from configs import common
+from configs import shapes as shapes_configs
 from configs.shapes import dpo as shapes_dpo
 from lmm_align.shapes import world as shapes
 from lmm_align.trainers.iterative import FEEDBACK_KINDS
@@ -38,7 +39,7 @@ def get_config(arg: str | None = None):
   config.rounds = 3
   config.init_from = ""  # the starting SFT policy: an HF folder (lmm-align export)
   config.data = ml_collections.ConfigDict(
-    dict(template="vicuna_v1", shapes=common.shapes_data_config())
+    dict(template="vicuna_v1", shapes=shapes_configs.data_config())
   )
   # Prompts: new held-out scenes each round, seed [prompts.seed, round] (SFT uses 0, the
   # ground-truth DPO pairs 1, evaluation data.shapes.eval_seed). Or, with another source (any

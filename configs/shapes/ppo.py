@@ -13,6 +13,7 @@ value over shared frozen bases (lora=0 in the arg for full fine-tuning).
 import ml_collections
 
 from configs import common
+from configs import shapes as shapes_configs
 
 
 def ppo_config(**overrides) -> ml_collections.ConfigDict:
@@ -81,7 +82,7 @@ def ppo_config(**overrides) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False, vanilla=False, lora=8)
-  config = common.base_config()
+  config = shapes_configs.base_config()
   config.trainer = "ppo"
   config.data.source = "shapes_prompts"
   config.data.aspect_mode = "crop"

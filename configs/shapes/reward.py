@@ -14,13 +14,14 @@ import pathlib
 import ml_collections
 
 from configs import common
+from configs import shapes as shapes_configs
 
 PROMPTS = pathlib.Path(__file__).resolve().parent / "prompts"
 
 
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False, vanilla=False, lora=0)
-  config = common.base_config()
+  config = shapes_configs.base_config()
   config.trainer = "reward"
   config.data.source = "shapes_pairs"
   config.data.aspect_mode = "crop"

@@ -15,11 +15,12 @@ rate, object recall and POPE F1 on held-out scenes.
 """
 
 from configs import common
+from configs import shapes as shapes_configs
 
 
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False, tower="")
-  config = common.base_config()
+  config = shapes_configs.base_config()
   config.trainer = "sft"
   config.model.variant = "shapes"
   config.model.vocab_from_tokenizer = True

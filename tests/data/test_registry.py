@@ -30,7 +30,6 @@ def encoding():
 
 def data_config(**fields) -> ml_collections.ConfigDict:
   data = common.base_config().data
-  data.shapes.num_train = 6
   data.update(fields)
   return data
 

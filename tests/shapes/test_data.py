@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from configs import shapes as shapes_configs
 from lmm_align.data import conversation, preference, registry, sources
 from lmm_align.data import preference_sources as ps
 from lmm_align.data.tokenizer import train_bpe_tokenizer
@@ -107,7 +108,7 @@ def encoding():
 
 
 def data_config(**fields) -> ml_collections.ConfigDict:
-  data = common.base_config().data
+  data = shapes_configs.base_config().data
   data.shapes.num_train = 6
   data.update(fields)
   return data
