@@ -127,15 +127,15 @@ def round_pairs(
   tokenizer also its prefix pairs. The first `holdout_prompts` prompt ids are left out."""
   from lmm_align.feedback import candidates as candidates_lib
   from lmm_align.feedback import rlaifv
+  from lmm_align.shapes import loop_feedback
   from lmm_align.shapes.data import scene_facts
-  from lmm_align.trainers import iterative
 
   prompts_dir = round_dir / "prompts"
   candidates_path = round_dir / "candidates" / "candidates.jsonl"
   for path in (prompts_dir / "prompts.jsonl", candidates_path):
     if not path.exists():
       raise SystemExit(f"{round_dir}: no {path.relative_to(round_dir)} (not a loop round?)")
-  scenes = iterative.read_scenes(prompts_dir)
+  scenes = loop_feedback.read_scenes(prompts_dir)
   candidates = candidates_lib.read_candidates(candidates_path)
   for c in candidates:
     if c["prompt_id"] not in scenes:
@@ -145,7 +145,7 @@ def round_pairs(
       )
   held_out = set(sorted({c["prompt_id"] for c in candidates})[:holdout_prompts])
   candidates = [c for c in candidates if c["prompt_id"] not in held_out]
-  labelled = iterative.ground_truth_feedback(candidates, scenes, recall_weight)
+  labelled = loop_feedback.ground_truth_feedback(candidates, scenes, recall_weight)
   pairs, stats = rlaifv.build_preference_pairs(
     labelled, min_score_gap=min_score_gap, pairs_per_prompt=None, balance_lengths=False
   )
@@ -157,7 +157,7 @@ def round_pairs(
     stats.update(counts)
   for pair in pairs:
     pair["image"] = str((prompts_dir / pair["image"]).resolve())
-    pair["facts"] = scene_facts(scenes[iterative.pair_prompt_id(pair)])
+    pair["facts"] = scene_facts(scenes[candidates_lib.pair_prompt_id(pair)])
   stats["candidates"] += len(candidates)
   stats["held_out_prompts"] += len(held_out)
   return pairs, stats

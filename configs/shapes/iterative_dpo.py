@@ -26,13 +26,13 @@ from configs import common
 from configs import shapes as shapes_configs
 from configs.shapes import dpo as shapes_dpo
 from lmm_align.shapes import world as shapes
-from lmm_align.trainers.iterative import FEEDBACK_KINDS
+from lmm_align.trainers import iterative
 
 
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, feedback="rlaifv", runlocal=False)
-  if arg.feedback not in FEEDBACK_KINDS:
-    raise ValueError(f"feedback={arg.feedback!r}: use one of {FEEDBACK_KINDS}")
+  if arg.feedback not in iterative.feedback_kinds():
+    raise ValueError(f"feedback={arg.feedback!r}: use one of {iterative.feedback_kinds()}")
   config = ml_collections.ConfigDict()
   config.trainer = "iterative"
   config.seed = 0

@@ -256,3 +256,8 @@ def read_candidates(path: str | os.PathLike) -> list[dict[str, Any]]:
       raise ValueError(f"{where}: field 'image' must be a string or null")
     out.append(record)
   return out
+
+
+def pair_prompt_id(pair: dict[str, Any]) -> str:
+  """The prompt of a pair whose id starts with a candidate id ("<prompt>#<k>|...")."""
+  return pair["id"].split("|")[0].rsplit("#", 1)[0]

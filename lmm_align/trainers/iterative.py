@@ -2,11 +2,12 @@
 
 One round r = 1..M, read top to bottom in `run_round`:
 
-  prompts     held-out shapes scenes saved as PNGs + prompts.jsonl ("Describe the image.");
-              round r draws scenes with seed [prompts.seed, r], so every round sees new ones
+  prompts     prompts.jsonl by prompts.source: a plugin's round prompts (`feedback.registry`;
+              the shapes world's "shapes": new scenes each round, seed [prompts.seed, r],
+              saved as PNGs), or num_per_round records of a `data.registry` prompts source
   candidates  K samples per prompt from the round's starting policy, same decoding settings,
               different noise (`feedback.candidates.generate_candidates`, seed sampling.seed + r)
-  feedback    one score per candidate, by config.feedback.kind:
+  feedback    one score per candidate, by config.feedback.kind (`feedback.registry`):
                 rlaifv        rule claims -> rule yes/no questions (`claims.Rule*`, one item
                               at a time: `PerItem`) -> a separate labeler model
                               (`YesNoLabeler` on feedback.labeler); score = -(rejected claims)
@@ -14,18 +15,18 @@ One round r = 1..M, read top to bottom in `run_round`:
                 critic        a critic model (feedback.critic) judges all K(K-1) ordered pairs
                               (`critic.rank_responses`, both orders, optionally debiased);
                               score = r_i, LLaVA-Critic's ordered-pair reward
-                ground_truth  shapes only, against the scene: score = -(hallucinated mentions)
-                              + feedback.recall_weight * (recalled objects); with weight 0
-                              RLAIF-V's precision-only score, which shortens answers
-                correction    shapes only, RLHF-V's fine-grained corrections with the scene as
-                              the annotator: the ground_truth score, and each hallucinating
-                              answer's minimal correction (`shapes_metrics.corrected_response`)
-  pairs       "rlaifv" method (rlaifv, self, ground_truth): every pair within a prompt whose
+                ground_truth, correction  the shapes plugin's, against each prompt's scene
+                              (`shapes.loop_feedback`): -(hallucinated mentions) +
+                              feedback.recall_weight * (recalled objects), and RLHF-V's
+                              minimal corrections
+  pairs       by the kind's pair method (or pairs.method):
+              "rlaifv" (rlaifv, self, ground_truth): every pair within a prompt whose
               scores differ by >= min_score_gap, at most pairs.per_prompt per prompt, then
               RLAIF-V's length balancing (`rlaifv.build_preference_pairs`); "best_worst"
               (critic): argmax vs argmin score per prompt, LLaVA-Critic's pair; "correction":
-              (corrected, original) for hallucinating answers, RLHF-V's pair. Every pair is
-              also checked against the scene (`ground_truth_agreement`), a diagnostic only.
+              (corrected, original) for hallucinating answers, RLHF-V's pair. A plugin's
+              round prompts may annotate the pairs (shapes: the scene's facts, and how many
+              pairs the scene agrees with, a diagnostic only).
               pairs.sft_on="unrejected" (rlaifv, self) gives the SFT term only the pairs
               whose chosen answer has no rejected claim (pair field sft_weight 1, else 0)
   dpo         `trainers.dpo.train` on the pairs, initialised from the round's policy, which is
@@ -69,20 +70,13 @@ import numpy as np
 
 from lmm_align.data import jsonl, preference_sources
 from lmm_align.feedback import candidates as candidates_lib
+from lmm_align.feedback import registry as feedback_registry
 from lmm_align.feedback import rlaifv
 from lmm_align.shapes import data as shapes_data
 from lmm_align.shapes import metrics as shapes_metrics
 from lmm_align.shapes import world as shapes
 from lmm_align.trainers import export, registry
 
-FEEDBACK_KINDS = ("rlaifv", "self", "critic", "ground_truth", "correction")
-PAIR_METHODS = {
-  "rlaifv": "rlaifv",
-  "self": "rlaifv",
-  "ground_truth": "rlaifv",
-  "critic": "best_worst",
-  "correction": "correction",
-}
 # Which chosen answers the DPO run's SFT term (train.dpo.sft_weight) imitates: all, or only
 # those the labeler rejected no claim of (a chosen answer is only the better of two and may
 # still hallucinate; imitating it teaches that too).
@@ -151,46 +145,32 @@ def policy_path(config: ml_collections.ConfigDict, workdir: pathlib.Path, round_
 
 
 def write_prompts(config: ml_collections.ConfigDict, round_index: int, out: pathlib.Path) -> None:
-  """out/prompts.jsonl: {"id", "question", "image" (relative to out, or an absolute path)}.
+  """out/prompts.jsonl: {"id", "question", "image" (relative to out, or an absolute path), ...}.
 
-  prompts.source "shapes" (the default): scenes [prompts.seed, r] rendered to
-  out/images/<id>.png, each record with its "scene". Any "prompts" source of
-  `lmm_align.data.registry` (rlaifv_jsonl, prompts_jsonl, llava_rlhf_prompts; read from
+  A round prompt source of `feedback.registry` (the shapes world's "shapes": new scenes each
+  round, each record with its "scene") writes the round's records itself. Any "prompts" source
+  of `lmm_align.data.registry` (rlaifv_jsonl, prompts_jsonl, llava_rlhf_prompts; read from
   prompts.path, prompts.image_folder, prompts.on_error): prompts.num_per_round records drawn
   without replacement with seed [prompts.seed, r], so each round gets new prompts as in
   RLAIF-V; image files are referenced where they are, in-memory images written to out/images/.
   """
-  source = config.prompts.get("source", "shapes")
-  if source != "shapes":
-    _write_source_prompts(config, source, round_index, out)
-    return
-  world = shapes_data.world_config(config.data)
-  scenes = shapes.make_scenes(
-    config.prompts.num_per_round, world, seed=[config.prompts.seed, round_index]
-  )
-  (out / "images").mkdir(parents=True, exist_ok=True)
-  lines = []
-  for scene in scenes:
-    relative = f"images/{scene.id}.png"
-    shapes.render(scene, world.image_size).save(out / relative)
-    record = {"id": scene.id, "question": config.prompts.question, "image": relative}
-    lines.append(json.dumps({**record, "scene": scene.to_dict()}))
+  source = config.prompts.get("source", "")
+  writer = feedback_registry.round_prompts(source)
+  if writer is not None:
+    records = writer.write(config, round_index, out)
+  else:
+    records = _source_prompts(config, source, round_index, out)
   tmp = out / "prompts.jsonl.tmp"
-  tmp.write_text("\n".join(lines) + "\n")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
   os.replace(tmp, out / "prompts.jsonl")
 
 
-def _write_source_prompts(
+def _source_prompts(
   config: ml_collections.ConfigDict, source: str, round_index: int, out: pathlib.Path
-) -> None:
-  """`write_prompts` for a registered prompt source (see there)."""
+) -> list[dict[str, Any]]:
+  """`write_prompts`'s records from a registered `data.registry` prompt source (see there)."""
   from lmm_align.data import registry as data_registry
 
-  if config.feedback.kind in ("ground_truth", "correction"):
-    raise ValueError(
-      f"feedback.kind={config.feedback.kind!r} scores against shapes scenes; "
-      f"prompts.source={source!r} has none"
-    )
   records, skipped = data_registry.read("prompts", config.prompts)
   unique, seen = [], set()
   for record in records:  # the candidate stage needs distinct ids
@@ -213,12 +193,8 @@ def _write_source_prompts(
       reference = f"images/{len(lines)}.png"
       (out / "images").mkdir(parents=True, exist_ok=True)
       (image() if callable(image) else image).save(out / reference)
-    lines.append(
-      json.dumps({"id": record["id"], "question": record["question"], "image": reference})
-    )
-  tmp = out / "prompts.jsonl.tmp"
-  tmp.write_text("\n".join(lines) + "\n")
-  os.replace(tmp, out / "prompts.jsonl")
+    lines.append({"id": record["id"], "question": record["question"], "image": reference})
+  return lines
 
 
 def _image_loader(prompts_dir: pathlib.Path) -> Callable[[str], Any]:
@@ -255,48 +231,6 @@ def sample_candidates(
 # --------------------------------------------------------------------------------------------
 # Feedback: one score per candidate.
 # --------------------------------------------------------------------------------------------
-
-
-def read_scenes(prompts_dir: pathlib.Path) -> dict[str, shapes.Scene]:
-  """The scene of each prompt id in a round's prompts_dir/prompts.jsonl: empty for prompts
-  from a file (only the shapes world's prompts carry one)."""
-  records = jsonl.read_jsonl(prompts_dir / "prompts.jsonl", tolerate_cut_tail=True)
-  return {r["id"]: shapes.Scene.from_dict(r["scene"]) for r in records if "scene" in r}
-
-
-def ground_truth_feedback(
-  candidates: Sequence[dict[str, Any]],
-  scenes: dict[str, shapes.Scene],
-  recall_weight: float,
-  corrections: bool = False,
-) -> list[dict[str, Any]]:
-  """score = -(hallucinated mentions) + recall_weight * (scene objects recalled).
-
-  With recall_weight 0 this is RLAIF-V's score (rejected claims only), and a response that
-  mentions no object has no claims and is never paired, as in RLAIF-V (else "say nothing"
-  would always win); a precision-only score still favours the shorter of two answers, which
-  collapses recall over rounds. With a positive weight the oracle also values what an answer
-  finds, and an answer that mentions nothing scores 0 like any other. With `corrections` each
-  record also has "hallucinated" (its hallucinated mentions) and "correction": the answer
-  minimally corrected, or None (nothing to correct, or out of the rewrite's reach).
-  """
-  out = []
-  for c in candidates:
-    scene = scenes[c["prompt_id"]]
-    counts = shapes_metrics.response_hallucination_counts(c["response"], scene)
-    mentions = counts["mentions"]
-    scored = mentions > 0 or recall_weight > 0
-    score = shapes_metrics.ground_truth_score(counts, recall_weight)
-    out.append({
-      "id": c["id"], "prompt_id": c["prompt_id"], "question": c["question"],
-      "image": c["image"], "response": c["response"], "num_claims": mentions,
-      "num_judged": mentions, "score": score if scored else None,
-      "status": "ok" if scored else "no_claims",
-    })  # fmt: skip
-    if corrections:
-      out[-1]["hallucinated"] = counts["hallucinated_mentions"]
-      out[-1]["correction"] = shapes_metrics.corrected_response(c["response"], scene)
-  return out
 
 
 def yes_no_labeler(config: ml_collections.ConfigDict, labeler_model: Any) -> Any:
@@ -462,28 +396,38 @@ def run_feedback(
   prompts_dir: pathlib.Path,
   out: pathlib.Path,
 ) -> None:
-  """The configured feedback into out/labelled.jsonl. `policy()` loads the round's policy
-  (the labeler of `self`)."""
-  kind, path = config.feedback.kind, out / "labelled.jsonl"
-  if kind in ("ground_truth", "correction"):
-    records = ground_truth_feedback(
-      candidates, read_scenes(prompts_dir), config.feedback.recall_weight, kind == "correction"
-    )
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-  elif kind in ("rlaifv", "self"):
-    if kind == "rlaifv" and not config.feedback.labeler:
-      raise ValueError("feedback.kind='rlaifv' needs feedback.labeler, an HF labeler folder")
-    labeler_model = (
-      policy() if kind == "self" else load_policy(config.feedback.labeler, config.data.template)
-    )
-    labeler = yes_no_labeler(config, labeler_model)
-    rlaifv_feedback(config, candidates, labeler, prompts_dir, path)
-  elif kind == "critic":
-    if not config.feedback.critic:
-      raise ValueError("feedback.kind='critic' needs feedback.critic, an HF critic folder")
-    critic_feedback(config, candidates, critic_judge(config), prompts_dir, path)
-  else:
-    raise ValueError(f"feedback.kind {kind!r}: use one of {FEEDBACK_KINDS}")
+  """The feedback kind config.feedback.kind names (`feedback.registry`) into
+  out/labelled.jsonl. `policy()` loads the round's policy (the labeler of `self`)."""
+  kind = feedback_registry.get_kind(config.feedback.kind)
+  kind.label(config, policy, candidates, prompts_dir, out / "labelled.jsonl")
+
+
+@feedback_registry.register_kind("rlaifv", pair_method="rlaifv")
+def _rlaifv_kind(config, policy, candidates, prompts_dir, out_path) -> None:
+  """RLAIF-V: a separate labeler model (feedback.labeler) answers the claims' questions."""
+  if not config.feedback.labeler:
+    raise ValueError("feedback.kind='rlaifv' needs feedback.labeler, an HF labeler folder")
+  labeler = yes_no_labeler(config, load_policy(config.feedback.labeler, config.data.template))
+  rlaifv_feedback(config, candidates, labeler, prompts_dir, out_path)
+
+
+@feedback_registry.register_kind("self", pair_method="rlaifv")
+def _self_kind(config, policy, candidates, prompts_dir, out_path) -> None:
+  """RLAIF-V's self-feedback: the round's policy labels its own claims."""
+  rlaifv_feedback(config, candidates, yes_no_labeler(config, policy()), prompts_dir, out_path)
+
+
+@feedback_registry.register_kind("critic", pair_method="best_worst")
+def _critic_kind(config, policy, candidates, prompts_dir, out_path) -> None:
+  """LLaVA-Critic: a critic model (feedback.critic) judges every ordered pair."""
+  if not config.feedback.critic:
+    raise ValueError("feedback.kind='critic' needs feedback.critic, an HF critic folder")
+  critic_feedback(config, candidates, critic_judge(config), prompts_dir, out_path)
+
+
+def feedback_kinds() -> tuple[str, ...]:
+  """The feedback kinds a config may name: the loop's own and the plugins'."""
+  return feedback_registry.kind_names()
 
 
 def feedback_stats(labelled: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -560,35 +504,17 @@ def correction_pairs(
   return pairs, {**stats, "pairs": len(pairs), "prompts": len(groups)}
 
 
-def pair_prompt_id(pair: dict[str, Any]) -> str:
-  """The prompt of a pair whose id starts with a candidate id ("<prompt>#<k>|...")."""
-  return pair["id"].split("|")[0].rsplit("#", 1)[0]
-
-
-def ground_truth_agreement(
-  pairs: Sequence[dict[str, Any]], scenes: dict[str, shapes.Scene]
-) -> dict[str, int]:
-  """How many pairs the scene agrees with: the chosen response has fewer hallucinated mentions
-  (correct), more (wrong), or as many (tie)."""
-  out = {"correct": 0, "wrong": 0, "tie": 0}
-  for p in pairs:
-    scene = scenes[pair_prompt_id(p)]
-    counts = [
-      shapes_metrics.response_hallucination_counts(p[k], scene)["hallucinated_mentions"]
-      for k in ("chosen", "rejected")
-    ]
-    out["correct" if counts[0] < counts[1] else "wrong" if counts[0] > counts[1] else "tie"] += 1
-  return out
-
-
 def make_pairs(
   config: ml_collections.ConfigDict, round_index: int, labelled_path: pathlib.Path,
   prompts_dir: pathlib.Path, out: pathlib.Path,
 ) -> None:  # fmt: skip
-  """out/pairs.jsonl and out/stats.json (pair and feedback counts, agreement with the scene)."""
+  """out/pairs.jsonl and out/stats.json (pair and feedback counts; "ground_truth": what the
+  round prompt source's `annotate_pairs` reports of the pairs, e.g. the shapes scenes'
+  agreement, or None)."""
   labelled = jsonl.read_jsonl(labelled_path, tolerate_cut_tail=True)
   p = config.pairs
-  method = PAIR_METHODS[config.feedback.kind] if p.method == "auto" else p.method
+  kind = feedback_registry.get_kind(config.feedback.kind)
+  method = kind.pair_method if p.method == "auto" else p.method
   if method == "rlaifv":
     pairs, stats = rlaifv.build_preference_pairs(
         labelled, min_score_gap=p.min_score_gap, pairs_per_prompt=p.per_prompt or None,
@@ -597,24 +523,28 @@ def make_pairs(
   elif method == "best_worst":
     pairs, stats = best_worst_pairs(labelled)
   elif method == "correction":
-    if config.feedback.kind != "correction":
-      raise ValueError("pairs.method 'correction' needs feedback.kind 'correction'")
+    if kind.pair_method != "correction":
+      writers = [k for k in feedback_registry.kind_names()
+                 if feedback_registry.get_kind(k).pair_method == "correction"]  # fmt: skip
+      raise ValueError(
+        f"pairs.method 'correction' needs a feedback kind that writes corrections ({writers}); "
+        f"feedback.kind={kind.name!r} does not"
+      )
     pairs, stats = correction_pairs(labelled, p.per_prompt)
   else:
     raise ValueError(
       f"pairs.method {p.method!r}: use 'auto', 'rlaifv', 'best_worst' or 'correction'"
     )
-  # Shapes prompts: the scene's facts (these pairs can train a fact-augmented reward model)
-  # and how many pairs the scene agrees with. Prompts from a file have neither.
-  scenes = read_scenes(prompts_dir)
-  if scenes:
-    for pair in pairs:
-      pair["facts"] = shapes_data.scene_facts(scenes[pair_prompt_id(pair)])
+  # The round prompt source's ground truth, when it has one (shapes: each pair gets its scene's
+  # facts, for a fact-augmented reward model, and the scene's agreement is counted).
+  writer = feedback_registry.round_prompts(config.prompts.get("source", ""))
+  agreement = None
+  if writer is not None and writer.annotate_pairs is not None:
+    agreement = writer.annotate_pairs(pairs, prompts_dir)
   if p.sft_on == "unrejected":  # RLAIF-V scores: 0 = the labeler rejected no claim
     for pair in pairs:
       pair["sft_weight"] = float(pair["chosen_score"] == 0)
     stats["pairs_sft_on_chosen"] = sum(pair["sft_weight"] > 0 for pair in pairs)
-  agreement = ground_truth_agreement(pairs, scenes) if scenes else None
   stats = {**stats, "method": method, "ground_truth": agreement}
   stats["feedback"] = feedback_stats(labelled)
   rlaifv.write_preference_pairs(out / "pairs.jsonl", pairs)
@@ -734,8 +664,13 @@ def evaluate_policy(config: ml_collections.ConfigDict, path: str, out: pathlib.P
 def check_config(config: ml_collections.ConfigDict) -> None:
   if not config.init_from:
     raise ValueError("set config.init_from to the starting (SFT) policy's HF folder")
-  if config.feedback.kind not in FEEDBACK_KINDS:
-    raise ValueError(f"feedback.kind {config.feedback.kind!r}: use one of {FEEDBACK_KINDS}")
+  kind = feedback_registry.get_kind(config.feedback.kind)  # an unknown kind names the others
+  source = config.prompts.get("source", "")
+  if kind.prompt_sources and source not in kind.prompt_sources:
+    raise ValueError(
+      f"feedback.kind={kind.name!r} scores against the ground truth of prompts.source "
+      f"{' or '.join(kind.prompt_sources)}; prompts.source={source!r} has none"
+    )
   if config.rounds < 1 or config.sampling.num_samples < 2 or config.prompts.num_per_round < 1:
     raise ValueError("need rounds >= 1, sampling.num_samples >= 2 and prompts.num_per_round >= 1")
   if config.pairs.sft_on not in SFT_ON:

@@ -15,6 +15,7 @@ import pytest
 from configs.shapes import iterative_dpo as shapes_iterative_dpo
 from lmm_align.feedback import rlaifv
 from lmm_align.judges.base import FunctionJudge
+from lmm_align.shapes import loop_feedback
 from lmm_align.shapes import world as shapes
 from lmm_align.shapes.data import scene_facts
 from lmm_align.trainers import iterative
@@ -167,12 +168,12 @@ def test_ground_truth_feedback_scores_hallucinations_and_recall():
     _candidate(2, "There is a red circle and no yellow star."),  # the negated star is no claim
     _candidate(3, "A plain picture."),  # no object mentioned: no claims, never paired
   ]
-  records = iterative.ground_truth_feedback(candidates, {"s0": SCENE}, recall_weight=0.0)
+  records = loop_feedback.ground_truth_feedback(candidates, {"s0": SCENE}, recall_weight=0.0)
   assert [r["score"] for r in records] == [0, -2, 0, None]
   assert [r["status"] for r in records] == ["ok", "ok", "ok", "no_claims"]
   assert [r["num_claims"] for r in records] == [2, 2, 1, 0]
   # Valuing recall: + 0.5 per scene object found; saying nothing now scores (0) and loses.
-  records = iterative.ground_truth_feedback(candidates, {"s0": SCENE}, recall_weight=0.5)
+  records = loop_feedback.ground_truth_feedback(candidates, {"s0": SCENE}, recall_weight=0.5)
   assert [r["score"] for r in records] == [1.0, -2.0, 0.5, 0.0]
   assert [r["status"] for r in records] == ["ok"] * 4
 
@@ -186,7 +187,7 @@ def test_correction_feedback_pairs_each_correction_with_its_answer():
     _candidate(4, "Two green stars."),  # a plural: out of the rewrite's reach
     _candidate(0, "A blue circle.", "s1"),
   ]
-  records = iterative.ground_truth_feedback(
+  records = loop_feedback.ground_truth_feedback(
     candidates, {"s0": SCENE, "s1": SCENE}, recall_weight=1.0, corrections=True
   )
   assert [r["hallucinated"] for r in records] == [1, 1, 3, 0, 1, 1]
@@ -232,7 +233,7 @@ def test_ground_truth_agreement_counts_pairs_the_scene_supports():
     pair("A yellow star.", "A blue square."),  # 1 vs 0: wrong
     pair("A red circle.", "A blue square."),  # 0 vs 0: tie
   ]
-  assert iterative.ground_truth_agreement(pairs, {"s0": SCENE}) == {
+  assert loop_feedback.ground_truth_agreement(pairs, {"s0": SCENE}) == {
     "correct": 1, "wrong": 1, "tie": 1,
   }  # fmt: skip
 
@@ -356,7 +357,7 @@ def test_a_round_with_fewer_pairs_than_a_batch_keeps_its_policy(tmp_path, policy
   (prompts / "prompts.jsonl").write_text(
     json.dumps({"id": "s0", "question": "q", "image": None, "scene": SCENE.to_dict()}) + "\n"
   )
-  records = iterative.ground_truth_feedback(
+  records = loop_feedback.ground_truth_feedback(
     [_candidate(0, "A red circle."), _candidate(1, "A green circle.")], {"s0": SCENE}, 0.0
   )
   (tmp_path / "labelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
