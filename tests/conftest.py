@@ -68,7 +68,6 @@ SLOWEST_MODULES = (
   "tests/trainers/test_dpo.py",
   "tests/test_main.py",
   "tests/models/test_lora.py",
-  "tests/test_aot_alignment.py",
 )
 
 

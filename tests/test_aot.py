@@ -1,7 +1,7 @@
-"""lmm_align/aot.py (`lmm-align plan`): the SFT and DPO programs compiled for fake CPU devices
-with byte counts that add up by hand, the compile-only TPU path (libtpu) with params and
-optimizer bytes per chip checked against shapes and shardings, `does not fit` as exit 3, and
-bad input named by its flag or field."""
+"""lmm_align/aot (`lmm-align plan`): the SFT, DPO, PPO and iterative-loop programs compiled
+for fake CPU devices with byte counts that add up by hand, the compile-only TPU path (libtpu)
+with params and optimizer bytes per chip checked against shapes and shardings, `does not fit`
+as exit 3, and bad input named by its flag or field."""
 
 from __future__ import annotations
 
@@ -215,6 +215,94 @@ def test_tpu_resource_exhausted_is_exit_3_with_the_table_not_a_traceback(capsys)
 
 
 # --------------------------------------------------------------------------------------------
+# PPO and the iterative loop (fake CPU devices, the recipes' runlocal sizes).
+# --------------------------------------------------------------------------------------------
+
+RL_ARGS = ("--topology=cpu-8", "--mesh=2,2,2", "--cost=none")
+PPO_PROGRAMS = [
+  "ppo_merge_lora", "ppo_sampler", "ppo_decode_step", "ppo_policy_logps",
+  "ppo_reference_logps", "ppo_values", "ppo_reward_scores", "ppo_train_step",
+]  # fmt: skip
+
+
+def _recipe(path: str) -> str:
+  return str(REPO / "configs" / path)
+
+
+def _kv_cache_bytes(layers, rows, kv_heads, head_dim, slots, itemsize=4) -> int:
+  """Keys and values of every layer for this chip's rows and kv heads (float32)."""
+  return layers * 2 * rows * kv_heads * head_dim * slots * itemsize
+
+
+@pytest.fixture(scope="module")
+def ppo_plan(tmp_path_factory) -> tuple[str, dict]:
+  save = tmp_path_factory.mktemp("ppo") / "plan.json"
+  status = aot.main([f"--config={_recipe('llava_rlhf/ppo.py')}:runlocal", *RL_ARGS,
+                     f"--save={save}"])  # fmt: skip
+  assert status == 0
+  return json.loads(save.read_text())
+
+
+def test_ppo_plan_compiles_the_rollout_and_the_update(ppo_plan):
+  table = ppo_plan
+  assert [p["name"] for p in table["programs"]] == PPO_PROGRAMS
+  # runlocal: the tiny float32 policy (2 layers, 2 kv heads of 16, vocab 512, width 64, 32 px
+  # images), queries of 64 + 12 new tokens; rollouts 8, forwards 8, update minibatches 4 rows,
+  # over data x fsdp = 4 chips; kv heads over tensor = 2.
+  step = _program(table, "ppo_train_step")
+  query, new, image, rows = 64, 12, 32, 1
+  batch = 2 * rows * (query + new) * 4 + rows * image * image * 3 * 4 + 5 * rows * new * 4
+  # jit drops inputs the step never reads: the value backbone's lm_head [64, 512] float32 (its
+  # head reads hidden states; this chip's quarter) and both CLIP towers' post-layernorm.
+  unused = 64 * 512 * 4 // 4 + 2 * 2 * 32 * 4
+  state, frozen = step["by_hand"]["train state"], step["by_hand"]["frozen bases"]
+  assert step["argument"] == state + frozen + batch - unused
+  assert step["alias"] == state  # adapters, head and optimizer state donated
+  assert set(step["resident"]) == {"reward head"}  # everything else is an argument
+  assert _program(table, "ppo_reward_scores")["output"] == 2 * 4  # [2 rows] float32 scores
+  assert _program(table, "ppo_policy_logps")["output"] == 2 * new * 4  # [2, N] log-probs
+  values = _program(table, "ppo_values")
+  assert set(values["resident"]) == {
+    "policy params", "optimizer state", "reward head", "policy base (the reference)",
+  }  # fmt: skip
+  # The decode step: 8 rollout rows (2 here) against 64 + 12 cache slots; the least it reads
+  # is the decoder's weights (not the [512, 64] embedding, a quarter here) and the cache.
+  decode = _program(table, "ppo_decode_step")
+  cache = _kv_cache_bytes(2, 2, 1, 16, query + new)
+  assert decode["by_hand"]["KV cache"] == cache
+  assert decode["minimal_bytes"] == decode["by_hand"]["decoder params"] - 512 * 64 * 4 // 4 + cache
+  assert decode["alias"] >= cache  # the cache is donated, updated in place
+  # The verdict counts each program's peak with the run's other buffers beside it.
+  totals = [p["peak"] + sum(p["resident"].values()) for p in table["programs"]]
+  assert table["peak_gib"] == pytest.approx(max(totals) / aot.GIB)
+
+
+def test_iterative_plan_compiles_sampler_labeler_and_dpo(capsys, tmp_path):
+  save = tmp_path / "plan.json"
+  config = _recipe("rlaifv/iterative.py") + ":runlocal"
+  status, out, err = _plan(capsys, f"--config={config}", *RL_ARGS, f"--save={save}")
+  assert status == 0, err
+  table = json.loads(save.read_text())
+  names = ["candidates_sampler", "candidates_decode_step", "labeler_yes_no",
+           "dpo_reference_logps", "dpo_train_step"]  # fmt: skip
+  assert [p["name"] for p in table["programs"]] == names
+  # 4 samples of one prompt (one row a chip) against a 128-token prompt bucket + 16 new.
+  decode = _program(table, "candidates_decode_step")
+  assert decode["by_hand"]["KV cache"] == _kv_cache_bytes(2, 1, 1, 16, 128 + 16)
+  assert "decode bytes / minimal bytes" not in out  # --cost=none: no cost figures
+  labeler = _program(table, "labeler_yes_no")
+  assert labeler["by_hand"]["labeler params"] > 0 and labeler["output"] > 0
+
+
+def test_iterative_plan_names_a_splitter_model_it_cannot_size(capsys):
+  config = _recipe("rlaifv/iterative.py") + ":runlocal"
+  argv = (f"--config={config}", *RL_ARGS, "--config.feedback.splitter=model:/nonexistent/x")
+  status, out, err = _plan(capsys, *argv)
+  assert status == aot.EXIT_BAD_INPUT and out == ""
+  assert "config.feedback.splitter='model:/nonexistent/x'" in err, err
+
+
+# --------------------------------------------------------------------------------------------
 # Bad input.
 # --------------------------------------------------------------------------------------------
 
@@ -288,3 +376,29 @@ def test_llava_7b_param_count_and_bytes_by_hand():
   per_chip = aot.bytes_per_chip(state.params)
   assert 2 * 7_063_427_072 / 8 < per_chip < 2 * 7_063_427_072 / 8 * 1.01
   assert np.isclose(aot.bytes_per_chip(state.opt_state), 2 * 4 * (text + projector) / 8, rtol=1e-3)
+
+
+def test_critic_plan_on_cpu8_carries_a_onevision_batch_of_tiles(capsys, tmp_path):
+  """configs/llava_critic/critic.py:runlocal on a tiny OneVision: the SFT step's batch holds
+  each row's tiles (the largest of data.tile_buckets), the pack plan over the padded length and
+  the ids, as `pipeline.anyres_batch_shapes` states them."""
+  from lmm_align.data import pipeline
+
+  config = str(REPO / "configs" / "llava_critic" / "critic.py") + ":runlocal"
+  save = tmp_path / "plan.json"
+  status, out, err = _plan(
+    capsys, f"--config={config}", "--config.model.variant=tiny-llava-onevision",
+    "--topology=cpu-8", "--cost=none", f"--save={save}",
+  )  # fmt: skip
+  assert status == 0, err
+  match = LAST_LINE.fullmatch(out.strip().splitlines()[-1])
+  assert match and match.group(1) == "fits", out[-2000:]
+  row = _program(json.loads(save.read_text()), "sft_train_step")
+  loaded = config_files.load_config(config)
+  rows, seq, tiles = loaded.batch_size, loaded.data.max_length, max(loaded.data.tile_buckets)
+  fields = pipeline.anyres_batch_shapes(rows, seq, tiles, 32)  # the tiny tower's 32-px tiles
+  # image_sizes and the plan's num_tokens are host checks: jit prunes them as unused.
+  used = {k: v for k, v in fields.items() if k not in ("image_sizes", "pack_plan.num_tokens")}
+  batch = 3 * rows * seq * 4 + sum(np.prod(s) * np.dtype(d).itemsize for s, d in used.values())
+  state = row["by_hand"]["params"] + row["by_hand"]["optimizer state"]
+  assert row["argument"] == state + batch // 8 + 4 + 8  # 8 rows over the 8 chips' fsdp axis
