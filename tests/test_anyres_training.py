@@ -168,5 +168,45 @@ def test_critic_runlocal_trains_a_tiny_onevision_and_exports_it(files, tmp_path)
   logits = []
   for model in (trained, start.eval()):
     with torch.no_grad():
-      logits.append(model(input_ids=torch.tensor([ids]), **pixels).logits.numpy())
+      logits.append(model(input_ids=torch.tensor([ids.tolist()]), **pixels).logits.numpy())
   assert np.isfinite(logits[0]).all() and np.abs(logits[0] - logits[1]).max() > 1e-3
+
+
+def test_llava_critic_judge_feeds_tiles_and_replies_as_transformers_generate(files, tmp_path):
+  """The in-process LLaVA-Critic judge on a OneVision model: each image goes in as its anyres
+  tiles with the placeholders they pack into; greedy replies equal transformers' `generate`
+  on transformers' preprocessing (a single resized image would not even match its count)."""
+  from lmm_align.data import conversation
+  from lmm_align.data.anyres import AnyresImageConfig
+  from lmm_align.data.tokenizer import load_tokenizer
+  from lmm_align.feedback import critic
+  from lmm_align.judges.base import JudgeRequest
+
+  model, params = hf.load_pretrained(files["model"])
+  tokenizer = load_tokenizer(files["model"])
+  judge = critic.llava_critic_judge(model, params, tokenizer, batch_size=2, max_new_tokens=5)
+  assert isinstance(judge.image_config, AnyresImageConfig) and judge.tile_buckets == (5,)
+  paths = []
+  for i in range(2):
+    paths.append(tmp_path / f"{i}.png")
+    paths[-1].write_bytes(_png(i))
+  prompt = "Score the response out of 100.\nQuestion: [Describe it.]"
+  replies = judge.complete([JudgeRequest(prompt, str(p), max_tokens=5) for p in paths])
+
+  ref = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(files["model"]).eval()
+  processor = transformers.LlavaOnevisionImageProcessorPil.from_pretrained(files["model"])
+  stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  for i, reply in enumerate(replies):
+    n = model.config.image_tokens(SIZES[i])
+    ids = conversation.encode_generation_prompt(
+      prompt, tokenizer, "qwen_1_5", n, model.config.image_token_id
+    ).input_ids
+    pixels = processor(images=Image.open(paths[i]).convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+      out = ref.generate(
+        input_ids=torch.tensor([ids.tolist()]), **pixels, max_new_tokens=5, do_sample=False,
+        eos_token_id=[stop, tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+      )[0, len(ids) :].tolist()  # fmt: skip
+    expected = tokenizer.decode([t for t in out if t != stop], skip_special_tokens=True).strip()
+    assert reply.ok and reply.text == expected, (reply, expected)
+  assert any(reply.text for reply in replies)  # words compared, not two empty replies

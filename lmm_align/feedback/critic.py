@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from lmm_align.data.anyres import AnyresImageConfig
+from lmm_align.data.anyres import image_config_for_model as anyres_image_config_for_model
 from lmm_align.data.images import ImageProcessorConfig
 from lmm_align.judges.base import Judge, JudgeReply, JudgeRequest
 from lmm_align.judges.model import ModelJudge
@@ -181,11 +183,12 @@ def llava_critic_judge(
   model: Any,
   params: Any,
   tokenizer: Any,
-  image_config: ImageProcessorConfig,
+  image_config: ImageProcessorConfig | AnyresImageConfig | None = None,
   *,
   batch_size: int = 8,
   max_new_tokens: int = LLAVA_CRITIC_MAX_NEW_TOKENS,
   buckets: Sequence[int] | None = None,
+  tile_buckets: Sequence[int] | None = None,
 ) -> ModelJudge:
   """The released LLaVA-Critic (or a critic trained here) as an in-process judge: greedy
   decoding (the card's do_sample=False, temperature 0) in the qwen_1_5 template, each reply
@@ -193,12 +196,24 @@ def llava_critic_judge(
   `pointwise_scores` as `template=LLAVA_CRITIC_PAIRWISE` / `LLAVA_CRITIC_POINTWISE`.
 
   model, params, tokenizer: a loaded LLaVA-OneVision checkpoint (lmms-lab/llava-critic-7b).
-  image_config: the image preprocessing its tower takes.
+  image_config: the image preprocessing its tower takes. For a LLaVA-NeXT / OneVision model
+    (the released critics) each image goes in as its anyres tiles, as in SFT: an
+    `AnyresImageConfig` is used as given; otherwise the model's own tiling
+    (`anyres.image_config_for_model`), with a given config's normalisation and resampling.
+  tile_buckets: anyres tile counts a batch pads to (None: the most an image can take).
   """
+  if model.config.anyres and not isinstance(image_config, AnyresImageConfig):
+    tiling = anyres_image_config_for_model(model.config)
+    if image_config is not None:
+      tiling = dataclasses.replace(
+        tiling, mean=image_config.mean, std=image_config.std, resample=image_config.resample,
+        rescale_factor=image_config.rescale_factor,
+      )  # fmt: skip
+    image_config = tiling
   return ModelJudge(
     model, params, tokenizer, image_config,
     template=LLAVA_CRITIC_TEMPLATE, batch_size=batch_size, max_new_tokens=max_new_tokens,
-    buckets=buckets, name="llava-critic",
+    buckets=buckets, name="llava-critic", tile_buckets=tile_buckets,
   )  # fmt: skip
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from lmm_align import sampling
 from lmm_align.data import conversation
+from lmm_align.data.anyres import AnyresImageConfig, choose_tile_bucket, preprocess_anyres_image
 from lmm_align.data.images import ImageProcessorConfig, load_image, preprocess_image
 from lmm_align.judges.base import JudgeReply, JudgeRequest
 from lmm_align.models.llava import Llava
@@ -34,12 +35,14 @@ from lmm_align.models.llava import Llava
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
-  """One request ready for the sampler: token ids [T], pixels [H, W, 3] or None, a limit."""
+  """One request ready for the sampler: token ids [T], pixels [H, W, 3] (anyres: its tiles
+  [tiles, H, W, 3] and the image's (height, width)) or None, a limit."""
 
   index: int
   input_ids: list[int]
   pixels: np.ndarray | None
   max_tokens: int
+  image_size: tuple[int, int] | None = None
 
 
 class ModelJudge:
@@ -49,7 +52,10 @@ class ModelJudge:
     model: the Llava module (its config gives image tokens and vision settings).
     params: its params (unboxed).
     tokenizer: the model's HF tokenizer (eos ends a reply).
-    image_config: preprocessing for the vision tower; None for a text-only model.
+    image_config: preprocessing for the vision tower; None for a text-only model. An
+      `AnyresImageConfig` (LLaVA-NeXT / OneVision) tiles each image, its placeholders counted
+      by its size, the batch's tiles padded to the smallest of `tile_buckets` that holds them
+      (default: the most an image can take).
     template: conversation template name ("vicuna_v1", "llava_v1", "qwen_1_5" for
       LLaVA-OneVision and LLaVA-Critic, ...). A request's `system` replaces the template's
       system message.
@@ -70,6 +76,7 @@ class ModelJudge:
     max_new_tokens: int = 512,
     buckets: Sequence[int] | None = None,
     name: str = "model",
+    tile_buckets: Sequence[int] | None = None,
   ):
     if batch_size < 1 or max_new_tokens < 1:
       raise ValueError(
@@ -79,6 +86,9 @@ class ModelJudge:
       raise ValueError("a model with a vision tower needs an image_config")
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.image_config = image_config
+    self.tiled = isinstance(image_config, AnyresImageConfig)
+    if self.tiled:
+      self.tile_buckets = tuple(sorted(tile_buckets or (image_config.max_tiles_per_image(),)))
     self.template = conversation.get_template(template)
     # Fails here, not mid-run, when the tokenizer lacks the template's end token.
     self.stop_token_ids = conversation.answer_stop_ids(tokenizer, self.template)
@@ -107,24 +117,44 @@ class ModelJudge:
     template = self.template
     if request.system is not None:
       template = dataclasses.replace(template, system=request.system)
-    pixels = None
+    pixels = size = None
+    # A text-only model has no image tokens; the value is unused when nothing is expanded.
+    image_tokens = max(config.num_image_tokens, 1)
     if request.image is not None:
       if not config.has_vision:
         raise ValueError("an image was given to a text-only model")
-      pixels = preprocess_image(load_image(request.image), self.image_config)
+      if self.tiled:
+        pixels, size = preprocess_anyres_image(load_image(request.image), self.image_config)
+        if len(pixels) > self.tile_buckets[-1]:
+          raise ValueError(f"the image takes {len(pixels)} tiles, tile_buckets {self.tile_buckets}")
+        image_tokens = config.image_tokens(size)
+      else:
+        pixels = preprocess_image(load_image(request.image), self.image_config)
     encoded = conversation.encode_generation_prompt(
       request.prompt,
       self.tokenizer,
       template,
-      # A text-only model has no image tokens; the value is unused when nothing is expanded.
-      max(config.num_image_tokens, 1),
+      image_tokens,
       config.image_token_id,
       with_image=pixels is not None,
       num_images=int(pixels is not None),
       record_id=request.request_id or None,
     )
     max_tokens = min(max(request.max_tokens, 1), self.max_new_tokens)
-    return _Prepared(index, encoded.input_ids.tolist(), pixels, max_tokens)
+    return _Prepared(index, encoded.input_ids.tolist(), pixels, max_tokens, size)
+
+  def _tiles(self, chunk: Sequence[_Prepared]) -> tuple[np.ndarray, np.ndarray]:
+    """Anyres: (pixel_values float32[B, tiles, H, W, 3], zero tiles after each image's own;
+    image_sizes int32[B, 2], (0, 0) for a row without an image)."""
+    counts = [0 if item.pixels is None else len(item.pixels) for item in chunk]
+    side = self.image_config.tile_size
+    tiles = choose_tile_bucket(counts, self.tile_buckets)
+    pixels = np.zeros((len(chunk), tiles, side, side, 3), np.float32)
+    sizes = np.zeros((len(chunk), 2), np.int32)
+    for row, item in enumerate(chunk):
+      if item.pixels is not None:
+        pixels[row, : counts[row]], sizes[row] = item.pixels, item.image_size
+    return pixels, sizes
 
   def _pixel_slots(self, chunk: Sequence[_Prepared]) -> np.ndarray | None:
     """float32[B, 1, H, W, 3]: each row's image in its slot, zeros where it has none."""
@@ -145,11 +175,13 @@ class ModelJudge:
       max_new_tokens=self.max_new_tokens,
       stop_token_ids=self.stop_token_ids,
     )
+    pixels, sizes = self._tiles(rows) if self.tiled else (self._pixel_slots(rows), None)
     out = sampling.generate(
       self.model,
       self.params,
       [item.input_ids for item in rows],
-      self._pixel_slots(rows),
+      pixels,
+      image_sizes=sizes,
       settings=settings,
       rng=None,
       pad_id=self.tokenizer.pad_token_id,
