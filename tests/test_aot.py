@@ -185,7 +185,8 @@ def test_tpu_reward_plan_with_lora_keeps_the_base_frozen_outside_the_state(capsy
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
   save = tmp_path / "plan.json"
   config = _shapes_config("reward") + ":runlocal,lora=8"
-  argv = (f"--config={config}", "--topology=v5p-8", "--cost=none", f"--save={save}")
+  argv = (f"--config={config}", "--topology=v5p-8", "--mesh=1,-1,1", "--cost=none",
+          f"--save={save}")  # fmt: skip
   status, _, err = _plan(capsys, *argv)
   assert status == 0, err
   table = json.loads(save.read_text())
