@@ -2,24 +2,29 @@
 
   lmm-align plan --config=configs/llava15/sft.py --topology=v5p-64 [--mesh=1,-1,1] \
       [--config.model.remat_policy=full ...] [--save=plan.json]
+  lmm-align plan --config=configs/llava_rlhf/ppo.py:model=7b --topology=v5p-16
   lmm-align plan --config=configs/shapes/dpo.py:runlocal --topology=cpu-8 --mesh=2,2,2
 
 `--topology` is a Cloud TPU accelerator type (`v4-32`, `v5p-64`, `v5litepod-16` or `v5e-16`,
 `v6e-8`): compile-only TPU devices of that slice come from libtpu
 (`jax.experimental.topologies`, no TPU needed; `pip install -e '.[tpu]'`), and the TPU
 compiler itself places every buffer. `cpu-N` uses N fake CPU devices (XLA:CPU's buffer
-assignment, an estimate; for tests without libtpu).
+assignment, an estimate; for tests without libtpu). `--mesh` defaults to the config's
+`mesh.sizes` (an iterative loop's: its DPO config's).
 
 Nothing is materialised: the run's params, optimizer state, batches and RNG key are
 `ShapeDtypeStruct`s carrying the shardings the trainer gives them (abstract `eval_shape` of
 the model's init, the config's logical rules), traced under the slice's abstract mesh, and each
 program is jitted exactly as its trainer jits it (the trainers' public step functions,
-`state.jit_train_step`, the state donated). Per program and per chip the table has the
-compiler's argument, output, alias, temp and generated-code bytes, the peak (argument +
-output - alias + temp) against the chip's HBM, the compile time, and the compiler's cost
-estimates (FLOPs, bytes accessed, its step-time estimate where it gives one) against the
-model's own FLOPs. The last line is `plan: fits ...` (exit 0) or `plan: does not fit ...`
-(exit 3, also when the compiler reports RESOURCE_EXHAUSTED).
+`state.jit_train_step`, the state donated; the programs are in programs.py and rl_programs.py).
+Per program and per chip the table has the compiler's argument, output, alias, temp and
+generated-code bytes, the peak (argument + output - alias + temp), the run's other buffers
+alive beside it (by hand: e.g. PPO's frozen bases during a rollout forward), their sum against
+the chip's HBM, the compile time, and the compiler's cost estimates (FLOPs, bytes accessed,
+its step-time estimate where it gives one) against the model's own FLOPs; for a decode step
+also its bytes against the least it must read (weights + KV cache once). The last line is
+`plan: fits ...` (exit 0) or `plan: does not fit ...` (exit 3, also when the compiler reports
+RESOURCE_EXHAUSTED); its peak_gib is the largest peak + resident.
 """
 
 from __future__ import annotations
