@@ -10,6 +10,7 @@ vision-tower pretraining (`tower`). Importing the package registers its names: t
 # Registrations: each import adds the module's names to a registry.
 from lmm_align.shapes import (
   data,  # noqa: F401  (sources shapes, shapes_pairs, shapes_prompts)
+  evaluation,  # noqa: F401  (evaluation kind "shapes")
   loop_feedback,  # noqa: F401  (loop prompts "shapes", feedback ground_truth, correction)
   oracle,  # noqa: F401  (oracle reward "scene")
   tower,  # noqa: F401  (trainer "shapes_tower")

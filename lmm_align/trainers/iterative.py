@@ -37,7 +37,8 @@ One round r = 1..M, read top to bottom in `run_round`:
               reference. RLAIF-V picks the best of several checkpoints per round on held-out
               benchmarks; here each round keeps one checkpoint, its last, so no evaluation data
               leaks into training choices.
-  eval        `shapes_eval.evaluate_shapes` on held-out scenes (data.shapes.eval_seed)
+  eval        the evaluation config.eval.kind names (`evals.registry`): "shapes", held-out
+              scenes (data.shapes.eval_seed); "none" on real prompts
 
 Round 0 is the evaluation of config.init_from (the SFT policy).
 
@@ -69,12 +70,10 @@ import ml_collections
 import numpy as np
 
 from lmm_align.data import jsonl, preference_sources
+from lmm_align.evals import registry as eval_registry
 from lmm_align.feedback import candidates as candidates_lib
 from lmm_align.feedback import registry as feedback_registry
 from lmm_align.feedback import rlaifv
-from lmm_align.shapes import data as shapes_data
-from lmm_align.shapes import metrics as shapes_metrics
-from lmm_align.shapes import world as shapes
 from lmm_align.trainers import export, registry
 
 # Which chosen answers the DPO run's SFT term (train.dpo.sft_weight) imitates: all, or only
@@ -216,7 +215,10 @@ def sample_candidates(
 
   s = config.sampling
   settings = sampling.SamplingSettings(
-    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+    temperature=s.temperature,
+    top_k=s.top_k,
+    top_p=s.top_p,
+    max_new_tokens=s.max_new_tokens,
     # An answer ends at its template's end token (eos; ChatML's <|im_end|> for OneVision).
     stop_token_ids=conversation.answer_stop_ids(policy.tokenizer, config.data.template),
   )
@@ -316,9 +318,7 @@ def claim_splitter(feedback: ml_collections.ConfigDict) -> tuple[Any, Any]:
       name=f"model:{loaded.model_id}",
     )  # fmt: skip
   else:
-    raise ValueError(
-      f"feedback.splitter={spec!r}: use 'rules', 'openai:MODEL' or 'model:HF_DIR'"
-    )
+    raise ValueError(f"feedback.splitter={spec!r}: use 'rules', 'openai:MODEL' or 'model:HF_DIR'")
   return claims.ModelClaimSplitter(judge), claims.ModelQuestionMaker(judge)
 
 
@@ -621,38 +621,13 @@ def _dpo_metrics(dpo_dir: pathlib.Path) -> dict[str, Any]:
 
 
 def evaluate_policy(config: ml_collections.ConfigDict, path: str, out: pathlib.Path) -> None:
-  """out/metrics.json: the shapes evaluation (held-out scenes, greedy) of an HF folder, plus
-  what tells a cleaner answer from a shorter one: the share of answers that mention any object
-  (`mention_rate`), and the hallucination rate among those (`chair_s_refine`, RLAIF-V's
-  response-level rate). An answer that names no object ("There is a large blue.") counts as
-  free of hallucination in `hallucination_rate`."""
-  from lmm_align.shapes import evaluation as shapes_eval
-
-  kind = config.eval.get("kind", "shapes")
-  if kind == "none":  # a loop on real prompts: no per-round evaluation here
+  """out/metrics.json: the evaluation `config.eval.kind` names (`evals.registry`; the shapes
+  world's held-out scenes for a shapes loop) of an HF folder, or {"skipped": ...} for "none"
+  (a loop on real prompts)."""
+  if eval_registry.active_kind(config) == eval_registry.NONE:
     _write_json(out / "metrics.json", {"skipped": "eval.kind is 'none'"})
     return
-  if kind != "shapes":
-    raise ValueError(f"eval.kind={kind!r}: use 'shapes' or 'none'")
-  policy = load_policy(path, config.data.template)
-  e, world = config.eval, shapes_data.world_config(config.data)
-  kwargs = dict(template=config.data.template, batch_size=e.batch_size)
-  metrics = shapes_eval.evaluate_shapes(
-      policy.model, policy.params, policy.tokenizer, policy.image_config, world,
-      num_scenes=e.num_scenes, seed=config.data.shapes.eval_seed,
-      max_new_tokens=e.max_new_tokens, pope_per_split=e.pope_per_split, **kwargs,
-  )  # fmt: skip
-  scenes = shapes.make_scenes(e.num_scenes, world, seed=config.data.shapes.eval_seed)
-  # The same greedy answers evaluate_shapes scored (it does not return them).
-  texts, _ = shapes_eval.answer_questions(
-      policy.model, policy.params, policy.tokenizer, policy.image_config,
-      [shapes_eval.DESCRIBE_QUESTION] * len(scenes),
-      [shapes.render(s, world.image_size) for s in scenes], max_new_tokens=e.max_new_tokens,
-      **kwargs,
-  )  # fmt: skip
-  counts = shapes_metrics.hallucination_metrics(texts, scenes)
-  metrics["chair_s_refine"] = counts["chair_s_refine"]
-  metrics["mention_rate"] = counts["responses_with_mentions"] / max(1, counts["responses"])
+  metrics = eval_registry.evaluate_model(config, load_policy(path, config.data.template))
   _write_json(out / "metrics.json", metrics)
 
 
