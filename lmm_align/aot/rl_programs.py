@@ -174,6 +174,9 @@ def sampler_programs(
   flat = abstract_variables(Llava(c.with_runtime(scan_layers=False)), mesh, rules)["params"]
   lm = flat[0]["language_model"]
   unscanned = c.with_runtime(scan_layers=False)
+  # Rows that do not divide data x fsdp are padded, as XLA pads the loop's uneven rows.
+  dp = sharding.data_parallel_size(mesh)
+  b = -(-b // dp) * dp
   cache = jax.eval_shape(lambda: init_cache(unscanned, b, slots))
   cache = with_sharding(cache, _cache_shardings(cache, mesh, rules))
   choose = functools.partial(
@@ -183,7 +186,7 @@ def sampler_programs(
   step = jax.jit(functools.partial(_decode_step, config=c, choose=choose), donate_argnums=(1,))
   step_args = (
     lm, cache, rows(mesh, (b,), jnp.int32), rows(mesh, (b,), jnp.int32),
-    jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=sharding.batch_sharding(mesh, 1)),
+    jax.ShapeDtypeStruct((b,), keys.dtype, sharding=sharding.batch_sharding(mesh, 1)),
     rep((), jnp.float32), rep((), jnp.float32),
   )  # fmt: skip
   # The least a step reads: every decoder weight it multiplies by (not the embedding table,
