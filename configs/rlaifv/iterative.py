@@ -87,6 +87,8 @@ def get_config(arg: str | None = None):
   config.sampling.max_new_tokens = 512
   f = config.feedback
   f.labeler = LABELER if arg.feedback == "rlaifv" else ""
+  # `lmm-align plan` sizes the labeler from this when its folder is not on the planning machine.
+  f.labeler_variant = "llava-next-34b" if arg.feedback == "rlaifv" else ""
   f.reject_margin = 0.0  # rejected iff log p_no - log p_yes >= 0
   f.yes_words, f.no_words = ("yes", "Yes"), ("no", "No")
   f.question_suffix = " Please answer yes or no."
