@@ -567,7 +567,7 @@ def dpo_config(
   c.init_from = policy
   c.seed = config.seed + round_index
   c.data.source = "pairs_jsonl"
-  c.data.json_path = str(pairs_dir / "pairs.jsonl")
+  c.data.path = str(pairs_dir / "pairs.jsonl")
   c.data.image_folder = str(prompts_dir)
   c.data.template = config.data.template
   c.eval.enabled = False

@@ -118,7 +118,7 @@ def test_pairs_jsonl_source_loads_images_and_skips_bad_pairs_when_asked(tmp_path
   ]  # fmt: skip
   (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   config = _dpo_config(sft_policy, **{
-      "data.source": "pairs_jsonl", "data.json_path": str(tmp_path / "pairs.jsonl"),
+      "data.source": "pairs_jsonl", "data.path": str(tmp_path / "pairs.jsonl"),
       "data.image_folder": str(tmp_path), "data.on_error": "skip",
   })  # fmt: skip
   tokenizer = load_tokenizer(sft_policy)
@@ -160,7 +160,7 @@ def test_per_pair_sft_weights_select_which_chosen_answers_the_sft_term_imitates(
   def run(name, sft_weight, pair_weights):
     path = _write_shapes_pairs(tmp_path / name, n, pair_weights)
     config = _dpo_config(sft_policy, **{
-        "data.source": "pairs_jsonl", "data.json_path": str(path),
+        "data.source": "pairs_jsonl", "data.path": str(path),
         "data.image_folder": str(path.parent), "dpo.sft_weight": sft_weight,
     })  # fmt: skip
     dpo.train(config, str(tmp_path / name / "run"))

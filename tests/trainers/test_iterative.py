@@ -326,7 +326,7 @@ def test_dpo_config_follows_the_round(tmp_path):
   (tmp_path / "pairs.jsonl").write_text("{}\n" * 9)
   c = iterative.dpo_config(config, 3, "/policy", tmp_path, tmp_path / "prompts")
   assert c.total_steps == 5  # ceil(2 epochs * 9 pairs / 4)
-  assert (c.init_from, c.data.source, c.data.json_path) == (
+  assert (c.init_from, c.data.source, c.data.path) == (
     "/policy", "pairs_jsonl", str(tmp_path / "pairs.jsonl"),
   )  # fmt: skip
   assert c.data.image_folder == str(tmp_path / "prompts") and not c.eval.enabled

@@ -93,7 +93,7 @@ def test_pairs_jsonl_reward_records_keep_facts_and_load_images_lazily(tmp_path):
   (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
   config = main.apply_overrides(
     shapes_reward.get_config("runlocal"),
-    {"data.source": "pairs_jsonl", "data.json_path": str(tmp_path / "pairs.jsonl"),
+    {"data.source": "pairs_jsonl", "data.path": str(tmp_path / "pairs.jsonl"),
      "data.image_folder": str(tmp_path)},
   )  # fmt: skip
   (record,), skipped = reward_records(config)
