@@ -89,7 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   # The run's evaluation of its final model, when enabled: a kind of `lmm_align.evals.registry`
-  # ("none", or one a plugin registers: the shapes world's "shapes", on held-out scenes).
+  # ("none"; "pope" on POPE question files; one a plugin registers: the shapes world's
+  # "shapes", on held-out scenes). The iterative loop evaluates each round's policy with it and,
+  # with select_metric set, names the best round (select_mode "max" or "min").
   config.eval = ml_collections.ConfigDict(
     dict(
       enabled=False,
@@ -98,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=32,
       max_new_tokens=48,
       pope_per_split=64,
+      limit=0,  # "pope": the first N questions of each file (0: all)
+      pope=dict(paths="", image_folder=""),  # "pope": question files (one per split), images
+      select_metric="",
+      select_mode="max",
     )
   )
   config.sweep = ()  # ((name, {key: value, ...}), ...): `lmm-align sweep` runs each

@@ -76,7 +76,6 @@ LLAVA_SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase
 # LLaVA's model_vqa default (128) for POPE; long answers for the free-form benchmarks.
 DEFAULT_MAX_NEW_TOKENS = {"pope": 128, "mmhal": 512, "chair": 512, "llava_bench": 1024}
 DEFAULT_BATCH_SIZE = 8
-POPE_MAIN_METRICS = ("f1", "accuracy", "precision", "recall", "yes_ratio")
 NUM_EXAMPLES = 8
 JUDGE_CHUNK = 32  # requests per judge call: the progress bar's step
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -315,25 +314,9 @@ def jsonl_questions(
   return questions
 
 
-def pope_split_name(path: str) -> str:
-  """'coco_pope_random.json' -> 'random' (as LLaVA names its categories); else the stem."""
-  stem = pathlib.Path(path).name.split(".")[0]
-  return re.sub(r"^.*pope_", "", stem) or stem
-
-
-def combine_pope_splits(per_split: dict[str, dict[str, Any]]) -> dict[str, Any]:
-  """One split: its metrics as they are. Several: '<split>/<metric>' for each, and the mean
-  over splits of each main metric under its bare name."""
-  if len(per_split) == 1:
-    return dict(next(iter(per_split.values())))
-  out = {f"{split}/{k}": v for split, m in per_split.items() for k, v in m.items()}
-  out.update({k: float(np.mean([m[k] for m in per_split.values()])) for k in POPE_MAIN_METRICS})
-  return out
-
-
 def run_pope(args: argparse.Namespace, answerer: Answerer | None) -> Outcome:
   paths = args.questions
-  splits = [pope_split_name(p) for p in paths]
+  splits = [pope.split_name(p) for p in paths]
   if len(set(splits)) != len(splits):
     raise ValueError(f"--questions: two files give the same split name: {splits}")
   if answerer is None and len(args.answers) != len(paths):
@@ -360,12 +343,12 @@ def run_pope(args: argparse.Namespace, answerer: Answerer | None) -> Outcome:
     ]  # fmt: skip
   rows = [
     {"split": s, "questions": m["tp"] + m["fp"] + m["tn"] + m["fn"],
-     **{k: m[k] for k in POPE_MAIN_METRICS}} for s, m in per_split.items()
+     **{k: m[k] for k in pope.MAIN_METRICS}} for s, m in per_split.items()
   ]  # fmt: skip
-  metrics = combine_pope_splits(per_split)
+  metrics = pope.combine_splits(per_split)
   if len(rows) > 1:
-    rows.append({"split": "mean", **{k: metrics[k] for k in POPE_MAIN_METRICS}})
-  return Outcome(metrics, rows, "split", POPE_MAIN_METRICS, _spread(examples))
+    rows.append({"split": "mean", **{k: metrics[k] for k in pope.MAIN_METRICS}})
+  return Outcome(metrics, rows, "split", pope.MAIN_METRICS, _spread(examples))
 
 
 def _optional_image(images_dir: str | None, name: str) -> str | None:
@@ -568,8 +551,9 @@ RUNNERS = {"pope": run_pope, "mmhal": run_mmhal, "chair": run_chair, "llava_benc
 
 
 def benchmarks() -> tuple[str, ...]:
-  """The built-in benchmarks, then the registered evaluation kinds (plugins' included)."""
-  return (*RUNNERS, *eval_registry.kinds())
+  """The built-in benchmarks, then the other registered evaluation kinds (plugins' included;
+  "pope" is both: here the file-level report, in a run its `evals.kinds` registration)."""
+  return (*RUNNERS, *(k for k in eval_registry.kinds() if k not in RUNNERS))
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,12 @@ ALGORITHM_DETAILS.md):
               warmup, weight decay 0.01, batch 8, a full fine-tune; the reference is the round's
               starting policy, its log-probs computed once. About 4 epochs per round.
   rounds      4. RLAIF-V keeps the checkpoint best on Object HalBench / MMHal after each round;
-              this loop keeps each round's last checkpoint.
+              this loop keeps each round's last checkpoint and, with a per-round evaluation
+              and `eval.select_metric`, names the best round in summary.json ("best"): e.g.
+              `--config.eval.kind=pope --config.eval.pope.paths=/mnt/disks/data/pope/coco_pope_*.json
+              --config.eval.pope.image_folder=/mnt/disks/data/coco/val2014
+              --config.eval.select_metric=pope_f1` (Object HalBench and MMHal need a judge or
+              COCO annotations: score the round exports with `lmm-align eval chair|mmhal`).
 
 `prompts.source` is an RL-prompt source of lmm_align.data.registry: `rlaifv_jsonl` (the
 pipeline's input, {ds_question_id, image_path, question, metainfos}), `prompts_jsonl`
@@ -96,7 +101,8 @@ def get_config(arg: str | None = None):
   # (e.g. by vLLM) behind an OpenAI-compatible endpoint, or a local text model:
   # --config.feedback.splitter=openai:MODEL --config.feedback.splitter_base_url=URL, or
   # --config.feedback.splitter=model:HF_DIR. The default rules suit short declarative answers.
-  # No per-round evaluation on real prompts here (score exports with `lmm-align eval`).
+  # No per-round evaluation unless asked (eval.kind=pope with POPE files, above); score the
+  # round exports with `lmm-align eval`.
   config.eval.kind = "none"
   config.pairs.per_prompt = 2
   config.pairs.min_score_gap = 1

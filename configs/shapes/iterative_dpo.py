@@ -29,6 +29,14 @@ from lmm_align.shapes import world as shapes
 from lmm_align.trainers import iterative
 
 
+def round_eval(**fields) -> ml_collections.ConfigDict:
+  """The loop's per-round evaluation: common's eval block (every kind's fields), switched on."""
+  e = common.base_config().eval
+  e.enabled = True
+  e.update(fields)
+  return e
+
+
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, feedback="rlaifv", runlocal=False)
   if arg.feedback not in iterative.feedback_kinds():
@@ -118,10 +126,9 @@ def get_config(arg: str | None = None):
     config.train.dpo.sft_weight = 1.0
     config.prompts.num_per_round = 4096
   # 256 scenes: the standard error of a rate near 0.2 is 0.025 (0.035 with 128).
-  # Each round's evaluation: "shapes" (held-out scenes) or "none" (a loop on real prompts).
-  config.eval = ml_collections.ConfigDict(
-    dict(kind="shapes", num_scenes=256, batch_size=32, max_new_tokens=48, pope_per_split=64)
-  )
+  # Each round's evaluation: "shapes" (held-out scenes), "pope" (POPE files: eval.pope.*) or
+  # "none" (a loop on real prompts); eval.select_metric names the best round by it.
+  config.eval = round_eval(kind="shapes", num_scenes=256, batch_size=32, max_new_tokens=48)
   if arg.runlocal:
     config.rounds = 2
     config.prompts.num_per_round = 12
@@ -136,7 +143,7 @@ def get_config(arg: str | None = None):
     config.train.mesh.num_devices = 1  # one device: any small batch divides
     config.train.mesh.sizes = (1, 1, 1)
     config.train.checkpoint_every = 2
-    config.eval = ml_collections.ConfigDict(
-      dict(kind="shapes", num_scenes=4, batch_size=4, max_new_tokens=16, pope_per_split=4)
+    config.eval = round_eval(
+      kind="shapes", num_scenes=4, batch_size=4, max_new_tokens=16, pope_per_split=4
     )
   return config

@@ -8,12 +8,17 @@ yes), and "yes" otherwise. "yes" is the positive class.
 
 from __future__ import annotations
 
+import pathlib
+import re
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from lmm_align.data.jsonl import read_jsonl
 
 NO_WORDS = ("No", "no", "not")
+MAIN_METRICS = ("f1", "accuracy", "precision", "recall", "yes_ratio")
 
 
 def pope_prediction(text: str) -> str:
@@ -51,6 +56,22 @@ def pope_metrics(answers: Sequence[str], labels: Sequence[str]) -> dict[str, flo
       "yes_ratio": (tp + fp) / len(labels),
       "tp": tp, "fp": fp, "tn": tn, "fn": fn,
   }  # fmt: skip
+
+
+def split_name(path: str) -> str:
+  """'coco_pope_random.json' -> 'random' (as LLaVA names its categories); else the stem."""
+  stem = pathlib.Path(path).name.split(".")[0]
+  return re.sub(r"^.*pope_", "", stem) or stem
+
+
+def combine_splits(per_split: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """One split: its metrics as they are. Several: '<split>/<metric>' for each, and the mean
+  over splits of each main metric under its bare name."""
+  if len(per_split) == 1:
+    return dict(next(iter(per_split.values())))
+  out = {f"{split}/{k}": v for split, m in per_split.items() for k, v in m.items()}
+  out.update({k: float(np.mean([m[k] for m in per_split.values()])) for k in MAIN_METRICS})
+  return out
 
 
 # --------------------------------------------------------------------------------------------

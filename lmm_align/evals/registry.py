@@ -8,12 +8,14 @@ An evaluation is a function `fn(config, loaded) -> metrics` registered with `@re
 `loaded` is an `inference.LoadedModel` (model, params, tokenizer, image config, template) and
 the metrics (flat, JSON-ready) go into the run's summary.json. "none" evaluates nothing ({}),
 and so does `config.eval.enabled=False` (the trainers' switch). Plugins (`lmm_align.plugins`)
-register kinds: the shapes world registers "shapes" (held-out scenes).
+register kinds: the shapes world registers "shapes" (held-out scenes). Built in: "pope"
+(`evals.kinds`: POPE question files, for a loop on real data).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,8 @@ from lmm_align import plugins, sharding
 from lmm_align.inference import LoadedModel
 
 NONE = "none"
+# Built-in kinds, imported the first time a name is asked for (see `get`).
+BUILTIN = {"pope": "lmm_align.evals.kinds"}
 
 EvalFn = Callable[[ml_collections.ConfigDict, LoadedModel], dict[str, Any]]
 
@@ -61,12 +65,16 @@ def register(kind: str, **report: Any) -> Callable[[EvalFn], EvalFn]:
 
 
 def kinds() -> tuple[str, ...]:
-  """The registered kinds, plugins' included."""
+  """The registered kinds, the built-in and plugins' included."""
+  for module in set(BUILTIN.values()):
+    importlib.import_module(module)
   plugins.load()
   return tuple(sorted(_EVALUATIONS))
 
 
 def get(kind: str) -> Evaluation:
+  if kind not in _EVALUATIONS and kind in BUILTIN:
+    importlib.import_module(BUILTIN[kind])
   if kind not in _EVALUATIONS:
     plugins.load()
   if kind not in _EVALUATIONS:

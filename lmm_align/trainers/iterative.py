@@ -82,8 +82,9 @@ from lmm_align.trainers import export, registry
 SFT_ON = ("all", "unrejected")
 SUMMARY_METRICS = (
   "hallucination_rate", "chair_s_refine", "mention_rate", "chair_i", "object_recall", "pope_f1",
-  "mean_answer_words",
+  "pope_accuracy", "pope_yes_ratio", "mean_answer_words",
 )  # fmt: skip
+SELECT_MODES = ("max", "min")
 DONE = "done"
 
 # Called after each stage is complete (run now or found done): (round, stage name).
@@ -640,6 +641,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not config.init_from:
     raise ValueError("set config.init_from to the starting (SFT) policy's HF folder")
   kind = feedback_registry.get_kind(config.feedback.kind)  # an unknown kind names the others
+  # Evaluation settings fail here, not after the first round's training.
+  if eval_registry.active_kind(config) != eval_registry.NONE:
+    eval_registry.get(eval_registry.active_kind(config))
+  if config.eval.get("select_metric") and config.eval.get("select_mode", "max") not in SELECT_MODES:
+    raise ValueError(f"eval.select_mode={config.eval.select_mode!r}: use one of {SELECT_MODES}")
   source = config.prompts.get("source", "")
   if kind.prompt_sources and source not in kind.prompt_sources:
     raise ValueError(
@@ -715,16 +721,43 @@ def run(
   rows = [{"round": 0, "policy": config.init_from, "metrics": _read_json(eval0 / "metrics.json")}]
   rounds = [run_round(config, root, r, after_stage) for r in range(1, config.rounds + 1)]
   rows += rounds
+  best = best_round(
+    rows, config.eval.get("select_metric", ""), config.eval.get("select_mode", "max")
+  )
+  selection = "the last checkpoint of each round (one checkpoint per round)"
+  if best is not None:
+    selection += f"; the best round by {best['mode']} {best['metric']}: round {best['round']}"
   summary = {
     "feedback": config.feedback.kind,
     "labeler": config.feedback.labeler if config.feedback.kind == "rlaifv" else None,
     "critic": config.feedback.critic if config.feedback.kind == "critic" else None,
-    "checkpoint_selection": "the last checkpoint of each round (one checkpoint per round)",
+    "checkpoint_selection": selection,
+    "best": best,
     "rounds": [_summary_row(row) for row in rows],
   }
   _write_json(root / "summary.json", summary)
   print(format_rounds_table(summary["rounds"]))
   return summary
+
+
+def best_round(rows: Sequence[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+  """The round (0: the starting policy) whose evaluation has the largest ("max") or smallest
+  ("min") `metric`, the earliest on a tie, as {round, policy, metric, mode, value}; None when
+  no metric is asked for (eval.select_metric empty)."""
+  if not metric:
+    return None
+  if mode not in SELECT_MODES:
+    raise ValueError(f"eval.select_mode={mode!r}: use one of {SELECT_MODES}")
+  scored = [r for r in rows if isinstance(r["metrics"].get(metric), int | float)]
+  if not scored:
+    reported = sorted({k for r in rows for k in r["metrics"]})
+    raise ValueError(
+      f"eval.select_metric={metric!r}: no round's evaluation reports it (they report {reported})"
+    )
+  sign = 1.0 if mode == "max" else -1.0
+  best = max(scored, key=lambda r: (sign * float(r["metrics"][metric]), -r["round"]))
+  return {"round": best["round"], "policy": best["policy"], "metric": metric, "mode": mode,
+          "value": float(best["metrics"][metric])}  # fmt: skip
 
 
 def _summary_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -419,7 +419,8 @@ def test_per_item_rules_fail_one_item_not_the_run():
 def test_one_round_on_an_rlaifv_prompt_file(policy, tmp_path):
   """RLAIF-V's loop on its published prompt layout (rlaifv_jsonl: ds_question_id, image_path,
   question, metainfos) with images that are not shapes scenes: self feedback (the policy
-  labels its own claims), pairs without scene facts, no per-round evaluation."""
+  labels its own claims), pairs without scene facts, each round evaluated on POPE question
+  files (two splits, eval.kind=pope) and the best round named by its pope_f1."""
   from PIL import Image
 
   images = tmp_path / "images"
@@ -435,12 +436,23 @@ def test_one_round_on_an_rlaifv_prompt_file(policy, tmp_path):
     }))  # fmt: skip
   prompts_file = tmp_path / "prompts.jsonl"
   prompts_file.write_text("\n".join(lines) + "\n")
+  pope_files = []
+  for split in ("random", "adversarial"):
+    pope_files.append(tmp_path / f"coco_pope_{split}.json")
+    pope_files[-1].write_text("".join(
+      json.dumps({"question_id": i, "image": f"img{i}.png", "label": ("yes", "no")[i % 2],
+                  "text": f"Is there a {('circle', 'star')[i % 2]} in the image?"}) + "\n"
+      for i in range(3)
+    ))  # fmt: skip
   config = shapes_iterative_dpo.get_config("feedback=self,runlocal")
   config.init_from = str(policy)
   config.rounds, config.prompts.num_per_round = 1, 6
   config.prompts.source, config.prompts.path = "rlaifv_jsonl", str(prompts_file)
   config.prompts.image_folder = str(images)
-  config.eval.kind = "none"
+  config.eval.kind, config.eval.batch_size, config.eval.max_new_tokens = "pope", 3, 4
+  config.eval.pope.paths = f"{tmp_path}/coco_pope_*.json"
+  config.eval.pope.image_folder = str(images)
+  config.eval.select_metric = "pope_accuracy"
   workdir = tmp_path / "loop"
   summary = iterative.run(config, str(workdir))
 
@@ -455,11 +467,22 @@ def test_one_round_on_an_rlaifv_prompt_file(policy, tmp_path):
   assert stats["ground_truth"] is None  # no scene to check the pairs against
   pairs = [json.loads(x) for x in (round_dir / "pairs" / "pairs.jsonl").open()]
   assert len(pairs) == stats["pairs"] and all("facts" not in p for p in pairs)
-  assert json.loads((round_dir / "eval" / "metrics.json").read_text()) == {
-    "skipped": "eval.kind is 'none'"
-  }
+  metrics = [json.loads((workdir / f"round_{r}" / "eval" / "metrics.json").read_text())
+             for r in (0, 1)]  # fmt: skip
+  for m in metrics:
+    assert m["pope_questions"] == 6 and {"pope_random/f1", "pope_adversarial/f1"} <= set(m)
+    assert m["pope_accuracy"] == (m["pope_random/accuracy"] + m["pope_adversarial/accuracy"]) / 2
+    assert m["pope_random/tp"] + m["pope_random/fn"] == 2  # two 'yes' labels in each split
   assert (round_dir / "export" / "config.json").exists()
   assert [row["round"] for row in summary["rounds"]] == [0, 1]
+  assert [row["pope_accuracy"] for row in summary["rounds"]] == [
+    m["pope_accuracy"] for m in metrics
+  ]
+  best = 0 if metrics[0]["pope_accuracy"] >= metrics[1]["pope_accuracy"] else 1
+  assert summary["best"] == {
+    "round": best, "policy": summary["rounds"][best]["policy"], "metric": "pope_accuracy",
+    "mode": "max", "value": metrics[best]["pope_accuracy"],
+  }  # fmt: skip
 
 
 def test_the_claim_splitter_is_configured_by_name():
@@ -483,3 +506,25 @@ def test_the_claim_splitter_is_configured_by_name():
   feedback.splitter = "gpt4"
   with pytest.raises(ValueError, match="feedback.splitter='gpt4'"):
     iterative.claim_splitter(feedback)
+
+
+def test_best_round_picks_by_mode_earliest_on_a_tie_and_names_bad_settings(tmp_path):
+  rows = [
+    {"round": 0, "policy": "p0", "metrics": {"hallucination_rate": 0.3, "pope_f1": 0.5}},
+    {"round": 1, "policy": "p1", "metrics": {"hallucination_rate": 0.2, "pope_f1": 0.7}},
+    {"round": 2, "policy": "p2", "metrics": {"hallucination_rate": 0.2, "pope_f1": 0.6}},
+    {"round": 3, "policy": "p3", "metrics": {"skipped": "eval.kind is 'none'"}},
+  ]
+  assert iterative.best_round(rows, "", "max") is None
+  assert iterative.best_round(rows, "pope_f1", "max")["round"] == 1
+  low = iterative.best_round(rows, "hallucination_rate", "min")
+  assert (low["round"], low["policy"], low["value"]) == (1, "p1", 0.2)  # tie: the earlier
+  with pytest.raises(ValueError, match=r"eval.select_metric='chair_i': no round.*pope_f1"):
+    iterative.best_round(rows, "chair_i", "max")
+  with pytest.raises(ValueError, match="eval.select_mode='best'"):
+    iterative.best_round(rows, "pope_f1", "best")
+  # eval.kind='none' writes why it skipped, without loading the policy.
+  config = shapes_iterative_dpo.get_config("runlocal")
+  config.eval.kind = "none"
+  iterative.evaluate_policy(config, "/no/such/policy", tmp_path)
+  assert json.loads((tmp_path / "metrics.json").read_text()) == {"skipped": "eval.kind is 'none'"}
