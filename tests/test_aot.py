@@ -316,6 +316,7 @@ def test_iterative_plan_names_a_splitter_model_it_cannot_size(capsys):
     (("--topology=cpu-8", "--mesh=1,x,1"), "--mesh='1,x,1'"),
     (("--topology=cpu-8", "--mesh=1,8,1", "--config.batch_size=6"), "config.batch_size=6"),
     (("--topology=cpu-8", "--config.model.variant=nope"), "config.model.variant='nope'"),
+    (("--topology=cpu-8", "--mesh=2,2,2", "--programs=nope"), "--programs: ['nope']"),
   ],
 )
 def test_bad_input_is_exit_2_naming_the_flag_or_field(capsys, extra, named):

@@ -384,9 +384,11 @@ def plan(
   mesh_sizes: Sequence[int] | None = None,
   hbm_gib: float = 0.0,
   cost_pass: str = "unrolled",
+  only: Sequence[str] = (),
 ) -> tuple[bool, dict[str, Any], list[str]]:
   """(fits, the JSON table, printed lines) for the config's run on the slice; the mesh is
-  `mesh_sizes`, else the config's (an iterative loop's: its DPO config's)."""
+  `mesh_sizes`, else the config's (an iterative loop's: its DPO config's). `only`: plan just
+  the programs so named (a run's heaviest program alone, on a small host)."""
   if config.trainer not in PROGRAMS:
     raise ValueError(f"config.trainer={config.trainer!r}: plan knows {sorted(PROGRAMS)}")
   trained = rl_programs.config_for_model(config)  # the model, batch and mesh of the run
@@ -408,16 +410,19 @@ def plan(
     + (" (XLA:CPU on fake devices, not the TPU compiler)." if acc.generation == "cpu" else "."),
   ]
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
-    programs = PROGRAMS[config.trainer](config, model_config, mesh, rules)
-    rows = [measure(p, acc.chips) for p in programs]
+    programs = _selected(PROGRAMS[config.trainer](config, model_config, mesh, rules), only)
+    rows = []
+    for program in programs:
+      rows.append(measure(program, acc.chips))
+      # The table so far on stderr: a plan stopped halfway (minutes per 7B program) keeps it.
+      print("\n".join(report(rows[-1], acc, hbm)), file=sys.stderr, flush=True)
     looped = r.scan_layers or trained.optim.grad_accum_steps > 1
     if cost_pass == "unrolled" and looped:
       unrolled = config.copy_and_resolve_references()
       rl_programs.config_for_model(unrolled).optim.grad_accum_steps = 1
       flat_model = model_config.with_runtime(scan_layers=False)
-      add_unrolled_cost(
-        rows, PROGRAMS[config.trainer](unrolled, flat_model, mesh, rules), acc.chips
-      )
+      flat = PROGRAMS[config.trainer](unrolled, flat_model, mesh, rules)
+      add_unrolled_cost(rows, _selected(flat, only), acc.chips)
   if looped:
     lines.append(
       "The compiler costs a loop (the scanned layers, gradient accumulation) once, not per trip: "
@@ -449,6 +454,15 @@ def plan(
   verdict = "fits" if fits else "does not fit"
   lines.append(f"plan: {verdict} peak_gib={format_gib(peak)} hbm_gib={hbm:.2f} device={kind}")
   return fits, table, lines
+
+
+def _selected(programs: list[Program], only: Sequence[str]) -> list[Program]:
+  if not only:
+    return programs
+  unknown = sorted(set(only) - {p.name for p in programs})
+  if unknown:
+    raise ValueError(f"--programs: {unknown} not among {[p.name for p in programs]}")
+  return [p for p in programs if p.name in only]
 
 
 def _max_rss_gib() -> float:
@@ -495,6 +509,7 @@ def main(argv: list[str]) -> int:
   flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (one may be -1); default: the config's", flag_values=fv)  # fmt: skip
   flags.DEFINE_string("save", None, "write the table as JSON here", flag_values=fv)
   flags.DEFINE_float("hbm_gib", 0.0, "HBM per chip (default: the accelerator's)", flag_values=fv)
+  flags.DEFINE_list("programs", [], "plan only these programs (names)", flag_values=fv)
   flags.DEFINE_enum(
     "cost", "unrolled", ["unrolled", "scanned", "none"], "how loops are costed", flag_values=fv
   )
@@ -505,7 +520,7 @@ def main(argv: list[str]) -> int:
     acc = resolve_accelerator(fv.topology)
     sizes = parse_mesh(fv.mesh) if fv.mesh else None
     prepare_platforms(acc)
-    fits, table, lines = plan(fv.config, acc, sizes, fv.hbm_gib, fv.cost)
+    fits, table, lines = plan(fv.config, acc, sizes, fv.hbm_gib, fv.cost, fv.programs)
   except (flags.Error, ValueError, RuntimeError) as e:
     print(f"plan: error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
