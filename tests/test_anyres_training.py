@@ -210,3 +210,41 @@ def test_llava_critic_judge_feeds_tiles_and_replies_as_transformers_generate(fil
     expected = tokenizer.decode([t for t in out if t != stop], skip_special_tokens=True).strip()
     assert reply.ok and reply.text == expected, (reply, expected)
   assert any(reply.text for reply in replies)  # words compared, not two empty replies
+
+
+def test_tiling_drops_images_past_the_largest_tile_bucket_and_names_bad_placeholders():
+  """No model: a text-only row rides in an anyres batch with no tiles and no plan tokens; an
+  image needing more tiles than data.tile_buckets holds is dropped and counted; a record whose
+  placeholders are not one run of the written count is refused by name."""
+  from lmm_align.data.anyres import image_config_for_model
+  from lmm_align.models.config import get_variant
+
+  config = get_variant("tiny-llava-onevision")
+  p, image_id = config.num_image_tokens, config.image_token_id
+  tiling = pipeline.AnyresTiling(image_config_for_model(config), config.packing, (3,), p)
+
+  def example(i, size):
+    ids = np.array([1] + [image_id] * (p if size else 0) + [7, 8, 9], np.int32)
+    labels = np.where(np.arange(len(ids)) >= len(ids) - 2, ids, -100).astype(np.int32)
+    image = None if size is None else Image.new("RGB", size[::-1], (i * 40, 90, 200))
+    return pipeline.Example(f"r{i}", ids, labels, image)
+
+  data = pipeline.SupervisedData(
+    [example(0, SIZES[0]), example(1, SIZES[1]), example(2, None), example(3, SIZES[0])],
+    None, max_length=64, buckets=(64,), length_policy="drop", image_token_id=image_id,
+    pad_id=0, seed=0, tiling=tiling,
+  )  # fmt: skip
+  assert data.stats["dropped_too_many_tiles"] == 1 and len(data) == 3  # the 5-tile image
+  batch = data.local_batch(0, 3)
+  text_row = int(np.flatnonzero(batch["image_sizes"][:, 0] == 0)[0])
+  assert batch["pixel_values"].shape == (3, 3, 32, 32, 3)
+  assert not batch["pixel_values"][text_row].any() and not batch["pack_plan.valid"][text_row].any()
+  assert (batch["input_ids"] == image_id).sum(1).tolist() == batch["pack_plan.num_tokens"].tolist()
+
+  broken = example(4, SIZES[0])
+  broken.input_ids[-1] = image_id  # a second, stray placeholder
+  with pytest.raises(ValueError, match="record 'r4': expected one run of 17"):
+    pipeline.SupervisedData(
+      [broken], None, max_length=64, buckets=(64,), length_policy="drop",
+      image_token_id=image_id, pad_id=0, seed=0, tiling=tiling,
+    )  # fmt: skip
