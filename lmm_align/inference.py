@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any
 
+from lmm_align.data.anyres import AnyresImageConfig, image_config_for_model
 from lmm_align.data.images import ImageProcessorConfig
 
 DEFAULT_CONV_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's evaluation conversation
@@ -19,7 +20,8 @@ class LoadedModel:
   model: Any  # lmm_align.models.llava.Llava
   params: Any  # on the default local device
   tokenizer: Any
-  image_config: ImageProcessorConfig | None  # None for a text-only model (a judge)
+  # None for a text-only model (a judge); the tiling processor for LLaVA-NeXT / OneVision
+  image_config: ImageProcessorConfig | AnyresImageConfig | None
   template: str  # conversation template name
   model_id: str
 
@@ -53,7 +55,8 @@ def load_model_folder(
   aspect_mode: str | None = None,
   model_id: str | None = None,
 ) -> LoadedModel:
-  """A local LlavaForConditionalGeneration (or Llama) folder: weights, tokenizer, processor."""
+  """A local LLaVA (1.5, NeXT, OneVision) or text model folder: weights, tokenizer, processor
+  (a NeXT / OneVision folder's tiling processor, checked against the model's tiles)."""
   from lmm_align import hf
   from lmm_align.data import conversation
   from lmm_align.data.tokenizer import load_tokenizer
@@ -62,7 +65,14 @@ def load_model_folder(
   tokenizer = load_tokenizer(path)
   model, params = hf.load_pretrained(path, dtype=dtype)
   image_config = None
-  if model.config.has_vision:
+  if model.config.anyres:
+    saved = os.path.join(path, "preprocessor_config.json")
+    hf_dict = None
+    if os.path.isfile(saved):
+      with open(saved) as f:
+        hf_dict = json.load(f)
+    image_config = image_config_for_model(model.config, hf_dict, saved if hf_dict else path)
+  elif model.config.has_vision:
     image_config = image_config_from_folder(path, aspect_mode)
     side = model.config.vision.image_size
     if image_config.crop_size != (side, side):

@@ -248,3 +248,39 @@ def test_tiling_drops_images_past_the_largest_tile_bucket_and_names_bad_placehol
       [broken], None, max_length=64, buckets=(64,), length_policy="drop",
       image_token_id=image_id, pad_id=0, seed=0, tiling=tiling,
     )  # fmt: skip
+
+
+def test_evaluation_answers_tile_images_as_the_judge_does(files, tmp_path):
+  """`evals.answers.answer_questions` (every evaluation kind's greedy answers) on a OneVision:
+  tiled images of two aspect ratios, placeholders by packed size, a short last batch padded;
+  the answers equal the in-process judge's replies (which equal transformers' generate). The
+  folder loads for inference with its saved tiling processor."""
+  from lmm_align import inference
+  from lmm_align.data.anyres import AnyresImageConfig
+  from lmm_align.evals.answers import answer_questions
+  from lmm_align.judges.base import JudgeRequest
+  from lmm_align.judges.model import ModelJudge
+
+  loaded = inference.load_model_folder(str(files["model"]), template="qwen_1_5")
+  model, params, tokenizer, image_config = (
+    loaded.model,
+    loaded.params,
+    loaded.tokenizer,
+    loaded.image_config,
+  )
+  assert isinstance(image_config, AnyresImageConfig) and image_config.mean == (0.5, 0.5, 0.5)
+  paths = []
+  for i in range(3):
+    paths.append(tmp_path / f"{i}.png")
+    paths[-1].write_bytes(_png(i % 2))
+  images = [Image.open(p).convert("RGB") for p in paths]
+  question = "Score the response out of 100.\nQuestion: [Describe it.]"
+  texts, lengths = answer_questions(
+    model, params, tokenizer, image_config, [question] * 3, images, template="qwen_1_5",
+    batch_size=2, max_new_tokens=5,
+  )  # fmt: skip
+  judge = ModelJudge(model, params, tokenizer, image_config, template="qwen_1_5", batch_size=2,
+                     max_new_tokens=5)  # fmt: skip
+  replies = judge.complete([JudgeRequest(question, str(p), max_tokens=5) for p in paths])
+  assert texts == [r.text for r in replies] and texts[0] == texts[2]
+  assert len(lengths) == 3 and all(0 < n <= 5 for n in lengths)
