@@ -25,6 +25,33 @@ vision tower, projector, LLM) were not found in the sources read: they are this 
 choices. LLaVA-OneVision folders (`llava_onevision`, anyres_max_9 tiling) and the qwen_1_5
 template come with the LLaVA-family work (issue #22).
 
+Images, as OneVision reads them (anyres_max_9): a base tile and a grid of 384 x 384 tiles from
+the 36 pinpoints (1..6 x 1..6 tiles); the placeholders of an image are the features its tiles
+pack into (729 for the base tile, the unpadded grid map with a newline per row, bilinearly
+downsampled past 1.1^2 x 9 tiles' worth), counted before the length policy so that they are
+never cut. Each row pads its tiles to one of data.tile_buckets (5, 10): one compiled step per
+(length bucket, tile bucket). An image of 10 or more tiles packs into at least 4537 tokens
+(over image sizes 64..4000 pixels a side), more than a 4096-token row holds, so the length
+policy drops it (counted in the run's data stats); 9 tiles take at least 3781.
+
+Sharding and memory: pure FSDP, mesh (data, fsdp, tensor) = (1, -1, 1), remat full, bf16
+params and compute, fp32 Adam moments; global batch 32 x 4096 tokens with 10 tiles per row
+(the largest bucket). By the TPU compiler (libtpu 0.0.42.1), per chip of 95 GiB:
+
+  lmm-align plan --config=configs/llava_critic/critic.py --topology=v5p-64
+  slice    chips  rows/chip  argument   temp       peak       headroom          compile
+  v5p-64   32     1           2.40 GiB  25.19 GiB  27.59 GiB  67.4 GiB (71%)    444 s
+  v5p-32   16     2           4.78 GiB  27.43 GiB  32.21 GiB  62.8 GiB (66%)    314 s
+  v5p-16    8     4           9.55 GiB  32.90 GiB  42.46 GiB  52.5 GiB (55%)    166 s
+  v5p-8     4     8          18.95 GiB  69.04 GiB  87.99 GiB   7.0 GiB (7%)     130 s
+
+All four fit with the published settings as they are (nothing changed). v5p-64 is the slice
+the issue names; v5p-16 is the smallest with a wide margin; v5p-8 fits on paper with 7%
+headroom, too little for estimates: there, raise optim.grad_accum_steps. On v5p-64 the
+compiler's cost model gives a step of 0.79 s (a lower bound: loops are costed once). Compiles
+ran on a shared 2-core host (~3.1 GiB RSS each; the cost pass of the v5p-64 run took 11.5 GiB,
+so plan others with --cost=none on a small host).
+
 The critic trained here is the judge of configs/llava_critic/iterative_dpo.py.
 
 Args: `mode=pointwise|pairwise|both` (default both); `model=7b|72b`; `runlocal` (tiny, 2
