@@ -168,7 +168,7 @@ def test_critic_runlocal_trains_a_tiny_onevision_and_exports_it(files, tmp_path)
   logits = []
   for model in (trained, start.eval()):
     with torch.no_grad():
-      logits.append(model(input_ids=torch.tensor([ids.tolist()]), **pixels).logits.numpy())
+      logits.append(model(input_ids=torch.tensor([ids]), **pixels).logits.numpy())
   assert np.isfinite(logits[0]).all() and np.abs(logits[0] - logits[1]).max() > 1e-3
 
 
