@@ -227,7 +227,12 @@ def ppo_programs(config, policy_config: ModelConfig, mesh: Mesh, rules) -> list[
   `resident` is the run's other buffers, alive beside it (`ppo.build_state`)."""
   ppo = config.ppo
   _check_divides("ppo.forward_batch_size", ppo.forward_batch_size, mesh)
-  _check_divides("ppo.step_batch_size", ppo.step_batch_size, mesh)
+  accum = config.optim.grad_accum_steps
+  if ppo.step_batch_size % (sharding.data_parallel_size(mesh) * accum):
+    raise ValueError(
+      f"config.ppo.step_batch_size={ppo.step_batch_size} must divide by data x fsdp "
+      f"({sharding.data_parallel_size(mesh)}) x optim.grad_accum_steps ({accum})"
+    )
   rm_config, _ = reward_model_config(config, policy_config)
   lora = policy_config.runtime.lora
   policy_model = Llava(policy_config)
@@ -340,7 +345,7 @@ def ppo_programs(config, policy_config: ModelConfig, mesh: Mesh, rules) -> list[
   step_fn = jax.tree_util.Partial(
     ppo_trainer.ppo_train_step, policy_model=policy_model, value_model=value_model,
     value_head=value_head, tx=tx, trainable=tuple(config.trainable), ppo=ppo,
-    state_dtype=config.optim.state_dtype,
+    state_dtype=config.optim.state_dtype, grad_accum_steps=accum,
   )  # fmt: skip
   frozen = {"policy_base": policy_base, "value_base": value_base}
   frozen_shards = {"policy_base": pb_shards, "value_base": vb_shards}

@@ -145,36 +145,61 @@ def ppo_train_step(
   trainable: tuple[str, ...],
   ppo: ml_collections.ConfigDict,
   state_dtype: str,
+  grad_accum_steps: int = 1,
 ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One minibatch update of policy and value: L = L_clip + vf_coef * L_value.
 
   state.params = {"policy": ..., "value": {"backbone": ..., "head": ...}};
   frozen = {"policy_base": LoRA base or None, "value_base": LoRA base or None, ...}.
+  grad_accum_steps > 1 runs the minibatch as that many micro-batches (each device keeps its
+  own rows) and sums their gradients, each micro-batch's losses weighted by its share of the
+  minibatch's averaging count (response tokens, or every column with ppo.mean_over_padding)
+  and its token-mean metrics by its share of the response tokens, so the update and the
+  metrics are the whole minibatch's.
   """
   trainable_params, frozen_params = optim.split_trainable(state.params, trainable)
-  mask = batch["response_mask"]
+  tokens = jnp.maximum(jnp.sum(batch["response_mask"]), 1).astype(jnp.float32)
+  columns = jnp.asarray(batch["response_mask"].size, jnp.float32)
 
-  def loss_fn(params):
-    p = optim.merge_params(params, frozen_params)
-    policy_vars = model_variables(p["policy"], frozen["policy_base"])
-    logp = response_logps(policy_model, policy_vars, batch, ppo.temperature)
-    values = response_values(
-      value_model,
-      value_head,
-      model_variables(p["value"]["backbone"], frozen["value_base"]),
-      p["value"]["head"],
-      batch,
-    )
-    pg, pg_metrics = ppo_math.ppo_policy_loss(
-      logp, batch["old_logps"], batch["advantages"], mask, ppo.clip_eps, ppo.mean_over_padding
-    )
-    vf, vf_metrics = ppo_math.ppo_value_loss(
-      values, batch["old_values"], batch["returns"], mask, ppo.clip_value, ppo.mean_over_padding
-    )
-    loss = pg + ppo.vf_coef * vf
-    return loss, {"loss": loss, **pg_metrics, "value_loss": vf, **vf_metrics}
+  def micro_step(grads, micro):
+    mask = micro["response_mask"]
+    token_share = jnp.sum(mask).astype(jnp.float32) / tokens
+    weight = mask.size / columns if ppo.mean_over_padding else token_share
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+    def loss_fn(params):
+      p = optim.merge_params(params, frozen_params)
+      policy_vars = model_variables(p["policy"], frozen["policy_base"])
+      logp = response_logps(policy_model, policy_vars, micro, ppo.temperature)
+      values = response_values(
+        value_model,
+        value_head,
+        model_variables(p["value"]["backbone"], frozen["value_base"]),
+        p["value"]["head"],
+        micro,
+      )
+      pg, pg_metrics = ppo_math.ppo_policy_loss(
+        logp, micro["old_logps"], micro["advantages"], mask, ppo.clip_eps, ppo.mean_over_padding
+      )
+      vf, vf_metrics = ppo_math.ppo_value_loss(
+        values, micro["old_values"], micro["returns"], mask, ppo.clip_value,
+        ppo.mean_over_padding,
+      )  # fmt: skip
+      loss = pg + ppo.vf_coef * vf
+      metrics = {"loss": loss, **pg_metrics, "value_loss": vf, **vf_metrics}
+      losses = ("loss", "policy_loss", "value_loss")
+      metrics = {k: (weight if k in losses else token_share) * m for k, m in metrics.items()}
+      return weight * loss, metrics
+
+    (_, metrics), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+    return jax.tree.map(jnp.add, grads, micro_grads), metrics
+
+  def split(x):  # [G, ...] -> [accum, G / accum, ...], each device's rows in every micro-batch
+    x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+
+  zeros = jax.tree.map(jnp.zeros_like, trainable_params)
+  grads, metrics = jax.lax.scan(micro_step, zeros, jax.tree.map(split, batch))
+  metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
   new_state = state_lib.apply_gradients(
     state, grads, tx, trainable_params, frozen_params, state_dtype
   )
@@ -686,6 +711,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"ppo.yes_no_fraction={ppo.yes_no_fraction} must be in [0, 1]")
   run = run_setup.start_run(config, workdir)
   mesh, tokenizer, checkpointer = run.mesh, run.tokenizer, run.checkpointer
+  groups = sharding.data_parallel_size(mesh) * config.optim.grad_accum_steps
+  if ppo.step_batch_size % groups:
+    raise ValueError(
+      f"ppo.step_batch_size={ppo.step_batch_size} must divide by data x fsdp "
+      f"({sharding.data_parallel_size(mesh)}) x optim.grad_accum_steps "
+      f"({config.optim.grad_accum_steps})"
+    )
   policy_config = run.model_config
   policy_model = Llava(policy_config)
   rm, value_model, value_head = reward_and_value_models(ppo, policy_config)
@@ -708,6 +740,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step_fn = jax.tree_util.Partial(
       ppo_train_step, policy_model=policy_model, value_model=value_model, value_head=value_head,
       tx=tx, trainable=tuple(config.trainable), ppo=ppo, state_dtype=config.optim.state_dtype,
+      grad_accum_steps=config.optim.grad_accum_steps,
     )  # fmt: skip
     # The frozen params are passed at each call (`update(state, batch, frozen)`), not bound.
     update = state_lib.jit_train_step(
