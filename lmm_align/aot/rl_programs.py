@@ -432,7 +432,12 @@ def labeler_program(c: ModelConfig, params: Any, num_rows: int, mesh: Mesh) -> P
   to the length bucket of the image's placeholders + a question), each with its image slot."""
   length = sampling.bucket_length(c.num_image_tokens + PROMPT_TEXT_TOKENS)
   rep = functools.partial(_replicated, mesh)
-  image = _pixels(c, mesh, (num_rows, 1), lambda m, s, d: rep(s, d))
+  # An anyres labeler (LLaVA-NeXT) is planned on one base tile per image, flat [B, H, W, 3]:
+  # the labeler's row-aligned slots [B, 1, H, W, 3] read as tiles need a pack plan that
+  # `YesNoLabeler` does not build (it stops there today), and all the tiles LLaVA-NeXT reads
+  # (up to 5, about 2.9k placeholders) would be a longer bucket than planned here.
+  lead = (num_rows,) if c.anyres else (num_rows, 1)
+  image = _pixels(c, mesh, lead, lambda m, s, d: rep(s, d))
   answers = len(labeler_lib.DEFAULT_YES_WORDS)
   args = (
     params, rep((num_rows, length), jnp.int32), rep((num_rows, length), jnp.int32), image,
