@@ -284,3 +284,40 @@ def test_evaluation_answers_tile_images_as_the_judge_does(files, tmp_path):
   replies = judge.complete([JudgeRequest(question, str(p), max_tokens=5) for p in paths])
   assert texts == [r.text for r in replies] and texts[0] == texts[2]
   assert len(lengths) == 3 and all(0 < n <= 5 for n in lengths)
+
+
+def test_yes_no_labeler_tiles_images_and_equals_transformers(files, tmp_path):
+  """RLAIF-V's labeler on a LLaVA-NeXT / OneVision (its NeXT-34B): each image goes in as its
+  tiles with the placeholders they pack into, questions with and without an image in one
+  batch; p_yes and p_no equal the softmax mass of transformers' next-token logits."""
+  from lmm_align import inference
+  from lmm_align.data import conversation
+  from lmm_align.feedback.labeler import AnswerTokens, YesNoLabeler
+
+  loaded = inference.load_model_folder(str(files["model"]), template="qwen_1_5")
+  yes, no = (5, 9), (7,)
+  labeler = YesNoLabeler(
+    loaded.model, loaded.params, loaded.tokenizer, loaded.image_config, template="qwen_1_5",
+    batch_size=2, answer_tokens=AnswerTokens(yes, no), padding_side="left",
+  )  # fmt: skip
+  images = [Image.open(io.BytesIO(_png(i))).convert("RGB") for i in range(2)]
+  questions = ["Is the shape red?", "Is it round?", "Is it blue?"]
+  asked = [images[0], images[1], None]
+  scores = labeler.score(questions, asked)
+
+  ref = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(files["model"]).eval()
+  processor = transformers.LlavaOnevisionImageProcessorPil.from_pretrained(files["model"])
+  config = loaded.model.config
+  for i, (question, image) in enumerate(zip(questions, asked)):
+    n = config.image_tokens(SIZES[i]) if image is not None else 1
+    ids = conversation.encode_generation_prompt(
+      question, loaded.tokenizer, "qwen_1_5", n, config.image_token_id, with_image=image is not None,
+      num_images=int(image is not None),
+    ).input_ids  # fmt: skip
+    extra = {} if image is None else processor(images=image, return_tensors="pt")
+    with torch.no_grad():
+      logits = ref(input_ids=torch.tensor([ids.tolist()]), **extra).logits[0, -1]
+    probs = torch.softmax(logits.double(), -1).numpy()
+    np.testing.assert_allclose(scores.p_yes[i], probs[list(yes)].sum(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scores.p_no[i], probs[list(no)].sum(), rtol=1e-4, atol=1e-6)
+  assert scores.p_yes[0] != scores.p_yes[1]  # two images, two different answers

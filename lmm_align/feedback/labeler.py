@@ -46,7 +46,9 @@ import numpy as np
 
 from lmm_align import sampling
 from lmm_align.data import conversation
+from lmm_align.data.anyres import AnyresImageConfig, preprocess_anyres_image
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
+from lmm_align.models import anyres
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.llava import Llava
 
@@ -127,18 +129,22 @@ def last_position_yes_no(
   last_index: Array,
   yes_ids: Array,
   no_ids: Array,
+  pack_plan: dict | None = None,
   *,
   config: ModelConfig,
 ) -> tuple[Array, Array]:
   """(p_yes, p_no) float32[B] of the next token after each row's last real prompt token.
 
   input_ids, attention_mask: int32[B, T], padded on either side. pixel_values: float32
-  [B, I, H, W, 3] row-aligned image slots, or None. last_index: int32[B], each row's last
-  real position. yes_ids, no_ids: int32 id lists.
+  [B, I, H, W, 3] row-aligned image slots, or (LLaVA-NeXT / OneVision) each row's tiles
+  [B, tiles, H, W, 3] with their `anyres.pack_plan(...).as_arrays()`; or None. last_index:
+  int32[B], each row's last real position. yes_ids, no_ids: int32 id lists.
   """
   model = Llava(config)
   variables = {"params": params}
-  out = model.apply(variables, input_ids, pixel_values, attention_mask, with_logits=False)
+  out = model.apply(
+    variables, input_ids, pixel_values, attention_mask, with_logits=False, pack_plan=pack_plan
+  )
   hidden = jnp.take_along_axis(out.hidden_states, last_index[:, None, None], axis=1)[:, 0]
   logits = model.apply(variables, hidden, method=_lm_logits)
   return yes_no_probabilities(logits, yes_ids, no_ids)
@@ -193,7 +199,7 @@ class YesNoLabeler:
     model_or_config: Llava | ModelConfig,
     params: dict,
     tokenizer: Any,
-    image_config: ImageProcessorConfig | None,
+    image_config: ImageProcessorConfig | AnyresImageConfig | None,
     *,
     template: str,
     batch_size: int = 16,
@@ -215,42 +221,67 @@ class YesNoLabeler:
     self.padding_side, self.buckets = padding_side, buckets
     self.answer_tokens = answer_tokens or answer_token_ids(tokenizer)
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # LLaVA-NeXT / OneVision (RLAIF-V's NeXT-34B labeler): each image as its anyres tiles, every
+    # batch carrying the processor's largest tile count (one compiled shape per length bucket).
+    self.tiled = isinstance(image_config, AnyresImageConfig)
+    if self.tiled and not config.anyres:
+      raise ValueError("an anyres image_config needs an anyres model (image_grid_pinpoints)")
+    self._preprocessed: dict[int, Any] = {}
 
-  def encode(self, question: str, with_image: bool) -> list[int]:
-    """The prompt ids of one question: user turn (+ image), then the generation prompt."""
+  def encode(self, question: str, with_image: bool, image_tokens: int | None = None) -> list[int]:
+    """The prompt ids of one question: user turn (+ image: `image_tokens` placeholders, by
+    default the model's per-image count), then the generation prompt."""
     c = self.config
     with_image = with_image and c.has_vision
     return conversation.encode_generation_prompt(
         question + self.question_suffix, self.tokenizer, self.template,
-        max(1, c.num_image_tokens), c.image_token_id, with_image=with_image,
+        image_tokens or max(1, c.num_image_tokens), c.image_token_id, with_image=with_image,
         num_images=int(with_image),
     ).input_ids.tolist()  # fmt: skip
 
-  def _pixels(self, images: Sequence[Any]) -> np.ndarray | None:
-    """Row-aligned float32[B, 1, H, W, 3]; each distinct image object is preprocessed once."""
+  def _preprocess(self, image: Any) -> Any:
+    """An image's pixels (tiled: (tiles, (height, width))), once per distinct image object."""
+    if id(image) not in self._preprocessed:
+      if self.tiled:
+        self._preprocessed[id(image)] = preprocess_anyres_image(image, self.image_config)
+      else:
+        self._preprocessed[id(image)] = preprocess_image(image, self.image_config)
+    return self._preprocessed[id(image)]
+
+  def _pixels(self, images: Sequence[Any]) -> tuple[np.ndarray | None, dict | None]:
+    """Row-aligned float32[B, 1, H, W, 3] (tiled: [B, tiles, H, W, 3] and their pack plan)."""
     if not self.config.has_vision:
-      return None
+      return None, None
+    if self.tiled:
+      tiles, side = self.image_config.max_tiles_per_image(), self.image_config.tile_size
+      out = np.zeros((len(images), tiles, side, side, 3), np.float32)
+      sizes: list[tuple[int, int] | None] = []
+      for row, image in enumerate(images):
+        sizes.append(None)
+        if image is not None:
+          pixels, sizes[row] = self._preprocess(image)
+          out[row, : len(pixels)] = pixels
+      counts = [0 if s is None else self.config.image_tokens(s) for s in sizes]
+      budget = sampling.bucket_length(max(max(counts), 1), self.buckets)
+      return out, anyres.pack_plan(sizes, self.config.packing, max_tokens=budget).as_arrays()
     h, w = self.image_config.crop_size  # normalised to (height, width) by the config
     out = np.zeros((len(images), 1, h, w, 3), np.float32)
-    done: dict[int, np.ndarray] = {}
     for row, image in enumerate(images):
       if image is not None:
-        if id(image) not in done:
-          done[id(image)] = preprocess_image(image, self.image_config)
-        out[row, 0] = done[id(image)]
-    return out
+        out[row, 0] = self._preprocess(image)
+    return out, None
 
   def _score_batch(self, prompts: list[list[int]], images: list[Any]) -> tuple[np.ndarray, ...]:
     fill = self.batch_size - len(prompts)
     prompts, images = prompts + [prompts[-1]] * fill, images + [images[-1]] * fill
     length = sampling.bucket_length(max(map(len, prompts)), self.buckets)
     ids, mask, last = pad_rows(prompts, length, self.pad_id, self.padding_side)
-    pixels = self._pixels(images)
+    pixels, plan = self._pixels(images)
     p_yes, p_no = jit_last_position_yes_no(
         self.params, jnp.asarray(ids), jnp.asarray(mask),
         None if pixels is None else jnp.asarray(pixels), jnp.asarray(last),
         jnp.asarray(self.answer_tokens.yes_ids, jnp.int32),
-        jnp.asarray(self.answer_tokens.no_ids, jnp.int32), config=self.config,
+        jnp.asarray(self.answer_tokens.no_ids, jnp.int32), plan, config=self.config,
     )  # fmt: skip
     keep = self.batch_size - fill
     return np.asarray(p_yes)[:keep], np.asarray(p_no)[:keep]
@@ -265,7 +296,13 @@ class YesNoLabeler:
       raise ValueError(f"{len(questions)} questions but {len(images)} images")
     if not self.config.has_vision and any(im is not None for im in images):
       raise ValueError("images given to a labeler without a vision tower")
-    prompts = [self.encode(q, im is not None) for q, im in zip(questions, images)]
+    self._preprocessed = {}  # ids of this call's images (a freed object's id may be reused)
+    prompts = []
+    for q, im in zip(questions, images, strict=True):
+      tokens = None
+      if im is not None and self.tiled:
+        tokens = self.config.image_tokens(self._preprocess(im)[1])
+      prompts.append(self.encode(q, im is not None, tokens))
     # Similar lengths share a batch, so padding (and the number of buckets) stays small.
     order = np.argsort([len(p) for p in prompts], kind="stable")
     p_yes = np.zeros((len(prompts),), np.float32)
@@ -275,4 +312,5 @@ class YesNoLabeler:
       p_yes[rows], p_no[rows] = self._score_batch(
         [prompts[i] for i in rows], [images[i] for i in rows]
       )
+    self._preprocessed = {}
     return YesNoScores(p_yes, p_no)
