@@ -44,6 +44,28 @@ them. `runlocal` is one round at the shapes loop's tiny sizes (4 samples of 16 t
 steps) on rendered shapes scenes, with the shapes world's per-round evaluation (see `runlocal`
 for why not a prompt file yet).
 
+Slice and plan: v5p-16 (8 chips, 95 GiB each), mesh (data, fsdp, tensor) = (1, 4, 2), the DPO
+config's. The stages run one after another, each with only its own model in HBM:
+
+  lmm-align plan --config=configs/rlaifv/iterative.py:model=7b --topology=v5p-16 --cost=scanned
+  program                 peak/chip  HBM  compile  (the TPU compiler, libtpu 0.0.42.1)
+  candidates_sampler       5.23 GiB  95    96 s    10 samples x (1024-token prompt bucket + 512)
+  candidates_decode_step   4.56 GiB  95    15 s    2.91 + the sampler's params beside it
+  labeler_yes_no (34B)     8.73 GiB  95    84 s    16 questions x 1024 tokens, one base tile
+  dpo_reference_logps      4.07 GiB  95    54 s
+  dpo_train_step          18.81 GiB  95   304 s    plan: fits (9.4 min, host RSS 3.7 GB)
+
+  A decode step of the candidates (unrolled, no loop left to cost): compiled FLOPs 1.06 x the
+  model's, bytes accessed 6.95 x the least it must read (weights + KV cache once: 2.66 GiB a
+  chip), 8.5 ms a step by the compiler's estimate: 10 rows leave it bound by re-reading the
+  fsdp-gathered weights. The other programs' FLOP ratios are not given here: --cost=scanned
+  costs one layer of their stacks (the unrolled cost pass of the 34B labeler was not run).
+  What the plan assumes that the loop does not do yet: the policy and the labeler are loaded
+  by `inference.load_model_folder` in float32 onto one device (the 34B labeler, 136 GB, fits
+  no chip); the plan holds them in bf16, sharded by the DPO config's rules. And the labeler
+  (`YesNoLabeler`) gives an anyres model row slots without a pack plan, which LLaVA-NeXT
+  refuses; the plan reads one base tile per image (LLaVA-NeXT reads up to 5, ~2.9k tokens).
+
 Args: `feedback=rlaifv|self` (default rlaifv); `model=7b|13b` (the policy); `runlocal`.
 """
 

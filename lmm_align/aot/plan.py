@@ -367,7 +367,7 @@ def report(row: Measured, acc: Accelerator, hbm: float) -> list[str]:
         "are costed once per loop, not per trip, so FLOPs, bytes and times here are lower bounds"
       )
     times = []
-    if row.optimal_seconds:
+    if row.optimal_seconds and row.optimal_seconds > 0:  # the compiler gives < 0 for some loops
       times.append(f"the compiler's optimal_seconds {row.optimal_seconds:.4g} s")
     if acc.peak_flops and acc.hbm_bandwidth and not lower_bound:
       bound = max(row.flops / acc.peak_flops, (row.bytes_accessed or 0) / acc.hbm_bandwidth)
