@@ -61,8 +61,8 @@ config's. The stages run one after another, each with only its own model in HBM:
   fsdp-gathered weights. The other programs' FLOP ratios are not given here: --cost=scanned
   costs one layer of their stacks (the unrolled cost pass of the 34B labeler was not run).
   What the plan assumes that the loop does not do yet: the policy and the labeler are loaded
-  by `inference.load_model_folder` in float32 onto one device (the 34B labeler, 136 GB, fits
-  no chip); the plan holds them in bf16, sharded by the DPO config's rules. And the labeler
+  by `inference.load_model_folder` in float32 onto one device (the 34B labeler, ~130 GiB,
+  fits no chip); the plan holds them in bf16, sharded by the DPO config's rules. The labeler
   (`YesNoLabeler`) gives an anyres model row slots without a pack plan, which LLaVA-NeXT
   refuses; the plan reads one base tile per image (LLaVA-NeXT reads up to 5, ~2.9k tokens).
 
