@@ -27,10 +27,42 @@ Every published quirk is a flag here, set to the published value: k1 clamped at 
 x10 instead of whitening; GAE over all columns with gamma = lam = 1; advantages whitened over
 the whole batch, padding included; losses averaged over every column; responses cut after the
 first '?' token; a relative -8 penalty for a missing stop token; length term -10 x tokens /
-response_len; correctness +2. Sampling T=1, top-p 1, top-k 0; queries left-padded to 128 tokens
-(longer ones dropped), 896 new tokens. Rollout 512 / step 256, 2 PPO epochs, 4 epochs over the
+response_len; correctness +2. Sampling T=1, top-p 1, top-k 0; queries left-padded to 128 text
+tokens + the image's 576 placeholders (longer ones dropped), 896 new tokens. Rollout 512 / step 256, 2 PPO epochs, 4 epochs over the
 72k prompts, lr 3e-5 cosine, 5 warmup steps, grad norm 1.0, LoRA r=64 on policy and value.
 LLaVA-RLHF runs 4-bit QLoRA bases; here the bases are bf16.
+
+Slice and plan: v5p-16 (8 chips, 95 GiB each), pure FSDP (1, -1, 1), layers unrolled (from a
+scanned prefill the sampler copies the 512-row stacked KV cache into per-layer buffers: 101.5
+GiB a chip), each 256-row update as 4 micro-batches of 64. Every program's peak counts beside
+it the run's other buffers (frozen 7B and 13B bases 4.76 GiB, adapters and Adam moments 2.6
+GiB a chip). The rollout fits; the update does NOT fit v5p-16 yet (exit 3):
+
+  lmm-align plan --config=configs/llava_rlhf/ppo.py:model=7b --topology=v5p-16
+  program               peak+resident/chip  HBM  compile   (the TPU compiler, libtpu 0.0.42.1)
+  ppo_merge_lora          9.00 GiB          95    34 s
+  ppo_sampler            79.09 GiB          95   430 s    512 rows x 1600 slots: KV cache 50 GiB
+  ppo_decode_step        60.83 GiB          95   105 s
+  ppo_policy_logps       11.96 GiB          95   241 s    32 rows x 1600 tokens (forward_batch)
+  ppo_reference_logps    11.88 GiB          95   201 s
+  ppo_values (13B)       13.79 GiB          95   216 s
+  ppo_reward_scores      15.88 GiB          95   107 s    32 rows x 2048 (the largest bucket)
+  ppo_train_step         99.41 GiB          95  1715 s    4 x 64 rows: does not fit
+  ppo_train_step        124.63 GiB (at least)       289 s    256 rows in one pass:
+                        RESOURCE_EXHAUSTED, 117.28 GiB of temporaries
+  The rollout programs took 28 min and 17 GB of host memory (before plan cleared JAX's
+  caches); the update alone (--programs=ppo_train_step --cost=scanned) 29 min and 16 GB.
+  Micro-batching cut the update's temporaries only from 117 to 92 GiB: most of them do not
+  scale with the rows (presumably the FSDP-gathered weights of the 72 unrolled layers of
+  policy and value). Not yet tried: 8 micro-batches, a (1, 4, 2) mesh (tensor-parallel
+  weights), scanned layers for the update only, or v5p-32.
+
+  A decode step (512 rows against 1600 slots, no loop left to cost): compiled FLOPs 1.061 x
+  the model's, bytes accessed 1.605 x the least it must read (weights + KV cache once: 51.5
+  GiB a chip), 37.8 ms a step by the compiler's estimate (896 steps: about 34 s a rollout).
+  The forwards' compiled FLOPs are 0.53-0.59 x the model's: the TPU compiler turns the FSDP
+  weight gathers into hundreds of collective-matmul loops whose bodies it costs once, so
+  those ratios and times are lower bounds.
 
 Args: `model=7b|13b` (the policy; default 7b); `vanilla` (an RM without facts); `runlocal`
 (tiny: 2 iterations of 8 rollouts, the models and the files given on the command line).
