@@ -28,8 +28,9 @@ x10 instead of whitening; GAE over all columns with gamma = lam = 1; advantages 
 the whole batch, padding included; losses averaged over every column; responses cut after the
 first '?' token; a relative -8 penalty for a missing stop token; length term -10 x tokens /
 response_len; correctness +2. Sampling T=1, top-p 1, top-k 0; queries left-padded to 128 text
-tokens + the image's 576 placeholders (longer ones dropped), 896 new tokens. Rollout 512 / step 256, 2 PPO epochs, 4 epochs over the
-72k prompts, lr 3e-5 cosine, 5 warmup steps, grad norm 1.0, LoRA r=64 on policy and value.
+tokens + the image's 576 placeholders (longer ones dropped), 896 new tokens. Rollout 512 /
+step 256, 2 PPO epochs, 4 epochs over the 72k prompts, lr 3e-5 cosine, 5 warmup steps, grad
+norm 1.0, LoRA r=64 on policy and value.
 LLaVA-RLHF runs 4-bit QLoRA bases; here the bases are bf16.
 
 Slice and plan: v5p-16 (8 chips, 95 GiB each), pure FSDP (1, -1, 1), layers unrolled (from a
