@@ -405,3 +405,35 @@ def test_critic_plan_on_cpu8_carries_a_onevision_batch_of_tiles(capsys, tmp_path
   batch = 3 * rows * seq * 4 + sum(np.prod(s) * np.dtype(d).itemsize for s, d in used.values())
   state = row["by_hand"]["params"] + row["by_hand"]["optimizer state"]
   assert row["argument"] == state + batch // 8 + 4 + 8  # 8 rows over the 8 chips' fsdp axis
+
+
+def test_an_anyres_labeler_is_planned_with_its_tiles_and_pack_plan():
+  """RLAIF-V's LLaVA-NeXT labeler: every tile its processor can give an image, right-padded
+  prompts long enough for the largest image's placeholders, and the pack plan, as
+  `YesNoLabeler` batches them; the program compiles with them."""
+  from lmm_align.aot import abstract, rl_programs
+  from lmm_align.models import get_variant
+
+  c = get_variant("tiny-llava-next")
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  params = abstract.abstract_variables(Llava(c), mesh, sharding.DEFAULT_RULES)["params"][0]
+  program = rl_programs.labeler_program(c, params, 3, mesh)
+  _, ids, _, pixels, *_, plan = program.args
+  most = max(c.image_tokens(tuple(p)) for p in c.packing.image_grid_pinpoints)
+  assert pixels.shape == (
+    3,
+    c.packing.max_tiles_per_image,
+    c.vision.image_size,
+    c.vision.image_size,
+    3,
+  )
+  assert ids.shape[1] >= most and plan["taps"].shape[:2] == (3, sampling_bucket(most))
+  p_yes, p_no = jax.eval_shape(program.jitted, *program.args)
+  assert p_yes.shape == p_no.shape == (3,)
+  program.jitted.lower(*program.args).compile()
+
+
+def sampling_bucket(n: int) -> int:
+  from lmm_align import sampling
+
+  return sampling.bucket_length(n)

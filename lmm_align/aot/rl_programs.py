@@ -50,6 +50,7 @@ from lmm_align.aot.abstract import (
   trained_modules,
   with_sharding,
 )  # fmt: skip
+from lmm_align.data import pipeline
 from lmm_align.feedback import labeler as labeler_lib
 from lmm_align.models.config import ModelConfig, from_hf_config, get_variant
 from lmm_align.models.heads import ScalarHead
@@ -429,19 +430,27 @@ def iterative_programs(config, policy_config: ModelConfig, mesh: Mesh, rules) ->
 
 def labeler_program(c: ModelConfig, params: Any, num_rows: int, mesh: Mesh) -> Program:
   """feedback/labeler.py's `jit_last_position_yes_no` on `num_rows` questions (right-padded
-  to the length bucket of the image's placeholders + a question), each with its image slot."""
-  length = sampling.bucket_length(c.num_image_tokens + PROMPT_TEXT_TOKENS)
+  to the length bucket of the image's placeholders + a question), each with its image slot;
+  an anyres labeler (RLAIF-V's LLaVA-NeXT-34B) with every tile its processor can give an image
+  and the pack plan of the largest image (its most placeholders), as `YesNoLabeler` batches."""
   rep = functools.partial(_replicated, mesh)
-  # An anyres labeler (LLaVA-NeXT) is planned on one base tile per image, flat [B, H, W, 3]:
-  # the labeler's row-aligned slots [B, 1, H, W, 3] read as tiles need a pack plan that
-  # `YesNoLabeler` does not build (it stops there today), and all the tiles LLaVA-NeXT reads
-  # (up to 5, about 2.9k placeholders) would be a longer bucket than planned here.
-  lead = (num_rows,) if c.anyres else (num_rows, 1)
-  image = _pixels(c, mesh, lead, lambda m, s, d: rep(s, d))
+  plan = None
+  if c.anyres:
+    tokens = max(c.image_tokens(tuple(p)) for p in c.packing.image_grid_pinpoints)
+    length = sampling.bucket_length(tokens + PROMPT_TEXT_TOKENS)
+    budget = sampling.bucket_length(tokens)
+    tiles, side = c.packing.max_tiles_per_image, c.vision.image_size
+    image = rep((num_rows, tiles, side, side, 3), jnp.float32)
+    fields = pipeline.anyres_batch_shapes(num_rows, budget, tiles, side)
+    prefix = pipeline.PACK_PLAN_PREFIX
+    plan = {k[len(prefix) :]: rep(*v) for k, v in fields.items() if k.startswith(prefix)}
+  else:
+    length = sampling.bucket_length(c.num_image_tokens + PROMPT_TEXT_TOKENS)
+    image = _pixels(c, mesh, (num_rows, 1), lambda m, s, d: rep(s, d))
   answers = len(labeler_lib.DEFAULT_YES_WORDS)
   args = (
     params, rep((num_rows, length), jnp.int32), rep((num_rows, length), jnp.int32), image,
-    rep((num_rows,), jnp.int32), rep((answers,), jnp.int32), rep((answers,), jnp.int32),
+    rep((num_rows,), jnp.int32), rep((answers,), jnp.int32), rep((answers,), jnp.int32), plan,
   )  # fmt: skip
   jitted = jax.jit(functools.partial(labeler_lib.last_position_yes_no, config=c))
   flops = _forward_flops(c, num_rows, length, lm_head=False)
