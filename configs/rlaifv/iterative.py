@@ -51,7 +51,7 @@ config's. The stages run one after another, each with only its own model in HBM:
   program                 peak/chip  HBM  compile  (the TPU compiler, libtpu 0.0.42.1)
   candidates_sampler       5.23 GiB  95    96 s    10 samples x (1024-token prompt bucket + 512)
   candidates_decode_step   4.56 GiB  95    15 s    2.91 + the sampler's params beside it
-  labeler_yes_no (34B)     8.73 GiB  95    84 s    16 questions x 1024 tokens, one base tile
+  labeler_yes_no (34B)    24.42 GiB  95    49 s    16 questions x 4096 tokens, 5 tiles an image
   dpo_reference_logps      4.07 GiB  95    54 s
   dpo_train_step          18.81 GiB  95   304 s    plan: fits (9.4 min, host RSS 3.7 GB)
 
@@ -63,8 +63,8 @@ config's. The stages run one after another, each with only its own model in HBM:
   What the plan assumes that the loop does not do yet: the policy and the labeler are loaded
   by `inference.load_model_folder` in float32 onto one device (the 34B labeler, ~130 GiB,
   fits no chip); the plan holds them in bf16, sharded by the DPO config's rules. The labeler
-  (`YesNoLabeler`) gives an anyres model row slots without a pack plan, which LLaVA-NeXT
-  refuses; the plan reads one base tile per image (LLaVA-NeXT reads up to 5, ~2.9k tokens).
+  row is planned as `YesNoLabeler` batches a LLaVA-NeXT image: all 5 tiles, up to 2928
+  placeholders, the pack plan (an earlier plan with one base tile a row said 8.73 GiB).
 
 Args: `feedback=rlaifv|self` (default rlaifv); `model=7b|13b` (the policy); `runlocal`.
 """
