@@ -121,8 +121,9 @@ def test_the_loop_draws_its_prompts_from_an_rlaifv_jsonl(tmp_path):
       np.testing.assert_array_equal(
         np.asarray(image), np.asarray(Image.open(io.BytesIO(png_bytes(int(i)))))
       )
-  config.feedback.kind = "ground_truth"
+  # Ground-truth feedback needs scenes: refused before the loop starts (check_config).
+  config.feedback.kind, config.init_from = "ground_truth", "/policy"
   with pytest.raises(
     ValueError, match="feedback.kind='ground_truth'.*prompts.source='rlaifv_jsonl'"
   ):
-    iterative.write_prompts(config, 3, tmp_path)
+    iterative.check_config(config)

@@ -98,7 +98,10 @@ def test_mesh_equals_one_device_and_a_restart_continues_exactly(models, tmp_path
 def test_vanilla_policy_with_a_fact_reward_model_is_refused(models, tmp_path):
   root, _ = models
   with pytest.raises(ValueError, match="fact_augmented"):
-    ppo.train(_config(root, **{"ppo.fact_augmented": False}), str(tmp_path / "bad"))
+    # One device: the step batch divides it (checked before the reward model is read).
+    ppo.train(
+      _config(root, **{"ppo.fact_augmented": False, **_ONE_ITERATION}), str(tmp_path / "bad")
+    )
 
 
 def test_a_bad_kl_target_is_refused_before_training(models, tmp_path):
