@@ -425,3 +425,27 @@ def test_rlaifv_loop_runlocal_runs_a_round(tmp_path, tiny_model):
   # skipped and reported); the round's export is that policy, loadable as ever.
   trained = not (round_dir / "dpo" / "skipped.json").exists()
   _check_export_loads(None, round_dir / "export", tiny_model, trained=trained)
+
+
+def test_llava_rlhf_sft_runlocal_on_llava_json(tmp_path, tiny_model):
+  data, images = write_llava_json(tmp_path / "data")
+  workdir = tmp_path / "run"
+  _train("configs/llava_rlhf/sft.py:runlocal", workdir,
+         **{"init_from": str(tiny_model), "data.path": str(data), "data.image_folder": str(images)})  # fmt: skip
+  steps = _steps(workdir)
+  assert len(steps) == 2 and all(np.isfinite(s["loss"]) for s in steps)
+  _check_export_loads(workdir, tmp_path / "hf", tiny_model)
+
+
+def test_llava_critic_loop_runlocal_runs_a_round_judged_by_the_critic(tmp_path, tiny_model):
+  workdir = tmp_path / "loop"
+  _train("configs/llava_critic/iterative_dpo.py:runlocal", workdir,
+         **{"init_from": str(tiny_model), "feedback.critic": str(tiny_model)})  # fmt: skip
+  round_dir = workdir / "round_1"
+  for stage in ("prompts", "candidates", "feedback", "pairs", "dpo", "export", "eval"):
+    assert (round_dir / stage / "done").exists(), stage
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["feedback"] == "critic" and summary["critic"] == str(tiny_model)
+  labelled = [json.loads(x) for x in (round_dir / "feedback" / "labelled.jsonl").open()]
+  assert labelled and all("score" in r for r in labelled)
+  assert (round_dir / "export" / "config.json").exists()
