@@ -60,14 +60,16 @@ config's. The stages run one after another, each with only its own model in HBM:
   chip), 8.5 ms a step by the compiler's estimate: 10 rows leave it bound by re-reading the
   fsdp-gathered weights. The other programs' FLOP ratios are not given here: --cost=scanned
   costs one layer of their stacks (the unrolled cost pass of the 34B labeler was not run).
-  What the plan assumes that the loop does not do yet: the policy and the labeler are loaded
-  by `inference.load_model_folder` in float32 onto one device (the 34B labeler, ~130 GiB,
-  fits no chip); the plan holds them in bf16, sharded by the DPO config's rules. The labeler
+  The loop loads the policy and the labeler as the plan holds them: bf16 (inference.dtype),
+  sharded by the DPO config's mesh and rules (config.mesh, `models_on_slice`), each tensor
+  straight onto its shards (`inference.load_model_folder(mesh=...)`). The labeler
   row is planned as `YesNoLabeler` batches a LLaVA-NeXT image: all 5 tiles, up to 2928
   placeholders, the pack plan (an earlier plan with one base tile a row said 8.73 GiB).
 
 Args: `feedback=rlaifv|self` (default rlaifv); `model=7b|13b` (the policy); `runlocal`.
 """
+
+import ml_collections
 
 from configs import common
 from configs.llava15 import sft as llava15_sft
@@ -132,4 +134,13 @@ def get_config(arg: str | None = None):
   config.pairs.sft_on = "all"  # no effect: the DPO has no SFT term (sft_weight 0)
   config.train = rlaifv_dpo.get_config(f"model={arg.model}")
   config.epochs_per_round = 4.0
+  models_on_slice(config)
   return config
+
+
+def models_on_slice(config):
+  """The loop's models (policy, labeler or critic) in bfloat16, sharded over the DPO config's
+  mesh ((1, 4, 2) on v5p-16), so the 34B labeler (64 GiB in bf16) loads 8 GiB a chip and
+  samples, labels and judges model-sharded."""
+  config.inference.dtype = "bfloat16"
+  config.mesh = ml_collections.ConfigDict(config.train.mesh.to_dict())

@@ -25,6 +25,7 @@ import ml_collections
 from configs import common
 from configs import shapes as shapes_configs
 from configs.shapes import dpo as shapes_dpo
+from lmm_align import sharding
 from lmm_align.shapes import world as shapes
 from lmm_align.trainers import iterative
 
@@ -95,6 +96,17 @@ def get_config(arg: str | None = None):
       # (0 = RLAIF-V's precision-only score).
       recall_weight=1.0,
     )
+  )
+  # The loop's models (the policy sampling the candidates, the labeler, the critic, a splitter
+  # model), read from their HF folders for inference: params and computation in
+  # inference.dtype ("float32", "bfloat16", "float16"), sharded over the loop's mesh (sizes
+  # (data, fsdp, tensor), rules, num_devices: 0 = all) by the logical rules and sampled,
+  # labelled and judged model-sharded there. One device here (the shapes models are small; the
+  # numbers above were measured so); RLAIF-V's and LLaVA-Critic's recipes shard a 34B labeler
+  # or a 72B critic in bfloat16 over their slice. DPO runs on train.mesh.
+  config.inference = ml_collections.ConfigDict(dict(dtype="float32"))
+  config.mesh = ml_collections.ConfigDict(
+    dict(sizes=(1, 1, 1), rules=sharding.DEFAULT_RULES, num_devices=1)
   )
   # method "auto": RLAIF-V pairs for rlaifv / self / ground_truth, best vs worst for critic,
   # (correction, answer) for correction.

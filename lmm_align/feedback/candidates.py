@@ -27,6 +27,7 @@ top_k, top_p, max_new_tokens, stop_token_ids}}.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -36,8 +37,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from lmm_align import sampling
+from lmm_align import sampling, sharding
 from lmm_align.data import conversation, images
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.data.jsonl import append_jsonl, numbered_records, resume_jsonl
@@ -121,6 +123,7 @@ def _sample_prompt(
   settings: sampling.SamplingSettings,
   template: conversation.ConversationTemplate,
   seed: int,
+  mesh: Mesh | None,
 ) -> tuple[list[str], list[int], list[bool]]:
   """One sampler call: (texts, token counts, stopped) of the K samples of one prompt."""
   with_image = image is not None
@@ -134,7 +137,7 @@ def _sample_prompt(
     pixels = np.repeat(preprocess_image(image, image_config)[None], num_samples, axis=0)
   out = sampling.generate(
       config, params, [ids] * num_samples, pixels, settings=settings,
-      rng=prompt_key(seed, prompt.id), pad_id=tokenizer.pad_token_id,
+      rng=prompt_key(seed, prompt.id), pad_id=tokenizer.pad_token_id, mesh=mesh,
   )  # fmt: skip
   tokens = out.token_lists(strip_stop=True)
   texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
@@ -176,12 +179,17 @@ def generate_candidates(
   seed: int,
   template: str,
   load_image: Callable[[str], Any] = images.load_image,
+  mesh: Mesh | None = None,
+  rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
 ) -> list[dict[str, Any]]:
   """Samples `num_samples` responses per prompt into `output_path` (JSONL), resuming a
   partial file; returns the records of `prompts`, in prompt order then sample index.
 
   load_image: image reference -> PIL image (default: a file path). settings: the decoding
   settings shared by every sample (RLAIF-V: temperature 0.7, max_new_tokens 512).
+  mesh: the mesh the params are sharded over (None: one device): the sampler decodes on it
+  (`sampling.generate(mesh=...)`), its activations and KV cache following `rules`. A sample
+  depends only on its row's key, so the records equal those of one device.
   """
   config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
   if num_samples < 1:
@@ -201,15 +209,20 @@ def generate_candidates(
   done = resume_jsonl(
     output_path, "prompt_id", _complete_checker(by_id, num_samples, seed, sampling_record)
   )
+  rules = tuple(tuple(rule) for rule in rules)
+  context = (
+    contextlib.nullcontext if mesh is None else lambda: sharding.activation_sharding(mesh, rules)
+  )
   with open(output_path, "a", encoding="utf-8") as f:
     for prompt in prompts:
       if prompt.id in done:
         continue
       image = None if prompt.image is None else load_image(prompt.image)
-      texts, lengths, stopped = _sample_prompt(
-          config, params, tokenizer, image_config, prompt, image, num_samples=num_samples,
-          settings=settings, template=tmpl, seed=seed,
-      )  # fmt: skip
+      with context():
+        texts, lengths, stopped = _sample_prompt(
+            config, params, tokenizer, image_config, prompt, image, num_samples=num_samples,
+            settings=settings, template=tmpl, seed=seed, mesh=mesh,
+        )  # fmt: skip
       records = [
         {
           "id": f"{prompt.id}#{k}",

@@ -30,21 +30,28 @@ meet the vocabulary matrix. The forward is jitted at module level with the confi
 compilation per (bucket, batch size). Each row carries its image in a row-aligned slot
 [B, 1, H, W, 3] (zeros and no placeholders for a question without an image).
 
+Model-sharded (`mesh=`, a labeler too large for one device: RLAIF-V's LLaVA-NeXT-34B): the
+params stay as loaded (sharded by the logical rules, `inference.load_model_folder(mesh=...)`),
+each batch's rows are split over the mesh's data x fsdp axes, the forward is traced under the
+rules (activations sharded as in training) and p_yes / p_no come back replicated.
+
 Shape letters: B batch, T bucket length, D model width, V vocabulary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
-from lmm_align import sampling
+from lmm_align import sampling, sharding
 from lmm_align.data import conversation
 from lmm_align.data.anyres import AnyresImageConfig, preprocess_anyres_image
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
@@ -153,6 +160,21 @@ def last_position_yes_no(
 jit_last_position_yes_no = jax.jit(last_position_yes_no, static_argnames=("config",))
 
 
+@functools.cache
+def _mesh_last_position_yes_no(mesh: Mesh) -> Callable[..., tuple[Array, Array]]:
+  """`last_position_yes_no` jitted for params and rows sharded over `mesh`; its (p_yes, p_no)
+  replicated, so every process can read them."""
+  return jax.jit(
+    last_position_yes_no, static_argnames=("config",), out_shardings=sharding.replicated(mesh)
+  )
+
+
+def _place(value: np.ndarray, placement: NamedSharding) -> Array:
+  """A host array (the same on every process) as a global array with `placement`: each
+  device receives only its own slice."""
+  return jax.make_array_from_callback(value.shape, placement, lambda index: value[index])
+
+
 # --------------------------------------------------------------------------------------------
 # Host side.
 # --------------------------------------------------------------------------------------------
@@ -192,6 +214,9 @@ class YesNoLabeler:
 
   The labeler may be a separate model or the policy itself (self-alignment: pass the
   policy's params). `template` must be the one the labeler was trained with.
+  mesh: the mesh the params are sharded over (None: one device); each batch's rows are split
+  over its data x fsdp axes, so batch_size must be a multiple of their size. rules: the
+  logical axis rules the forward's activations follow on it.
   """
 
   def __init__(
@@ -207,10 +232,17 @@ class YesNoLabeler:
     question_suffix: str = "",
     padding_side: str = "right",
     buckets: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
   ):
     config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if mesh is not None and batch_size % sharding.data_parallel_size(mesh):
+      raise ValueError(
+        f"batch_size={batch_size} must be a multiple of the mesh's data x fsdp size "
+        f"{sharding.data_parallel_size(mesh)}: each batch's rows are split over them"
+      )
     if config.has_vision and image_config is None:
       raise ValueError("a labeler with a vision tower needs an image_config")
     if padding_side not in ("left", "right"):
@@ -219,6 +251,7 @@ class YesNoLabeler:
     self.image_config, self.template = image_config, conversation.get_template(template)
     self.batch_size, self.question_suffix = batch_size, question_suffix
     self.padding_side, self.buckets = padding_side, buckets
+    self.mesh, self.rules = mesh, tuple(tuple(rule) for rule in rules)
     self.answer_tokens = answer_tokens or answer_token_ids(tokenizer)
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # LLaVA-NeXT / OneVision (RLAIF-V's NeXT-34B labeler): each image as its anyres tiles, every
@@ -277,12 +310,23 @@ class YesNoLabeler:
     length = sampling.bucket_length(max(map(len, prompts)), self.buckets)
     ids, mask, last = pad_rows(prompts, length, self.pad_id, self.padding_side)
     pixels, plan = self._pixels(images)
-    p_yes, p_no = jit_last_position_yes_no(
-        self.params, jnp.asarray(ids), jnp.asarray(mask),
-        None if pixels is None else jnp.asarray(pixels), jnp.asarray(last),
-        jnp.asarray(self.answer_tokens.yes_ids, jnp.int32),
-        jnp.asarray(self.answer_tokens.no_ids, jnp.int32), plan, config=self.config,
-    )  # fmt: skip
+    yes_ids = np.asarray(self.answer_tokens.yes_ids, np.int32)
+    no_ids = np.asarray(self.answer_tokens.no_ids, np.int32)
+    if self.mesh is None:
+      p_yes, p_no = jit_last_position_yes_no(
+          self.params, jnp.asarray(ids), jnp.asarray(mask),
+          None if pixels is None else jnp.asarray(pixels), jnp.asarray(last),
+          jnp.asarray(yes_ids), jnp.asarray(no_ids), plan, config=self.config,
+      )  # fmt: skip
+    else:
+      rows = lambda x: None if x is None else _place(x, sharding.batch_sharding(self.mesh, x.ndim))
+      same = lambda x: _place(x, sharding.replicated(self.mesh))
+      with sharding.activation_sharding(self.mesh, self.rules):
+        p_yes, p_no = _mesh_last_position_yes_no(self.mesh)(
+            self.params, rows(ids), rows(mask), rows(pixels), rows(last), same(yes_ids),
+            same(no_ids), None if plan is None else {k: rows(v) for k, v in plan.items()},
+            config=self.config,
+        )  # fmt: skip
     keep = self.batch_size - fill
     return np.asarray(p_yes)[:keep], np.asarray(p_no)[:keep]
 

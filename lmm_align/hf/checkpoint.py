@@ -141,8 +141,8 @@ def load_pretrained(
   """
   folder = pathlib.Path(path)
   runtime = runtime or RuntimeConfig(dtype=dtype, param_dtype=dtype)
-  config = _model_config(folder, runtime)
-  model = Llava(config)
+  model = pretrained_model(folder, runtime=runtime)
+  config = model.config
   text_only = config.vision is None
 
   def canonical(key: str) -> str | None:
@@ -155,6 +155,15 @@ def load_pretrained(
   rules = name_map.rules_for(config)
   params = _read_params(folder, abstract, rules, canonical, runtime, shardings, allow_torch_bin)
   return model, params
+
+
+def pretrained_model(
+  path: str | os.PathLike, dtype: str = "float32", runtime: RuntimeConfig | None = None
+) -> Llava:
+  """The Llava a folder's config.json describes, as `load_pretrained` builds it, without
+  reading a weight: what a caller needs to derive the params' shardings before loading."""
+  runtime = runtime or RuntimeConfig(dtype=dtype, param_dtype=dtype)
+  return Llava(_model_config(pathlib.Path(path), runtime))
 
 
 def _model_config(folder: pathlib.Path, runtime: RuntimeConfig) -> ModelConfig:

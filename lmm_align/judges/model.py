@@ -12,6 +12,9 @@ are dropped), images go in row-aligned slots float32[B, 1, H, W, 3] (zeros for a
 row, whose slot is ignored), and each row's `max_tokens` is a per-row limit under the static
 `max_new_tokens`. A reply ends at the template's end-of-answer token (`</s>` for vicuna_v1,
 `<|im_end|>` for qwen_1_5, as `conversation.answer_stop_ids` gives) or the tokenizer's eos.
+With `mesh=` (a critic too large for one device: a 72B LLaVA-Critic) the params stay sharded
+as loaded and the sampler decodes over the mesh (`sampling.generate(mesh=...)`), its
+activations and KV cache following the logical rules.
 A request that cannot be prepared (unreadable image, an "<image>" without
 an image, an image for a text-only model) gets `JudgeReply(None, error=...)`; the rest of the
 batch is answered.
@@ -24,8 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 
-from lmm_align import sampling
+from lmm_align import sampling, sharding
 from lmm_align.data import conversation
 from lmm_align.data.anyres import AnyresImageConfig, choose_tile_bucket, preprocess_anyres_image
 from lmm_align.data.images import ImageProcessorConfig, load_image, preprocess_image
@@ -62,6 +66,8 @@ class ModelJudge:
     batch_size: rows per sampler call.
     max_new_tokens: the static reply budget; a request's max_tokens is capped by it.
     buckets: prompt-length buckets passed to `sampling.generate` (None: powers of two).
+    mesh: the mesh the params are sharded over (None: one device); decoding runs on it.
+    rules: the logical axis rules the activations and the KV cache follow on the mesh.
   """
 
   def __init__(
@@ -77,6 +83,8 @@ class ModelJudge:
     buckets: Sequence[int] | None = None,
     name: str = "model",
     tile_buckets: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
   ):
     if batch_size < 1 or max_new_tokens < 1:
       raise ValueError(
@@ -95,6 +103,7 @@ class ModelJudge:
     self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
     self.buckets = None if buckets is None else tuple(buckets)
     self.name = name
+    self.mesh, self.rules = mesh, tuple(tuple(rule) for rule in rules)
 
   def complete(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
     """Greedy replies, one per request, in order."""
@@ -176,7 +185,7 @@ class ModelJudge:
       stop_token_ids=self.stop_token_ids,
     )
     pixels, sizes = self._tiles(rows) if self.tiled else (self._pixel_slots(rows), None)
-    out = sampling.generate(
+    run = lambda: sampling.generate(
       self.model,
       self.params,
       [item.input_ids for item in rows],
@@ -187,6 +196,12 @@ class ModelJudge:
       pad_id=self.tokenizer.pad_token_id,
       buckets=self.buckets,
       row_max_new_tokens=[item.max_tokens for item in rows],
+      mesh=self.mesh,
     )
+    if self.mesh is None:
+      out = run()
+    else:
+      with sharding.activation_sharding(self.mesh, self.rules):
+        out = run()
     tokens = out.token_lists(strip_stop=True)[: len(chunk)]
     return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]

@@ -42,6 +42,15 @@ One round r = 1..M, read top to bottom in `run_round`:
 
 Round 0 is the evaluation of config.init_from (the SFT policy).
 
+Models. The loop's models (the round's policy, the labeler, the critic, a splitter model) are
+read from their HF folders by `loop_model`: params and computation in config.inference.dtype,
+sharded over the loop's mesh (config.mesh: sizes, rules, num_devices) by the logical rules, so
+a model no device can hold (RLAIF-V's LLaVA-NeXT-34B labeler, a 72B LLaVA-Critic) is loaded
+shard by shard and sampled, labelled and judged model-sharded (`sampling.generate(mesh=...)`,
+`YesNoLabeler(mesh=...)`, `ModelJudge(mesh=...)`). A one-device mesh loads each model onto
+that device. They are cached across stages and dropped before DPO, which shards the policy on
+its own mesh (train.mesh).
+
 Layout and resume. Stage s of round r writes under WORKDIR/round_<r>/<s>/ and, once complete,
 a `done` file (JSON: the stage's wall seconds). A rerun of the same command skips stages with a
 `done` file, so a killed run resumes at the round and stage where it stopped; inside a stage,
@@ -66,9 +75,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
+from lmm_align import sharding
 from lmm_align.data import jsonl, preference_sources
 from lmm_align.evals import registry as eval_registry
 from lmm_align.feedback import candidates as candidates_lib
@@ -85,6 +96,7 @@ SUMMARY_METRICS = (
   "pope_accuracy", "pope_yes_ratio", "mean_answer_words",
 )  # fmt: skip
 SELECT_MODES = ("max", "min")
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
 DONE = "done"
 
 # Called after each stage is complete (run now or found done): (round, stage name).
@@ -124,12 +136,34 @@ def _stage(
 
 
 @functools.lru_cache(maxsize=4)
-def load_policy(path: str, template: str) -> Any:
+def load_policy(
+  path: str,
+  template: str,
+  dtype: str = "float32",
+  mesh: jax.sharding.Mesh | None = None,
+  rules: tuple[tuple[str, Any], ...] = sharding.DEFAULT_RULES,
+) -> Any:
   """An HF folder as `inference.LoadedModel` (model, params, tokenizer, image_config), cached:
-  a round reads its starting policy in several stages."""
+  a round reads its starting policy in several stages. With a mesh, params sharded over it."""
   from lmm_align.inference import load_model_folder
 
-  return load_model_folder(path, template=template)
+  return load_model_folder(path, template=template, dtype=dtype, mesh=mesh, rules=rules)
+
+
+def loop_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+  """The mesh the loop's models are sharded over (config.mesh), or None for one device (the
+  models then load onto the default device whole)."""
+  mesh = sharding.mesh_from_config(config.mesh)
+  return None if mesh.size == 1 else mesh
+
+
+def loop_model(config: ml_collections.ConfigDict, path: str, template: str | None = None) -> Any:
+  """A model of the loop (policy, labeler, critic, splitter) in config.inference.dtype, sharded
+  over `loop_mesh` by config.mesh.rules; `template` defaults to config.data.template."""
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  return load_policy(
+    path, template or config.data.template, config.inference.dtype, loop_mesh(config), rules
+  )
 
 
 def policy_path(config: ml_collections.ConfigDict, workdir: pathlib.Path, round_index: int) -> str:
@@ -227,7 +261,8 @@ def sample_candidates(
       policy.model, policy.params, policy.tokenizer, policy.image_config,
       candidates_lib.read_prompts(prompts_dir / "prompts.jsonl"), out / "candidates.jsonl",
       num_samples=s.num_samples, settings=settings, seed=s.seed + round_index,
-      template=config.data.template, load_image=_image_loader(prompts_dir),
+      template=config.data.template, load_image=_image_loader(prompts_dir), mesh=policy.mesh,
+      rules=policy.rules,
   )  # fmt: skip
 
 
@@ -237,7 +272,8 @@ def sample_candidates(
 
 
 def yes_no_labeler(config: ml_collections.ConfigDict, labeler_model: Any) -> Any:
-  """A `YesNoLabeler` over a loaded model (`load_policy`), with the configured answer words."""
+  """A `YesNoLabeler` over a loaded model (`loop_model`), with the configured answer words,
+  run on the mesh the model's params are sharded over (if any)."""
   from lmm_align.feedback import labeler as labeler_lib
 
   f = config.feedback
@@ -246,7 +282,7 @@ def yes_no_labeler(config: ml_collections.ConfigDict, labeler_model: Any) -> Any
       labeler_model.image_config, template=config.data.template, batch_size=f.batch_size,
       answer_tokens=labeler_lib.answer_token_ids(
           labeler_model.tokenizer, tuple(f.yes_words), tuple(f.no_words)),
-      question_suffix=f.question_suffix,
+      question_suffix=f.question_suffix, mesh=labeler_model.mesh, rules=labeler_model.rules,
   )  # fmt: skip
 
 
@@ -284,7 +320,9 @@ def rlaifv_feedback(
 ) -> list[dict[str, Any]]:
   """Claims -> yes/no questions (`claim_splitter`) -> yes/no labeler, into out_path
   (resumable)."""
-  splitter, question_maker = claim_splitter(config.feedback)
+  splitter, question_maker = claim_splitter(
+    config.feedback, lambda path, template: loop_model(config, path, template)
+  )
   return rlaifv.label_candidates(
       candidates, splitter, question_maker, labeler, out_path,
       load_image=_image_loader(prompts_dir), prompts_per_chunk=config.feedback.prompts_per_chunk,
@@ -292,9 +330,12 @@ def rlaifv_feedback(
   )  # fmt: skip
 
 
-def claim_splitter(feedback: ml_collections.ConfigDict) -> tuple[Any, Any]:
+def claim_splitter(
+  feedback: ml_collections.ConfigDict, load_model: Callable[[str, str], Any] = load_policy
+) -> tuple[Any, Any]:
   """(claim splitter, question maker) as feedback.splitter names them: the rules, an
-  OpenAI-compatible endpoint ("openai:MODEL") or a local text model ("model:HF_DIR")."""
+  OpenAI-compatible endpoint ("openai:MODEL") or a local text model ("model:HF_DIR", read by
+  load_model(folder, template): the loop's `loop_model`)."""
   from lmm_align.feedback import claims
 
   spec = feedback.get("splitter", "rules")
@@ -312,11 +353,11 @@ def claim_splitter(feedback: ml_collections.ConfigDict) -> tuple[Any, Any]:
   elif backend == "model" and target:
     from lmm_align.judges.model import ModelJudge
 
-    loaded = load_policy(target, feedback.splitter_template)
+    loaded = load_model(target, feedback.splitter_template)
     judge = ModelJudge(
       loaded.model, loaded.params, loaded.tokenizer, loaded.image_config,
       template=feedback.splitter_template, batch_size=feedback.batch_size,
-      name=f"model:{loaded.model_id}",
+      name=f"model:{loaded.model_id}", mesh=loaded.mesh, rules=loaded.rules,
     )  # fmt: skip
   else:
     raise ValueError(f"feedback.splitter={spec!r}: use 'rules', 'openai:MODEL' or 'model:HF_DIR'")
@@ -378,15 +419,16 @@ def critic_feedback(
 
 
 def critic_judge(config: ml_collections.ConfigDict) -> Any:
-  """The critic folder behind `ModelJudge` (greedy replies, critic_max_tokens long)."""
+  """The critic folder behind `ModelJudge` (greedy replies, critic_max_tokens long), decoding
+  on the loop's mesh when its params are sharded."""
   from lmm_align.judges.model import ModelJudge
 
   f = config.feedback
-  critic_model = load_policy(f.critic, config.data.template)
+  critic_model = loop_model(config, f.critic)
   return ModelJudge(
       critic_model.model, critic_model.params, critic_model.tokenizer, critic_model.image_config,
       template=config.data.template, batch_size=f.batch_size, max_new_tokens=f.critic_max_tokens,
-      name="critic",
+      name="critic", mesh=critic_model.mesh, rules=critic_model.rules,
   )  # fmt: skip
 
 
@@ -408,7 +450,7 @@ def _rlaifv_kind(config, policy, candidates, prompts_dir, out_path) -> None:
   """RLAIF-V: a separate labeler model (feedback.labeler) answers the claims' questions."""
   if not config.feedback.labeler:
     raise ValueError("feedback.kind='rlaifv' needs feedback.labeler, an HF labeler folder")
-  labeler = yes_no_labeler(config, load_policy(config.feedback.labeler, config.data.template))
+  labeler = yes_no_labeler(config, loop_model(config, config.feedback.labeler))
   rlaifv_feedback(config, candidates, labeler, prompts_dir, out_path)
 
 
@@ -589,6 +631,9 @@ def too_few_pairs(config: ml_collections.ConfigDict, pairs_dir: pathlib.Path) ->
 def train_or_skip(train_config: ml_collections.ConfigDict, skip: str | None, out: pathlib.Path):
   """DPO in `out`, or (too few pairs) out/skipped.json: the round keeps its starting policy.
   A skipped round is reported, not an error, so one poor round does not end a long run."""
+  # The loop's cached models (a 34B labeler, a 72B critic) leave the devices before DPO
+  # shards the policy and its optimizer state over them.
+  load_policy.cache_clear()
   if skip is None:
     registry.get("dpo").train(train_config, str(out))
   else:
@@ -628,7 +673,7 @@ def evaluate_policy(config: ml_collections.ConfigDict, path: str, out: pathlib.P
   if eval_registry.active_kind(config) == eval_registry.NONE:
     _write_json(out / "metrics.json", {"skipped": "eval.kind is 'none'"})
     return
-  metrics = eval_registry.evaluate_model(config, load_policy(path, config.data.template))
+  metrics = eval_registry.evaluate_model(config, loop_model(config, path))
   _write_json(out / "metrics.json", metrics)
 
 
@@ -661,6 +706,27 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f"pairs.sft_on 'unrejected' reads RLAIF-V scores (rejected claims): feedback.kind "
       f"{config.feedback.kind!r} has none; use 'rlaifv' or 'self', or sft_on 'all'"
     )
+  check_models_config(config)
+
+
+def check_models_config(config: ml_collections.ConfigDict) -> None:
+  """The loop's models' fields (inference.dtype, mesh), checked before any model loads; an
+  error names the field."""
+  if config.inference.dtype not in INFERENCE_DTYPES:
+    raise ValueError(f"inference.dtype={config.inference.dtype!r}: use one of {INFERENCE_DTYPES}")
+  m = config.mesh
+  if not 0 <= m.num_devices <= jax.device_count():
+    raise ValueError(f"mesh.num_devices={m.num_devices}: use 0 (all) to {jax.device_count()}")
+  try:
+    shape = sharding.mesh_shape(tuple(m.sizes), m.num_devices or jax.device_count())
+  except ValueError as e:
+    raise ValueError(f"mesh.sizes={tuple(m.sizes)}: {e}") from None
+  rows = shape[0] * shape[1]  # the labeler splits its batch over data x fsdp
+  if rows > 1 and config.feedback.kind in ("rlaifv", "self") and config.feedback.batch_size % rows:
+    raise ValueError(
+      f"feedback.batch_size={config.feedback.batch_size} must be a multiple of the loop mesh's "
+      f"data x fsdp size {rows} (mesh.sizes={tuple(m.sizes)}): the labeler splits its rows over it"
+    )
 
 
 def run_round(
@@ -669,7 +735,7 @@ def run_round(
   """Round r's stages (module docstring); returns and writes round_<r>/summary.json."""
   round_dir = workdir / f"round_{r}"
   start_policy = policy_path(config, workdir, r)
-  policy = lambda: load_policy(start_policy, config.data.template)
+  policy = lambda: loop_model(config, start_policy)
   prompts_dir = _stage(round_dir, "prompts", lambda d: write_prompts(config, r, d), hook)
   cand_dir = _stage(
     round_dir, "candidates", lambda d: sample_candidates(config, r, policy(), prompts_dir, d), hook
