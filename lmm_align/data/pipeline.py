@@ -78,6 +78,26 @@ class AnyresTiling:
         f"reads {self.packing.tile_size}"
       )
 
+  def placeholders(
+    self, image: ImageSource, image_size: tuple[int, int] | None
+  ) -> tuple[tuple[int, int], int | None]:
+    """(the image's (height, width), the placeholders its tiles pack into:
+    `anyres.num_image_tokens`); the count is None when it needs more tiles than the largest
+    tile bucket. The image is loaded only when `image_size` is not given."""
+    if image_size is None:
+      loaded = load_image(image)
+      image_size = (loaded.height, loaded.width)
+    size = (int(image_size[0]), int(image_size[1]))
+    if anyres.num_tiles(size, self.packing) > self.tile_buckets[-1]:
+      return size, None
+    return size, anyres.num_image_tokens(size, self.packing)
+
+  def tile_counts(self, image_sizes: np.ndarray) -> np.ndarray:
+    """int32 [N]: the tiles of each (height, width) of image_sizes [N, 2]; 0 for (0, 0)."""
+    return np.array(
+      [anyres.num_tiles(tuple(s), self.packing) if s[0] else 0 for s in image_sizes], np.int32
+    )
+
 
 def load_image(image: ImageSource) -> Image.Image | None:
   return image() if callable(image) else image
@@ -124,6 +144,39 @@ def anyres_batch_shapes(
     "image_sizes": ((rows, 2), np.int32),
     **{PACK_PLAN_PREFIX + k: v for k, v in plan.items()},
   }
+
+
+def tiled_fields(
+  images: Sequence[tuple[str, ImageSource]],
+  image_sizes: np.ndarray,
+  tiling: AnyresTiling,
+  length: int,
+  tiles: int,
+) -> dict[str, np.ndarray]:
+  """The fields of `anyres_batch_shapes` for rows of (record id, image or None) whose images
+  have image_sizes int[rows, 2] ((0, 0): none): each image's tiles padded to `tiles`, its pack
+  plan to `length` tokens. Raises ValueError naming the record whose image decodes to another
+  size than the one its placeholders were counted for."""
+  config = tiling.image_config
+  shapes = anyres_batch_shapes(len(images), length, tiles, config.tile_size)
+  pixels = np.zeros(*shapes["pixel_values"])
+  for row, (record_id, image) in enumerate(images):
+    if image is None:
+      continue
+    row_tiles, size = preprocess_anyres_image(load_image(image), config)
+    if tuple(size) != tuple(image_sizes[row]):
+      raise ValueError(
+        f"record {record_id!r}: its image decodes to (height, width) {size}, its "
+        f"header said {tuple(image_sizes[row])}"
+      )
+    pixels[row, : len(row_tiles)] = row_tiles
+  plan = anyres.pack_plan(
+    [tuple(s) if s[0] else None for s in image_sizes], tiling.packing, max_tokens=length
+  )
+  fields = {"pixel_values": pixels, "image_sizes": np.asarray(image_sizes, np.int32)}
+  for key, value in plan.as_arrays().items():
+    fields[PACK_PLAN_PREFIX + key] = value.astype(shapes[PACK_PLAN_PREFIX + key][1])
+  return fields
 
 
 def image_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -216,26 +269,18 @@ class SupervisedData:
     self.examples = kept
     self.lengths = np.array([len(e.input_ids) for e in kept])
     self.image_sizes = np.asarray(sizes, np.int32).reshape(-1, 2)
-    self.tile_counts = np.array(
-      [anyres.num_tiles(tuple(s), tiling.packing) if s[0] else 0 for s in self.image_sizes]
-      if tiling is not None
-      else np.zeros(len(kept)),
-      np.int32,
+    self.tile_counts = (
+      tiling.tile_counts(self.image_sizes) if tiling is not None else np.zeros(len(kept), np.int32)
     )
 
   def _tiled(self, example: Example, image_token_id: int) -> tuple[Example | None, tuple]:
     """(example with its placeholders counted for its tiles, (height, width)); None when its
     image needs more tiles than the largest bucket (counted as dropped_too_many_tiles)."""
     tiling = self.tiling
-    size = example.image_size
-    if size is None:
-      image = load_image(example.image)
-      size = (image.height, image.width)
-    size = (int(size[0]), int(size[1]))
-    if anyres.num_tiles(size, tiling.packing) > tiling.tile_buckets[-1]:
+    size, needed = tiling.placeholders(example.image, example.image_size)
+    if needed is None:
       self.stats["dropped_too_many_tiles"] += 1
       return None, size
-    needed = anyres.num_image_tokens(size, tiling.packing)
     expanded = expand_image_placeholders(example, tiling.written_tokens, needed, image_token_id)
     return dataclasses.replace(expanded, image_size=size), size
 
@@ -297,28 +342,8 @@ class SupervisedData:
   def _tiled_fields(self, rows: np.ndarray, length: int, tiles: int) -> dict[str, np.ndarray]:
     """pixel_values, image_sizes and the pack plan of these rows, padded to `tiles` and to
     `length` plan tokens."""
-    config = self.tiling.image_config
-    shapes = anyres_batch_shapes(len(rows), length, tiles, config.tile_size)
-    pixels = np.zeros(*shapes["pixel_values"])
-    sizes = self.image_sizes[rows]
-    for row, index in enumerate(rows):
-      example = self.examples[index]
-      if example.image is None:
-        continue
-      row_tiles, size = preprocess_anyres_image(load_image(example.image), config)
-      if tuple(size) != tuple(sizes[row]):
-        raise ValueError(
-          f"record {example.record_id!r}: its image decodes to (height, width) {size}, its "
-          f"header said {tuple(sizes[row])}"
-        )
-      pixels[row, : len(row_tiles)] = row_tiles
-    plan = anyres.pack_plan(
-      [tuple(s) if s[0] else None for s in sizes], self.tiling.packing, max_tokens=length
-    )
-    fields = {"pixel_values": pixels, "image_sizes": sizes.astype(np.int32)}
-    for key, value in plan.as_arrays().items():
-      fields[PACK_PLAN_PREFIX + key] = value.astype(shapes[PACK_PLAN_PREFIX + key][1])
-    return fields
+    images = [(self.examples[i].record_id, self.examples[i].image) for i in rows]
+    return tiled_fields(images, self.image_sizes[rows], self.tiling, length, tiles)
 
   def iterate(
     self,

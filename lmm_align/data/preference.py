@@ -5,6 +5,16 @@ rejected), so a pair never straddles devices. Reference log-probs, when precompu
 RLAIF-V way: one pass of the frozen reference before training, halving the memory of every
 step), ride along as `ref_logps` [L, 2]. Order and bucketing follow `SupervisedData`: the pairs
 of step s are a pure function of (seed, s).
+
+Anyres models (LLaVA-NeXT, LLaVA-OneVision; `pipeline.AnyresTiling`): both sequences of a pair
+hold the same image, so its placeholder runs become the count its tiles pack into
+(`anyres.num_image_tokens`) before the length limit, and the image is tiled once per pair: the
+batch carries pixel_values [L, tiles, H, W, 3], image_sizes [L, 2] and the pack plan [L, T, ...]
+per pair (`pipeline.anyres_batch_shapes` with L rows), not per sequence. `pair_image_inputs`
+hands the model each image with `rows_per_image=2`, so the tower reads it once and its packed
+features fill both sequences (half the tower's compute and activations of repeating it). Tile
+counts come from `tile_buckets` (a pair needing more is dropped, `dropped_too_many_tiles`), so
+a run compiles one step per (length, tiles) bucket.
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from lmm_align.data import conversation
+from lmm_align.data import conversation, pipeline
+from lmm_align.data.anyres import choose_tile_bucket
 from lmm_align.data.conversation import IGNORE_INDEX
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.data.pipeline import ImageSource, SupervisedData, bucket_for, bucket_lengths
@@ -34,6 +45,8 @@ class PreferencePair:
   sft_weight: float = 1.0  # how much the DPO loss's SFT term imitates the chosen answer
   # Cached reference log-probs (chosen, rejected) from the data (RLAIF-V's `logps` column).
   ref_logps: tuple[float, float] | None = None
+  # The image's (height, width) when the reader knows it without decoding (anyres counts).
+  image_size: tuple[int, int] | None = None
 
 
 class PreferenceError(ValueError):
@@ -148,6 +161,43 @@ def compact_pair(pair: PreferencePair) -> PreferencePair:
   )
 
 
+def tile_pair(
+  pair: PreferencePair, tiling: pipeline.AnyresTiling, image_token_id: int
+) -> tuple[PreferencePair | None, tuple[int, int]]:
+  """(the pair with both sequences' placeholder runs expanded to the count its image's tiles
+  pack into, the image's (height, width)); the pair is None when the image needs more tiles
+  than the largest of tile_buckets. Raises ValueError naming the record when a sequence does
+  not hold one run of `tiling.written_tokens` placeholders."""
+  size, needed = tiling.placeholders(pair.image, pair.image_size)
+  if needed is None:
+    return None, size
+  sides = []
+  for ids, labels in (
+    (pair.chosen_ids, pair.chosen_labels),
+    (pair.rejected_ids, pair.rejected_labels),
+  ):
+    example = pipeline.Example(pair.record_id, ids, labels)
+    sides.append(
+      pipeline.expand_image_placeholders(example, tiling.written_tokens, needed, image_token_id)
+    )
+  return dataclasses.replace(
+    pair, chosen_ids=sides[0].input_ids, chosen_labels=sides[0].labels,
+    rejected_ids=sides[1].input_ids, rejected_labels=sides[1].labels, image_size=size,
+  ), size  # fmt: skip
+
+
+def pair_image_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+  """The model's image keyword arguments for a pair batch's sequences flattened to [2L, T]
+  (pair-major: rows 2i and 2i + 1 are pair i's chosen and rejected). Single-image batches:
+  pixel_values [2L, 1, H, W, 3]; anyres batches: each pair's tiles [L, tiles, H, W, 3] and pack
+  plan with rows_per_image=2 (encoded once for both sequences); text only: pixel_values None."""
+  inputs = pipeline.image_inputs(batch)
+  if "pack_plan" in inputs:
+    return {**inputs, "rows_per_image": 2}
+  pixels = inputs["pixel_values"]
+  return {"pixel_values": None if pixels is None else pixels.reshape(-1, *pixels.shape[2:])}
+
+
 class PreferenceData:
   """Encoded pairs served as global batches by step; optional cached reference log-probs."""
 
@@ -162,19 +212,37 @@ class PreferenceData:
     seed: int,
     skipped: Counter | None = None,
     token_weight: float = 1.0,
+    tiling: pipeline.AnyresTiling | None = None,
+    image_token_id: int | None = None,
   ):
+    """image_config: a single-image processor, or None (text only, or anyres: `tiling`, which
+    needs the model's image_token_id to find the placeholders)."""
+    if tiling is not None and (image_config is not None or image_token_id is None):
+      raise ValueError("anyres pairs take tiling and image_token_id, and no image_config")
     self.stats: Counter = Counter(skipped or {})
-    kept = []
+    kept, sizes = [], []
     for pair in pairs:
+      size = (0, 0)
+      if tiling is not None and pair.image is not None:
+        pair, size = tile_pair(pair, tiling, image_token_id)
+        if pair is None:
+          self.stats["dropped_too_many_tiles"] += 1
+          continue
       if max(len(pair.chosen_ids), len(pair.rejected_ids)) > max_length:
         self.stats["dropped_too_long"] += 1
       else:
         kept.append(pair)
+        sizes.append(size)
         self.stats["kept"] += 1
     if not kept:
       raise ValueError(f"no preference pair left after the length limit: {dict(self.stats)}")
     self.pairs = kept
     self.image_config = image_config
+    self.tiling = tiling
+    self.image_sizes = np.asarray(sizes, np.int32).reshape(-1, 2)
+    self.tile_counts = (
+      tiling.tile_counts(self.image_sizes) if tiling is not None else np.zeros(len(kept), np.int32)
+    )
     self.buckets = bucket_lengths(buckets, max_length)
     self.pad_id = pad_id
     self.seed = seed
@@ -204,8 +272,17 @@ class PreferenceData:
       raise ValueError(f"reference log-probs {ref_logps.shape} do not match {len(self)} pairs")
     self.ref_logps = ref_logps
 
-  def rows(self, indices: np.ndarray, length: int | None = None) -> dict[str, np.ndarray]:
-    """The batch arrays for the given pairs, padded on the right to `length` (default: bucket)."""
+  def rows(
+    self, indices: np.ndarray, length: int | None = None, tiles: int | None = None
+  ) -> dict[str, np.ndarray]:
+    """The batch arrays for the given pairs, padded on the right to `length` (default: bucket).
+
+    input_ids, labels, attention_mask int32 [L, 2, T]; pair_index int32 [L]; pixel_values
+    float32 [L, 2, 1, H, W, 3] with a single-image processor; with anyres tiling instead the
+    per-pair fields of `pipeline.anyres_batch_shapes` (L rows, `tiles` tiles: default the
+    smallest tile bucket holding these pairs); ref_logps [L, 2], sft_weights [L] and
+    token_weights [L, 2, T] when the data has them.
+    """
     if length is None:
       length = bucket_for(int(self.lengths[indices].max()), self.buckets)
     n = len(indices)
@@ -241,6 +318,13 @@ class PreferenceData:
       if pair.image is not None and self.image_config is not None:
         image = pair.image() if callable(pair.image) else pair.image
         batch["pixel_values"][row, :, 0] = preprocess_image(image, self.image_config)
+    if self.tiling is not None:
+      if tiles is None:
+        tiles = choose_tile_bucket(self.tile_counts[indices], self.tiling.tile_buckets)
+      images = [(self.pairs[i].record_id, self.pairs[i].image) for i in indices]
+      batch.update(
+        pipeline.tiled_fields(images, self.image_sizes[indices], self.tiling, length, tiles)
+      )
     return batch
 
   def local_batch(
@@ -248,7 +332,10 @@ class PreferenceData:
   ) -> dict[str, np.ndarray]:
     indices = self.global_indices(step, global_batch)
     length = bucket_for(int(self.lengths[indices].max()), self.buckets)
+    tiles = None  # the global batch's bucket, so that every process has the same shapes
+    if self.tiling is not None:
+      tiles = choose_tile_bucket(self.tile_counts[indices], self.tiling.tile_buckets)
     local = global_batch // process_count
-    return self.rows(indices[process_index * local : (process_index + 1) * local], length)
+    return self.rows(indices[process_index * local : (process_index + 1) * local], length, tiles)
 
   iterate = SupervisedData.iterate

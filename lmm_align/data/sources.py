@@ -103,11 +103,7 @@ def sft_data(
   examples, skipped = sft_examples(config, tokenizer, model)
   if skipped:
     print(f"[data] skipped records: {dict(skipped)}")
-  image_config = image_config_for(config, model)
-  tiling = None
-  if isinstance(image_config, AnyresImageConfig):
-    tiling = anyres_tiling(config, model, image_config)
-    image_config = None
+  image_config, tiling = image_batching(config, model)
   return SupervisedData(
     examples,
     image_config,
@@ -120,6 +116,17 @@ def sft_data(
     seed=config.seed,
     skipped=skipped,
   )
+
+
+def image_batching(
+  config: ml_collections.ConfigDict, model: ModelConfig
+) -> tuple[ImageProcessorConfig | None, AnyresTiling | None]:
+  """How batches carry the model's images: (a single-image processor, None), or for an anyres
+  model (None, its tiling); (None, None) for a text-only model."""
+  image_config = image_config_for(config, model)
+  if isinstance(image_config, AnyresImageConfig):
+    return None, anyres_tiling(config, model, image_config)
+  return image_config, None
 
 
 def anyres_tiling(

@@ -168,18 +168,22 @@ class Llava(nn.Module):
     plan: anyres.PackPlan | dict | None,
     embeds: Array,
     concrete: bool,
+    rows_per_image: int = 1,
   ) -> Array:
     """Anyres: one tiled image per row, packed, then spliced at the row's placeholders.
 
-    pixel_values [B, tiles, H, W, 3]; image_sizes int[B, 2] (height, width), (0, 0) for a row
+    pixel_values [N, tiles, H, W, 3]; image_sizes int[N, 2] (height, width), (0, 0) for a row
     without an image; plan: a `PackPlan` (or its `as_arrays()`) for these sizes, needed under
-    jit, built here from concrete image_sizes otherwise.
+    jit, built here from concrete image_sizes otherwise. Image n serves the `rows_per_image`
+    consecutive rows from n * rows_per_image (B = N * rows_per_image; a preference pair's
+    chosen and rejected share one), so the tower reads each image once.
     """
     c = self.config
     b, tiles = pixel_values.shape[:2]
-    if pixel_values.shape[0] != input_ids.shape[0]:
+    if b * rows_per_image != input_ids.shape[0]:
       raise ValueError(
-        f"tiled pixel_values {pixel_values.shape} do not match batch size {input_ids.shape[0]}"
+        f"tiled pixel_values {pixel_values.shape} x {rows_per_image} row(s) per image do not "
+        f"match batch size {input_ids.shape[0]}"
       )
     if plan is None:
       if image_sizes is None or isinstance(image_sizes, jax.core.Tracer):
@@ -193,7 +197,7 @@ class Llava(nn.Module):
     num_tokens = plan.num_tokens if isinstance(plan, anyres.PackPlan) else plan["num_tokens"]
     if concrete and not isinstance(num_tokens, jax.core.Tracer):
       per_row = np.sum(np.asarray(is_image), axis=1)
-      if not np.array_equal(per_row, np.asarray(num_tokens)):
+      if not np.array_equal(per_row, np.repeat(np.asarray(num_tokens), rows_per_image)):
         raise ValueError(
           f"image placeholders per row {per_row.tolist()} differ from the tokens the images "
           f"pack into {np.asarray(num_tokens).tolist()} (anyres.num_image_tokens per image size)"
@@ -201,7 +205,7 @@ class Llava(nn.Module):
     features = self.image_features(pixel_values.reshape(b * tiles, *pixel_values.shape[2:]))
     features = features.reshape(b, tiles, *features.shape[1:])  # [B, tiles, P, D]
     packed = anyres.apply_pack_plan(features, self.image_newline.astype(features.dtype), plan)
-    packed = packed.astype(embeds.dtype)  # [B, L, D]
+    packed = jnp.repeat(packed.astype(embeds.dtype), rows_per_image, axis=0)  # [B, L, D]
     order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, packed.shape[1] - 1)
     spliced = jnp.take_along_axis(packed, order[..., None], axis=1)
     return jnp.where(is_image[..., None], spliced, embeds)
@@ -216,6 +220,7 @@ class Llava(nn.Module):
     with_logits: bool = True,
     image_sizes: Array | np.ndarray | None = None,
     pack_plan: anyres.PackPlan | dict | None = None,
+    rows_per_image: int = 1,
   ) -> ModelOutput:
     """Forward over one chunk of tokens.
 
@@ -230,6 +235,8 @@ class Llava(nn.Module):
     pack_plan: the `anyres.pack_plan` of those sizes (or its `as_arrays()`), required under jit.
     An anyres config given [N, H, W, 3] reads each image as one tile (P features, then
     `image_newline`: OneVision's multi-image layout).
+    rows_per_image: with tiled pixel_values [B / rows_per_image, tiles, H, W, 3], each image
+    (its size, its plan) serves that many consecutive rows, encoded once.
     """
     c = self.config
     b, t = input_ids.shape
@@ -243,14 +250,14 @@ class Llava(nn.Module):
     embeds = self.language_model.embed(input_ids)
     concrete = not isinstance(input_ids, jax.core.Tracer)
     tiled = c.anyres and pixel_values is not None and pixel_values.ndim == 5
-    if (image_sizes is not None or pack_plan is not None) and not tiled:
+    if (image_sizes is not None or pack_plan is not None or rows_per_image != 1) and not tiled:
       raise ValueError(
-        "image_sizes / pack_plan are for an anyres config (image_grid_pinpoints) with tiled "
-        "pixel_values [B, tiles, H, W, 3]"
+        "image_sizes / pack_plan / rows_per_image are for an anyres config "
+        "(image_grid_pinpoints) with tiled pixel_values [B, tiles, H, W, 3]"
       )
     if tiled:
       embeds = self.splice_tiled_images(
-        input_ids, pixel_values, image_sizes, pack_plan, embeds, concrete
+        input_ids, pixel_values, image_sizes, pack_plan, embeds, concrete, rows_per_image
       )
     elif pixel_values is not None:
       embeds = self.splice_images(input_ids, pixel_values, embeds, concrete=concrete)

@@ -34,12 +34,11 @@ def pair_logps(model: Llava, variables: dict, batch: dict, average: bool) -> jax
   """Sequence log-probs [B, 2] (chosen, rejected) of a pair batch [B, 2, T] under `variables`."""
   b = batch["input_ids"].shape[0]
   flat = lambda x: x.reshape(b * 2, *x.shape[2:])
-  pixels = flat(batch["pixel_values"]) if "pixel_values" in batch else None
   logits = model.apply(
     variables,
     flat(batch["input_ids"]),
-    pixel_values=pixels,
     attention_mask=flat(batch["attention_mask"]),
+    **preference.pair_image_inputs(batch),  # an anyres pair's image is encoded once
   ).logits
   weights = flat(batch["token_weights"]) if "token_weights" in batch else None
   return preference_losses.sequence_logps(
@@ -156,10 +155,12 @@ def preference_data(
       if config.data.on_error != "skip":
         raise
       skipped["skipped_bad_pair"] += 1
+  image_config, tiling = sources.image_batching(config, model_config)
   return preference.PreferenceData(
-    pairs, sources.image_config_for(config, model_config), max_length=config.data.max_length,
+    pairs, image_config, max_length=config.data.max_length,
     buckets=tuple(config.data.buckets), pad_id=tokenizer.pad_token_id, seed=config.seed,
-    token_weight=config.dpo.get("token_weight", 1.0), skipped=skipped,
+    token_weight=config.dpo.get("token_weight", 1.0), skipped=skipped, tiling=tiling,
+    image_token_id=model_config.image_token_id,
   )  # fmt: skip
 
 

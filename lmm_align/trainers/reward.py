@@ -39,14 +39,13 @@ def pair_rewards(
   """Scalar rewards [B, 2] of a pair batch: the head at each sequence's last real token."""
   b = batch["input_ids"].shape[0]
   flat = lambda x: x.reshape(b * 2, *x.shape[2:])
-  pixels = flat(batch["pixel_values"]) if "pixel_values" in batch else None
   mask = flat(batch["attention_mask"])
   out = model.apply(
     backbone_variables,
     flat(batch["input_ids"]),
-    pixel_values=pixels,
     attention_mask=mask,
     with_logits=False,
+    **preference.pair_image_inputs(batch),  # an anyres pair's image is encoded once
   )
   per_position = head.apply({"params": head_params}, out.hidden_states)
   return sequence_scores(per_position, mask).reshape(b, 2)
@@ -133,7 +132,7 @@ def reward_data(
     prompt=prompt, fact_augmented=config.reward.fact_augmented, on_error=config.data.on_error,
     facts_position=position, lead_in=fact_lead_in(config),
   )  # fmt: skip
-  image_config = sources.image_config_for(config, model_config)
+  image_config, tiling = sources.image_batching(config, model_config)
 
   def build(part: list[dict], seed: int, stats: Counter):
     pairs, part_skipped = rd.encode_reward_pairs(part, rng=np.random.default_rng(seed), **kwargs)
@@ -141,6 +140,7 @@ def reward_data(
     return preference.PreferenceData(
       pairs, image_config, max_length=config.data.max_length, buckets=tuple(config.data.buckets),
       pad_id=tokenizer.pad_token_id, seed=config.seed, skipped=stats + part_skipped,
+      tiling=tiling, image_token_id=model_config.image_token_id,
     )  # fmt: skip
 
   train_data = build(records[n_eval:], config.seed, skipped)
