@@ -209,7 +209,7 @@ def test_the_critic_judges_on_sharded_params_as_on_one_device(folder, images):
   assert [r.text for r in replies] == [r.text for r in expected]
 
 
-def test_the_models_config_is_checked_naming_the_field():
+def test_the_models_config_is_checked_naming_the_field(monkeypatch):
   config = loop_config()
   iterative.check_models_config(config)
   config.inference.dtype = "bf16"
@@ -228,6 +228,13 @@ def test_the_models_config_is_checked_naming_the_field():
   config.mesh.num_devices = 16
   with pytest.raises(ValueError, match=r"mesh\.num_devices=16"):
     iterative.check_models_config(config)
+  config = loop_config()
+  with monkeypatch.context() as patch:
+    patch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"mesh\.sizes=\(1, 4, 2\): .* in one process"):
+      iterative.check_models_config(config)
+    config.mesh.sizes, config.mesh.num_devices = (1, 1, 1), 1
+    iterative.check_models_config(config)  # one device: nothing to shard
   # The loop checks them before it loads anything.
   config = loop_config()
   config.init_from, config.inference.dtype = "/nonexistent", "int8"
