@@ -11,7 +11,7 @@ cover the answers only. The DPO step's per-sequence log-probs (each image encode
 two sequences) equal log-probs summed by hand from transformers' logits, for OneVision and
 NeXT, and so does the precomputed reference pass (a short last batch padded). One DPO step and
 one reward-model step train on the anyres batch; the iterative loop's DPO stage (the
-LLaVA-Critic recipe's OneVision policy) trains and exports.
+LLaVA-Critic recipe's OneVision policy) trains and exports; `reward.train` runs on a NeXT.
 """
 
 from __future__ import annotations
@@ -311,12 +311,8 @@ def test_one_dpo_step_and_one_reward_step_train_on_an_anyres_batch(folders):
   assert moved["head"]["kernel"] > 0
 
 
-def test_iterative_dpo_stage_trains_and_exports_a_onevision_policy(folders, tmp_path):
-  """The LLaVA-Critic loop's DPO stage on a OneVision policy: `iterative.dpo_config` on the
-  round's pairs.jsonl, `dpo.train` (reference log-probs precomputed), `export_policy`."""
-  loop_config = config_files.load_config(LOOP_CONFIG, str(REPO))
-  loop_config.train = _config(folders["onevision"])
-  loop_config.epochs_per_round = 0.0
+def _pairs_jsonl(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+  """(image folder, folder of pairs.jsonl): the three pairs twice, images as PNG files."""
   prompts, pairs_dir = tmp_path / "prompts", tmp_path / "pairs"
   prompts.mkdir(), pairs_dir.mkdir()
   rows = []
@@ -327,6 +323,16 @@ def test_iterative_dpo_stage_trains_and_exports_a_onevision_policy(folders, tmp_
       row["image"] = f"{row['id']}.png"
     rows.append(row)
   (pairs_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return prompts, pairs_dir
+
+
+def test_iterative_dpo_stage_trains_and_exports_a_onevision_policy(folders, tmp_path):
+  """The LLaVA-Critic loop's DPO stage on a OneVision policy: `iterative.dpo_config` on the
+  round's pairs.jsonl, `dpo.train` (reference log-probs precomputed), `export_policy`."""
+  loop_config = config_files.load_config(LOOP_CONFIG, str(REPO))
+  loop_config.train = _config(folders["onevision"])
+  loop_config.epochs_per_round = 0.0
+  prompts, pairs_dir = _pairs_jsonl(tmp_path)
   train_config = iterative.dpo_config(loop_config, 0, str(folders["onevision"]), pairs_dir, prompts)
   train_config = copy.deepcopy(train_config)
   dpo.train(train_config, str(tmp_path / "dpo"))
@@ -341,3 +347,27 @@ def test_iterative_dpo_stage_trains_and_exports_a_onevision_policy(folders, tmp_
     for a, b in zip(trained.state_dict().values(), start.state_dict().values())
   )
   assert delta > 0
+
+
+def test_reward_model_trains_on_a_next_policy_and_its_anyres_pairs(folders, tmp_path):
+  """`reward.train` (the vanilla RM recipe) from a LLaVA-NeXT folder (the vicuna_v1 template of
+  LLaVA-NeXT-Vicuna: the reward prompt needs a USER/ASSISTANT chat) on pairs with images: the
+  pairs are tiled, the steps train, the held-out pair is scored."""
+  prompts, pairs_dir = _pairs_jsonl(tmp_path)
+  config = config_files.load_config("configs/shapes/reward.py:runlocal,vanilla", str(REPO))
+  config = main.apply_overrides(config, {
+    "init_from": str(folders["next"]), "data.source": "pairs_jsonl",
+    "data.path": str(pairs_dir / "pairs.jsonl"), "data.image_folder": str(prompts),
+    "data.template": "vicuna_v1", "data.max_length": 512, "data.buckets": (256, 512),
+    "batch_size": 2, "total_steps": 2, "mesh.num_devices": 2, "mesh.sizes": (-1, 1, 1),
+    "reward.eval_pairs": 1, "optim.warmup_steps": 0,
+  })  # fmt: skip
+  summary = reward.train(config, str(tmp_path / "rm"))
+  metrics = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+  assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+  assert summary["data"]["kept"] == 5 and summary["eval_pairs"] == 1
+  train_data, _ = reward.reward_data(
+    config, folders["tokenizer"], hf.load_pretrained(folders["next"])[0].config
+  )
+  batch = train_data.rows(np.arange(len(train_data)))
+  assert batch["pixel_values"].shape[:2] == (5, 5) and "pack_plan.taps" in batch
