@@ -200,13 +200,20 @@ def _lm_head(module: Llava, hidden: Array) -> Array:
   return lm.lm_head(hidden).astype(jnp.float32)
 
 
-def _unstack_layers(params: dict, num_layers: int) -> dict:
-  """Scanned decoder params (`layers` with a leading layer axis) -> `layers_0`, `layers_1`, ..."""
-  stacked = params["layers"]
-  rest = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(num_layers):
-    rest[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
-  return rest
+def unstack_layers(params: Any) -> Any:
+  """Scanned params -> the unrolled model's: every `layers` subtree (a leading layer axis, in
+  the decoder and in the vision tower) becomes `layers_0`, `layers_1`, ... in the same scope."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for key, value in params.items():
+    if key == "layers":
+      num_layers = jax.tree_util.tree_leaves(value)[0].shape[0]
+      for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], value)
+    else:
+      out[key] = unstack_layers(value)
+  return out
 
 
 @flax.struct.dataclass
@@ -284,13 +291,18 @@ def decode(
   unroll_layers: decode with the layers unrolled. Under `nn.scan` every step slices each
   layer's weights (and cache) out of the stacked arrays and XLA:CPU materialises those slices,
   about one copy of the decoder weights per token; unrolled, the weights are sliced once per
-  call, before the loop, and the cache is split into one buffer per layer (the bench's 4M
-  model: 2.3x faster per call on CPU, for one extra copy of the decoder weights and cache).
-
-  The prompt is prefilled through the model as configured (scan or not, images spliced in). The
+  call, before the loop, into one buffer per layer (the bench's 4M model: 2.3x faster per call
+  on CPU, for one extra copy of the weights). The prompt is prefilled by the unrolled model too,
+  so the cache is one buffer per layer from the start (images spliced in as usual). The
   cache (S = T + M slots) is allocated here, inside jit, so XLA owns it and the loop updates it
   in place; no buffer crosses the call boundary that donation could save.
   """
+  if unroll_layers and config.runtime.scan_layers:
+    # Prefill unrolled too: from a scanned prefill the stacked cache would be copied into one
+    # buffer per layer, two whole caches alive at once (PPO's 512-row rollout on v5p-16: 50 GiB
+    # a chip each).
+    config = config.with_runtime(scan_layers=False)
+    params = unstack_layers(params)
   model = Llava(config)
   variables = {"params": params}
   batch, prompt_length = input_ids.shape
@@ -304,12 +316,6 @@ def decode(
   # Left padding puts every row's last prompt token at T - 1: only that row of logits is needed.
   logits = model.apply(variables, prefill.hidden_states[:, -1:], method=_lm_head)[:, 0]
 
-  step_model, step_variables = model, variables
-  if unroll_layers and config.runtime.scan_layers:
-    step_model = Llava(config.with_runtime(scan_layers=False))
-    text_params = _unstack_layers(params["language_model"], config.text.num_layers)
-    step_variables = {"params": {"language_model": text_params}}
-    prefill = prefill.replace(cache=prefill.cache.unstacked())
   # Decode steps feed one real token per row; rows that are done feed pad, and what they see
   # no longer matters.
   step_mask = jnp.ones((batch, 1), jnp.int32)
@@ -336,8 +342,8 @@ def decode(
     return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
   def body(state: _LoopState) -> _LoopState:
-    out = step_model.apply(
-      step_variables, state.token[:, None], None, step_mask, state.positions[:, None], state.cache
+    out = model.apply(
+      variables, state.token[:, None], None, step_mask, state.positions[:, None], state.cache
     )
     state = state.replace(cache=shard_cache(out.cache), positions=state.positions + 1)
     return record(state, out.logits[:, 0])
