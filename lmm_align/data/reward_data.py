@@ -10,7 +10,7 @@ token the place where the model would state its verdict, so the head reads it th
 published code tokenizes the whole text with a trailing </s> and then drops that </s>; here
 the conversation is encoded with `encode_conversation` (so the answer, its </s> and the label
 mask are exactly those of SFT, DPO and sampling) and the suffix is tokenized on its own with
-no special tokens and appended. PPO builds the same ids by appending `suffix_ids(suffix)` to
+no special tokens and appended. PPO builds the same ids by appending `suffix_ids(suffix, template)` to
 a sampled query + response, so the reward model is scored on what it was trained on.
 
 Factual augmentation (Fact-RLHF): the request embeds the image's captions, shuffled per
@@ -34,6 +34,17 @@ tokens can look its fact up, as they look at the image.
 The two answers of a pair share one shuffle of the facts, so the reward difference the
 Bradley-Terry loss sees comes from the answers alone (the published code shuffles the list
 again for the second answer, which only adds noise to the comparison).
+
+Other chat templates (LLaVA-OneVision's ChatML `qwen_1_5`, `chatml_direct`, `mistral_instruct`):
+the prompt is still written "USER: {request} ASSISTANT: {opening}" (the published files and
+our defaults are), and `suffix_ids` renders it in the template as the human turn after the
+answer, the assistant header, then the opening with no end token, e.g. for qwen_1_5
+
+  ...<|im_start|>assistant\n{response}<|im_end|>\n<|im_start|>user\n{request}<|im_end|>\n
+  <|im_start|>assistant\n{opening of the verdict}
+
+so the score is read where it is for LLaVA-1.5: at the sequence's last token, the end of the
+opening. The "two"-style templates keep the text as written, tokenized in one call.
 """
 
 from __future__ import annotations
@@ -54,7 +65,9 @@ if TYPE_CHECKING:
 
 FACTS_PLACEHOLDER = "{factual_prompt}"
 # The roles are those of the vicuna_v1 / llava_v1 templates, the only "two"-style templates
-# (the published prompt files hard-code them the same way).
+# (the published prompt files hard-code them the same way); other templates re-render the
+# request and the opening around them (`split_request`).
+REQUEST_ROLE, VERDICT_ROLE = "USER:", "ASSISTANT:"
 DEFAULT_FACT_PROMPT = (
   "USER: Now review the answer you just gave and rate it against these criteria:\n\n"
   "1. Faithful: every statement must match what the image shows; mentioning things that are "
@@ -204,11 +217,62 @@ def reward_texts(
   )
 
 
-def suffix_ids(suffix: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-  """Token ids of the suffix alone: no BOS/EOS, and a literal "</s>" in it stays text."""
+def split_request(suffix: str) -> tuple[str, str]:
+  """(the evaluation request, the opening of the verdict) of a suffix written
+  "USER: {request} ASSISTANT: {opening}": the text between the roles and after the last
+  "ASSISTANT:", each stripped. Raises ValueError when either role or part is missing."""
+  text = suffix.strip()
+  request, found, opening = text.removeprefix(REQUEST_ROLE).rpartition(VERDICT_ROLE)
+  if not text.startswith(REQUEST_ROLE) or not found or not request.strip() or not opening.strip():
+    raise ValueError(
+      f"a reward prompt for a non-USER/ASSISTANT template must read "
+      f"'{REQUEST_ROLE} {{request}} {VERDICT_ROLE} {{opening}}', got {text[:80]!r}..."
+    )
+  return request.strip(), opening.strip()
+
+
+def _request_turn_ids(
+  request: str, tokenizer: PreTrainedTokenizerBase, template: conversation.ConversationTemplate
+) -> list[int]:
+  """Ids of `request` as the human turn that follows a finished answer, through the assistant
+  header: what `encode_generation_prompt` adds for one more question. A finished answer ends
+  on its end token, where the encoder starts a new piece, so those ids do not depend on the
+  conversation before them; they are taken after a one-round stand-in and checked to extend
+  it."""
+  done = [{"from": HUMAN, "value": "?"}, {"from": GPT, "value": "."}]
+  before = conversation.encode_conversation(done, tokenizer, template, 1, 0).input_ids
+  after = conversation.encode_generation_prompt(
+    [*done, {"from": HUMAN, "value": request}], tokenizer, template, 1, 0
+  ).input_ids
+  if not np.array_equal(after[: len(before)], before):
+    raise ValueError(f"template {template.name!r}: a next turn re-tokenizes the answer before it")
+  return after[len(before) :].tolist()
+
+
+def suffix_ids(
+  suffix: str,
+  tokenizer: PreTrainedTokenizerBase,
+  template: conversation.ConversationTemplate | str | None = None,
+) -> list[int]:
+  """Token ids of the evaluation request appended after an answer's end token; no BOS/EOS,
+  and a literal "</s>" in it stays text.
+
+  template None or a "two"-style template (vicuna_v1, llava_v1): the suffix as written,
+  tokenized in one call (LLaVA-RLHF's). Any other: `split_request`'s request as the next human
+  turn with the template's markup, the assistant header, then the opening tokenized on its own
+  as an answer is (after a space for mistral_instruct, as its answers are), with no end token.
+  """
   if IMAGE_PLACEHOLDER in suffix:
     raise ValueError(f"a reward suffix cannot contain {IMAGE_PLACEHOLDER}")
-  return list(tokenizer.encode(suffix, add_special_tokens=False, split_special_tokens=True))
+  template = None if template is None else chat_template(template)
+  encode = lambda text: list(
+    tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+  )
+  if template is None or template.style == "two":
+    return encode(suffix)
+  request, opening = split_request(suffix)
+  space = " " if template.style == "llama_2" else ""
+  return _request_turn_ids(request, tokenizer, template) + encode(space + opening)
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,10 +283,11 @@ def suffix_ids(suffix: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def chat_template(
   template: conversation.ConversationTemplate | str,
 ) -> conversation.ConversationTemplate:
-  """The template, refusing styles with no USER/ASSISTANT turns (the prompt is one)."""
+  """The template, refusing the plain style (pretraining captions: no turns to hold the
+  evaluation request)."""
   template = conversation.get_template(template) if isinstance(template, str) else template
-  if template.style != "two":
-    raise ValueError(f"template {template.name!r}: a reward prompt needs a USER/ASSISTANT chat")
+  if template.style == "plain":
+    raise ValueError(f"template {template.name!r}: a reward prompt needs a chat template")
   return template
 
 
@@ -265,7 +330,7 @@ def encode_reward_ids_and_labels(
     turns, tokenizer, template, num_image_tokens, image_token_id,
     num_images=int(has_image), record_id=record_id,
   )  # fmt: skip
-  tail = np.asarray(suffix_ids(suffix, tokenizer), np.int32)
+  tail = np.asarray(suffix_ids(suffix, tokenizer, template), np.int32)
   input_ids = np.concatenate([encoded.input_ids, tail])
   labels = np.concatenate([encoded.labels, np.full_like(tail, IGNORE_INDEX)])
   return input_ids, labels
@@ -286,7 +351,7 @@ def encode_reward_sequence(
   """Token ids [T] the reward model scores at their last position (no trailing EOS).
 
   The conversation (`history` turns, then `question` and `response` closed by the template's
-  end token, as `encode_conversation` encodes them) followed by `suffix_ids(suffix)`.
+  end token, as `encode_conversation` encodes them) followed by `suffix_ids(suffix, template)`.
 
   Args:
     question: the last human turn; "<image>\\n" is put first when `has_image` and no turn

@@ -457,7 +457,7 @@ class RewardModelScorer:
         query_ids(question, prompt.pixel_values is not None, prompt.prompt_id, self.tokenizer,
                   self.template, self.rm.model.config)
       )  # fmt: skip
-    return query, reward_data.suffix_ids(suffix, self.tokenizer)
+    return query, reward_data.suffix_ids(suffix, self.tokenizer, self.template)
 
   def __call__(self, prompts: Sequence[BestOfNPrompt], candidates: Candidates) -> np.ndarray:
     parts = [self.query_and_suffix(prompt, p) for p, prompt in enumerate(prompts)]
