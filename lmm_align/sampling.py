@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmm_align.models import anyres
@@ -418,23 +419,36 @@ def _data_parallel_decode(mesh: Mesh, **static: Any) -> Callable[..., SampleOutp
 def _model_sharded_decode(mesh: Mesh, **static: Any) -> Callable[..., SampleOutput]:
   """`decode` jitted over the whole mesh with automatic partitioning: params keep their fsdp /
   tensor sharding, the KV cache follows the rules (`shard_cache`), the rows are split over data
-  x fsdp. One loop for the whole batch: it runs until every row is done (the done flags are
-  all-reduced each step). For models too large to replicate per data group when fsdp and
-  tensor are both > 1, where `_data_parallel_decode`'s partly manual shard_map cannot go."""
+  x fsdp (`generate` places them so). One loop for the whole batch: it runs until every row is
+  done (the done flags are all-reduced each step). For models too large to replicate per data
+  group when fsdp and tensor are both > 1, where `_data_parallel_decode`'s partly manual
+  shard_map cannot go."""
   rows = NamedSharding(mesh, PartitionSpec((DATA_AXIS, FSDP_AXIS)))
-  same = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(functools.partial(decode, **static), out_shardings=rows)
+  return jax.jit(functools.partial(decode, **static), out_shardings=rows)
 
-  def run(params: dict, *args: Any) -> SampleOutput:
-    # The 6 per-row inputs and the pack plan split over data x fsdp, the 3 scalars
-    # replicated; the params stay as the caller placed them.
-    placed = [
-      None if x is None else jax.device_put(x, same if 6 <= i < 9 else rows)
-      for i, x in enumerate(args)
-    ]
-    return jitted(params, *placed)
 
-  return run
+def _on_mesh(value: np.ndarray, placement: NamedSharding) -> Array:
+  """A host array (the same in every process) as a global array with `placement`: each process
+  builds only its own devices' shards, so a mesh may span several processes (`device_put` of a
+  host value onto such a mesh would first gather the whole value to check that it is equal)."""
+  return jax.make_array_from_callback(value.shape, placement, lambda index: value[index])
+
+
+def _keys_on_mesh(keys: Array, placement: NamedSharding) -> Array:
+  """Row keys (typed, or raw uint32[B, 2]) placed like `_on_mesh`, through their key data."""
+  if not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    return _on_mesh(np.asarray(keys), placement)
+  data = _on_mesh(np.asarray(jax.random.key_data(keys)), placement)
+  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
+
+
+def _to_host(x: Array) -> np.ndarray:
+  """A (writable) numpy copy of every row on this process's host. Over a mesh that spans
+  several processes the rows sit on other hosts' devices: they are all-gathered first."""
+  if x.is_fully_addressable:
+    # np.array copies: device_get may hand back read-only views of the device buffers.
+    return np.array(jax.device_get(x))
+  return np.array(multihost_utils.process_allgather(x, tiled=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,6 +631,9 @@ def generate(
     fsdp / tensor, rows over data x fsdp), for models one group cannot hold. The batch is split
     by rows, topped up to whole groups with copies of the last row that generate nothing. The
     output is the same as on one device: each row's draws depend only on its key (`row_keys`).
+    The mesh may span several processes (a multi-host slice): every process then calls
+    generate with the same arguments, places only its own devices' rows, and gets every row
+    back (all-gathered), the same output in each process.
 
   Use `output.token_lists(strip_stop=True)` for Python lists of each row's tokens (the stop
   token dropped, or kept with strip_stop=False).
@@ -664,13 +681,10 @@ def generate(
     groups = 1 if mesh is None else mesh.shape[DATA_AXIS]
   if groups == 1:
     run = functools.partial(jit_decode, **static)
+    row_spec = PartitionSpec()  # on a mesh: every row on every device
   else:
-    if jax.process_count() > 1:
-      raise ValueError(
-        "sampling over a mesh (mesh=...) takes host rows and runs in one process; in a "
-        "multi-process run call generate without a mesh"
-      )
     run = (_model_sharded_decode if model_sharded else _data_parallel_decode)(mesh, **static)
+    row_spec = PartitionSpec((DATA_AXIS, FSDP_AXIS) if model_sharded else DATA_AXIS)
     # Top up to whole groups with copies of the last row that stop at once (limit 0).
     take = np.concatenate([np.arange(batch), np.full(-batch % groups, batch - 1)])
     if pixel_values is not None:
@@ -679,19 +693,32 @@ def generate(
     if plan is not None:
       plan = {k: v[take] for k, v in plan.items()}
     limits = np.concatenate([limits, np.zeros(len(take) - batch, np.int32)])
+  keys = row_keys(rng, len(input_ids))
+  scalars = [
+    np.asarray(settings.temperature if not settings.greedy else 1.0, np.float32),
+    np.asarray(1.0 - settings.top_p, np.float32),
+    np.asarray(pad_id, np.int32),
+  ]
+  if pixel_values is not None:
+    to_float = jnp.asarray if mesh is None else np.asarray  # a device array stays on device
+    pixel_values = to_float(pixel_values, np.float32)
+  if mesh is None:
+    rows, same, keys_rows = jnp.asarray, jnp.asarray, lambda x: x
+  else:
+    # Global arrays built from the host rows, which every process holds in full (each calls
+    # generate with the same prompts): a mesh over several hosts samples as one process does.
+    rows = functools.partial(_on_mesh, placement=NamedSharding(mesh, row_spec))
+    same = functools.partial(_on_mesh, placement=NamedSharding(mesh, PartitionSpec()))
+    keys_rows = functools.partial(_keys_on_mesh, placement=NamedSharding(mesh, row_spec))
   output = run(
     params,
-    jnp.asarray(input_ids),
-    jnp.asarray(mask),
-    None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32),
-    row_keys(rng, len(input_ids)),
-    jnp.asarray(stop_ids),
-    jnp.asarray(limits),
-    jnp.asarray(settings.temperature if not settings.greedy else 1.0, jnp.float32),
-    jnp.asarray(1.0 - settings.top_p, jnp.float32),
-    jnp.asarray(pad_id, jnp.int32),
-    None if plan is None else {k: jnp.asarray(v) for k, v in plan.items()},
+    rows(input_ids),
+    rows(mask),
+    None if pixel_values is None else rows(pixel_values),
+    keys_rows(keys),
+    rows(stop_ids),
+    rows(limits),
+    *map(same, scalars),
+    None if plan is None else {k: rows(np.asarray(v)) for k, v in plan.items()},
   )
-  # np.array copies: device_get may hand back read-only views of the device buffers.
-  output = jax.tree_util.tree_map(np.array, jax.device_get(output))
-  return jax.tree_util.tree_map(lambda x: x[:batch], output)
+  return jax.tree_util.tree_map(lambda x: _to_host(x)[:batch], output)

@@ -249,8 +249,20 @@ def _read_params(
     raise CheckpointError(f"cannot load {folder}: " + "; ".join(problems))
 
   flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else {}
-  params = {p: jax.device_put(v, flat_shardings.get(p)) for p, v in host.items()}
+  params = {p: place_on_devices(v, flat_shardings.get(p)) for p, v in host.items()}
   return flax.traverse_util.unflatten_dict(params)
+
+
+def place_on_devices(value: Any, placement: jax.sharding.Sharding | None) -> jax.Array:
+  """A host tensor on its devices (None: the default device). With a sharding each process
+  copies only the slices its own devices hold, so a mesh may span several hosts: `device_put`
+  of a host value onto devices another process owns would first all-gather the whole tensor
+  to check that every process holds the same. Every process reads the same folder, so the
+  slices agree."""
+  if placement is None:
+    return jax.device_put(value)
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, placement, lambda index: value[index])
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +408,7 @@ def load_language_model(
       kernel = np.asarray(params["lm_head"]["kernel"])  # [D, V]
       params["lm_head"] = {"kernel": _append_mean_rows(kernel, vocab, axis=1)}
   if shardings is not None:
-    params = jax.tree.map(jax.device_put, params, shardings)
+    params = jax.tree.map(place_on_devices, params, shardings)
   return params
 
 

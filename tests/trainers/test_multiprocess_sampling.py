@@ -1,0 +1,75 @@
+"""The loop's model-sharded sampling and labeling across processes (issue #23): two local
+processes with 4 CPU devices each, joined by jax.distributed on 127.0.0.1, load a tiny LLaVA
+folder onto a mesh over the 8 global devices, sample and score yes/no questions, and both get
+exactly what one process gets on one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import multiprocess_sampling_worker as worker
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+# Model-sharded with fsdp across the processes (1x4x2: each process holds half of every
+# param's fsdp shards and half of the rows), and data-parallel with data across them (2x4x1:
+# shard_map over data, each process a group of its own).
+MESHES = ["1,4,2", "2,4,1"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_sample_and_label_as_one_device(tmp_path):
+  folder = worker.write_tiny_llava(tmp_path / "llava")
+  port = _free_port()
+  procs = []
+  for rank in range(2):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "LMM_ALIGN_COORDINATOR": f"127.0.0.1:{port}", "LMM_ALIGN_NUM_PROCESSES": "2",
+           "LMM_ALIGN_PROCESS_ID": str(rank),
+           # A compilation cache each: both ranks compile the same programs at once.
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / f"xla_cache_{rank}")}  # fmt: skip
+    cmd = [sys.executable, worker.__file__, str(folder), str(tmp_path / f"{rank}.json"), *MESHES]
+    procs.append(
+      subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+    )
+  # The single-process reference on one device while the two processes run.
+  reference = worker.sample_and_score(str(folder), None)
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-4000:]
+  results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+  assert [r.pop("process_index") for r in results] == [0, 1]
+
+  for result in results:
+    assert sorted(result) == MESHES
+    for sizes, got in result.items():
+      for name in ("greedy", "sampled"):
+        tokens = np.asarray(got[f"{name}_tokens"])
+        assert tokens.shape == (3, 6), (sizes, name)
+        np.testing.assert_array_equal(tokens, reference[f"{name}_tokens"], err_msg=sizes)
+        np.testing.assert_array_equal(got[f"{name}_lengths"], reference[f"{name}_lengths"])
+        np.testing.assert_allclose(
+          got[f"{name}_logprobs"], reference[f"{name}_logprobs"], rtol=1e-5, atol=1e-6,
+          err_msg=f"{sizes} {name}",
+        )  # fmt: skip
+      for p in ("p_yes", "p_no"):
+        assert len(got[p]) == 5
+        np.testing.assert_allclose(got[p], reference[p], rtol=1e-5, atol=1e-9, err_msg=sizes)
+  # The reference is not degenerate: row limits hold, the questions are told apart, and the
+  # sampled tokens differ from the greedy ones.
+  assert reference["greedy_lengths"] == [6, 4, 6]
+  assert reference["greedy_tokens"] != reference["sampled_tokens"]
+  assert not np.allclose(reference["p_yes"][0], reference["p_yes"][1])
