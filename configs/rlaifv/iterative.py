@@ -62,9 +62,9 @@ config's. The stages run one after another, each with only its own model in HBM:
   costs one layer of their stacks (the unrolled cost pass of the 34B labeler was not run).
   The loop loads the policy and the labeler as the plan holds them: bf16 (inference.dtype),
   sharded by the DPO config's mesh and rules (config.mesh, `models_on_slice`), each tensor
-  straight onto its shards (`inference.load_model_folder(mesh=...)`). Not yet across hosts:
-  the sampler takes host rows in one process, so `check_config` refuses a multi-device loop
-  mesh in a multi-process run (v5p-16's 8 chips sit on 2 hosts). The labeler
+  straight onto its shards (`inference.load_model_folder(mesh=...)`), across v5p-16's 2 hosts:
+  each process places only its own chips' shards and rows, and the sampler's and the
+  labeler's outputs come back to every host (`sampling.generate(mesh=...)`). The labeler
   row is planned as `YesNoLabeler` batches a LLaVA-NeXT image: all 5 tiles, up to 2928
   placeholders, the pack plan (an earlier plan with one base tile a row said 8.73 GiB).
 

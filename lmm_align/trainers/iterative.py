@@ -721,13 +721,6 @@ def check_models_config(config: ml_collections.ConfigDict) -> None:
     shape = sharding.mesh_shape(tuple(m.sizes), m.num_devices or jax.device_count())
   except ValueError as e:
     raise ValueError(f"mesh.sizes={tuple(m.sizes)}: {e}") from None
-  if jax.process_count() > 1 and int(np.prod(shape)) > 1:
-    # `sampling.generate(mesh=...)` takes host rows in one process (its own refusal would
-    # come only at the first round's candidates, after the models load).
-    raise ValueError(
-      f"mesh.sizes={tuple(m.sizes)}: the loop's models sample model-sharded in one process; "
-      f"this run has {jax.process_count()} (use a single-host slice for the loop's models)"
-    )
   rows = shape[0] * shape[1]  # the labeler splits its batch over data x fsdp
   if rows > 1 and config.feedback.kind in ("rlaifv", "self") and config.feedback.batch_size % rows:
     raise ValueError(

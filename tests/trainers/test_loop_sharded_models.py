@@ -228,13 +228,15 @@ def test_the_models_config_is_checked_naming_the_field(monkeypatch):
   config.mesh.num_devices = 16
   with pytest.raises(ValueError, match=r"mesh\.num_devices=16"):
     iterative.check_models_config(config)
+  # A multi-process run samples and labels on a mesh over its hosts too
+  # (test_multiprocess_sampling.py): its mesh is checked as one process's.
   config = loop_config()
   with monkeypatch.context() as patch:
     patch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ValueError, match=r"mesh\.sizes=\(1, 4, 2\): .* in one process"):
+    iterative.check_models_config(config)
+    config.feedback.batch_size = 6
+    with pytest.raises(ValueError, match=r"feedback\.batch_size=6 .* data x fsdp size 4"):
       iterative.check_models_config(config)
-    config.mesh.sizes, config.mesh.num_devices = (1, 1, 1), 1
-    iterative.check_models_config(config)  # one device: nothing to shard
   # The loop checks them before it loads anything.
   config = loop_config()
   config.init_from, config.inference.dtype = "/nonexistent", "int8"
