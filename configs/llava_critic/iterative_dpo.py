@@ -38,7 +38,8 @@ OneVision folders and anyres tiling come with the LLaVA-family work (issue #22).
 shapes scenes (a prompt file: see configs/rlaifv/iterative.py's `runlocal`); the critic is
 any exported LLaVA folder. The full recipe has no per-round evaluation (`eval.kind=none`).
 
-Args: `model=7b|72b` (the policy); `runlocal`.
+Args: `model=7b|72b` (the policy); `critic=7b|72b` (LLaVA-Critic's size; default the
+policy's); `runlocal`.
 """
 
 import pathlib
@@ -58,8 +59,11 @@ CRITIC = {
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, runlocal=False, model="7b")
+  arg = common.parse_arg(arg, runlocal=False, model="7b", critic="")
   llava15_sft.check_model(arg.model, critic_recipe.VARIANTS)
+  critic_size = arg.critic or arg.model  # the critic's size; the policy's by default
+  if critic_size not in CRITIC:
+    raise ValueError(f"critic={arg.critic!r}: use one of {sorted(CRITIC)}")
   # The loop's fields, from the shapes loop; every published number is set below.
   config = shapes_loop.get_config("feedback=critic" + (",runlocal" if arg.runlocal else ""))
   config.sampling.num_samples = 5
@@ -68,6 +72,8 @@ def get_config(arg: str | None = None):
   config.sampling.top_k = 0
   config.feedback.critic_debias = False  # LLaVA-Critic sums both orders' verdicts
   config.pairs.method = "best_worst"
+  # `lmm-align plan` sizes the critic from this when its folder is not on the planning machine.
+  config.feedback.critic_variant = ""
   if arg.runlocal:
     config.feedback.critic = ""  # from the command line
     return rlaifv_iterative.runlocal(config)
@@ -82,7 +88,8 @@ def get_config(arg: str | None = None):
   config.prompts.on_error = "raise"
   config.sampling.max_new_tokens = 1024
   f = config.feedback
-  f.critic = CRITIC[arg.model]
+  f.critic = CRITIC[critic_size]
+  f.critic_variant = critic_recipe.VARIANTS[critic_size]  # LLaVA-Critic is a OneVision model
   f.critic_max_tokens = 4096
   f.critic_prompt = str(PROMPTS / "pairwise.txt")  # the model card's, verbatim
   f.batch_size = 16

@@ -29,6 +29,27 @@ from lmm_align.trainers import dpo, reward, sft
 from lmm_align.trainers import state as state_lib
 
 
+def anyres_fields(config, model_config: ModelConfig, mesh: Mesh, num_rows: int, seq: int) -> dict:
+  """An anyres batch's image fields as the pipeline gives them (`pipeline.anyres_batch_shapes`):
+  each row's tiles (the largest of data.tile_buckets, else the most an image can take), its
+  image size and its pack plan over `seq` tokens; a row is a sequence (SFT) or a preference
+  pair (DPO, reward model: one image for both sequences, `preference.pair_image_inputs`)."""
+  tiles = max(sources.tile_buckets(config, model_config))
+  fields = pipeline.anyres_batch_shapes(num_rows, seq, tiles, model_config.vision.image_size)
+  return {k: rows(mesh, shape, dtype) for k, (shape, dtype) in fields.items()}
+
+
+def pair_batch(config, model_config: ModelConfig, mesh: Mesh, pairs: int, seq: int) -> dict:
+  """A preference batch as `preference.PreferenceData` serves it: ids, labels and mask
+  [L, 2, T]; pixel_values [L, 2, 1, H, W, 3] with a single-image tower, or for an anyres model
+  (LLaVA-NeXT / OneVision) the pair's one tiled image and pack plan per pair (L rows)."""
+  batch = sequence_batch(model_config, mesh, (pairs, 2), seq)
+  if model_config.anyres:
+    del batch["pixel_values"]
+    batch.update(anyres_fields(config, model_config, mesh, pairs, seq))
+  return batch
+
+
 def sft_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> list[Program]:
   """trainers/sft.py: the train step."""
   model = Llava(model_config)
@@ -45,10 +66,8 @@ def sft_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> list[P
     lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
   )
   batch = sequence_batch(model_config, mesh, (batch_rows,), seq)
-  if model_config.anyres:  # the pipeline's tiles (the largest tile bucket), sizes and pack plan
-    tiles = max(sources.tile_buckets(config, model_config))
-    fields = pipeline.anyres_batch_shapes(batch_rows, seq, tiles, model_config.vision.image_size)
-    batch.update({k: rows(mesh, shape, dtype) for k, (shape, dtype) in fields.items()})
+  if model_config.anyres:
+    batch.update(anyres_fields(config, model_config, mesh, batch_rows, seq))
   trained, _ = optim.split_trainable(params, tuple(config.trainable))
   factors = pass_factors(trained_modules(trained), lora)
   flops = model_flops(model_config, batch_rows, seq, factors)
@@ -68,7 +87,7 @@ def dpo_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> list[P
   initial, initial_shards = variables["params"]
   params, shards, base, base_shards = split_lora(variables, lora)
   d = config.dpo
-  batch = sequence_batch(model_config, mesh, (pairs, 2), seq)
+  batch = pair_batch(config, model_config, mesh, pairs, seq)
   if d.get("token_weight", 1.0) != 1.0:
     batch["token_weights"] = rows(mesh, (pairs, 2, seq), jnp.float32)
   forward = pass_factors(set(), False)
@@ -123,7 +142,7 @@ def reward_programs(config, model_config: ModelConfig, mesh: Mesh, rules) -> lis
   jitted = state_lib.jit_train_step(
     lambda s, b, f: step_fn(s, b, f), state_shards, mesh, base_shards
   )
-  batch = sequence_batch(model_config, mesh, (pairs, 2), seq)
+  batch = pair_batch(config, model_config, mesh, pairs, seq)
   trained, _ = optim.split_trainable(params, tuple(config.trainable))
   factors = pass_factors(trained_modules(trained.get("backbone", {})), lora)
   flops = model_flops(model_config, 2 * pairs, seq, factors, lm_head=False)

@@ -23,6 +23,7 @@ config's rules (the loop itself loads them whole onto one device today, in float
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -32,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmm_align import hf, optim, sampling, sharding
 from lmm_align.aot import programs as programs_lib
@@ -66,6 +67,10 @@ from lmm_align.trainers import state as state_lib
 PROMPT_TEXT_TOKENS = 64
 # The longest request the claim splitter is sent: its instructions and a candidate answer.
 SPLITTER_PROMPT_TOKENS = 768
+# The critic's judging prompt beside its image and the two answers it compares: LLaVA-Critic's
+# pairwise instructions (about 80 tokens, prompts/pairwise.txt), the chat template's markup
+# and system message, and the question.
+CRITIC_PROMPT_TEXT_TOKENS = 256
 
 # --------------------------------------------------------------------------------------------
 # Model sizes.
@@ -140,30 +145,60 @@ def sampler_programs(
   rules,
   pixels: str = "flat",
   resident: dict[str, Any] | None = None,
+  placement: str = "replicated",
 ) -> list[Program]:
   """`{name}_sampler` and `{name}_decode_step` (see the module docstring) for `num_rows`
   prompts of `prompt_len` (a length bucket) and `settings.max_new_tokens` new tokens.
   pixels: "flat" [B, H, W, 3] (one image per row in placeholder order), "slots"
-  [B, 1, H, W, 3] (row-aligned), or "none"."""
+  [B, 1, H, W, 3] (row-aligned), "tiles" (anyres: each row's image as every tile its processor
+  can give it [B, tiles, H, W, 3] and the pack plan of the image with the most placeholders,
+  as `sampling.generate` builds it), or "none".
+  placement: "replicated", as `sampling.generate` runs without a mesh (PPO's rollout: the
+  host's rows on every chip); "mesh", as `generate(mesh=mesh)` runs (the loop's samplers and
+  judge): with fsdp and tensor both > 1 model-sharded (`_model_sharded_decode`, rows over
+  data x fsdp, topped up to whole groups), with data > 1 else data-parallel
+  (`_data_parallel_decode`), else replicated."""
+  if placement not in ("replicated", "mesh"):
+    raise ValueError(f"placement={placement!r}: use 'replicated' or 'mesh'")
   resident = resident or {}
   c = c.with_runtime(lora=None)
   static = dict(
     config=c, max_new_tokens=settings.max_new_tokens, greedy=settings.greedy,
     top_k=settings.top_k, use_top_p=settings.top_p < 1.0, unroll_layers=True,
   )  # fmt: skip
+  # generate's choice of program and row placement (sampling.generate, `mesh=`).
+  model_sharded = mesh.shape["fsdp"] > 1 and mesh.shape["tensor"] > 1
+  groups = 1
+  if placement == "mesh":
+    groups = mesh.shape["data"] * (mesh.shape["fsdp"] if model_sharded else 1)
+  if groups == 1:
+    jitted = jax.jit(functools.partial(sampling.decode, **static))
+    row_spec = PartitionSpec()
+  else:
+    make = sampling._model_sharded_decode if model_sharded else sampling._data_parallel_decode
+    jitted = make(mesh, **static)  # generate's own jitted program (private to the sampler)
+    row_spec = PartitionSpec(("data", "fsdp") if model_sharded else "data")
+  b = -(-num_rows // groups) * groups  # topped up to whole groups, as generate does
+  slots = prompt_len + settings.max_new_tokens
   rep = functools.partial(_replicated, mesh)
-  b, slots = num_rows, prompt_len + settings.max_new_tokens
+
+  def per_row(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, row_spec))
+
   keys = jax.eval_shape(lambda: sampling.row_keys(jax.random.key(0), b))
-  image = None
-  if pixels != "none" and c.vision is not None:
-    image = _pixels(c, mesh, (b,) if pixels == "flat" else (b, 1), lambda m, s, d: rep(s, d))
+  image, plan = None, None
+  if pixels == "tiles" and c.anyres:
+    image, plan = _tiled_images(c, b, per_row)
+  elif pixels != "none" and c.vision is not None:
+    place = lambda m, s, d: per_row(s, d)
+    image = _pixels(c, mesh, (b,) if pixels == "flat" and groups == 1 else (b, 1), place)
   width = len(settings.stop_token_ids or (0,))
   args = (
-    params, rep((b, prompt_len), jnp.int32), rep((b, prompt_len), jnp.int32), image,
-    rep(keys.shape, keys.dtype), rep((b, -(-width // 4) * 4), jnp.int32), rep((b,), jnp.int32),
-    rep((), jnp.float32), rep((), jnp.float32), rep((), jnp.int32),
+    params, per_row((b, prompt_len), jnp.int32), per_row((b, prompt_len), jnp.int32), image,
+    per_row(keys.shape, keys.dtype), per_row((b, -(-width // 4) * 4), jnp.int32),
+    per_row((b,), jnp.int32), rep((), jnp.float32), rep((), jnp.float32), rep((), jnp.int32),
+    plan,
   )  # fmt: skip
-  jitted = jax.jit(functools.partial(sampling.decode, **static))
   prefill = _forward_flops(c, b, prompt_len, lm_head=False) + b * 2.0 * c.text.hidden_size * (
     c.text.vocab_size
   )
@@ -201,6 +236,26 @@ def sampler_programs(
     resident={**resident, "sampler params": params}, minimal_bytes=minimal,
   )  # fmt: skip
   return [sampler, step_program]
+
+
+def most_image_tokens(c: ModelConfig) -> int:
+  """The most placeholders one image takes: an anyres model's largest grid (every pinpoint's
+  packed count), else its fixed count."""
+  if not c.anyres:
+    return c.num_image_tokens
+  return max(c.image_tokens(tuple(p)) for p in c.packing.image_grid_pinpoints)
+
+
+def _tiled_images(c: ModelConfig, num_rows: int, place) -> tuple[Any, dict[str, Any]]:
+  """Anyres pixel_values [B, tiles, H, W, 3] (every tile an image can take: the processor's
+  largest grid and the base tile) and the pack plan over the bucket of the largest image's
+  placeholders (`sampling._tiled_pack_plan`'s token budget), each placed by `place`."""
+  tiles, side = c.packing.max_tiles_per_image, c.vision.image_size
+  budget = sampling.bucket_length(most_image_tokens(c))
+  fields = pipeline.anyres_batch_shapes(num_rows, budget, tiles, side)
+  prefix = pipeline.PACK_PLAN_PREFIX
+  plan = {k[len(prefix) :]: place(*v) for k, v in fields.items() if k.startswith(prefix)}
+  return place(*fields["pixel_values"]), plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,16 +434,84 @@ def ppo_programs(config, policy_config: ModelConfig, mesh: Mesh, rules) -> list[
 # --------------------------------------------------------------------------------------------
 
 
+def loop_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> Mesh:
+  """The mesh the loop's models sample, label and judge on (trainers/iterative.py `loop_mesh`):
+  config.mesh over the slice's devices when it differs from the DPO config's mesh (e.g. a 72B
+  critic over more tensor shards than DPO uses), else `mesh`, the plan's (the DPO mesh, or
+  --mesh: the recipes copy the DPO mesh into config.mesh, so both follow it). A one-device
+  loop mesh (the shapes loop's tiny models) is planned on `mesh` too."""
+  m = config.mesh
+  if tuple(m.sizes) == tuple(config.train.mesh.sizes) or m.num_devices == 1:
+    return mesh
+  devices = list(mesh.devices.flat)
+  try:
+    return sharding.make_mesh(tuple(m.sizes), devices[: m.num_devices or len(devices)])
+  except ValueError as e:
+    raise ValueError(f"config.mesh.sizes={tuple(m.sizes)} on {len(devices)} chips: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class OnMesh:
+  """A jitted program traced under another mesh and logical rules than the plan's (the loop's
+  mesh, not the DPO one): `lower` and calls enter them, as the loop runs it."""
+
+  jitted: Any
+  mesh: Mesh
+  rules: tuple
+
+  def lower(self, *args):
+    with _on_mesh(self.mesh, self.rules):
+      return self.jitted.lower(*args)
+
+  def __call__(self, *args):
+    with _on_mesh(self.mesh, self.rules):
+      return self.jitted(*args)
+
+
+@contextlib.contextmanager
+def _on_mesh(mesh: Mesh, rules: tuple):
+  """`mesh`'s abstract mesh and `rules`, as plan enters its own around every program."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
+    yield
+
+
+def critic_prompt_length(critic: ModelConfig, answer_tokens: int) -> int:
+  """The longest request the loop's critic is sent, bucketed as `ModelJudge` buckets it
+  (powers of two): its image's most placeholders, the two answers it compares (each at most
+  `answer_tokens`, the candidates' sampling.max_new_tokens) and the judging prompt's text."""
+  tokens = most_image_tokens(critic) + 2 * answer_tokens + CRITIC_PROMPT_TEXT_TOKENS
+  return sampling.bucket_length(tokens)
+
+
 def iterative_programs(config, policy_config: ModelConfig, mesh: Mesh, rules) -> list[Program]:
   """trainers/iterative.py, one round: the candidate sampler (the round's policy), the claim
   splitter's sampler when it is a model (`feedback.splitter=model:DIR`), the labeler's yes/no
-  forward (feedback=rlaifv: feedback.labeler; self: the policy), and the DPO programs of
-  config.train. The stages run one after another, each with only its own model loaded."""
-  f, s = config.feedback, config.sampling
-  if f.kind not in ("rlaifv", "self", "ground_truth", "correction"):
+  forward (feedback=rlaifv: feedback.labeler; self: the policy) or the critic's greedy
+  verdicts (feedback=critic: feedback.critic, judging ordered pairs of candidates), and the DPO
+  programs of config.train. The stages run one after another, each with only its own model
+  loaded; the samplers, labeler and critic on the loop's mesh (`loop_mesh`), DPO on `mesh`.
+  An anyres policy or critic (LLaVA-NeXT / OneVision) samples with every tile an image can
+  take and the pack plan."""
+  f = config.feedback
+  if f.kind not in ("rlaifv", "self", "critic", "ground_truth", "correction"):
     raise ValueError(
-      f"config.feedback.kind={f.kind!r}: plan knows rlaifv, self, ground_truth and correction"
+      f"config.feedback.kind={f.kind!r}: plan knows rlaifv, self, critic, ground_truth and "
+      "correction"
     )
+  inference = loop_mesh(config, mesh)
+  inference_rules = tuple(tuple(r) for r in config.mesh.rules)
+  with _on_mesh(inference, inference_rules):
+    programs = _inference_programs(config, policy_config, inference, inference_rules)
+  if inference is not mesh:
+    programs = [
+      dataclasses.replace(p, jitted=OnMesh(p.jitted, inference, inference_rules)) for p in programs
+    ]
+  return programs + programs_lib.dpo_programs(config.train, policy_config, mesh, rules)
+
+
+def _inference_programs(config, policy_config: ModelConfig, mesh: Mesh, rules) -> list[Program]:
+  """The loop's sampling, labelling and judging programs (`iterative_programs`) on `mesh`."""
+  f, s = config.feedback, config.sampling
   runtime = dataclasses.replace(policy_config.runtime, lora=None)
   policy = policy_config.replace(runtime=runtime)
   params = abstract_variables(Llava(policy), mesh, rules)["params"][0]
@@ -396,11 +519,12 @@ def iterative_programs(config, policy_config: ModelConfig, mesh: Mesh, rules) ->
     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
     stop_token_ids=(policy.text.eos_token_id or 2,),
   )  # fmt: skip
-  prompt = sampling.bucket_length(policy.num_image_tokens + PROMPT_TEXT_TOKENS)
-  # candidates._sample_prompt: one call per prompt, its K samples as the rows, no mesh.
+  prompt = sampling.bucket_length(most_image_tokens(policy) + PROMPT_TEXT_TOKENS)
+  # candidates._sample_prompt: one call per prompt, its K samples as the rows.
   programs = sampler_programs(
-    "candidates", policy, params, s.num_samples, prompt, settings, mesh, rules, pixels="flat"
-  )
+    "candidates", policy, params, s.num_samples, prompt, settings, mesh, rules,
+    pixels="tiles" if policy.anyres else "flat", placement="mesh",
+  )  # fmt: skip
   spec = f.get("splitter", "rules")
   if spec.startswith("model:"):
     folder = spec.split(":", 1)[1]
@@ -416,6 +540,7 @@ def iterative_programs(config, policy_config: ModelConfig, mesh: Mesh, rules) ->
     programs += sampler_programs(
       "splitter", splitter, splitter_params, f.batch_size,
       sampling.bucket_length(SPLITTER_PROMPT_TOKENS), greedy, mesh, rules, pixels="slots",
+      placement="mesh",
     )  # fmt: skip
   if f.kind in ("rlaifv", "self"):
     if f.kind == "self":
@@ -424,8 +549,30 @@ def iterative_programs(config, policy_config: ModelConfig, mesh: Mesh, rules) ->
       labeler, _ = sized_model(f.labeler, f.get("labeler_variant", ""), policy, runtime)
       labeler_params = abstract_variables(Llava(labeler), mesh, rules)["params"][0]
     programs.append(labeler_program(labeler, labeler_params, f.batch_size, mesh))
-  programs += programs_lib.dpo_programs(config.train, policy_config, mesh, rules)
+  if f.kind == "critic":
+    critic = critic_config(config, policy)
+    critic_params = abstract_variables(Llava(critic), mesh, rules)["params"][0]
+    # trainers/iterative.critic_judge: ModelJudge, greedy, feedback.batch_size requests a
+    # call (ordered pairs of one prompt's candidates), critic_max_tokens of reply, each
+    # request's image as its tiles (anyres) or one slot.
+    greedy = sampling.SamplingSettings(
+      temperature=0.0, max_new_tokens=f.critic_max_tokens,
+      stop_token_ids=(critic.text.eos_token_id or 2,),
+    )  # fmt: skip
+    programs += sampler_programs(
+      "critic", critic, critic_params, f.batch_size,
+      critic_prompt_length(critic, s.max_new_tokens), greedy, mesh, rules,
+      pixels="tiles" if critic.anyres else "slots", placement="mesh",
+    )  # fmt: skip
   return programs
+
+
+def critic_config(config, policy: ModelConfig) -> ModelConfig:
+  """The critic as the loop loads it (feedback.critic): its folder's size when it is here,
+  else feedback.critic_variant, else the policy's; the policy's runtime, no LoRA."""
+  f = config.feedback
+  critic, _ = sized_model(f.critic, f.get("critic_variant", ""), policy, policy.runtime)
+  return critic
 
 
 def labeler_program(c: ModelConfig, params: Any, num_rows: int, mesh: Mesh) -> Program:
@@ -436,7 +583,7 @@ def labeler_program(c: ModelConfig, params: Any, num_rows: int, mesh: Mesh) -> P
   rep = functools.partial(_replicated, mesh)
   plan = None
   if c.anyres:
-    tokens = max(c.image_tokens(tuple(p)) for p in c.packing.image_grid_pinpoints)
+    tokens = most_image_tokens(c)
     length = sampling.bucket_length(tokens + PROMPT_TEXT_TOKENS)
     budget = sampling.bucket_length(tokens)
     tiles, side = c.packing.max_tiles_per_image, c.vision.image_size
