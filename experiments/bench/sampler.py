@@ -22,28 +22,21 @@ one-device run is printed beside it. The last line is `speedup_vs_transformers: 
 
 from __future__ import annotations
 
-import os
+import timing  # first: it sets the environment JAX and transformers start in
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={os.cpu_count()}"
-).strip()
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# isort: split
 
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import tempfile
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import jax
+import numpy as np
+import torch
+import transformers
 
-from lmm_align import sharding  # noqa: E402
-from lmm_align.hf import load_pretrained  # noqa: E402
-from lmm_align.models.config import RuntimeConfig  # noqa: E402
-from lmm_align.sampling import SamplingSettings, generate  # noqa: E402
+from lmm_align import sharding
+from lmm_align.hf import load_pretrained
+from lmm_align.models.config import RuntimeConfig
+from lmm_align.sampling import SamplingSettings, generate
 
 BATCH, NEW_TOKENS, TEXT_TOKENS, RUNS = 8, 128, 24, 7
 IMAGE_TOKEN, IMAGE_SIZE, PATCH = 2047, 32, 8
@@ -67,16 +60,6 @@ def build_hf_model(
     image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
   )  # fmt: skip
   return transformers.LlavaForConditionalGeneration(config).eval()
-
-
-def median_seconds(fn) -> float:
-  fn()  # warm-up (compilation on our side)
-  times = []
-  for _ in range(RUNS):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main():
@@ -127,21 +110,13 @@ def main():
     assert out.shape[1] == len(prompt) + NEW_TOKENS
     return out
 
-  ours_s = median_seconds(ours)
-  ours_one_device_s = median_seconds(lambda: ours(data_parallel=False))
-  ours_unstacked_s = median_seconds(lambda: ours(data_parallel=False, scanned=True))
-  ours_scanned_s = median_seconds(
-    lambda: ours(data_parallel=False, scanned=True, unroll_layers=False)
+  ours_s = timing.median_seconds(ours, RUNS)
+  ours_one_device_s = timing.median_seconds(lambda: ours(data_parallel=False), RUNS)
+  ours_unstacked_s = timing.median_seconds(lambda: ours(data_parallel=False, scanned=True), RUNS)
+  ours_scanned_s = timing.median_seconds(
+    lambda: ours(data_parallel=False, scanned=True, unroll_layers=False), RUNS
   )
-  # On a small shared CPU, torch's default intra-op threads can be far slower than one thread
-  # (spin-waiting threads fight other processes): time both and compare with the faster.
-  default_threads = torch.get_num_threads()
-  theirs_by_threads = {}
-  for threads in sorted({default_threads, 1}):
-    torch.set_num_threads(threads)
-    theirs_by_threads[threads] = median_seconds(theirs)
-  torch.set_num_threads(default_threads)
-  best_threads = min(theirs_by_threads, key=theirs_by_threads.get)
+  best_threads, theirs_by_threads = timing.torch_best_threads(theirs, RUNS)
   theirs_s = theirs_by_threads[best_threads]
   same = np.array_equal(ours().tokens, theirs()[:, len(prompt) :].numpy())
   same_one_device = np.array_equal(ours().tokens, ours(data_parallel=False).tokens)
