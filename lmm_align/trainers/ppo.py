@@ -20,6 +20,14 @@ and value updates over minibatches. The update step is pure, (state, batch, froz
 metrics), jitted once with shardings; every rollout tensor has one fixed shape
 [B, query_len + max_new_tokens], so nothing recompiles. Iteration i's prompts and sampling key
 are functions of (seed, i): a restarted run resumes exactly.
+
+Anyres policies (LLaVA-NeXT / OneVision): each prompt's image placeholders are the count its
+tiles pack into (`anyres.num_image_tokens`, never truncated: a prompt longer than query_len is
+dropped), and the rollout carries its tiles (pixel_values [B, tiles, H, W, 3], tiles from
+data.tile_buckets, so one program per bucket serves the run), image_sizes [B, 2] and the pack
+plan (`pack_plan.*`, a token budget of query_len) through the sampler, the policy, reference,
+value and reward-model passes and the update. The reward and value models read the policy's
+rows, so they must process images as the policy does (`check_reward_model_images`).
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ import numpy as np
 import optax
 
 from lmm_align import optim, sampling, sharding
-from lmm_align.data import conversation, preference_sources, sources
+from lmm_align.data import conversation, pipeline, preference_sources, sources
+from lmm_align.data.anyres import AnyresImageConfig, choose_tile_bucket
 from lmm_align.data.images import preprocess_image
 from lmm_align.evals import registry as eval_registry
 from lmm_align.hf.reward import RewardModel, load_reward_model
@@ -223,6 +232,8 @@ class Prompt:
   rationale: str | None
   # The record's fields that the oracles read (`rl.oracles`), e.g. {"scene": ...}.
   truth: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Anyres: the image's (height, width), for its tiles and pack plan; None otherwise.
+  image_size: tuple[int, int] | None = None
 
 
 class PromptData:
@@ -281,26 +292,39 @@ def reward_rows(
       facts_position=rm.facts_position, rationale=p.rationale, lead_in=rm.fact_lead_in,
     )  # fmt: skip
     same = question == p.question
+    # Re-encoded with the facts, the image keeps the prompt's placeholder count (anyres: packed).
+    image_tokens = int(np.sum(p.input_ids == rm.model.config.image_token_id)) or None
     queries.append(
       list(p.input_ids) if same
       else list(query_ids(question, p.image is not None, p.record_id, tokenizer, template,
-                          rm.model.config))
+                          rm.model.config, image_tokens))
     )  # fmt: skip
-    suffixes.append(reward_data.suffix_ids(suffix, tokenizer))
+    suffixes.append(reward_data.suffix_ids(suffix, tokenizer, template))
   return [queries[b] + list(r) + suffixes[b] for b, r in zip(rows, responses)]
 
 
-def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
+def prompt_data(
+  config, tokenizer: Any, model_config, tiling: pipeline.AnyresTiling | None = None
+) -> PromptData:
   """Records -> prompts ending with the assistant's turn; longer than ppo.query_len: dropped
-  and counted (LLaVA-RLHF drops them too)."""
+  and counted (LLaVA-RLHF drops them too). With anyres `tiling` each image's placeholders are
+  the count its tiles pack into (the image is read once for its size); an image needing more
+  tiles than data.tile_buckets allow is dropped (`dropped_too_many_tiles`)."""
   records, stats = prompt_records(config)
   tmpl = conversation.get_template(config.data.template)
   oracle = None if config.ppo.reward_source == "model" else oracles.get(config.ppo.reward_source)
   truth_fields = {f for o in oracles.all_oracles() for f in o.fields}
   prompts = []
   for r in records:
+    image = preference_sources.image_source(r.get("image"))
+    image_size, image_tokens = None, None
+    if tiling is not None and image is not None:
+      image_size, image_tokens = tiling.placeholders(image, None)
+      if image_tokens is None:
+        stats["dropped_too_many_tiles"] += 1
+        continue
     ids = query_ids(r["question"], r.get("image") is not None, str(r["id"]), tokenizer, tmpl,
-                    model_config)  # fmt: skip
+                    model_config, image_tokens)  # fmt: skip
     if len(ids) > config.ppo.query_len:
       stats["dropped_query_too_long"] += 1
       continue
@@ -320,10 +344,10 @@ def prompt_data(config, tokenizer: Any, model_config) -> PromptData:
       continue
     prompts.append(
       Prompt(
-        str(r["id"]), r["question"], np.asarray(ids, np.int32), preference_sources.image_source(r.get("image")),
+        str(r["id"]), r["question"], np.asarray(ids, np.int32), image,
         int(r.get("caption_type", rewards.GENERAL)), float(r.get("length_bonus", 1.0)),
         list(r.get("facts") or []), r.get("rationale"),
-        {f: r[f] for f in truth_fields if r.get(f) is not None},
+        {f: r[f] for f in truth_fields if r.get(f) is not None}, image_size,
       )
     )  # fmt: skip
     stats["kept"] += 1
@@ -369,9 +393,20 @@ class Rollouts:
   """The rollout side of PPO: sampling, scoring and the per-token quantities, all jitted."""
 
   def __init__(
-    self, config, tokenizer, policy_model, value_model, value_head, rm, image_config, mesh
+    self,
+    config,
+    tokenizer,
+    policy_model,
+    value_model,
+    value_head,
+    rm,
+    image_config,
+    mesh,
+    tiling: pipeline.AnyresTiling | None = None,
   ):
+    """image_config: a single-image processor, or None (text only, or anyres: `tiling`)."""
     self.config, self.ppo = config, config.ppo
+    self.tiling = tiling
     self.tokenizer = tokenizer
     self.policy_model = policy_model
     self.plain_policy = Llava(policy_model.config.with_runtime(lora=None))
@@ -425,6 +460,23 @@ class Rollouts:
       images.append(preprocess_image(image, self.image_config))
     return np.stack(images)[:, None]
 
+  def _image_fields(self, prompts: Sequence[Prompt]) -> dict[str, np.ndarray]:
+    """The rollout rows' image fields: pixel_values [B, 1, H, W, 3] (single-image models), or
+    an anyres batch's (`pipeline.anyres_batch_shapes`: tiles from data.tile_buckets, the pack
+    plan's token budget query_len, which holds any kept prompt's image); {} for text only. A
+    prompt's consecutive samples share its tiles, which are cut once."""
+    if self.tiling is None:
+      pixels = self._pixels(prompts)
+      return {} if pixels is None else {"pixel_values": pixels}
+    slot: dict[int, int] = {}
+    rows = np.array([slot.setdefault(id(p), len(slot)) for p in prompts])
+    unique = list({id(p): p for p in prompts}.values())
+    sizes = np.array([p.image_size or (0, 0) for p in unique], np.int32).reshape(-1, 2)
+    tiles = choose_tile_bucket(self.tiling.tile_counts(sizes), self.tiling.tile_buckets)
+    images = [(p.record_id, p.image if p.image_size else None) for p in unique]
+    fields = pipeline.tiled_fields(images, sizes, self.tiling, self.ppo.query_len, tiles)
+    return {k: v[rows] for k, v in fields.items()}
+
   def collect(
     self,
     params: dict,
@@ -439,11 +491,14 @@ class Rollouts:
     ppo, tok = self.ppo, self.tokenizer
     timings = {}
     t0 = time.perf_counter()
-    pixels = self._pixels(prompts)
+    images = self._image_fields(prompts)
+    pixels = images.get("pixel_values")
+    if pixels is not None and self.tiling is None:
+      pixels = pixels[:, 0]  # one image per row, in placeholder order
     out = sampling.generate(
       self.plain_policy, self.sampling_params(params, frozen), [p.input_ids for p in prompts],
-      None if pixels is None else pixels[:, 0], settings=self.settings, rng=rng,
-      pad_id=tok.pad_token_id, buckets=(ppo.query_len,),
+      pixels, settings=self.settings, rng=rng, pad_id=tok.pad_token_id,
+      buckets=(ppo.query_len,), image_sizes=images.get("image_sizes"),
     )  # fmt: skip
     cut = [
       rewards.truncate_response(row[:n], self.stop_ids, self.cut_ids)
@@ -462,8 +517,7 @@ class Rollouts:
       "attention_mask": np.concatenate([q_mask, r_mask], 1),
       "response_mask": r_mask,
     }
-    if pixels is not None:
-      batch["pixel_values"] = pixels
+    batch.update(images)
     size = ppo.forward_batch_size
     policy_vars = model_variables(params["policy"], frozen["policy_base"])
     ref_vars = {
@@ -484,7 +538,7 @@ class Rollouts:
     else:
       ends, rows, prefixes = None, list(range(len(cut))), responses
     flat = self._model_or_oracle_scores(
-      prompts, rows, prefixes, pixels, iteration, texts if ends is None else None
+      prompts, rows, prefixes, images, iteration, texts if ends is None else None
     )
     dense = np.zeros(r_mask.shape, np.float32)
     if ends is None:
@@ -548,21 +602,22 @@ class Rollouts:
     prompts,
     rows: Sequence[int],
     responses: Sequence[Sequence[int]],
-    pixels,
+    images: dict[str, np.ndarray],
     iteration,
     texts: Sequence[str] | None = None,
   ) -> np.ndarray:
     """The score of each response (token ids) to prompts[rows[i]]: [len(responses)], by the
-    reward model or the oracle ppo.reward_source names. `texts`: the responses already
-    decoded, when the caller has them (an oracle reads text)."""
+    reward model or the oracle ppo.reward_source names. `images`: the prompts' image fields
+    (`_image_fields`). `texts`: the responses already decoded, when the caller has them (an
+    oracle reads text)."""
     if self.ppo.reward_source != "model":
       if texts is None:
         texts = [self._decode(r) for r in responses]
       oracle = oracles.get(self.ppo.reward_source)
       return oracles.score(oracle, [prompts[b] for b in rows], texts, self.ppo)
-    return self._score(prompts, rows, responses, pixels, iteration)
+    return self._score(prompts, rows, responses, images, iteration)
 
-  def _score(self, prompts, rows, responses, pixels, iteration: int) -> np.ndarray:
+  def _score(self, prompts, rows, responses, images, iteration: int) -> np.ndarray:
     """RM(query + response + evaluation prompt): facts shuffled per prompt and iteration
     (the prefixes of one response share its order, so their differences carry no shuffle)."""
     rng = np.random.default_rng([self.config.seed, iteration, 17])
@@ -570,8 +625,8 @@ class Rollouts:
     length = sampling.bucket_length(max(len(r) for r in ids_rows), tuple(self.ppo.reward_buckets))
     ids, mask = right_pad(ids_rows, length, self.tokenizer.pad_token_id)
     batch = {"input_ids": ids, "attention_mask": mask}
-    if pixels is not None:
-      batch["pixel_values"] = pixels[np.asarray(rows)]
+    # The reward model reads each row's prompt image: its tiles and plan (anyres) as well.
+    batch.update({k: v[np.asarray(rows)] for k, v in images.items()})
     return forward_chunks(
       lambda b: self._scores(self.rm.backbone, self.rm.head, b),
       batch, self.ppo.forward_batch_size, self.mesh,
@@ -648,6 +703,51 @@ def reward_and_value_models(ppo, policy_config) -> tuple[RewardModel, Llava, Sca
   return rm, value_model, ScalarHead(zero_init=ppo.value_head_zero_init)
 
 
+def check_reward_model_images(config: ml_collections.ConfigDict, policy_config, rm) -> None:
+  """Refuses a reward model that would read images otherwise than the policy, naming the fields.
+
+  The reward model scores the policy's rows, and the value model (its backbone) reads them in
+  the update step itself, where a second copy of every row with the RM's own placeholder count
+  and tiles would double the step's largest inputs. So both take the policy's placeholders,
+  tiles and pack plan, and must agree on: image_token_id, num_image_tokens, anyres, and for an
+  anyres pair the packing (pinpoints, tile and patch size, anyres_max_N) and the image
+  processor of the two folders' preprocessor_config.json (resizing, crop, normalisation).
+  LLaVA-RLHF's reward model starts from the policy's own SFT model, so they agree.
+  """
+  p, r = policy_config, rm.model.config
+  if p.vision is None and r.vision is None:
+    return
+  differ = [
+    f"{name} (policy {a!r}, reward model {b!r})"
+    for name, a, b in (
+      ("vision", p.vision is not None, r.vision is not None),
+      ("image_token_id", p.image_token_id, r.image_token_id),
+      ("num_image_tokens", p.num_image_tokens, r.num_image_tokens),
+      ("anyres", p.anyres, r.anyres),
+    )
+    if a != b
+  ]
+  if not differ and p.anyres:
+    for field in dataclasses.fields(p.packing):
+      a, b = getattr(p.packing, field.name), getattr(r.packing, field.name)
+      if a != b:
+        differ.append(f"packing.{field.name} (policy {a!r}, reward model {b!r})")
+    rm_config = ml_collections.ConfigDict(config.to_dict())
+    rm_config.init_from = config.ppo.reward_model
+    mine = sources.image_config_for(config, p)
+    theirs = sources.image_config_for(rm_config, r)
+    for field in dataclasses.fields(AnyresImageConfig):
+      a, b = getattr(mine, field.name), getattr(theirs, field.name)
+      if field.name != "processor_type" and a != b:  # the class name alone changes nothing
+        differ.append(f"image processor {field.name} (policy {a!r}, reward model {b!r})")
+  if differ:
+    raise ValueError(
+      f"ppo.reward_model={config.ppo.reward_model}: the reward and value models read the "
+      f"policy's image placeholders and tiles, so they must process images as the policy "
+      f"({config.init_from}) does; these differ: {'; '.join(differ)}"
+    )
+
+
 def restore_policy(
   config: ml_collections.ConfigDict, workdir: str, policy_model: Llava
 ) -> tuple[Any, Any, int]:
@@ -721,8 +821,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   policy_config = run.model_config
   policy_model = Llava(policy_config)
   rm, value_model, value_head = reward_and_value_models(ppo, policy_config)
-  data = prompt_data(config, tokenizer, policy_config)
-  image_config = sources.image_config_for(config, policy_config)
+  image_config, tiling = sources.image_batching(config, policy_config)
+  check_reward_model_images(config, policy_config, rm)
+  data = prompt_data(config, tokenizer, policy_config, tiling)
   per_iteration = updates_per_iteration(ppo)
 
   with run.activation_sharding():
@@ -748,7 +849,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       {k: frozen_shards[k] for k in ("policy_base", "value_base")},
     )  # fmt: skip
     rollouts = Rollouts(
-      config, tokenizer, policy_model, value_model, value_head, rm, image_config, mesh
+      config, tokenizer, policy_model, value_model, value_head, rm, image_config, mesh, tiling
     )
     state = _run_iterations(
       config, workdir, mesh, state, data, rollouts, update, frozen, checkpointer, start, kl_coef

@@ -1,0 +1,252 @@
+"""PPO on an anyres (LLaVA-OneVision) policy: tiles through rollout, scoring and the update.
+
+A tiny random OneVision folder (headless SigLIP + Qwen2, anyres_max_1, a BPE tokenizer with
+ChatML markup, its image processor beside it) is the policy; the reward model is the same
+backbone with a random head (LLaVA-RLHF's RM starts from the policy's own SFT model), on the
+ChatML reward prompt. Three prompts in prompts_jsonl: images of two aspect ratios (3 and 5
+tiles) and a text-only one, two samples each.
+
+Checks: each rollout row holds its image's packed placeholder count, its tiles and plan; the
+rollout's policy log-probs equal log-probs from transformers' logits on the same weights and
+the sampled tokens; the reward model's scores equal its head on transformers' last hidden
+state; two PPO iterations run (finite losses, the vision tower and image_newline trained);
+a reward model with another image processor is refused, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import tiny_hf
+import torch
+import transformers
+from PIL import Image
+from safetensors.numpy import save_file
+
+from configs.shapes import ppo as shapes_ppo
+from lmm_align import hf, main
+from lmm_align.data import reward_data, sources
+from lmm_align.data.tokenizer import train_bpe_tokenizer
+from lmm_align.hf.reward import HEAD_FILE, INFO_FILE, load_reward_model
+from lmm_align.models import anyres
+from lmm_align.trainers import ppo
+
+# (height, width): a wide 1 x 2 grid (3 tiles) and a tall 2 x 2 grid (5 tiles, downsampled by
+# anyres_max_1); None: a text-only prompt.
+SIZES = ((20, 64), (60, 44), None)
+QUESTIONS = ("Describe the image.", "What is on the left?", "Name a colour.")
+IM_TOKENS = ("<|im_start|>", "<|im_end|>", "<video>")
+
+
+def _image(i: int, size) -> Image.Image:
+  return Image.fromarray(np.random.default_rng(i).integers(0, 256, (*size, 3), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+  root = tmp_path_factory.mktemp("ppo_anyres")
+  texts = [*QUESTIONS, "You are a helpful assistant.", reward_data.DEFAULT_VANILLA_PROMPT]
+  tokenizer = train_bpe_tokenizer(texts * 2, 300)
+  tokenizer.add_special_tokens({"additional_special_tokens": list(IM_TOKENS)})
+  torch.manual_seed(0)
+  config = transformers.LlavaOnevisionConfig(
+    vision_config=tiny_hf.siglip_config(vision_use_head=False),
+    text_config=tiny_hf.qwen2_config(vocab_size=len(tokenizer), pad_token_id=3),
+    image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    video_token_index=tokenizer.convert_tokens_to_ids("<video>"), projector_hidden_act="gelu",
+    vision_feature_layer=-1, vision_feature_select_strategy="full",
+    vision_aspect_ratio="anyres_max_1", image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
+  )  # fmt: skip
+  model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+  tiny_hf._randomize_norms(model)
+  policy = root / "policy"
+  model.save_pretrained(policy)
+  tokenizer.save_pretrained(policy)
+  transformers.LlavaOnevisionImageProcessorPil(
+    size={"height": 32, "width": 32}, image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
+    image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
+  ).save_pretrained(policy)  # fmt: skip
+  rm = root / "rm"
+  shutil.copytree(policy, rm)
+  rng = np.random.default_rng(0)
+  head = {"weight": rng.normal(size=(1, 64)).astype(np.float32), "bias": np.float32([0.1])}
+  save_file(head, str(rm / HEAD_FILE), metadata={"format": "pt"})
+  info = {"fact_augmented": False, "prompt": reward_data.load_reward_prompt(None, False),
+          "facts_position": "after_response", "fact_lead_in": None,
+          "score_position": "last_token"}  # fmt: skip
+  (rm / INFO_FILE).write_text(json.dumps(info))
+  images = root / "images"
+  images.mkdir()
+  rows = []
+  for i, (size, question) in enumerate(zip(SIZES, QUESTIONS)):
+    if size is not None:
+      _image(i, size).save(images / f"p{i}.png")
+    rows.append({"id": f"p{i}", "image": f"p{i}.png" if size else None, "question": question})
+  (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return {"root": root, "policy": policy, "rm": rm, "tokenizer": tokenizer, "head": head}
+
+
+def _config(folders, **overrides):
+  config = shapes_ppo.get_config("runlocal,vanilla,lora=0")
+  config.eval.enabled = False
+  config.optim.schedule = "constant"
+  config.optim.warmup_steps = 0
+  config.optim.lr = 1e-3
+  root = folders["root"]
+  return main.apply_overrides(config, {
+    "init_from": str(folders["policy"]), "ppo.reward_model": str(folders["rm"]),
+    "data.source": "prompts_jsonl", "data.path": str(root / "prompts.jsonl"),
+    "data.image_folder": str(root / "images"), "data.template": "qwen_1_5",
+    "mesh.sizes": (1, 1, 1), "mesh.num_devices": 1, "ppo.query_len": 128,
+    "ppo.max_new_tokens": 6, "ppo.rollout_batch_size": 6, "ppo.samples_per_prompt": 2,
+    "ppo.step_batch_size": 2, "ppo.forward_batch_size": 4, "ppo.reward_buckets": (512,),
+    "ppo.noptepochs": 1, "ppo.correct_coef": 0.0, "total_steps": 2, **overrides,
+  })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rollout(folders):
+  """One rollout of the three prompts (two samples each) on the folder's own weights."""
+  config = _config(folders)
+  tokenizer = folders["tokenizer"]
+  model, params = hf.load_pretrained(folders["policy"])
+  rm, value_model, value_head = ppo.reward_and_value_models(config.ppo, model.config)
+  image_config, tiling = sources.image_batching(config, model.config)
+  assert image_config is None and tiling.tile_buckets == (5,)
+  ppo.check_reward_model_images(config, model.config, rm)
+  data = ppo.prompt_data(config, tokenizer, model.config, tiling)
+  assert data.stats["kept"] == 3
+  rollouts = ppo.Rollouts(
+    config, tokenizer, model, value_model, value_head, rm, image_config, None, tiling
+  )
+  value_head_params = {"kernel": np.zeros(64, np.float32), "bias": np.float32(0.0)}
+  params_tree = {"policy": params, "value": {"backbone": rm.backbone, "head": value_head_params}}
+  frozen = {"policy_base": None, "reference": params, "value_base": None}
+  prompts = ppo.rollout_prompts(data, 0, config.ppo)
+  batch, metrics, texts = rollouts.collect(
+    params_tree, frozen, prompts, jax.random.key(0), 0, config.ppo.kl_coef
+  )
+  return {"batch": batch, "metrics": metrics, "prompts": prompts, "model": model,
+          "rollouts": rollouts, "config": config}  # fmt: skip
+
+
+def test_rollout_rows_carry_each_prompts_tiles_and_packed_placeholders(rollout):
+  batch, prompts, config = rollout["batch"], rollout["prompts"], rollout["model"].config
+  assert batch["pixel_values"].shape == (6, 5, 32, 32, 3)
+  assert batch["pack_plan.taps"].shape == (6, 128, 2, 2)  # a budget of query_len tokens
+  for row, p in enumerate(prompts):
+    size = SIZES[int(p.record_id[1:])]
+    count = int((batch["input_ids"][row] == config.image_token_id).sum())
+    if size is None:
+      assert count == 0 and batch["image_sizes"][row].tolist() == [0, 0]
+      assert not batch["pixel_values"][row].any() and not batch["pack_plan.valid"][row].any()
+      continue
+    assert batch["image_sizes"][row].tolist() == list(size)
+    assert (
+      count == anyres.num_image_tokens(size, config.packing) == (batch["pack_plan.num_tokens"][row])
+    )
+    tiles = anyres.num_tiles(size, config.packing)
+    assert batch["pixel_values"][row, :tiles].any() and not batch["pixel_values"][row, tiles:].any()
+  assert {p.record_id for p in prompts} == {"p0", "p1", "p2"}
+  assert batch["response_mask"].sum(1).min() >= 1
+
+
+def _hf_row_logits(ref, batch, row, tiles_of) -> tuple[np.ndarray, int]:
+  """transformers' float64 log-softmax over row `row`'s real tokens, and where its query ends."""
+  real = batch["attention_mask"][row] > 0
+  ids = batch["input_ids"][row][real].astype(np.int64)
+  extra = {}
+  size = tuple(int(x) for x in batch["image_sizes"][row])
+  if size[0]:
+    pixels = batch["pixel_values"][row : row + 1, : tiles_of(size)].transpose(0, 1, 4, 2, 3)
+    extra = {"pixel_values": torch.from_numpy(np.ascontiguousarray(pixels)),
+             "image_sizes": torch.tensor([size])}  # fmt: skip
+  with torch.no_grad():
+    out = ref(input_ids=torch.from_numpy(ids)[None], output_hidden_states=True, **extra)
+  q = int(real[: -batch["response_mask"].shape[1]].sum())
+  return out, q
+
+
+def test_rollout_logps_and_rm_scores_equal_transformers(rollout, folders):
+  batch, config = rollout["batch"], rollout["model"].config
+  ref = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(folders["policy"])
+  ref = ref.eval()
+  tiles_of = lambda size: anyres.num_tiles(size, config.packing)
+  n = batch["response_mask"].shape[1]
+  for row in range(len(batch["input_ids"])):
+    out, q = _hf_row_logits(ref, batch, row, tiles_of)
+    logp = torch.log_softmax(out.logits[0].double(), -1).numpy()
+    k = int(batch["response_mask"][row].sum())
+    tokens = batch["input_ids"][row, -n:][:k]
+    want = logp[np.arange(q - 1, q - 1 + k), tokens]
+    np.testing.assert_allclose(batch["old_logps"][row, :k], want, atol=1e-4, rtol=0)
+    assert not batch["old_logps"][row, k:].any()
+
+  # The reward model (the same backbone) on query + response + the ChatML request: its head on
+  # transformers' final hidden state at the last token.
+  rollouts, prompts = rollout["rollouts"], rollout["prompts"]
+  responses = [
+    batch["input_ids"][r, -n:][: int(batch["response_mask"][r].sum())].tolist() for r in range(6)
+  ]
+  images = {k: batch[k] for k in batch if k in ("pixel_values", "image_sizes")}
+  images.update({k: v for k, v in batch.items() if k.startswith("pack_plan.")})
+  scores = rollouts._score(prompts, list(range(6)), responses, images, 0)
+  tokenizer = folders["tokenizer"]
+  suffix = reward_data.suffix_ids(reward_data.load_reward_prompt(None, False), tokenizer,
+                                  "qwen_1_5")  # fmt: skip
+  assert tokenizer.decode(suffix).startswith("\n<|im_start|>user\nNow review")
+  w, b = folders["head"]["weight"][0], float(folders["head"]["bias"][0])
+  for row, p in enumerate(prompts):
+    ids = [*p.input_ids, *responses[row], *suffix]
+    size = tuple(int(x) for x in batch["image_sizes"][row])
+    extra = {}
+    if size[0]:
+      pixels = batch["pixel_values"][row : row + 1, : tiles_of(size)].transpose(0, 1, 4, 2, 3)
+      extra = {"pixel_values": torch.from_numpy(np.ascontiguousarray(pixels)),
+               "image_sizes": torch.tensor([size])}  # fmt: skip
+    with torch.no_grad():
+      hidden = ref(input_ids=torch.tensor([ids]), output_hidden_states=True, **extra)
+    last = hidden.hidden_states[-1][0, -1].double().numpy()
+    assert scores[row] == pytest.approx(float(last @ w + b), abs=1e-4)
+  assert np.ptp(scores) > 1e-3
+  np.testing.assert_allclose(rollout["metrics"]["reward/rm"], scores.mean(), atol=1e-5)
+
+
+def test_two_ppo_iterations_train_an_anyres_policy(folders, tmp_path):
+  """ppo.train end to end on the 2-device data mesh: finite losses, the policy's vision tower,
+  projector and image_newline changed."""
+  config = _config(folders, **{"mesh.sizes": (-1, 1, 1), "mesh.num_devices": 2})
+  summary = ppo.train(config, str(tmp_path / "run"))
+  assert summary["data"]["kept"] == 3
+  metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in metrics] == [1, 2]
+  for m in metrics:
+    for key in ("loss", "policy_loss", "value_loss", "grad_norm", "reward/rm", "kl"):
+      assert np.isfinite(m[key]), key
+  assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is its reference
+  assert metrics[1]["kl"] != 0.0
+  model, start = hf.load_pretrained(folders["policy"])
+  trained, base, _ = ppo.restore_policy(config, str(tmp_path / "run"), model)
+  assert base is None
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), trained,
+                       start)  # fmt: skip
+  assert moved["image_newline"] > 0
+  assert moved["vision_tower"]["patch_embedding"]["kernel"] > 0
+  assert moved["multi_modal_projector"]["linear_1"]["kernel"] > 0
+
+
+def test_a_reward_model_with_another_image_processor_is_refused(folders, tmp_path):
+  other = tmp_path / "rm_other"
+  shutil.copytree(folders["rm"], other)
+  path = other / "preprocessor_config.json"
+  processor = json.loads(path.read_text())
+  processor["image_mean"] = [0.4, 0.4, 0.4]
+  path.write_text(json.dumps(processor))
+  config = _config(folders, **{"ppo.reward_model": str(other)})
+  model_config = hf.load_pretrained(folders["policy"])[0].config
+  with pytest.raises(ValueError, match=r"image processor mean \(policy \(0.5, 0.5, 0.5\)"):
+    ppo.check_reward_model_images(config, model_config, load_reward_model(str(other)))
