@@ -5,7 +5,8 @@ iterative loop's policy, labeler and critic).
 A model too large for one device (RLAIF-V's LLaVA-NeXT-34B labeler, a 72B LLaVA-Critic) is
 loaded onto a mesh: each param's sharding comes from the model's logical axis names and the
 rules (`lmm_align.sharding`), as the trainers shard theirs, and `hf.load_pretrained` puts each
-tensor straight onto its shards, so no device ever holds the whole model.
+tensor straight onto its shards, so no device ever holds the whole model. The mesh may span
+several hosts: every process reads the folder and places the shards of its own devices.
 """
 
 from __future__ import annotations

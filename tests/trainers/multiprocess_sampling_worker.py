@@ -6,9 +6,8 @@ without an image, a batch that does not fill the mesh's row groups) and scores y
 questions (`YesNoLabeler`); it returns plain lists. The test runs it in two processes joined by
 jax.distributed (each with the same arguments, as the loop's processes are) and in itself.
 
-Usage: python multiprocess_sampling_worker.py FOLDER OUT_JSON SIZES [SIZES ...]
-(SIZES like 2,2,2; the distributed setup comes from LMM_ALIGN_COORDINATOR / _NUM_PROCESSES /
-_PROCESS_ID).
+Usage: python multiprocess_sampling_worker.py FOLDER OUT_JSON (the meshes: MESHES; the
+distributed setup comes from LMM_ALIGN_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID).
 """
 
 from __future__ import annotations
@@ -34,6 +33,12 @@ from lmm_align.models import Llava, get_variant, init_params
 TEMPLATE = "vicuna_v1"
 QUESTIONS = ["Is there a red circle?", "Is the square blue?", "Is there a cat?", "Is it round?"]
 VOCAB = 320
+SAMPLERS = ("greedy", "sampled")
+# The meshes over the 2 processes' 8 devices, and what each samples. Model-sharded with fsdp
+# across the processes (1x4x2: each process holds half of every param's fsdp shards and half
+# of the rows), and data-parallel with data across them (2x4x1: shard_map over data, each
+# process a group of its own; sampled only, where each group draws with its rows' keys).
+MESHES = {"1,4,2": SAMPLERS, "2,4,1": ("sampled",)}
 
 
 def write_tiny_llava(out: pathlib.Path) -> pathlib.Path:
@@ -57,12 +62,18 @@ def pictures() -> list[Image.Image]:
   return [Image.fromarray(rs.randint(0, 255, (40, 32, 3), np.uint8)) for _ in range(2)]
 
 
-def sample_and_score(folder: str, sizes: Sequence[int] | None) -> dict[str, list]:
-  """Greedy and sampled generations and yes/no scores of the folder's model, loaded onto a
-  mesh of `sizes` over all (global) devices, or onto one device (None)."""
+def sample_and_score(
+  folder: str, sizes: Sequence[int] | None, samplers: Sequence[str] = SAMPLERS
+) -> dict[str, list]:
+  """Generations (greedy and / or sampled: `samplers`) and yes/no scores of the folder's
+  model, loaded onto a mesh of `sizes` over all (global) devices, or onto one device (None)."""
   mesh = None if sizes is None else sharding.make_mesh(tuple(sizes))
   loaded = inference.load_model_folder(folder, template=TEMPLATE, mesh=mesh)
   config = loaded.model.config
+  if jax.process_count() > 1:
+    # Each param spans both processes' devices; this process holds only its 4 devices' shards.
+    for x in jax.tree.leaves(loaded.params):
+      assert not x.is_fully_addressable and len(x.addressable_shards) == 4, x.sharding
   labeler = labeler_lib.YesNoLabeler(
     loaded.model, loaded.params, loaded.tokenizer, loaded.image_config, template=TEMPLATE,
     batch_size=4 if mesh is None else max(4, sharding.data_parallel_size(mesh)),
@@ -82,6 +93,8 @@ def sample_and_score(folder: str, sizes: Sequence[int] | None) -> dict[str, list
       ("greedy", sampling.SamplingSettings(temperature=0.0, max_new_tokens=6, stop_token_ids=()), None),
       ("sampled", sampling.SamplingSettings(temperature=1.0, top_k=40, max_new_tokens=6), jax.random.key(7)),
     ]:  # fmt: skip
+      if name not in samplers:
+        continue
       sample = sampling.generate(
         config, loaded.params, prompts, pixels, settings=settings, rng=rng, mesh=mesh,
         row_max_new_tokens=[6, 4, 6],
@@ -97,11 +110,12 @@ def sample_and_score(folder: str, sizes: Sequence[int] | None) -> dict[str, list
 
 
 def main(argv: Sequence[str]) -> None:
-  folder, out_json, *meshes = argv
+  folder, out_json = argv
   sharding.initialize_distributed()
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.devices())
   results = {
-    sizes: sample_and_score(folder, [int(s) for s in sizes.split(",")]) for sizes in meshes
+    sizes: sample_and_score(folder, [int(s) for s in sizes.split(",")], samplers)
+    for sizes, samplers in MESHES.items()
   }
   results["process_index"] = jax.process_index()
   pathlib.Path(out_json).write_text(json.dumps(results))
