@@ -717,16 +717,14 @@ def check_reward_model_images(config: ml_collections.ConfigDict, policy_config, 
   p, r = policy_config, rm.model.config
   if p.vision is None and r.vision is None:
     return
-  differ = [
-    f"{name} (policy {a!r}, reward model {b!r})"
-    for name, a, b in (
-      ("vision", p.vision is not None, r.vision is not None),
+  checks = [("vision", p.vision is not None, r.vision is not None)]
+  if p.vision is not None and r.vision is not None:
+    checks += [
       ("image_token_id", p.image_token_id, r.image_token_id),
       ("num_image_tokens", p.num_image_tokens, r.num_image_tokens),
       ("anyres", p.anyres, r.anyres),
-    )
-    if a != b
-  ]
+    ]
+  differ = [f"{name} (policy {a!r}, reward model {b!r})" for name, a, b in checks if a != b]
   if not differ and p.anyres:
     for field in dataclasses.fields(p.packing):
       a, b = getattr(p.packing, field.name), getattr(r.packing, field.name)

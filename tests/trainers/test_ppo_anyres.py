@@ -16,6 +16,7 @@ a reward model with another image processor is refused, naming the field.
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 
 import jax
@@ -70,15 +71,28 @@ def folders(tmp_path_factory) -> dict:
     size={"height": 32, "width": 32}, image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
     image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
   ).save_pretrained(policy)  # fmt: skip
-  rm = root / "rm"
-  shutil.copytree(policy, rm)
+  # A LLaVA-NeXT (CLIP + LLaMA) on the same tokenizer; its processor derived from the model.
+  next_config = transformers.LlavaNextConfig(
+    vision_config=tiny_hf.clip_config(),
+    text_config=tiny_hf.llama_config(vocab_size=len(tokenizer), pad_token_id=3),
+    image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
+    vision_feature_layer=-2, vision_feature_select_strategy="default",
+    image_grid_pinpoints=tiny_hf.NEXT_PINPOINTS, image_seq_length=16,
+  )  # fmt: skip
+  next_model = transformers.LlavaNextForConditionalGeneration(next_config).eval()
+  tiny_hf._randomize_norms(next_model)
+  next_policy = root / "next"
+  next_model.save_pretrained(next_policy)
+  tokenizer.save_pretrained(next_policy)
   rng = np.random.default_rng(0)
   head = {"weight": rng.normal(size=(1, 64)).astype(np.float32), "bias": np.float32([0.1])}
-  save_file(head, str(rm / HEAD_FILE), metadata={"format": "pt"})
   info = {"fact_augmented": False, "prompt": reward_data.load_reward_prompt(None, False),
           "facts_position": "after_response", "fact_lead_in": None,
           "score_position": "last_token"}  # fmt: skip
-  (rm / INFO_FILE).write_text(json.dumps(info))
+  for folder, rm in ((policy, root / "rm"), (next_policy, root / "rm_next")):
+    shutil.copytree(folder, rm)
+    save_file(head, str(rm / HEAD_FILE), metadata={"format": "pt"})
+    (rm / INFO_FILE).write_text(json.dumps(info))
   images = root / "images"
   images.mkdir()
   rows = []
@@ -87,7 +101,8 @@ def folders(tmp_path_factory) -> dict:
       _image(i, size).save(images / f"p{i}.png")
     rows.append({"id": f"p{i}", "image": f"p{i}.png" if size else None, "question": question})
   (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  return {"root": root, "policy": policy, "rm": rm, "tokenizer": tokenizer, "head": head}
+  return {"root": root, "policy": policy, "rm": root / "rm", "next": next_policy,
+          "rm_next": root / "rm_next", "tokenizer": tokenizer, "head": head}  # fmt: skip
 
 
 def _config(folders, **overrides):
@@ -101,19 +116,33 @@ def _config(folders, **overrides):
     "init_from": str(folders["policy"]), "ppo.reward_model": str(folders["rm"]),
     "data.source": "prompts_jsonl", "data.path": str(root / "prompts.jsonl"),
     "data.image_folder": str(root / "images"), "data.template": "qwen_1_5",
-    "mesh.sizes": (1, 1, 1), "mesh.num_devices": 1, "ppo.query_len": 128,
+    "mesh.sizes": (1, 1, 1), "mesh.num_devices": 1, "ppo.query_len": 256,
     "ppo.max_new_tokens": 6, "ppo.rollout_batch_size": 6, "ppo.samples_per_prompt": 2,
-    "ppo.step_batch_size": 2, "ppo.forward_batch_size": 4, "ppo.reward_buckets": (512,),
+    "ppo.step_batch_size": 2, "ppo.forward_batch_size": 4, "ppo.reward_buckets": (640,),
     "ppo.noptepochs": 1, "ppo.correct_coef": 0.0, "total_steps": 2, **overrides,
   })  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def rollout(folders):
-  """One rollout of the three prompts (two samples each) on the folder's own weights."""
-  config = _config(folders)
+HF_CLASSES = {
+  "onevision": transformers.LlavaOnevisionForConditionalGeneration,
+  "next": transformers.LlavaNextForConditionalGeneration,
+}
+# The policies' templates: OneVision's ChatML, LLaVA-NeXT-Vicuna's USER/ASSISTANT.
+TEMPLATES = {"onevision": "qwen_1_5", "next": "vicuna_v1"}
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CLASSES))
+def rollout(folders, request):
+  """One rollout of the three prompts (two samples each) on the folder's own weights, for a
+  OneVision policy and a NeXT one (each with its own reward model)."""
+  name = request.param
+  policy = folders["policy" if name == "onevision" else "next"]
+  config = _config(folders, **{
+    "init_from": str(policy), "data.template": TEMPLATES[name],
+    "ppo.reward_model": str(folders["rm" if name == "onevision" else "rm_next"]),
+  })  # fmt: skip
   tokenizer = folders["tokenizer"]
-  model, params = hf.load_pretrained(folders["policy"])
+  model, params = hf.load_pretrained(policy)
   rm, value_model, value_head = ppo.reward_and_value_models(config.ppo, model.config)
   image_config, tiling = sources.image_batching(config, model.config)
   assert image_config is None and tiling.tile_buckets == (5,)
@@ -131,13 +160,14 @@ def rollout(folders):
     params_tree, frozen, prompts, jax.random.key(0), 0, config.ppo.kl_coef
   )
   return {"batch": batch, "metrics": metrics, "prompts": prompts, "model": model,
-          "rollouts": rollouts, "config": config}  # fmt: skip
+          "rollouts": rollouts, "config": config, "rm": rm, "name": name,
+          "folder": policy}  # fmt: skip
 
 
 def test_rollout_rows_carry_each_prompts_tiles_and_packed_placeholders(rollout):
   batch, prompts, config = rollout["batch"], rollout["prompts"], rollout["model"].config
   assert batch["pixel_values"].shape == (6, 5, 32, 32, 3)
-  assert batch["pack_plan.taps"].shape == (6, 128, 2, 2)  # a budget of query_len tokens
+  assert batch["pack_plan.taps"].shape == (6, 256, 2, 2)  # a budget of query_len tokens
   for row, p in enumerate(prompts):
     size = SIZES[int(p.record_id[1:])]
     count = int((batch["input_ids"][row] == config.image_token_id).sum())
@@ -173,10 +203,16 @@ def _hf_row_logits(ref, batch, row, tiles_of) -> tuple[np.ndarray, int]:
 
 def test_rollout_logps_and_rm_scores_equal_transformers(rollout, folders):
   batch, config = rollout["batch"], rollout["model"].config
-  ref = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(folders["policy"])
-  ref = ref.eval()
+  ref = HF_CLASSES[rollout["name"]].from_pretrained(rollout["folder"]).eval()
   tiles_of = lambda size: anyres.num_tiles(size, config.packing)
   n = batch["response_mask"].shape[1]
+  # The value model (the reward model's backbone) with a random head, on the same rows.
+  value_head = {"kernel": np.random.default_rng(1).normal(size=64).astype(np.float32),
+                "bias": np.float32(-0.2)}  # fmt: skip
+  values = np.asarray(rollout["rollouts"]._values(
+    {"params": rollout["rm"].backbone}, value_head, {k: jax.numpy.asarray(v)
+                                                     for k, v in batch.items()},
+  ))  # fmt: skip
   for row in range(len(batch["input_ids"])):
     out, q = _hf_row_logits(ref, batch, row, tiles_of)
     logp = torch.log_softmax(out.logits[0].double(), -1).numpy()
@@ -185,9 +221,13 @@ def test_rollout_logps_and_rm_scores_equal_transformers(rollout, folders):
     want = logp[np.arange(q - 1, q - 1 + k), tokens]
     np.testing.assert_allclose(batch["old_logps"][row, :k], want, atol=1e-4, rtol=0)
     assert not batch["old_logps"][row, k:].any()
+    # V(state before response token t): the head on the hidden state that predicts it.
+    hidden = out.hidden_states[-1][0].double().numpy()[q - 1 : q - 1 + k]
+    want_values = hidden @ value_head["kernel"] + value_head["bias"]
+    np.testing.assert_allclose(values[row, :k], want_values, atol=1e-4, rtol=0)
 
-  # The reward model (the same backbone) on query + response + the ChatML request: its head on
-  # transformers' final hidden state at the last token.
+  # The reward model (the same backbone) on query + response + the request in the policy's
+  # template: its head on transformers' final hidden state at the last token.
   rollouts, prompts = rollout["rollouts"], rollout["prompts"]
   responses = [
     batch["input_ids"][r, -n:][: int(batch["response_mask"][r].sum())].tolist() for r in range(6)
@@ -196,9 +236,11 @@ def test_rollout_logps_and_rm_scores_equal_transformers(rollout, folders):
   images.update({k: v for k, v in batch.items() if k.startswith("pack_plan.")})
   scores = rollouts._score(prompts, list(range(6)), responses, images, 0)
   tokenizer = folders["tokenizer"]
+  template = TEMPLATES[rollout["name"]]
   suffix = reward_data.suffix_ids(reward_data.load_reward_prompt(None, False), tokenizer,
-                                  "qwen_1_5")  # fmt: skip
-  assert tokenizer.decode(suffix).startswith("\n<|im_start|>user\nNow review")
+                                  template)  # fmt: skip
+  opening = {"qwen_1_5": "\n<|im_start|>user\nNow review", "vicuna_v1": " USER: Now review"}
+  assert tokenizer.decode(suffix).startswith(opening[template])
   w, b = folders["head"]["weight"][0], float(folders["head"]["bias"][0])
   for row, p in enumerate(prompts):
     ids = [*p.input_ids, *responses[row], *suffix]
@@ -250,3 +292,45 @@ def test_a_reward_model_with_another_image_processor_is_refused(folders, tmp_pat
   model_config = hf.load_pretrained(folders["policy"])[0].config
   with pytest.raises(ValueError, match=r"image processor mean \(policy \(0.5, 0.5, 0.5\)"):
     ppo.check_reward_model_images(config, model_config, load_reward_model(str(other)))
+
+
+def test_a_chatml_reward_model_trains_exports_and_scores_ppo_rollouts(folders, tmp_path):
+  """`reward.train` on the OneVision with its ChatML template (qwen_1_5) on anyres pairs, its
+  export, and one PPO iteration scored by that exported reward model."""
+  from lmm_align import config_files
+  from lmm_align.trainers import reward
+
+  pairs = []
+  for i, (size, question) in enumerate(list(zip(SIZES, QUESTIONS)) * 2):
+    pairs.append({"id": f"r{len(pairs)}", "image": f"p{i % 3}.png" if size else None,
+                  "question": question, "chosen": "A red square.", "rejected": "Two stars."})  # fmt: skip
+  (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  config = config_files.load_config("configs/shapes/reward.py:runlocal,vanilla", str(repo))
+  config = main.apply_overrides(config, {
+    "init_from": str(folders["policy"]), "data.source": "pairs_jsonl",
+    "data.path": str(tmp_path / "pairs.jsonl"), "data.image_folder": str(folders["root"] / "images"),
+    "data.template": "qwen_1_5", "data.max_length": 640, "data.buckets": (640,),
+    "batch_size": 2, "total_steps": 2, "mesh.num_devices": 2, "mesh.sizes": (-1, 1, 1),
+    "reward.eval_pairs": 1, "optim.warmup_steps": 0,
+  })  # fmt: skip
+  reward.train(config, str(tmp_path / "rm"))
+  metrics = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+  assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+  data, _ = reward.reward_data(
+    config, folders["tokenizer"], hf.load_pretrained(folders["policy"])[0].config
+  )
+  batch = data.rows(np.arange(len(data)))
+  # The recipe's own prompt file (USER: ... ASSISTANT: ...), rendered as ChatML turns.
+  prompt = reward_data.load_reward_prompt(config.reward.prompt_path, fact_augmented=False)
+  tail = reward_data.suffix_ids(prompt, folders["tokenizer"], "qwen_1_5")
+  assert folders["tokenizer"].decode(tail).startswith("\n<|im_start|>user\n")
+  for ids, mask in zip(
+    batch["input_ids"].reshape(-1, 640), batch["attention_mask"].reshape(-1, 640)
+  ):
+    assert ids[: mask.sum()][-len(tail) :].tolist() == tail  # each sequence ends on the request
+  reward.export_reward_workdir(str(tmp_path / "rm"), str(tmp_path / "rm_hf"))
+  ppo_config = _config(folders, **{"ppo.reward_model": str(tmp_path / "rm_hf"), "total_steps": 1})
+  ppo.train(ppo_config, str(tmp_path / "ppo"))
+  (m,) = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+  assert np.isfinite(m["reward/rm"]) and np.isfinite(m["loss"])
