@@ -33,37 +33,35 @@ step 256, 2 PPO epochs, 4 epochs over the 72k prompts, lr 3e-5 cosine, 5 warmup 
 norm 1.0, LoRA r=64 on policy and value.
 LLaVA-RLHF runs 4-bit QLoRA bases; here the bases are bf16.
 
-Slice and plan: v5p-16 (8 chips, 95 GiB each), pure FSDP (1, -1, 1), layers unrolled (from a
-scanned prefill the sampler copies the 512-row stacked KV cache into per-layer buffers: 101.5
-GiB a chip), each 256-row update as 4 micro-batches of 64. Every program's peak counts beside
-it the run's other buffers (frozen 7B and 13B bases 4.76 GiB, adapters and Adam moments 2.6
-GiB a chip). The rollout fits; the update does NOT fit v5p-16 yet (exit 3):
+Slice and plan: v5p-16 (8 chips, 95 GiB each), pure FSDP (1, -1, 1), layers scanned, remat
+"full", each 256-row update as 2 micro-batches of 128. Every program's peak counts beside it the
+run's other buffers (frozen 7B and 13B bases, adapters and Adam moments). It fits:
 
-  lmm-align plan --config=configs/llava_rlhf/ppo.py:model=7b --topology=v5p-16
+  lmm-align plan --config=configs/llava_rlhf/ppo.py:model=7b --topology=v5p-16 --cost=scanned
   program               peak+resident/chip  HBM  compile   (the TPU compiler, libtpu 0.0.42.1)
-  ppo_merge_lora          9.00 GiB          95    34 s
-  ppo_sampler            79.09 GiB          95   430 s    512 rows x 1600 slots: KV cache 50 GiB
-  ppo_decode_step        60.83 GiB          95   105 s
-  ppo_policy_logps       11.96 GiB          95   241 s    32 rows x 1600 tokens (forward_batch)
-  ppo_reference_logps    11.88 GiB          95   201 s
-  ppo_values (13B)       13.79 GiB          95   216 s
-  ppo_reward_scores      15.88 GiB          95   107 s    32 rows x 2048 (the largest bucket)
-  ppo_train_step         99.41 GiB          95  1715 s    4 x 64 rows: does not fit
-  ppo_train_step        124.63 GiB (at least)       289 s    256 rows in one pass:
-                        RESOURCE_EXHAUSTED, 117.28 GiB of temporaries
-  The rollout programs took 28 min and 17 GB of host memory (before plan cleared JAX's
-  caches); the update alone (--programs=ppo_train_step --cost=scanned) 29 min and 16 GB.
-  Micro-batching cut the update's temporaries only from 117 to 92 GiB: most of them do not
-  scale with the rows (presumably the FSDP-gathered weights of the 72 unrolled layers of
-  policy and value). Not yet tried: 8 micro-batches, a (1, 4, 2) mesh (tensor-parallel
-  weights), scanned layers for the update only, or v5p-32.
+  ppo_merge_lora          9.00 GiB          95     3 s
+  ppo_sampler            80.27 GiB          95   420 s    512 rows x 1600 slots: KV cache 50 GiB
+  ppo_decode_step        60.83 GiB          95    35 s
+  ppo_policy_logps       10.75 GiB          95   107 s    32 rows x 1600 tokens (forward_batch)
+  ppo_reference_logps    10.72 GiB          95   104 s
+  ppo_values (13B)       11.52 GiB          95    42 s
+  ppo_reward_scores      13.64 GiB          95    58 s    32 rows x 2048 (the largest bucket)
+  ppo_train_step         55.40 GiB          95   264 s    2 x 128 rows
+  plan: fits peak_gib=80.27 hbm_gib=95.00 device=TPU v5  (19 min, host max RSS 6.1 GiB)
+
+How it came to fit. With the layers unrolled the update needed 99.4 GiB a chip at 4 x 64 rows
+(117 GiB of temporaries in one pass): the compiler's buffer report showed the f32 attention
+scores ([rows, heads, 1600, 1600]) of several layers and of both models live at once, since
+unrolled layers leave the scheduler free to overlap their rematerialised forwards. Scanned,
+the loop bounds it: 33.0 GiB at 4 x 64, 55.4 at 2 x 128, 95.6 in one pass (the update alone,
+same compiler). The sampler decodes unrolled either way: `sampling.decode` unstacks the scanned
+weights before its prefill, so its cache is one buffer per layer from the start (a scanned
+prefill's stacked cache copied into per-layer buffers peaked at 101.5 GiB).
 
   A decode step (512 rows against 1600 slots, no loop left to cost): compiled FLOPs 1.061 x
   the model's, bytes accessed 1.605 x the least it must read (weights + KV cache once: 51.5
   GiB a chip), 37.8 ms a step by the compiler's estimate (896 steps: about 34 s a rollout).
-  The forwards' compiled FLOPs are 0.53-0.59 x the model's: the TPU compiler turns the FSDP
-  weight gathers into hundreds of collective-matmul loops whose bodies it costs once, so
-  those ratios and times are lower bounds.
+  The other programs' FLOPs here count one layer of each scanned stack (--cost=scanned).
 
 Args: `model=7b|13b` (the policy; default 7b); `vanilla` (an RM without facts); `runlocal`
 (tiny: 2 iterations of 8 rollouts, the models and the files given on the command line).
@@ -101,10 +99,10 @@ def get_config(arg: str | None = None):
   config.model.dtype = "bfloat16"
   config.model.param_dtype = "bfloat16"
   config.model.remat_policy = "full"
-  # Unrolled layers: the rollout sampler decodes layer by layer, and from a scanned model's
-  # prefill it copies the stacked KV cache into per-layer buffers, two caches at once (512 rows
-  # x 1600 slots: 50 GiB a chip each on v5p-16, 101.5 GiB peak; see the plan above).
-  config.model.scan_layers = False
+  # Scanned layers: the loop bounds what the update keeps live (unrolled, XLA overlapped the
+  # layers' f32 attention scores: 99 GiB a chip at 4 x 64 rows on v5p-16; scanned, 55 GiB at
+  # 2 x 128). The sampler still decodes unrolled (`sampling.decode` unstacks the weights).
+  config.model.scan_layers = True
   config.mesh.sizes = (1, -1, 1)
   config.lora.rank = 64
   config.lora.alpha = 16.0
@@ -113,9 +111,9 @@ def get_config(arg: str | None = None):
   config.optim.schedule = "cosine"
   config.optim.warmup_steps = 5
   config.optim.grad_clip_norm = 1.0
-  # Each 256-row update in 4 micro-batches of 64 (8 rows a chip on v5p-16): in one pass its
-  # 1600-token rows through the 7B policy and 13B value need 117 GiB of temporaries a chip.
-  config.optim.grad_accum_steps = 4
+  # Each 256-row update in 2 micro-batches of 128 (16 rows a chip on v5p-16): in one pass its
+  # 1600-token rows through the 7B policy and 13B value need 88 GiB of temporaries a chip.
+  config.optim.grad_accum_steps = 2
   config.optim.weight_decay = 0.0
   # 4 epochs of the 72k prompts in rollouts of 512.
   config.total_steps = 4 * NUM_PROMPTS // 512
