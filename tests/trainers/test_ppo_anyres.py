@@ -334,3 +334,39 @@ def test_a_chatml_reward_model_trains_exports_and_scores_ppo_rollouts(folders, t
   ppo.train(ppo_config, str(tmp_path / "ppo"))
   (m,) = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
   assert np.isfinite(m["reward/rm"]) and np.isfinite(m["loss"])
+
+
+def test_prompts_are_dropped_not_cut_and_tiles_follow_the_buckets(folders):
+  """Placeholders count before the length limit (an image prompt that no longer fits is
+  dropped, never cut), an image past the largest tile bucket is dropped, and a rollout's
+  tiles are the smallest of data.tile_buckets that holds its images."""
+  import types
+
+  tokenizer = folders["tokenizer"]
+  model_config = hf.load_pretrained(folders["policy"])[0].config
+  config = _config(folders)
+  with config.unlocked():
+    config.data.tile_buckets = (3, 5)
+  _, tiling = sources.image_batching(config, model_config)
+  data = ppo.prompt_data(config, tokenizer, model_config, tiling)
+  text_only = len(data.prompts[2].input_ids)
+  image_len = len(data.prompts[0].input_ids)
+  assert image_len > anyres.num_image_tokens(SIZES[0], model_config.packing)
+  fields = lambda prompts: ppo.Rollouts._image_fields(
+    types.SimpleNamespace(tiling=tiling, ppo=config.ppo), prompts
+  )
+  wide_and_text = fields([data.prompts[0], data.prompts[0], data.prompts[2]])
+  assert wide_and_text["pixel_values"].shape[:2] == (3, 3)
+  np.testing.assert_array_equal(wide_and_text["pixel_values"][0], wide_and_text["pixel_values"][1])
+  assert fields(data.prompts)["pixel_values"].shape[:2] == (3, 5)
+
+  config.ppo.query_len = text_only  # the text-only prompt fits, the images' do not
+  short = ppo.prompt_data(config, tokenizer, model_config, tiling)
+  assert [p.record_id for p in short.prompts] == ["p2"]
+  assert short.stats["dropped_query_too_long"] == 2
+  config.ppo.query_len = 256
+  config.data.tile_buckets = (3,)
+  _, three = sources.image_batching(config, model_config)
+  few = ppo.prompt_data(config, tokenizer, model_config, three)
+  assert [p.record_id for p in few.prompts] == ["p0", "p2"]
+  assert few.stats["dropped_too_many_tiles"] == 1
