@@ -188,13 +188,17 @@ def _read_params(
 ) -> dict:
   """Every param of `abstract` from the folder's tensors (keys mapped by `canonical_key`, None
   to skip one; then by `rules`), or a CheckpointError listing what is missing, unexpected or
-  mis-shaped."""
+  mis-shaped. Each param goes to its devices as soon as it is complete (a stacked one: when its
+  last layer is read), so the host holds at most the stacks still filling, not the model."""
   np_dtype = _NUMPY_DTYPES[runtime.param_dtype]
   compiled = [(rule, rule.hf_regex()) for rule in rules]
   scan = runtime.scan_layers
-  host: dict[tuple[str, ...], np.ndarray] = {}
+  flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else {}
+  host: dict[tuple[str, ...], np.ndarray] = {}  # stacks still filling
+  layers_read: dict[tuple[str, ...], int] = {}
+  params: dict[tuple[str, ...], jax.Array] = {}
   filled: set[tuple[tuple[str, ...], int | None]] = set()
-  unexpected, mis_shaped = [], []
+  unexpected, mis_shaped, repeated = [], [], []
   for key, load, file_name in _iter_tensors(folder, allow_torch_bin):
     canonical = canonical_key(key)
     if canonical is None:
@@ -222,13 +226,19 @@ def _read_params(
       mis_shaped.append(f"{key} ({file_name}): {tuple(tensor.shape)}, expected {expected}")
       continue
     value = name_map.to_ours(rule.transform, tensor, shape).astype(np_dtype)
-    if index is None:
-      host[our_path] = value
-    else:
-      if our_path not in host:
-        host[our_path] = np.empty(full_shape, np_dtype)
-      host[our_path][index] = value
+    if (our_path, index) in filled:
+      repeated.append(f"{key} ({file_name})")
+      continue
     filled.add((our_path, index))
+    if index is None:
+      params[our_path] = place_on_devices(value, flat_shardings.get(our_path))
+      continue
+    if our_path not in host:
+      host[our_path] = np.empty(full_shape, np_dtype)
+    host[our_path][index] = value
+    layers_read[our_path] = layers_read.get(our_path, 0) + 1
+    if layers_read[our_path] == full_shape[0]:
+      params[our_path] = place_on_devices(host.pop(our_path), flat_shardings.get(our_path))
 
   expected_slots = {
     (p, i)
@@ -245,11 +255,11 @@ def _read_params(
     problems.append(f"unexpected {len(unexpected)} tensor(s): {unexpected[:20]}")
   if mis_shaped:
     problems.append(f"mis-shaped {len(mis_shaped)} tensor(s): {mis_shaped[:20]}")
+  if repeated:
+    problems.append(f"{len(repeated)} tensor(s) for a param already read: {repeated[:20]}")
   if problems:
     raise CheckpointError(f"cannot load {folder}: " + "; ".join(problems))
 
-  flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else {}
-  params = {p: place_on_devices(v, flat_shardings.get(p)) for p, v in host.items()}
   return flax.traverse_util.unflatten_dict(params)
 
 
