@@ -34,6 +34,29 @@ LLaVA-Critic paper and blog; PROTOCOLS.md §7, ALGORITHM_DETAILS.md):
   rounds      3, each from the previous round's model.
 OneVision folders and anyres tiling come with the LLaVA-family work (issue #22).
 
+Slice and plan: v5p-64 (32 chips, 95 GiB each), mesh (data, fsdp, tensor) = (1, 8, 4) for DPO
+and the loop's models alike (config.mesh is the DPO mesh, `models_on_slice`): 8 pairs over
+data x fsdp = 8 (the published (1, -1, 2) would need 16), the 72B critic's 8 KV heads over
+tensor = 4. By the TPU compiler (libtpu 0.0.42.1), the 7B OneVision policy judged by
+LLaVA-Critic-72B, each program planned alone (--programs=..., --cost=none):
+
+  lmm-align plan --config=configs/llava_critic/iterative_dpo.py:critic=72b --topology=v5p-64
+  program                   peak/chip  HBM  compile
+  critic_sampler (72B)      59.53 GiB  95   655 s   16 requests x (16384-token prompt bucket
+                                                    + 4096 new), 37 tiles an image, pack plan;
+                                                    params 4.26 GiB, temp 55.14 GiB
+  critic_decode_step (72B)   8.44 GiB  95    47 s   + the sampler's params beside it: 12.70;
+                                                    KV cache 3.13 GiB a chip
+  plan: fits peak_gib=59.53 hbm_gib=95.00 device=TPU v5   (host max RSS 12.25 GiB)
+
+  The critic's prompt is planned at its worst: an image's most placeholders (8154, 37 tiles),
+  two candidate answers of sampling.max_new_tokens each and 256 tokens of judging prompt, in
+  the 16384 bucket; the sampler's temporaries are the prefill's attention over it (2 of the
+  16 rows and 2 of the 8 KV heads a chip). The sampler runs
+  model-sharded as `generate(mesh=...)` runs it (rows over data x fsdp, params and KV cache
+  over fsdp / tensor). Not yet across hosts: v5p-64's chips sit on 8 hosts and the loop's
+  `check_config` refuses a multi-device loop mesh in a multi-process run today.
+
 `runlocal` is one round at the shapes loop's tiny sizes with critic feedback, on rendered
 shapes scenes (a prompt file: see configs/rlaifv/iterative.py's `runlocal`); the critic is
 any exported LLaVA folder. The full recipe has no per-round evaluation (`eval.kind=none`).
@@ -108,6 +131,8 @@ def get_config(arg: str | None = None):
   train.batch_size = 8
   config.train = train
   config.epochs_per_round = 1.0
+  # v5p-64 (32 chips): 8 pairs over data x fsdp = 8, the 72B critic's KV heads over tensor = 4.
+  train.mesh.sizes = (1, -1, 4)
   # The policy and the critic (134 GiB for 72B in bf16) sharded over the DPO mesh.
   rlaifv_iterative.models_on_slice(config)
   return config
