@@ -48,6 +48,11 @@ LLaVA-Critic-72B, each program planned alone (--programs=..., --cost=none):
   critic_decode_step (72B)   8.44 GiB  95    47 s   + the sampler's params beside it: 12.70;
                                                     KV cache 3.13 GiB a chip
   plan: fits peak_gib=59.53 hbm_gib=95.00 device=TPU v5   (host max RSS 12.25 GiB)
+  candidates_sampler (7B)   14.44 GiB  95   254 s   5 samples (topped up to 8 rows) x (16384
+                                                    + 1024 new), 37 tiles; host RSS 6.0 GiB
+  candidates_decode_step     0.95 GiB  95    26 s   + the sampler's params: 1.42
+  The DPO programs (dpo_reference_logps, dpo_train_step on each pair's tiles) were not
+  compiled at this size yet.
 
   The critic's prompt is planned at its worst: an image's most placeholders (8154, 37 tiles),
   two candidate answers of sampling.max_new_tokens each and 256 tokens of judging prompt, in
