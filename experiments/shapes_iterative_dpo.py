@@ -278,7 +278,7 @@ def ensure_labeler_tower(config: ConfigDict, root: pathlib.Path, tower_dir: str)
   its own, tower=none trains it from scratch): the policy's tower when the labeler variant
   has the policy's vision config, else one pretrained for the labeler's variant into
   WORKDIR/labeler_tower."""
-  from lmm_align.models.config import get_variant
+  from lmm_align.models.variants import get_variant
 
   if config.labeler.init or not tower_dir:
     return ""

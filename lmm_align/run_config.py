@@ -12,13 +12,9 @@ from typing import Any
 import ml_collections
 
 from lmm_align import hf
-from lmm_align.models.config import (
-  LoraConfig,
-  ModelConfig,
-  RuntimeConfig,
-  from_hf_config,
-  get_variant,
-)
+from lmm_align.models.config import LoraConfig, ModelConfig, RuntimeConfig
+from lmm_align.models.hf_config import from_hf_config
+from lmm_align.models.variants import get_variant
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:

@@ -217,7 +217,7 @@ def test_tiling_drops_images_past_the_largest_tile_bucket_and_names_bad_placehol
   image needing more tiles than data.tile_buckets holds is dropped and counted; a record whose
   placeholders are not one run of the written count is refused by name."""
   from lmm_align.data.anyres import image_config_for_model
-  from lmm_align.models.config import get_variant
+  from lmm_align.models.variants import get_variant
 
   config = get_variant("tiny-llava-onevision")
   p, image_id = config.num_image_tokens, config.image_token_id

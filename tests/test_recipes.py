@@ -24,7 +24,7 @@ from PIL import Image
 
 from lmm_align import config_files, main
 from lmm_align.data import conversation, registry
-from lmm_align.models.config import get_variant
+from lmm_align.models.variants import get_variant
 from lmm_align.trainers import export
 from lmm_align.trainers import registry as trainers
 

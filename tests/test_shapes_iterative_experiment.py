@@ -96,7 +96,7 @@ def test_labeler_tower_field_unfreezes_the_tower_at_a_scaled_learning_rate():
 
 
 def test_wide_labeler_is_the_shapes_model_with_a_wider_decoder():
-  from lmm_align.models.config import get_variant
+  from lmm_align.models.variants import get_variant
 
   config = _config("--config.labeler.variant=shapes-wide")
   assert experiment.labeler_overrides(config)["model.variant"] == "shapes-wide"
@@ -139,7 +139,7 @@ def test_labeler_data_mixes_near_misses_at_their_share():
 
 
 def test_judge_labeler_gets_a_larger_tower_of_its_own(tmp_path, monkeypatch):
-  from lmm_align.models.config import get_variant
+  from lmm_align.models.variants import get_variant
   from lmm_align.shapes import tower as shapes_tower
 
   wide, judge = get_variant("shapes-wide"), get_variant("shapes-judge")

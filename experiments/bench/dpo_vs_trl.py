@@ -87,14 +87,10 @@ import numpy as np  # noqa: E402
 import train_step  # noqa: E402
 
 from lmm_align import config_files, hf, sharding  # noqa: E402
-from lmm_align.models.config import (  # noqa: E402
-  VARIANTS,
-  ModelConfig,
-  RuntimeConfig,
-  from_hf_config,
-  to_hf_config,
-)
+from lmm_align.models.config import ModelConfig, RuntimeConfig  # noqa: E402
+from lmm_align.models.hf_config import from_hf_config, to_hf_config  # noqa: E402
 from lmm_align.models.llava import Llava  # noqa: E402
+from lmm_align.models.variants import VARIANTS  # noqa: E402
 from lmm_align.trainers import dpo  # noqa: E402
 from lmm_align.trainers import state as state_lib  # noqa: E402
 

@@ -47,8 +47,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmm_align import config_files, run_config, sharding  # noqa: E402
-from lmm_align.models.config import ModelConfig, get_variant  # noqa: E402
+from lmm_align.models.config import ModelConfig  # noqa: E402
 from lmm_align.models.llava import Llava  # noqa: E402
+from lmm_align.models.variants import get_variant  # noqa: E402
 from lmm_align.trainers import sft  # noqa: E402
 from lmm_align.trainers import state as state_lib  # noqa: E402
 

@@ -53,10 +53,12 @@ from lmm_align.aot.abstract import (
 )  # fmt: skip
 from lmm_align.data import pipeline
 from lmm_align.feedback import labeler as labeler_lib
-from lmm_align.models.config import ModelConfig, from_hf_config, get_variant
+from lmm_align.models.config import ModelConfig
 from lmm_align.models.heads import ScalarHead
+from lmm_align.models.hf_config import from_hf_config
 from lmm_align.models.llava import Llava, init_cache
 from lmm_align.models.lora import merge_lora, model_variables
+from lmm_align.models.variants import get_variant
 from lmm_align.rl.scoring import reward_scores
 from lmm_align.trainers import ppo as ppo_trainer
 from lmm_align.trainers import state as state_lib

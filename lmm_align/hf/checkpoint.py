@@ -24,9 +24,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lmm_align.hf import name_map
-from lmm_align.models.config import (
-  ModelConfig,
-  RuntimeConfig,
+from lmm_align.models.config import ModelConfig, RuntimeConfig
+from lmm_align.models.hf_config import (
   from_hf_config,
   to_hf_config,
   vision_config_from_hf,

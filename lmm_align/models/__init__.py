@@ -4,17 +4,15 @@
 from lmm_align.models.anyres import AnyresPackingConfig, PackPlan, apply_pack_plan, pack_plan
 from lmm_align.models.config import (
   LLAVA_FAMILIES,
-  VARIANTS,
-  VISION_VARIANTS,
   ModelConfig,
   RopeScaling,
   RuntimeConfig,
   TextConfig,
   VisionConfig,
-  from_hf_config,
-  get_variant,
-  get_vision_variant,
   siglip_vision,
+)
+from lmm_align.models.hf_config import (
+  from_hf_config,
   to_hf_config,
   vision_config_from_hf,
   vision_config_to_hf,
@@ -22,6 +20,7 @@ from lmm_align.models.config import (
 from lmm_align.models.layers import KVCache
 from lmm_align.models.llava import Llava, ModelOutput, check_image_tokens, init_cache, init_params
 from lmm_align.models.siglip import SiglipVisionTower
+from lmm_align.models.variants import VARIANTS, VISION_VARIANTS, get_variant, get_vision_variant
 
 __all__ = [
     "LLAVA_FAMILIES", "VARIANTS", "VISION_VARIANTS", "AnyresPackingConfig", "KVCache", "Llava",

@@ -21,8 +21,8 @@ from safetensors.numpy import load_file
 from lmm_align import hf, sharding
 from lmm_align.hf import CheckpointError
 from lmm_align.models import RuntimeConfig, anyres, from_hf_config, get_variant, to_hf_config
-from lmm_align.models.config import get_vision_variant
 from lmm_align.models.llava import Llava, dummy_inputs
+from lmm_align.models.variants import get_vision_variant
 from lmm_align.sampling import SamplingSettings, generate
 from lmm_align.sharding import DEFAULT_RULES, check_rules_cover
 from lmm_align.trainers.state import param_shardings

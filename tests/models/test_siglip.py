@@ -20,9 +20,10 @@ from safetensors.numpy import load_file, save_file
 from lmm_align import hf
 from lmm_align.hf import CheckpointError, name_map
 from lmm_align.models import Llava, ModelConfig, RuntimeConfig, get_variant
-from lmm_align.models.config import get_vision_variant, to_hf_config, vision_config_from_hf
+from lmm_align.models.hf_config import to_hf_config, vision_config_from_hf
 from lmm_align.models.llava import dummy_inputs
 from lmm_align.models.siglip import SiglipVisionTower
+from lmm_align.models.variants import get_vision_variant
 from lmm_align.sampling import SamplingSettings, generate
 from lmm_align.sharding import DEFAULT_RULES, check_rules_cover
 

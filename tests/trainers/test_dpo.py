@@ -107,7 +107,7 @@ def test_pairs_jsonl_source_loads_images_and_skips_bad_pairs_when_asked(tmp_path
 
   from lmm_align.data.tokenizer import load_tokenizer
   from lmm_align.hf import read_config
-  from lmm_align.models.config import from_hf_config
+  from lmm_align.models.hf_config import from_hf_config
 
   Image.new("RGB", (48, 48), (255, 0, 0)).save(tmp_path / "red.png")
   rows = [

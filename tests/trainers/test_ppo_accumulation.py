@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from lmm_align.models.config import get_variant
 from lmm_align.models.heads import ScalarHead
 from lmm_align.models.llava import Llava, init_params
+from lmm_align.models.variants import get_variant
 from lmm_align.trainers import ppo
 from lmm_align.trainers import state as state_lib
 

@@ -94,8 +94,8 @@ def test_response_logps_are_taken_under_the_sampling_temperature():
   import jax
   import jax.numpy as jnp
 
-  from lmm_align.models.config import get_variant
   from lmm_align.models.llava import Llava, dummy_inputs
+  from lmm_align.models.variants import get_variant
   from lmm_align.trainers.ppo import response_logps
 
   model = Llava(get_variant("tiny"))
