@@ -41,6 +41,7 @@ from jax.sharding import Mesh
 
 from lmm_align import sampling, sharding
 from lmm_align.data import conversation, images
+from lmm_align.data.anyres import AnyresImageConfig, preprocess_anyres_batch
 from lmm_align.data.images import ImageProcessorConfig, preprocess_image
 from lmm_align.data.jsonl import append_jsonl, numbered_records, resume_jsonl
 from lmm_align.models.config import ModelConfig
@@ -115,7 +116,7 @@ def _sample_prompt(
   config: ModelConfig,
   params: dict,
   tokenizer: Any,
-  image_config: ImageProcessorConfig | None,
+  image_config: ImageProcessorConfig | AnyresImageConfig | None,
   prompt: Prompt,
   image: Any,
   *,
@@ -125,19 +126,28 @@ def _sample_prompt(
   seed: int,
   mesh: Mesh | None,
 ) -> tuple[list[str], list[int], list[bool]]:
-  """One sampler call: (texts, token counts, stopped) of the K samples of one prompt."""
+  """One sampler call: (texts, token counts, stopped) of the K samples of one prompt. With an
+  `AnyresImageConfig` (LLaVA-NeXT / OneVision) the image is tiled, its placeholders counted by
+  its packed size, and the call carries the processor's largest tile count (one compiled shape
+  for every image) and the image's size."""
   with_image = image is not None
-  ids = conversation.encode_generation_prompt(
-      prompt.question, tokenizer, template, max(1, config.num_image_tokens),
-      config.image_token_id, with_image=with_image, num_images=int(with_image),
-      record_id=prompt.id,
-  ).input_ids.tolist()  # fmt: skip
-  pixels = None
-  if with_image:
+  pixels, sizes, image_tokens = None, None, max(1, config.num_image_tokens)
+  if with_image and isinstance(image_config, AnyresImageConfig):
+    tiled = preprocess_anyres_batch(
+      [image] * num_samples, image_config, (image_config.max_tiles_per_image(),)
+    )
+    pixels, sizes = tiled.pixel_values, tiled.image_sizes
+    image_tokens = config.image_tokens(tuple(sizes[0]))
+  elif with_image:
     pixels = np.repeat(preprocess_image(image, image_config)[None], num_samples, axis=0)
+  ids = conversation.encode_generation_prompt(
+      prompt.question, tokenizer, template, image_tokens, config.image_token_id,
+      with_image=with_image, num_images=int(with_image), record_id=prompt.id,
+  ).input_ids.tolist()  # fmt: skip
   out = sampling.generate(
       config, params, [ids] * num_samples, pixels, settings=settings,
       rng=prompt_key(seed, prompt.id), pad_id=tokenizer.pad_token_id, mesh=mesh,
+      image_sizes=sizes,
   )  # fmt: skip
   tokens = out.token_lists(strip_stop=True)
   texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
@@ -170,7 +180,7 @@ def generate_candidates(
   model_or_config: Llava | ModelConfig,
   params: dict,
   tokenizer: Any,
-  image_config: ImageProcessorConfig | None,
+  image_config: ImageProcessorConfig | AnyresImageConfig | None,
   prompts: Sequence[Prompt],
   output_path: str | os.PathLike,
   *,
