@@ -38,7 +38,7 @@ RECIPES = {
   "configs/rlaifv/dpo.py": ("", "model=13b"),
   "configs/llava_critic/critic.py": ("", "mode=pointwise", "mode=pairwise", "model=72b"),
   "configs/rlaifv/iterative.py": ("", "feedback=self", "model=13b"),
-  "configs/llava_critic/iterative_dpo.py": ("", "model=72b"),
+  "configs/llava_critic/iterative_dpo.py": ("", "model=72b", "critic=72b"),
 }
 KIND = {"sft": "conversations", "dpo": "pairs", "reward": "pairs", "ppo": "prompts"}
 TIMINGS: dict[str, float] = {}
