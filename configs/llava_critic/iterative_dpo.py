@@ -51,16 +51,17 @@ LLaVA-Critic-72B, each program planned alone (--programs=..., --cost=none):
   candidates_sampler (7B)   14.44 GiB  95   254 s   5 samples (topped up to 8 rows) x (16384
                                                     + 1024 new), 37 tiles; host RSS 6.0 GiB
   candidates_decode_step     0.95 GiB  95    26 s   + the sampler's params: 1.42
-  The DPO programs (dpo_reference_logps, dpo_train_step on each pair's tiles) were not
-  compiled at this size yet.
+  dpo_reference_logps        6.11 GiB  95    19 s   8 pairs x 8192 tokens, each pair's tiles
+  dpo_train_step            24.51 GiB  95   126 s   params 0.47, Adam 1.87 GiB a chip;
+                                                    host max RSS 3.5 GiB
 
   The critic's prompt is planned at its worst: an image's most placeholders (8154, 37 tiles),
   two candidate answers of sampling.max_new_tokens each and 256 tokens of judging prompt, in
   the 16384 bucket; the sampler's temporaries are the prefill's attention over it (2 of the
   16 rows and 2 of the 8 KV heads a chip). The sampler runs
   model-sharded as `generate(mesh=...)` runs it (rows over data x fsdp, params and KV cache
-  over fsdp / tensor). Not yet across hosts: v5p-64's chips sit on 8 hosts and the loop's
-  `check_config` refuses a multi-device loop mesh in a multi-process run today.
+  over fsdp / tensor), across v5p-64's 8 hosts: every process samples the same prompts and
+  gets every row back.
 
 `runlocal` is one round at the shapes loop's tiny sizes with critic feedback, on rendered
 shapes scenes (a prompt file: see configs/rlaifv/iterative.py's `runlocal`); the critic is
