@@ -103,18 +103,25 @@ def precompute_reference_logps(
   mesh,
 ) -> np.ndarray:
   """[N, 2] reference log-probs of every pair, one jitted forward per batch (few shapes: the
-  last batch is padded with repeats, lengths come from the buckets)."""
+  last batch is padded with repeats, lengths come from the buckets). With several processes
+  each feeds its share of a batch's rows and all get the whole [N, 2] back."""
+  from jax.experimental import multihost_utils
+
   fn = jax.jit(lambda v, b: pair_logps(model, v, b, average))
   out = np.zeros((len(data), 2), np.float32)
+  local = batch_size // jax.process_count()
+  mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
   for start in range(0, len(data), batch_size):
     indices = np.arange(start, min(start + batch_size, len(data)))
     padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
     rows = {
       k: v
-      for k, v in data.rows(padded).items()
+      for k, v in data.rows(padded[mine]).items()
       if k not in ("pair_index", "ref_logps", "sft_weights")
     }
     logps = fn(variables, sharding.global_batch_from_local(rows, mesh))
+    if jax.process_count() > 1:
+      logps = multihost_utils.process_allgather(logps, tiled=True)
     out[indices] = np.asarray(jax.device_get(logps))[: len(indices)]
   return out
 

@@ -66,7 +66,10 @@ def restore_latest(
   step = checkpointer.latest_step()
   if step is None:
     raise FileNotFoundError(f"{workdir} has no committed checkpoint to export")
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  # This process's first device: with several processes (a pod's hosts) each restores the
+  # whole state onto its own device (orbax needs every process in a restore), so each can
+  # write the folder; in one process this is jax.devices()[0].
+  mesh = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
   rules = tuple(tuple(r) for r in config.mesh.rules)
   with sharding.activation_sharding(mesh, rules):
     state, state_shards, extra = build(mesh, rules)

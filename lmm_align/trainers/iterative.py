@@ -71,6 +71,7 @@ import math
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,17 +120,70 @@ def _read_json(path: pathlib.Path) -> Any:
   return json.loads(path.read_text())
 
 
+def _sync(name: str) -> None:
+  """Every process waits here for the others (nothing to wait for in one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _is_done(stage_dir: pathlib.Path) -> bool:
+  """Whether the stage's `done` file exists, as process 0 sees it: every process then skips or
+  runs the stage together (a stage that samples needs them all)."""
+  done = (stage_dir / DONE).exists()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    done = bool(multihost_utils.broadcast_one_to_all(np.array(done)))
+  return done
+
+
+def _private_copy(stage_dir: pathlib.Path) -> pathlib.Path:
+  """A process-local scratch dir holding what a killed run left in stage_dir, so that a
+  process other than 0 resumes the stage's JSONL files exactly as process 0 does (same prompts
+  skipped, same sampler calls) without writing into the shared workdir."""
+  scratch = pathlib.Path(
+    tempfile.mkdtemp(prefix=f"lmm_align_{stage_dir.parent.name}_{stage_dir.name}_")
+  )
+  if stage_dir.is_dir():
+    shutil.copytree(stage_dir, scratch, dirs_exist_ok=True)
+  return scratch
+
+
 def _stage(
-  round_dir: pathlib.Path, name: str, fn: Callable[[pathlib.Path], None], hook: StageHook | None
+  round_dir: pathlib.Path,
+  name: str,
+  fn: Callable[[pathlib.Path], None],
+  hook: StageHook | None,
+  *,
+  every_process_writes: bool = False,
 ) -> pathlib.Path:
-  """Runs fn(stage_dir) unless the stage's `done` file exists; then writes it and calls hook."""
+  """Runs fn(stage_dir) unless the stage's `done` file exists; then writes it and calls hook.
+
+  Several processes (a pod's hosts on a shared workdir) all run fn, which samples and labels
+  on a mesh over all of them with equal inputs and outputs; only process 0 writes stage_dir
+  and `done`, the others write to a private copy (`_private_copy`) removed afterwards. With
+  every_process_writes (DPO: its trainer writes logs on process 0 and needs every process's
+  checkpoint writes in the same dir), all get stage_dir. Every process waits at a barrier
+  after the stage, so the next stage reads process 0's files."""
   stage_dir = round_dir / name
-  if not (stage_dir / DONE).exists():
-    stage_dir.mkdir(parents=True, exist_ok=True)
+  barrier = f"iterative:{round_dir.name}:{name}"
+  if not _is_done(stage_dir):
+    writes = every_process_writes or jax.process_index() == 0
+    out = stage_dir if writes else _private_copy(stage_dir)
+    if writes:
+      stage_dir.mkdir(parents=True, exist_ok=True)
+    # The private copies hold the stage's files before process 0 appends to them.
+    _sync(barrier + ":start")
     start = time.perf_counter()
     print(f"[iterative] {round_dir.name}: {name}")
-    fn(stage_dir)
-    _write_json(stage_dir / DONE, {"seconds": round(time.perf_counter() - start, 2)})
+    fn(out)
+    if jax.process_index() == 0:
+      _write_json(stage_dir / DONE, {"seconds": round(time.perf_counter() - start, 2)})
+    if not writes:
+      shutil.rmtree(out, ignore_errors=True)
+  _sync(barrier)
   if hook is not None:
     hook(int(round_dir.name.split("_")[1]), name)
   return stage_dir
@@ -750,7 +804,10 @@ def run_round(
   )  # fmt: skip
   train_config = dpo_config(config, r, start_policy, pairs_dir, prompts_dir)
   skip = too_few_pairs(config, pairs_dir)
-  dpo_dir = _stage(round_dir, "dpo", lambda d: train_or_skip(train_config, skip, d), hook)
+  dpo_dir = _stage(
+    round_dir, "dpo", lambda d: train_or_skip(train_config, skip, d), hook,
+    every_process_writes=True,
+  )  # fmt: skip
   export_dir = _stage(round_dir, "export", lambda d: export_policy(dpo_dir, start_policy, d), hook)
   eval_dir = _stage(round_dir, "eval", lambda d: evaluate_policy(config, str(export_dir), d), hook)
   summary = {
@@ -763,7 +820,8 @@ def run_round(
     "dpo": _dpo_metrics(dpo_dir),
     "metrics": _read_json(eval_dir / "metrics.json"),
   }
-  _write_json(round_dir / "summary.json", summary)
+  if jax.process_index() == 0:
+    _write_json(round_dir / "summary.json", summary)
   return summary
 
 
@@ -801,7 +859,8 @@ def run(
     "best": best,
     "rounds": [_summary_row(row) for row in rows],
   }
-  _write_json(root / "summary.json", summary)
+  if jax.process_index() == 0:
+    _write_json(root / "summary.json", summary)
   print(format_rounds_table(summary["rounds"]))
   return summary
 
