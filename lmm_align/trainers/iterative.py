@@ -59,6 +59,11 @@ and DPO resumes from its own checkpoints. WORKDIR/round_<r>/summary.json holds o
 numbers, WORKDIR/summary.json = {"rounds": [round 0, round 1, ...], "feedback": kind, ...}.
 Stage timings live only in the `done` files, so the summaries of a resumed run and of an
 uninterrupted run are equal.
+
+Several processes (a pod's hosts, one shared workdir on GCS / NFS) all run every stage, since
+each samples and labels on the mesh over all of them, but only process 0 writes the stage
+files, `done` and the summaries; the others write to a private temporary copy of the stage
+(`_stage`). A barrier follows each stage, so the next one reads process 0's files.
 """
 
 from __future__ import annotations
