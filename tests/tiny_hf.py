@@ -257,3 +257,67 @@ def hf_anyres_logits(model, ids, mask, pixels, sizes) -> np.ndarray:
       pixel_values=torch.from_numpy(np.ascontiguousarray(pixels[has_image].transpose(0, 1, 4, 2, 3))),
       image_sizes=torch.from_numpy(sizes[has_image]),
     ).logits.numpy()  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# On a trained BPE tokenizer with ChatML markup (OneVision's templates): for tests that go
+# through the data pipeline and the tokenizer (DPO, PPO, the loop's stages).
+# --------------------------------------------------------------------------------------------
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>", "<video>")
+
+
+def chatml_tokenizer(texts: list[str]):
+  """A 300-entry BPE tokenizer trained on `texts`, with the ChatML markup and <video> added."""
+  from lmm_align.data.tokenizer import train_bpe_tokenizer
+
+  tokenizer = train_bpe_tokenizer(texts, 300)
+  tokenizer.add_special_tokens({"additional_special_tokens": list(CHATML_TOKENS)})
+  return tokenizer
+
+
+def save_onevision_for(tokenizer, folder: pathlib.Path):
+  """A tiny LLaVA-OneVision on `tokenizer`'s vocabulary (pad id 3, its <image> and <video>
+  ids; anyres_max_1, so multi-tile images are downsampled), saved with the tokenizer and a
+  32-pixel anyres image processor (mean and std 0.5). Seeds nothing: the caller's torch seed
+  decides the weights."""
+  config = transformers.LlavaOnevisionConfig(
+    vision_config=siglip_config(vision_use_head=False),
+    text_config=qwen2_config(vocab_size=len(tokenizer), pad_token_id=3),
+    image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+    projector_hidden_act="gelu",
+    vision_feature_layer=-1,
+    vision_feature_select_strategy="full",
+    vision_aspect_ratio="anyres_max_1",
+    image_grid_pinpoints=ONEVISION_PINPOINTS,
+  )
+  model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+  _randomize_norms(model)
+  model.save_pretrained(folder)
+  tokenizer.save_pretrained(folder)
+  transformers.LlavaOnevisionImageProcessorPil(
+    size={"height": 32, "width": 32}, image_grid_pinpoints=ONEVISION_PINPOINTS,
+    image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
+  ).save_pretrained(folder)  # fmt: skip
+  return model
+
+
+def save_next_for(tokenizer, folder: pathlib.Path):
+  """A tiny LLaVA-NeXT (CLIP + LLaMA) on `tokenizer`'s vocabulary, saved with the tokenizer
+  (its processor is derived from the model). Seeds nothing, as `save_onevision_for`."""
+  config = transformers.LlavaNextConfig(
+    vision_config=clip_config(),
+    text_config=llama_config(vocab_size=len(tokenizer), pad_token_id=3),
+    image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    projector_hidden_act="gelu",
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+    image_grid_pinpoints=NEXT_PINPOINTS,
+    image_seq_length=16,
+  )
+  model = transformers.LlavaNextForConditionalGeneration(config).eval()
+  _randomize_norms(model)
+  model.save_pretrained(folder)
+  tokenizer.save_pretrained(folder)
+  return model

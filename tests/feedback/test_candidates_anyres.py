@@ -13,7 +13,6 @@ from PIL import Image
 
 from lmm_align.data import conversation
 from lmm_align.data.anyres import AnyresImageConfig
-from lmm_align.data.tokenizer import train_bpe_tokenizer
 from lmm_align.feedback import candidates
 from lmm_align.feedback.candidates import Prompt
 from lmm_align.inference import load_model_folder
@@ -34,26 +33,10 @@ PROMPTS = [
 def policy(tmp_path_factory):
   """A tiny random OneVision folder: BPE tokenizer with ChatML tokens, its image processor."""
   folder = tmp_path_factory.mktemp("onevision")
-  tokenizer = train_bpe_tokenizer([p.question for p in PROMPTS] * 4, 300)
-  tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<video>"]})  # fmt: skip
+  tokenizer = tiny_hf.chatml_tokenizer([p.question for p in PROMPTS] * 4)
   torch.manual_seed(0)
-  config = transformers.LlavaOnevisionConfig(
-    vision_config=tiny_hf.siglip_config(vision_use_head=False),
-    text_config=tiny_hf.qwen2_config(vocab_size=len(tokenizer), pad_token_id=3),
-    image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    video_token_index=tokenizer.convert_tokens_to_ids("<video>"), projector_hidden_act="gelu",
-    vision_feature_layer=-1, vision_feature_select_strategy="full",
-    vision_aspect_ratio="anyres_max_1", image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
-  )  # fmt: skip
-  model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
-  tiny_hf._randomize_norms(model)
-  model.save_pretrained(folder)
-  tokenizer.save_pretrained(folder)
-  processor = transformers.LlavaOnevisionImageProcessorPil(
-    size={"height": 32, "width": 32}, image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
-    image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
-  )  # fmt: skip
-  processor.save_pretrained(folder)
+  model = tiny_hf.save_onevision_for(tokenizer, folder)
+  processor = transformers.LlavaOnevisionImageProcessorPil.from_pretrained(folder)
   rng = np.random.default_rng(0)
   pictures = {
     name: Image.fromarray(rng.integers(0, 256, (*size, 3), np.uint8))

@@ -37,7 +37,6 @@ from PIL import Image
 from lmm_align import config_files, hf, main, optim, sharding
 from lmm_align.data import preference, sources
 from lmm_align.data.conversation import IGNORE_INDEX
-from lmm_align.data.tokenizer import train_bpe_tokenizer
 from lmm_align.models import anyres
 from lmm_align.models.heads import ScalarHead
 from lmm_align.trainers import dpo, iterative, reward
@@ -52,7 +51,6 @@ ANSWERS = (
   ("Two green stars.", "A yellow triangle at the top."),
   ("The sky is blue.", "It is raining."),
 )
-IM_TOKENS = ("<|im_start|>", "<|im_end|>", "<video>")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LOOP_CONFIG = "configs/llava_critic/iterative_dpo.py"
 
@@ -75,39 +73,16 @@ def folders(tmp_path_factory) -> dict:
   """Tiny OneVision and NeXT folders sharing one BPE tokenizer (ChatML tokens added)."""
   root = tmp_path_factory.mktemp("dpo_anyres")
   texts = [QUESTION, *[a for pair in ANSWERS for a in pair], "You are a helpful assistant."]
-  tokenizer = train_bpe_tokenizer(texts, 300)
-  tokenizer.add_special_tokens({"additional_special_tokens": list(IM_TOKENS)})
-  image_id = tokenizer.convert_tokens_to_ids("<image>")
+  tokenizer = tiny_hf.chatml_tokenizer(texts)
   torch.manual_seed(0)
-  ov = transformers.LlavaOnevisionConfig(
-    vision_config=tiny_hf.siglip_config(vision_use_head=False),
-    text_config=tiny_hf.qwen2_config(vocab_size=len(tokenizer), pad_token_id=3),
-    image_token_index=image_id, video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-    projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="full",
-    vision_aspect_ratio="anyres_max_1", image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
-  )  # fmt: skip
-  next_ = transformers.LlavaNextConfig(
-    vision_config=tiny_hf.clip_config(),
-    text_config=tiny_hf.llama_config(vocab_size=len(tokenizer), pad_token_id=3),
-    image_token_index=image_id, projector_hidden_act="gelu", vision_feature_layer=-2,
-    vision_feature_select_strategy="default", image_grid_pinpoints=tiny_hf.NEXT_PINPOINTS,
-    image_seq_length=16,
-  )  # fmt: skip
-  out = {"root": root, "tokenizer": tokenizer}
-  for name, config, cls in (
-    ("onevision", ov, transformers.LlavaOnevisionForConditionalGeneration),
-    ("next", next_, transformers.LlavaNextForConditionalGeneration),
-  ):
-    model = cls(config).eval()
-    tiny_hf._randomize_norms(model)
-    model.save_pretrained(root / name)
-    tokenizer.save_pretrained(root / name)
-    out[name] = root / name
-  processor = transformers.LlavaOnevisionImageProcessorPil(
-    size={"height": 32, "width": 32}, image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
-    image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
-  )  # fmt: skip
-  processor.save_pretrained(root / "onevision")
+  out = {
+    "root": root,
+    "tokenizer": tokenizer,
+    "onevision": root / "onevision",
+    "next": root / "next",
+  }
+  tiny_hf.save_onevision_for(tokenizer, out["onevision"])
+  tiny_hf.save_next_for(tokenizer, out["next"])
   return out
 
 

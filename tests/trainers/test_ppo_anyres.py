@@ -31,7 +31,6 @@ from safetensors.numpy import save_file
 from configs.shapes import ppo as shapes_ppo
 from lmm_align import hf, main
 from lmm_align.data import reward_data, sources
-from lmm_align.data.tokenizer import train_bpe_tokenizer
 from lmm_align.hf.reward import HEAD_FILE, INFO_FILE, load_reward_model
 from lmm_align.models import anyres
 from lmm_align.trainers import ppo
@@ -40,7 +39,6 @@ from lmm_align.trainers import ppo
 # anyres_max_1); None: a text-only prompt.
 SIZES = ((20, 64), (60, 44), None)
 QUESTIONS = ("Describe the image.", "What is on the left?", "Name a colour.")
-IM_TOKENS = ("<|im_start|>", "<|im_end|>", "<video>")
 
 
 def _image(i: int, size) -> Image.Image:
@@ -51,39 +49,12 @@ def _image(i: int, size) -> Image.Image:
 def folders(tmp_path_factory) -> dict:
   root = tmp_path_factory.mktemp("ppo_anyres")
   texts = [*QUESTIONS, "You are a helpful assistant.", reward_data.DEFAULT_VANILLA_PROMPT]
-  tokenizer = train_bpe_tokenizer(texts * 2, 300)
-  tokenizer.add_special_tokens({"additional_special_tokens": list(IM_TOKENS)})
+  tokenizer = tiny_hf.chatml_tokenizer(texts * 2)
   torch.manual_seed(0)
-  config = transformers.LlavaOnevisionConfig(
-    vision_config=tiny_hf.siglip_config(vision_use_head=False),
-    text_config=tiny_hf.qwen2_config(vocab_size=len(tokenizer), pad_token_id=3),
-    image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    video_token_index=tokenizer.convert_tokens_to_ids("<video>"), projector_hidden_act="gelu",
-    vision_feature_layer=-1, vision_feature_select_strategy="full",
-    vision_aspect_ratio="anyres_max_1", image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
-  )  # fmt: skip
-  model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
-  tiny_hf._randomize_norms(model)
-  policy = root / "policy"
-  model.save_pretrained(policy)
-  tokenizer.save_pretrained(policy)
-  transformers.LlavaOnevisionImageProcessorPil(
-    size={"height": 32, "width": 32}, image_grid_pinpoints=tiny_hf.ONEVISION_PINPOINTS,
-    image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
-  ).save_pretrained(policy)  # fmt: skip
+  policy, next_policy = root / "policy", root / "next"
+  tiny_hf.save_onevision_for(tokenizer, policy)
   # A LLaVA-NeXT (CLIP + LLaMA) on the same tokenizer; its processor derived from the model.
-  next_config = transformers.LlavaNextConfig(
-    vision_config=tiny_hf.clip_config(),
-    text_config=tiny_hf.llama_config(vocab_size=len(tokenizer), pad_token_id=3),
-    image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
-    vision_feature_layer=-2, vision_feature_select_strategy="default",
-    image_grid_pinpoints=tiny_hf.NEXT_PINPOINTS, image_seq_length=16,
-  )  # fmt: skip
-  next_model = transformers.LlavaNextForConditionalGeneration(next_config).eval()
-  tiny_hf._randomize_norms(next_model)
-  next_policy = root / "next"
-  next_model.save_pretrained(next_policy)
-  tokenizer.save_pretrained(next_policy)
+  tiny_hf.save_next_for(tokenizer, next_policy)
   rng = np.random.default_rng(0)
   head = {"weight": rng.normal(size=(1, 64)).astype(np.float32), "bias": np.float32([0.1])}
   info = {"fact_augmented": False, "prompt": reward_data.load_reward_prompt(None, False),
