@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lmm_align import sharding
 from lmm_align.models import anyres
 from lmm_align.models.config import ModelConfig
 from lmm_align.models.layers import KVCache
@@ -427,18 +428,12 @@ def _model_sharded_decode(mesh: Mesh, **static: Any) -> Callable[..., SampleOutp
   return jax.jit(functools.partial(decode, **static), out_shardings=rows)
 
 
-def _on_mesh(value: np.ndarray, placement: NamedSharding) -> Array:
-  """A host array (the same in every process) as a global array with `placement`: each process
-  builds only its own devices' shards, so a mesh may span several processes (`device_put` of a
-  host value onto such a mesh would first gather the whole value to check that it is equal)."""
-  return jax.make_array_from_callback(value.shape, placement, lambda index: value[index])
-
-
 def _keys_on_mesh(keys: Array, placement: NamedSharding) -> Array:
-  """Row keys (typed, or raw uint32[B, 2]) placed like `_on_mesh`, through their key data."""
+  """Row keys (typed, or raw uint32[B, 2]) placed like `sharding.from_host`, through their key
+  data."""
   if not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
-    return _on_mesh(np.asarray(keys), placement)
-  data = _on_mesh(np.asarray(jax.random.key_data(keys)), placement)
+    return sharding.from_host(np.asarray(keys), placement)
+  data = sharding.from_host(np.asarray(jax.random.key_data(keys)), placement)
   return jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
 
 
@@ -707,8 +702,8 @@ def generate(
   else:
     # Global arrays built from the host rows, which every process holds in full (each calls
     # generate with the same prompts): a mesh over several hosts samples as one process does.
-    rows = functools.partial(_on_mesh, placement=NamedSharding(mesh, row_spec))
-    same = functools.partial(_on_mesh, placement=NamedSharding(mesh, PartitionSpec()))
+    rows = functools.partial(sharding.from_host, placement=NamedSharding(mesh, row_spec))
+    same = functools.partial(sharding.from_host, placement=NamedSharding(mesh, PartitionSpec()))
     keys_rows = functools.partial(_keys_on_mesh, placement=NamedSharding(mesh, row_spec))
   output = run(
     params,

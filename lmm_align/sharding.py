@@ -147,6 +147,15 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def from_host(value: np.ndarray, placement: jax.sharding.Sharding) -> jax.Array:
+  """A host array that every process holds whole as one global array with `placement`: each
+  process copies only its own devices' slices, so the mesh may span several hosts
+  (`device_put` of a host value onto devices of other processes would first all-gather the
+  whole value to check that every process holds the same)."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, placement, lambda index: value[index])
+
+
 def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Each process's rows -> one global array per field, batch-sharded over (data, fsdp).
 

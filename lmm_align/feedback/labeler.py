@@ -49,7 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from lmm_align import sampling, sharding
 from lmm_align.data import conversation
@@ -167,12 +167,6 @@ def _mesh_last_position_yes_no(mesh: Mesh) -> Callable[..., tuple[Array, Array]]
   return jax.jit(
     last_position_yes_no, static_argnames=("config",), out_shardings=sharding.replicated(mesh)
   )
-
-
-def _place(value: np.ndarray, placement: NamedSharding) -> Array:
-  """A host array (the same on every process) as a global array with `placement`: each
-  device receives only its own slice."""
-  return jax.make_array_from_callback(value.shape, placement, lambda index: value[index])
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,8 +313,10 @@ class YesNoLabeler:
           jnp.asarray(yes_ids), jnp.asarray(no_ids), plan, config=self.config,
       )  # fmt: skip
     else:
-      rows = lambda x: None if x is None else _place(x, sharding.batch_sharding(self.mesh, x.ndim))
-      same = lambda x: _place(x, sharding.replicated(self.mesh))
+      rows = lambda x: (
+        None if x is None else sharding.from_host(x, sharding.batch_sharding(self.mesh, x.ndim))
+      )
+      same = lambda x: sharding.from_host(x, sharding.replicated(self.mesh))
       with sharding.activation_sharding(self.mesh, self.rules):
         p_yes, p_no = _mesh_last_position_yes_no(self.mesh)(
             self.params, rows(ids), rows(mask), rows(pixels), rows(last), same(yes_ids),

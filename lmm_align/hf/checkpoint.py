@@ -23,6 +23,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lmm_align import sharding
 from lmm_align.hf import name_map
 from lmm_align.models.config import ModelConfig, RuntimeConfig
 from lmm_align.models.hf_config import (
@@ -263,15 +264,12 @@ def _read_params(
 
 
 def place_on_devices(value: Any, placement: jax.sharding.Sharding | None) -> jax.Array:
-  """A host tensor on its devices (None: the default device). With a sharding each process
-  copies only the slices its own devices hold, so a mesh may span several hosts: `device_put`
-  of a host value onto devices another process owns would first all-gather the whole tensor
-  to check that every process holds the same. Every process reads the same folder, so the
-  slices agree."""
+  """A host tensor on its devices (None: the default device); with a sharding, through
+  `sharding.from_host`, so a mesh may span several hosts. Every process reads the same folder,
+  so the slices agree."""
   if placement is None:
     return jax.device_put(value)
-  value = np.asarray(value)
-  return jax.make_array_from_callback(value.shape, placement, lambda index: value[index])
+  return sharding.from_host(value, placement)
 
 
 # --------------------------------------------------------------------------------------------
