@@ -8,12 +8,10 @@ file byte for byte; a rerun skips every stage on both processes."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 
+import local_ranks
 import multiprocess_loop_worker as worker
 import multiprocess_sampling_worker as sampling_worker
 import numpy as np
@@ -21,14 +19,7 @@ import numpy as np
 from lmm_align import inference
 from lmm_align.trainers import iterative
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 STAGES = ("prompts", "candidates", "feedback", "pairs", "dpo", "export", "eval")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _write_prompts(root: pathlib.Path) -> pathlib.Path:
@@ -58,22 +49,13 @@ def test_two_processes_run_a_round_on_a_shared_workdir(tmp_path):
   folder = sampling_worker.write_tiny_llava(tmp_path / "llava")
   prompts = _write_prompts(tmp_path)
   workdir = tmp_path / "shared"
-  port = _free_port()
-  procs = []
   for rank in range(2):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests/trainers'}",
-           "LMM_ALIGN_COORDINATOR": f"127.0.0.1:{port}", "LMM_ALIGN_NUM_PROCESSES": "2",
-           "LMM_ALIGN_PROCESS_ID": str(rank), "TMPDIR": str(tmp_path / f"tmp_{rank}"),
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / f"xla_cache_{rank}")}  # fmt: skip
     (tmp_path / f"tmp_{rank}").mkdir()
-    cmd = [sys.executable, worker.__file__, str(folder), str(prompts), str(workdir),
-           str(tmp_path / f"{rank}.json")]  # fmt: skip
-    procs.append(
-      subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-      )
-    )
+  procs = local_ranks.start(
+    lambda rank: [sys.executable, worker.__file__, str(folder), str(prompts), str(workdir),
+                  str(tmp_path / f"{rank}.json")],
+    tmp_path, extra_env=lambda rank: {"TMPDIR": str(tmp_path / f"tmp_{rank}")},
+  )  # fmt: skip
   try:
     # The one-process reference of the first two stages, on one device, while they run.
     config = worker.loop_config(str(folder), str(prompts), sizes=(1, 1, 1))
@@ -85,13 +67,9 @@ def test_two_processes_run_a_round_on_a_shared_workdir(tmp_path):
     policy = iterative.loop_model(config, str(folder))
     iterative.sample_candidates(config, 1, policy, reference / "prompts", reference / "candidates")
     iterative.load_policy.cache_clear()
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    local_ranks.finish(procs, timeout=600)
   finally:
-    for p in procs:  # a rank left waiting for a failed peer
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-6000:]
+    local_ranks.kill(procs)
   results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
   assert [r["process_index"] for r in results] == [0, 1]
 

@@ -6,51 +6,25 @@ exactly what one process gets on one device."""
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import socket
-import subprocess
 import sys
 
+import local_ranks
 import multiprocess_sampling_worker as worker
 import numpy as np
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_two_processes_sample_and_label_as_one_device(tmp_path):
   folder = worker.write_tiny_llava(tmp_path / "llava")
-  port = _free_port()
-  procs = []
-  for rank in range(2):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "LMM_ALIGN_COORDINATOR": f"127.0.0.1:{port}", "LMM_ALIGN_NUM_PROCESSES": "2",
-           "LMM_ALIGN_PROCESS_ID": str(rank),
-           # A compilation cache each: both ranks compile the same programs at once.
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / f"xla_cache_{rank}")}  # fmt: skip
-    cmd = [sys.executable, worker.__file__, str(folder), str(tmp_path / f"{rank}.json")]
-    procs.append(
-      subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-      )
-    )
+  procs = local_ranks.start(
+    lambda rank: [sys.executable, worker.__file__, str(folder), str(tmp_path / f"{rank}.json")],
+    tmp_path,
+  )
   try:
     # The single-process reference on one device while the two processes run.
     reference = worker.sample_and_score(str(folder), None)
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    local_ranks.finish(procs, timeout=300)
   finally:
-    for p in procs:  # a rank left waiting for a failed peer
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-4000:]
+    local_ranks.kill(procs)
   results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
   assert [r.pop("process_index") for r in results] == [0, 1]
 
